@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU torch wheel lies on this machine's disk; pip looks there too when it exists.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PIP_INSTALL := $(BIN)/python -m pip install -q --disable-pip-version-check $(FIND_LINKS) -c constraints.txt
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test services clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP_INSTALL) -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Embedded default: SQLite + filesystem broker + local artifacts under ./.modelpress
+run: install
+	$(BIN)/modelpress run
+
+services:
+	@bash scripts/services.sh
+
+test: install services
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .modelpress .pytest_cache

@@ -1,0 +1,37 @@
+"""Small helpers shared by the resources."""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from typing import TypeVar
+
+from sqlalchemy.orm import Session
+
+from app.errors import NotFound
+
+T = TypeVar("T")
+
+
+def get_owned_or_404(db: Session, model: type[T], *, tenant_id: str, object_id: str, error: type[NotFound]) -> T:
+    """Another tenant's object is a 404 like a missing one: its existence is not revealed."""
+    obj = db.get(model, object_id)
+    if obj is None or getattr(obj, "tenant_id") != tenant_id:
+        raise error(f"no {model.__name__.lower()} with id {object_id!r}")
+    return obj
+
+
+def encode_cursor(created_at: dt.datetime, object_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), object_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    from app.errors import Unprocessable
+
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, object_id = json.loads(raw)
+        return dt.datetime.fromisoformat(created), str(object_id)
+    except Exception as exc:  # any malformed cursor is the client's error
+        raise Unprocessable("the cursor is not one this API returned", code="invalid_cursor") from exc

@@ -1,0 +1,121 @@
+"""Domain errors. Each carries its HTTP status and a stable machine-readable code.
+
+Services and workers raise these; one exception handler (app.main) turns them
+into RFC 9457 problem+json. Workers store `code` and `message` on a failed job.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class ModelPressError(Exception):
+    status: int = 400
+    code: str = "bad_request"
+    title: str = "Bad request"
+
+    def __init__(self, message: str, *, code: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.extra = extra
+
+    def problem(self, instance: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": f"https://modelpress.dev/problems/{self.code}",
+            "title": self.title,
+            "status": self.status,
+            "code": self.code,
+            "detail": self.message,
+            "message": self.message,
+        }
+        if instance:
+            body["instance"] = instance
+        body.update(self.extra)
+        return body
+
+
+class Unauthorized(ModelPressError):
+    status, code, title = 401, "unauthorized", "Missing or invalid API key"
+
+
+class NotFound(ModelPressError):
+    status, code, title = 404, "not_found", "Not found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+
+class ArtifactNotFound(NotFound):
+    code = "artifact_not_found"
+
+
+class Conflict(ModelPressError):
+    status, code, title = 409, "conflict", "Conflict"
+
+
+class ModelInUse(Conflict):
+    code = "model_in_use"
+
+
+class JobNotCancellable(Conflict):
+    code = "job_not_cancellable"
+
+
+class Unprocessable(ModelPressError):
+    status, code, title = 422, "unprocessable", "Unprocessable request"
+
+
+class InvalidModel(Unprocessable):
+    """Not an ONNX model, a corrupt protobuf, or a model that fails the checker."""
+
+    code, title = "invalid_model", "Invalid model"
+
+
+class UnsafeArchive(Unprocessable):
+    """A zip upload that tries to escape its folder, links out, or inflates too far."""
+
+    code, title = "unsafe_archive", "Unsafe archive"
+
+
+class InvalidParams(Unprocessable):
+    code, title = "invalid_params", "Invalid job specification"
+
+
+class UnknownMethod(Unprocessable):
+    code, title = "unknown_method", "Unknown method"
+
+
+class IdempotencyKeyReused(Unprocessable):
+    code, title = "idempotency_key_reused", "Idempotency key reused with another request"
+
+
+class PayloadTooLarge(ModelPressError):
+    status, code, title = 413, "payload_too_large", "Payload too large"
+
+
+class UnsupportedMediaType(ModelPressError):
+    status, code, title = 415, "unsupported_media_type", "Unsupported media type"
+
+
+class ServiceUnavailable(ModelPressError):
+    status, code, title = 503, "service_unavailable", "Service unavailable"
+
+
+class JobFailed(ModelPressError):
+    """Raised inside a worker: the job fails with this code and message."""
+
+    status, code, title = 500, "job_failed", "Job failed"
+
+
+class StepFailed(JobFailed):
+    code = "step_failed"
+
+
+class MeasurementFailed(JobFailed):
+    code = "measurement_failed"

@@ -1,0 +1,72 @@
+"""One Settings object for the API, the workers, the CLI and Alembic (prefix MODELPRESS_)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELPRESS_", extra="ignore")
+
+    mode: Literal["local", "production"] = "local"
+    # Everything of the embedded default lives under this folder.
+    data_dir: Path = Path(".modelpress")
+    # Empty: SQLite file in data_dir. Production: postgresql+psycopg://...
+    database_url: str = ""
+    # Empty: kombu filesystem transport in data_dir. Production: redis://...
+    broker_url: str = ""
+    # Queue a job goes to unless it asks for another; queue names get this prefix
+    # (tests use a unique prefix to share one Redis without flushing it).
+    default_queue: Literal["cpu", "gpu"] = "cpu"
+    queue_prefix: str = ""
+    # Upload caps.
+    max_upload_bytes: int = Field(default=4 * 1024**3, ge=1)
+    max_unpacked_bytes: int = Field(default=8 * 1024**3, ge=1)
+    # Seconds a Redis message may stay unacknowledged before redelivery: longer than the longest job.
+    visibility_timeout_s: int = 6 * 3600
+    # ONNX Runtime intra-op threads for measurements (0: physical cores).
+    measure_threads: int = 0
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    @model_validator(mode="after")
+    def _production_needs_servers(self) -> "Settings":
+        # The embedded defaults (SQLite, filesystem broker) are for one machine only.
+        if self.mode == "production":
+            if not self.database_url or self.database_url.startswith("sqlite"):
+                raise ValueError("production mode needs MODELPRESS_DATABASE_URL pointing at PostgreSQL")
+            if not self.broker_url or self.broker_url.startswith("filesystem"):
+                raise ValueError("production mode needs MODELPRESS_BROKER_URL pointing at Redis")
+        return self
+
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_path / 'modelpress.db'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_path / "broker"
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_path / "store"
+
+    def queue_name(self, queue: str) -> str:
+        return f"{self.queue_prefix}{queue}"
+
+
+@functools.lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,120 @@
+"""Shared fixtures: an isolated embedded deployment per test (SQLite + filesystem broker + store)."""
+from __future__ import annotations
+
+import functools
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MODELS = ROOT.parent / "shared" / "models"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def clear_caches() -> None:
+    from app.db import get_engine, get_sessionmaker
+    from app.queue import get_celery
+    from app.settings import get_settings
+
+    if get_engine.cache_info().currsize:
+        get_engine().dispose()
+    for cached in (get_settings, get_engine, get_sessionmaker, get_celery):
+        cached.cache_clear()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Point every setting at a fresh data folder and migrate its database."""
+    folder = tmp_path / "data"
+    monkeypatch.setenv("MODELPRESS_DATA_DIR", str(folder))
+    for var in ("MODELPRESS_DATABASE_URL", "MODELPRESS_BROKER_URL", "MODELPRESS_MODE", "MODELPRESS_QUEUE_PREFIX"):
+        monkeypatch.delenv(var, raising=False)
+    clear_caches()
+    from app.migrate import upgrade
+
+    folder.mkdir()
+    upgrade()
+    yield folder
+    clear_caches()
+
+
+@pytest.fixture
+def client(data_dir: Path):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app()) as test_client:
+        yield test_client
+
+
+def make_key(tenant: str) -> str:
+    from app.auth.service import create_key
+    from app.db import session_scope
+
+    with session_scope() as db:
+        _, plaintext = create_key(db=db, tenant_name=tenant)
+    return plaintext
+
+
+@pytest.fixture
+def alice(client) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_key('alice')}"}
+
+
+@pytest.fixture
+def bob(client) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_key('bob')}"}
+
+
+@functools.lru_cache(maxsize=8)
+def mlp_onnx_bytes(in_features: int = 64, hidden: int = 256, classes: int = 10, seed: int = 0) -> bytes:
+    """A small MLP classifier with a dynamic batch axis, exported by torch as a user would."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(in_features, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(hidden, classes),
+    ).eval()
+    buf = io.BytesIO()
+    torch.onnx.export(
+        model, (torch.randn(2, in_features),), buf, dynamo=False, opset_version=17,
+        input_names=["features"], output_names=["logits"], dynamic_axes={"features": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def mlp_onnx() -> bytes:
+    return mlp_onnx_bytes()
+
+
+def shared_model(relative: str) -> Path:
+    path = SHARED_MODELS / relative
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (the real pretrained models live in ../shared/models)")
+    return path
+
+
+def store_files(data_dir: Path) -> list[Path]:
+    blobs = data_dir / "store" / "blobs"
+    return sorted(p for p in blobs.rglob("*") if p.is_file()) if blobs.exists() else []
+
+
+def tmp_leftovers(data_dir: Path) -> list[Path]:
+    tmp = data_dir / "store" / "tmp"
+    return sorted(tmp.iterdir()) if tmp.exists() else []
+
+
+def row_count(table) -> int:
+    from sqlalchemy import func, select
+
+    from app.db import session_scope
+
+    with session_scope() as db:
+        return db.scalar(select(func.count()).select_from(table))
