@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from app.deps import AppSettings, Caller, DbSession, Store
+from app.models import service
+from app.models.schemas import ModelPage, ModelPublic
+from app.uploads import receive_file
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+@router.post("", status_code=201, response_model=ModelPublic, summary="Upload an ONNX model (.onnx or .zip)")
+async def upload_model(request: Request, db: DbSession, caller: Caller, store: Store, settings: AppSettings):
+    with store.workdir() as workdir:
+        received = await receive_file(request, dest=workdir / "upload", max_bytes=settings.max_upload_bytes)
+        model = await run_in_threadpool(
+            service.create_from_upload,
+            db=db, store=store, settings=settings, tenant_id=caller.id, received=received, workdir=workdir,
+        )
+    return ModelPublic.model_validate(model)
+
+
+@router.get("", response_model=ModelPage)
+def list_models(
+    db: DbSession, caller: Caller, limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None
+):
+    items, next_cursor = service.list_page(db=db, tenant_id=caller.id, limit=limit, cursor=cursor)
+    return ModelPage(items=[ModelPublic.model_validate(m) for m in items], next_cursor=next_cursor)
+
+
+@router.get("/{model_id}", response_model=ModelPublic)
+def get_model(model_id: str, db: DbSession, caller: Caller):
+    return ModelPublic.model_validate(service.get(db=db, tenant_id=caller.id, model_id=model_id))
+
+
+@router.get("/{model_id}/download", response_class=FileResponse)
+def download_model(model_id: str, db: DbSession, caller: Caller, store: Store):
+    model = service.get(db=db, tenant_id=caller.id, model_id=model_id)
+    return FileResponse(
+        store.path(model.sha256),
+        media_type="application/zip" if model.format == "onnx-zip" else "application/octet-stream",
+        filename=service.download_filename(model),
+        headers={"X-Content-SHA256": model.sha256},
+    )
+
+
+@router.delete("/{model_id}", status_code=204)
+def delete_model(model_id: str, db: DbSession, caller: Caller, store: Store):
+    service.delete(db=db, store=store, tenant_id=caller.id, model_id=model_id)
+    return Response(status_code=204)

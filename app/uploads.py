@@ -1,0 +1,143 @@
+"""Streaming request bodies to disk: raw octet-stream or multipart, hashed on the way.
+
+Memory use does not grow with the upload: chunks go straight to a file in the
+store's tmp folder, and the size cap is enforced as bytes arrive.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from app.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
+
+MAX_FORM_FIELD_BYTES = 64 * 1024
+
+
+@dataclass
+class Received:
+    path: Path
+    filename: str
+    sha256: str
+    size_bytes: int
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+def _check_declared_length(request: Request, max_bytes: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"upload of {declared} bytes exceeds the {max_bytes} byte limit", limit_bytes=max_bytes)
+
+
+async def receive_file(request: Request, *, dest: Path, max_bytes: int) -> Received:
+    """Stream the request's file to dest. Accepts multipart (field `file`) or a raw body with X-Filename."""
+    _check_declared_length(request, max_bytes)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        return await _receive_multipart(request, dest=dest, max_bytes=max_bytes)
+    if content_type.startswith("application/octet-stream"):
+        filename = request.headers.get("x-filename", "").strip()
+        if not filename:
+            raise Unprocessable("a raw upload needs an X-Filename header (e.g. model.onnx)", code="missing_filename")
+        digest, size = hashlib.sha256(), 0
+        with open(dest, "wb") as fh:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(f"upload exceeds the {max_bytes} byte limit", limit_bytes=max_bytes)
+                digest.update(chunk)
+                fh.write(chunk)
+        return Received(dest, filename, digest.hexdigest(), size)
+    raise UnsupportedMediaType(
+        "upload as multipart/form-data (field 'file') or as application/octet-stream with an X-Filename header"
+    )
+
+
+async def _receive_multipart(request: Request, *, dest: Path, max_bytes: int) -> Received:
+    _, params = parse_options_header(request.headers["content-type"])
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise Unprocessable("multipart body without a boundary", code="invalid_multipart")
+
+    state = {"header_field": b"", "header_value": b"", "headers": {}, "name": None, "filename": None, "buf": None}
+    fields: dict[str, str] = {}
+    digest = hashlib.sha256()
+    sizes = {"file": 0}
+    seen_file = {"done": False, "filename": None}
+    out = open(dest, "wb")
+
+    def on_part_begin() -> None:
+        state.update(headers={}, name=None, filename=None, buf=None)
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["header_field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["header_value"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"][state["header_field"].decode("latin-1").lower()] = state["header_value"]
+        state["header_field"] = b""
+        state["header_value"] = b""
+
+    def on_headers_finished() -> None:
+        _, disp = parse_options_header(state["headers"].get("content-disposition", b""))
+        name = disp.get(b"name", b"").decode("utf-8", "replace")
+        filename = disp.get(b"filename")
+        state["name"] = name
+        if name == "file":
+            if seen_file["done"]:
+                raise Unprocessable("send one file per upload", code="invalid_multipart")
+            seen_file["done"] = True
+            seen_file["filename"] = (filename or b"").decode("utf-8", "replace")
+        else:
+            state["buf"] = bytearray()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if state["name"] == "file":
+            sizes["file"] += len(chunk)
+            if sizes["file"] > max_bytes:
+                raise PayloadTooLarge(f"upload exceeds the {max_bytes} byte limit", limit_bytes=max_bytes)
+            digest.update(chunk)
+            out.write(chunk)
+        else:
+            state["buf"] += chunk
+            if len(state["buf"]) > MAX_FORM_FIELD_BYTES:
+                raise Unprocessable(f"form field {state['name']!r} is too long", code="invalid_multipart")
+
+    def on_part_end() -> None:
+        if state["name"] and state["name"] != "file":
+            fields[state["name"]] = bytes(state["buf"] or b"").decode("utf-8", "replace")
+
+    parser = MultipartParser(
+        boundary,
+        callbacks={
+            "on_part_begin": on_part_begin,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+        },
+    )
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except (PayloadTooLarge, Unprocessable):
+        raise
+    except Exception as exc:  # the parser's own errors: a malformed body
+        raise Unprocessable(f"malformed multipart body: {exc}", code="invalid_multipart") from exc
+    finally:
+        out.close()
+    if not seen_file["done"]:
+        raise Unprocessable("the multipart body has no 'file' field", code="missing_file")
+    filename = fields.get("filename") or seen_file["filename"] or ""
+    if not filename:
+        raise Unprocessable("the 'file' part has no filename (e.g. model.onnx)", code="missing_filename")
+    return Received(dest, filename, digest.hexdigest(), sizes["file"], fields)
