@@ -1,0 +1,67 @@
+"""The registry of compression methods, by id.
+
+    method = methods.get("quantize.int8_dynamic")
+    params = method.params_model.model_validate({"per_channel": True})
+    output = method.run(input_path, params, out_dir)
+
+Importing this package must stay cheap: the API imports it to list methods and
+validate params, so method modules import onnx, onnxruntime, torch and numpy
+inside their run functions only.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from app.errors import UnknownMethod
+from workers.methods.base import Method, MethodParams, StepOutput
+
+__all__ = ["REGISTRY", "Method", "MethodParams", "StepOutput", "catalog", "get", "register"]
+
+REGISTRY: dict[str, Method] = {}
+
+
+def _drop_quantizer_chatter(record: logging.LogRecord) -> bool:
+    # ONNX Runtime's quantizer logs one INFO line per tensor on the root logger (thousands per model).
+    return not (record.levelno <= logging.INFO and str(record.msg).startswith("Quantization parameters"))
+
+
+logging.getLogger().addFilter(_drop_quantizer_chatter)
+
+
+def register(method: Method) -> Method:
+    """Add a method; registering a second, different method under a taken id is a bug."""
+    existing = REGISTRY.get(method.id)
+    if existing is not None and existing != method:
+        raise ValueError(f"method id {method.id!r} is already registered")
+    REGISTRY[method.id] = method
+    return method
+
+
+def get(method_id: str) -> Method:
+    try:
+        return REGISTRY[method_id]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY)) or "none"
+        raise UnknownMethod(f"unknown method {method_id!r}; known methods: {known}", known=sorted(REGISTRY)) from None
+
+
+def catalog() -> list[dict[str, Any]]:
+    return [
+        {
+            "id": method.id,
+            "version": method.version,
+            "description": method.description,
+            "params_schema": method.params_model.model_json_schema(),
+        }
+        for method in sorted(REGISTRY.values(), key=lambda m: m.id)
+    ]
+
+
+def _register_builtins() -> None:
+    from workers.methods import quantize_int8_dynamic
+
+    register(quantize_int8_dynamic.METHOD)
+
+
+_register_builtins()

@@ -1,0 +1,377 @@
+"""Make real-world ONNX exports quantizable, writing down every change as a note.
+
+Exports found in the wild trip ONNX Runtime's quantizer in known ways: weights
+held in Constant nodes, weights also listed as graph inputs (IR 3/4 exports),
+opsets too old for per-channel quantization, and graphs on which ORT's own
+pre-processing (symbolic shape inference) crashes. `prepare` fixes what it can
+and falls back where it cannot; the notes say which path it took and why.
+
+Heavy imports (onnx, onnxruntime, numpy) happen inside the functions: the
+method modules that import this one are imported by the API process.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+log = logging.getLogger("modelpress.methods.onnx_prep")
+
+# Per-channel (per-axis) quantization needs opset 13.
+TARGET_OPSET = 13
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass
+class Prepared:
+    path: Path
+    notes: list[str] = field(default_factory=list)
+    # Names of the MatMul nodes that replaced Gemm nodes (each keeps its Gemm's name).
+    gemm_rewritten: list[str] = field(default_factory=list)
+
+
+def prepare(input_path: Path, out_dir: Path, *, gemm_to_matmul: bool = True) -> Prepared:
+    """Write a quantization-ready copy of `input_path` into `out_dir`; never changes the input."""
+    import onnx
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    model = onnx.load(str(input_path))
+
+    named = name_nodes(model.graph)
+    if named:
+        notes.append(
+            f"named {named} unnamed or duplicate-named node(s) as <op_type>_<index> so they can be excluded by name"
+        )
+
+    folded, kept = fold_constants(model.graph)
+    if folded:
+        notes.append(
+            f"folded {folded} Constant node(s) into initializers (the quantizer only quantizes initializer weights)"
+        )
+    if kept:
+        notes.append(f"kept {kept} Constant node(s) as they are (sparse or string values, or graph outputs)")
+
+    model, note = upgrade_opset(model, TARGET_OPSET)
+    if note:
+        notes.append(note)
+
+    removed = drop_initializer_inputs(model.graph)
+    if removed:
+        notes.append(
+            f"removed {removed} initializer(s) from the graph inputs (an old-IR export listed its weights as inputs; "
+            "ONNX Runtime treats those as overridable and the quantizer skips them)"
+        )
+    _raise_ir_version(model)
+
+    staged = out_dir / "prep-staged.onnx"
+    onnx.save(model, str(staged))
+    del model
+
+    preprocessed = out_dir / "prep-ort.onnx"
+    current = staged
+    path_taken, note = ort_pre_process(staged, preprocessed)
+    notes.append(note)
+    if path_taken is not None:
+        current = preprocessed
+
+    rewritten: list[str] = []
+    if gemm_to_matmul:
+        model = onnx.load(str(current))
+        rewritten, skipped = rewrite_gemm_as_matmul(model.graph)
+        if rewritten:
+            notes.append(
+                f"rewrote {len(rewritten)} Gemm node(s) with constant weights as MatMul + Add "
+                "(ONNX Runtime's dynamic quantization covers MatMul, not Gemm)"
+            )
+        if skipped:
+            notes.append(
+                f"left {skipped} Gemm node(s) as float: their weights are not constant float32 or transA is set"
+            )
+        if rewritten:
+            current = out_dir / "prep-gemm.onnx"
+            onnx.save(model, str(current))
+        del model
+
+    return Prepared(path=current, notes=notes, gemm_rewritten=rewritten)
+
+
+# --- graph edits on a loaded ModelProto ------------------------------------------------------------
+
+def name_nodes(graph: onnx.GraphProto) -> int:
+    """Give every top-level node a unique name; returns how many were renamed."""
+    seen: set[str] = set()
+    taken = {node.name for node in graph.node if node.name}
+    renamed = 0
+    for index, node in enumerate(graph.node):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = f"{node.op_type}_{index}"
+        name, suffix = base, 1
+        while name in taken or name in seen:
+            name, suffix = f"{base}_{suffix}", suffix + 1
+        node.name = name
+        seen.add(name)
+        taken.add(name)
+        renamed += 1
+    return renamed
+
+
+def fold_constants(graph: onnx.GraphProto) -> tuple[int, int]:
+    """Move top-level Constant nodes' values into initializers. Returns (folded, kept)."""
+    graph_outputs = {o.name for o in graph.output}
+    nodes, folded, kept = [], 0, 0
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and len(node.output) == 1:
+            tensor = _constant_value(node) if node.output[0] not in graph_outputs else None
+            if tensor is not None:
+                tensor.name = node.output[0]
+                graph.initializer.append(tensor)
+                folded += 1
+                continue
+            kept += 1
+        nodes.append(node)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return folded, kept
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The dense tensor a Constant node produces, or None where it is sparse, a string, or a reference."""
+    from onnx import TensorProto, helper
+
+    if len(node.attribute) != 1 or node.attribute[0].ref_attr_name:
+        return None
+    attr = node.attribute[0]
+    if attr.name == "value":
+        tensor = TensorProto()
+        tensor.CopyFrom(attr.t)
+        return tensor
+    if attr.name == "value_float":
+        return helper.make_tensor("", TensorProto.FLOAT, [], [attr.f])
+    if attr.name == "value_floats":
+        return helper.make_tensor("", TensorProto.FLOAT, [len(attr.floats)], list(attr.floats))
+    if attr.name == "value_int":
+        return helper.make_tensor("", TensorProto.INT64, [], [attr.i])
+    if attr.name == "value_ints":
+        return helper.make_tensor("", TensorProto.INT64, [len(attr.ints)], list(attr.ints))
+    return None  # sparse_value, value_string(s)
+
+
+def drop_initializer_inputs(graph: onnx.GraphProto) -> int:
+    initializers = {init.name for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    removed = len(graph.input) - len(inputs)
+    if removed:
+        del graph.input[:]
+        graph.input.extend(inputs)
+    return removed
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    versions = [o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS]
+    return max(versions) if versions else None
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto, str | None]:
+    """Convert the default-domain opset up to `target`; on any failure keep the model as it was."""
+    from onnx import version_converter
+
+    current = default_opset(model)
+    if current is None or current >= target:
+        return model, None
+    try:
+        converted = version_converter.convert_version(model, target)
+        _raise_ir_version(converted)
+        _check_converted(original=model, converted=converted)
+    except Exception as exc:
+        return model, (
+            f"kept opset {current}: converting to opset {target} failed ({short_error(exc)}); "
+            "per-channel quantization may be unavailable"
+        )
+    return converted, f"upgraded the default opset from {current} to {target} (per-channel quantization needs opset 13)"
+
+
+def _check_converted(*, original: onnx.ModelProto, converted: onnx.ModelProto) -> None:
+    """The converted model must pass the checker (if the original did) and load in ONNX Runtime."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(converted)
+    except onnx.checker.ValidationError:
+        try:
+            onnx.checker.check_model(original)
+        except onnx.checker.ValidationError:
+            pass  # the export already failed the checker; ONNX Runtime loading it is the test that matters
+        else:
+            raise
+    load_in_ort(converted.SerializeToString())
+
+
+def _raise_ir_version(model: onnx.ModelProto) -> None:
+    """IR 3 requires every initializer to be a graph input; newer opsets need newer IR versions."""
+    from onnx import helper
+
+    needed = max(4, helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
+    if model.ir_version < needed:
+        model.ir_version = needed
+
+
+def rewrite_gemm_as_matmul(graph: onnx.GraphProto) -> tuple[list[str], int]:
+    """Gemm(A, B, C) with constant float32 B and transA=0 -> MatMul(A, alpha*B') [+ Add(beta*C)].
+
+    The MatMul keeps the Gemm's name. Returns (names of rewritten nodes, count left alone).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    initializers = {init.name: init for init in graph.initializer}
+    tensor_names = _all_tensor_names(graph)
+    orphan_candidates: set[str] = set()
+    nodes, rewritten, skipped = [], [], 0
+
+    def fresh(base: str) -> str:
+        name, suffix = base, 1
+        while name in tensor_names:
+            name, suffix = f"{base}_{suffix}", suffix + 1
+        tensor_names.add(name)
+        return name
+
+    for node in graph.node:
+        if node.op_type != "Gemm" or node.domain not in DEFAULT_DOMAINS:
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+        trans_a, trans_b = int(attrs.get("transA", 0)), int(attrs.get("transB", 0))
+        weight = initializers.get(node.input[1])
+        bias_name = node.input[2] if len(node.input) > 2 and node.input[2] and beta != 0.0 else None
+        bias = initializers.get(bias_name) if bias_name else None
+        unscalable_bias = bias_name and beta != 1.0 and bias is None
+        if trans_a or weight is None or weight.data_type != TensorProto.FLOAT or unscalable_bias:
+            skipped += 1
+            nodes.append(node)
+            continue
+
+        weight_name = weight.name
+        if trans_b or alpha != 1.0:
+            array = numpy_helper.to_array(weight)
+            array = (array.T if trans_b else array) * alpha
+            weight_name = fresh(f"{weight.name}_matmul")
+            graph.initializer.append(numpy_helper.from_array(array, weight_name))
+            orphan_candidates.add(weight.name)
+        if bias_name and beta != 1.0:
+            scaled = numpy_helper.to_array(bias) * beta
+            new_bias = fresh(f"{bias_name}_scaled")
+            graph.initializer.append(numpy_helper.from_array(scaled, new_bias))
+            orphan_candidates.add(bias_name)
+            bias_name = new_bias
+
+        output = node.output[0]
+        matmul_out = fresh(f"{output}_matmul") if bias_name else output
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight_name], [matmul_out], name=node.name))
+        if bias_name:
+            nodes.append(helper.make_node("Add", [matmul_out, bias_name], [output], name=fresh(f"{node.name}_bias")))
+        rewritten.append(node.name)
+
+    if rewritten:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        _drop_unused_initializers(graph, orphan_candidates)
+    return rewritten, skipped
+
+
+def _all_tensor_names(graph: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        names.add(node.name)
+    return names
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto, candidates: set[str]) -> None:
+    used = _used_names(graph) | {o.name for o in graph.output}
+    keep = [init for init in graph.initializer if init.name not in candidates or init.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node reads, subgraphs (If/Loop/Scan bodies) included."""
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                used |= _used_names(attr.g)
+            for sub in attr.graphs:
+                used |= _used_names(sub)
+    return used
+
+
+# --- ONNX Runtime's own pre-processing ----------------------------------------------------------------
+
+def ort_pre_process(src: Path, dst: Path) -> tuple[str | None, str]:
+    """ORT's quant_pre_process (shape inference + graph optimisation), falling back as it fails.
+
+    Returns (path taken or None when skipped, note).
+    """
+    import onnxruntime as ort
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    failures: list[tuple[str, str]] = []  # (attempt, short error)
+    for label, options in (
+        ("full", {}),
+        ("without symbolic shape inference", {"skip_symbolic_shape": True}),
+    ):
+        # Its optimisation session logs a warning per unused initializer; keep the worker log readable.
+        ort.set_default_logger_severity(3)
+        try:
+            quant_pre_process(str(src), str(dst), **options)
+            load_in_ort(str(dst))
+        except Exception as exc:
+            log.info("quant_pre_process (%s) failed on %s: %s", label, src, exc)
+            failures.append((label, short_error(exc)))
+            dst.unlink(missing_ok=True)
+            continue
+        finally:
+            ort.set_default_logger_severity(2)  # ONNX Runtime's default: warnings
+        if not failures:
+            return label, (
+                "ran ONNX Runtime's quantization pre-processing (symbolic shape inference, optimisation, shape inference)"
+            )
+        return label, (
+            "ran ONNX Runtime's quantization pre-processing without symbolic shape inference "
+            f"(with it, it failed: {failures[0][1]})"
+        )
+    tried = "; ".join(f"{label}: {error}" for label, error in failures)
+    return None, f"skipped ONNX Runtime's quantization pre-processing; it failed ({tried})"
+
+
+def load_in_ort(model: str | bytes) -> None:
+    """Open a CPU session without optimisations: proves ONNX Runtime accepts the graph."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def op_counts(graph: onnx.GraphProto) -> Counter[str]:
+    return Counter(node.op_type for node in graph.node)
+
+
+def short_error(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}"

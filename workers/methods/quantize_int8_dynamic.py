@@ -1,0 +1,290 @@
+"""quantize.int8_dynamic: ONNX Runtime dynamic quantization, uint8 weights and uint8 activations.
+
+Weights are quantized once, here; activations are quantized on the fly at run
+time (DynamicQuantizeLinear), so no calibration data is needed. The model is
+first made quantizable by onnx_prep (Constant weights, weights listed as
+inputs, old opsets, Gemm), and the result must load in ONNX Runtime with the
+input's input and output names before it is handed back.
+"""
+from __future__ import annotations
+
+import difflib
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, StringConstraints, WithJsonSchema, field_validator
+
+from app.errors import StepFailed
+from workers.methods.base import Method, MethodParams, StepOutput
+
+# The op types ONNX Runtime's dynamic (IntegerOps) quantization handles: the keys of
+# onnxruntime.quantization.registry.IntegerOpsRegistry. Hardcoded because the API
+# process must not import onnxruntime; tests/test_methods.py checks them against it.
+ORT_DYNAMIC_OP_TYPES = ("Attention", "Conv", "EmbedLayerNormalization", "Gather", "LSTM", "MatMul", "Transpose")
+# Gemm is not among them; onnx_prep rewrites Gemm with constant weights as MatMul + Add.
+SUPPORTED_OP_TYPES = tuple(sorted((*ORT_DYNAMIC_OP_TYPES, "Gemm")))
+
+CONV_INTEGER_WARNING = (
+    "ConvInteger runs 4-16x slower than float Conv on x86 CPUs in ONNX Runtime; "
+    "consider op_types=['MatMul','Gemm'] or static quantization"
+)
+
+# Float ops the method quantizes and the integer ops that replace them, counted in the report.
+TRACKED_OPS = frozenset({
+    "Attention", "Conv", "EmbedLayerNormalization", "Gather", "Gemm", "LSTM", "MatMul",
+    "ConvInteger", "DynamicQuantizeLSTM", "DynamicQuantizeLinear", "DynamicQuantizeMatMul",
+    "MatMulInteger", "MatMulIntegerToFloat", "QAttention", "QEmbedLayerNormalization",
+})
+
+INTEGER_OPS = frozenset({
+    "ConvInteger", "MatMulInteger", "Gather", "QAttention", "DynamicQuantizeLSTM", "QEmbedLayerNormalization",
+})
+
+NodeName = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+# Checked by the validator below (its message lists the supported types); the schema shows them as an enum.
+OpType = Annotated[str, WithJsonSchema({"type": "string", "enum": list(SUPPORTED_OP_TYPES)})]
+
+
+class Int8DynamicParams(MethodParams):
+    per_channel: bool = Field(
+        True,
+        description="One scale per output channel of each weight instead of one per tensor; usually keeps accuracy "
+        "closer to the original at no run-time cost. ONNX Runtime applies it to MatMul/Gemm weights; it quantizes "
+        "Conv weights per tensor in dynamic mode.",
+    )
+    reduce_range: bool = Field(
+        False,
+        description="Quantize weights to 7 bits instead of 8. Usually costs some accuracy; the weights are stored "
+        "as uint8, which do not hit the int8 saturation on CPUs without VNNI that this setting works around.",
+    )
+    op_types: list[OpType] | None = Field(
+        None,
+        min_length=1,
+        max_length=32,
+        description="Quantize only these op types; null quantizes every supported type. "
+        f"Supported: {', '.join(SUPPORTED_OP_TYPES)}.",
+        examples=[["MatMul", "Gemm"]],
+    )
+    keep_depthwise_conv_float: bool = Field(
+        True,
+        description="Leave grouped (depthwise) Conv layers in float. Dynamic quantization gives a Conv weight one "
+        "scale for the whole tensor, which wrecks depthwise filters: on YOLOX-nano quantizing them turned the top "
+        "detection of a COCO image from 'tvmonitor' (0.92) into a wrong class; keeping them float restored it.",
+    )
+    nodes_to_exclude: list[NodeName] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="Names of nodes to leave in float (for example the first and last layers). "
+        "Unnamed nodes are named <op_type>_<index>, the index being the node's position in the graph.",
+    )
+
+    @field_validator("op_types")
+    @classmethod
+    def _supported_op_types(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        unknown = [op for op in value if op not in SUPPORTED_OP_TYPES]
+        if unknown:
+            raise ValueError(
+                f"not supported by dynamic int8 quantization: {', '.join(map(repr, unknown))}; "
+                f"supported op types are {', '.join(SUPPORTED_OP_TYPES)}"
+            )
+        return list(dict.fromkeys(value))  # drop repeats, keep order
+
+    @field_validator("nodes_to_exclude")
+    @classmethod
+    def _unique_names(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+
+def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path) -> StepOutput:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from workers.methods import onnx_prep
+
+    # uint8 weights run on ONNX Runtime's u8u8 kernels. int8 weights (u8s8) saturate on x86
+    # CPUs without VNNI unless reduce_range is set: on an AVX2-only host the torch MLP's
+    # cosine fell to 0.98 with int8 and stayed at 0.9999 with uint8.
+    weight_type = QuantType.QUInt8
+
+    source = onnx.load(str(input_path), load_external_data=False)
+    onnx_prep.name_nodes(source.graph)  # the same names prepare() gives, so exclusions match
+    requested = set(params.op_types or SUPPORTED_OP_TYPES)
+    _check_excluded_nodes(params.nodes_to_exclude, source.graph, requested)
+
+    prep_dir = out_dir / "prep"
+    output = out_dir / "model.onnx"
+    warnings: list[str] = []
+    try:
+        prepared = onnx_prep.prepare(input_path, prep_dir, gemm_to_matmul="Gemm" in requested)
+        graph = onnx.load(str(prepared.path), load_external_data=False).graph
+        before = onnx_prep.op_counts(graph)  # what the quantizer is given, after pre-processing
+        present = {node.name for node in graph.node}
+        gone = [name for name in params.nodes_to_exclude if name not in present]
+        if gone:
+            warnings.append(
+                f"pre-processing fused or removed node(s) {', '.join(map(repr, gone[:5]))}; "
+                "excluding them has no effect"
+            )
+        depthwise = _grouped_convs(graph) if params.keep_depthwise_conv_float and "Conv" in requested else []
+        excluded = list(dict.fromkeys([*params.nodes_to_exclude, *depthwise]))
+        ort_op_types = sorted((requested - {"Gemm"}) | ({"MatMul"} if "Gemm" in requested else set()))
+        nodes_to_quantize = _nodes_to_quantize(graph, requested, prepared.gemm_rewritten)
+        if nodes_to_quantize is not None:
+            nodes_to_quantize = [name for name in nodes_to_quantize if name not in set(excluded)]
+        del graph
+        if nodes_to_quantize == []:
+            raise _nothing_to_quantize(source.graph, requested, params.nodes_to_exclude)
+        try:
+            quantize_dynamic(
+                prepared.path, output,
+                per_channel=params.per_channel, reduce_range=params.reduce_range,
+                op_types_to_quantize=ort_op_types, nodes_to_quantize=nodes_to_quantize,
+                nodes_to_exclude=excluded, weight_type=weight_type,
+                use_external_data_format=False,
+            )
+        except Exception as exc:
+            raise StepFailed(f"ONNX Runtime's quantize_dynamic failed: {onnx_prep.short_error(exc, 400)}") from exc
+    finally:
+        shutil.rmtree(prep_dir, ignore_errors=True)
+
+    _check_loads_with_same_io(source, output)
+    result = onnx.load(str(output))
+    weights = _quantized_weights(result.graph)
+    if not weights:
+        raise _nothing_to_quantize(source.graph, requested, excluded)
+
+    after = onnx_prep.op_counts(result.graph)
+    quantized_ops = {
+        op: {"before": before[op], "after": after[op]}
+        for op in sorted(TRACKED_OPS) if before[op] or after[op]
+    }
+    per_tensor = [ops for per_channel, ops in weights.values() if not per_channel]
+    if params.per_channel and per_tensor:
+        ops = sorted({op.removesuffix("Integer") for consumers in per_tensor for op in consumers if op in INTEGER_OPS})
+        warnings.append(
+            f"per_channel: {len(per_tensor)} of {len(weights)} weights were quantized per tensor; ONNX Runtime's "
+            f"dynamic quantization does not quantize {', '.join(ops) or 'their'} weights per channel"
+        )
+    if after["ConvInteger"]:
+        warnings.append(CONV_INTEGER_WARNING)
+    details = {
+        "preprocess": prepared.notes,
+        "quantized_ops": quantized_ops,
+        "weights_quantized": len(weights),
+        "weights_per_channel": sum(1 for per_channel, _ in weights.values() if per_channel),
+        "depthwise_conv_kept_float": len(depthwise),
+        "weight_type": "uint8",
+        "activation_type": "uint8, quantized at run time",
+        "warnings": warnings,
+    }
+    return StepOutput(model_path=output, details=details)
+
+
+def _quantized_weights(graph) -> dict[str, tuple[bool, set[str]]]:
+    """Quantized weight initializers -> (quantized per channel?, op types that read them)."""
+    import onnx
+
+    scales = {init.name: init for init in graph.initializer}
+    consumers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    weights = {}
+    for init in graph.initializer:
+        if init.name.endswith("_quantized") and init.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            scale = scales.get(init.name.removesuffix("_quantized") + "_scale")
+            per_channel = scale is not None and len(scale.dims) > 0 and max(scale.dims) > 1
+            weights[init.name] = (per_channel, consumers.get(init.name, set()))
+    return weights
+
+
+def _check_excluded_nodes(names: list[str], graph, requested: set[str]) -> None:
+    known = [node.name for node in graph.node]
+    known_set = set(known)
+    missing = [name for name in names if name not in known_set]
+    if not missing:
+        return
+    quantizable = [node.name for node in graph.node if node.op_type in requested]
+    examples = (quantizable or known)[:5]
+    hints = []
+    for name in missing[:3]:
+        close = difflib.get_close_matches(name, known, n=1)
+        if close:
+            hints.append(f"{name!r} -> did you mean {close[0]!r}?")
+    message = (
+        f"nodes_to_exclude names {len(missing)} node(s) not in the model: {', '.join(map(repr, missing[:5]))}"
+        + ("..." if len(missing) > 5 else "")
+        + f". The graph has {len(known)} nodes; for example {', '.join(map(repr, examples))}"
+        + (f" ({'; '.join(hints)})" if hints else "")
+    )
+    raise StepFailed(message, code="unknown_node")
+
+
+def _grouped_convs(graph) -> list[str]:
+    """Names of Conv nodes with group > 1 (depthwise and grouped convolutions)."""
+    names = []
+    for node in graph.node:
+        if node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute):
+            names.append(node.name)
+    return names
+
+
+def _nodes_to_quantize(graph, requested: set[str], gemm_rewritten: list[str]) -> list[str] | None:
+    """None quantizes every node of the requested types; a list restricts to those nodes.
+
+    Needed only when Gemm is requested without MatMul: the rewritten Gemms are MatMuls,
+    and the model's own MatMuls must stay float.
+    """
+    if "Gemm" not in requested or "MatMul" in requested:
+        return None
+    from_gemm = set(gemm_rewritten)
+    return [node.name for node in graph.node if node.name in from_gemm or node.op_type in requested]
+
+
+def _nothing_to_quantize(graph, requested: set[str], excluded: list[str]) -> StepFailed:
+    present = sorted({node.op_type for node in graph.node})
+    return StepFailed(
+        f"nothing to quantize: no {', '.join(sorted(requested))} node with constant float weights was found"
+        + (f" once {len(excluded)} excluded node(s) were left out" if excluded else "")
+        + f" (the graph has {', '.join(present[:15])}{'...' if len(present) > 15 else ''})",
+        code="nothing_to_quantize",
+    )
+
+
+def _check_loads_with_same_io(source, output: Path) -> None:
+    import onnxruntime as ort
+
+    from workers.methods.onnx_prep import short_error
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(output), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise StepFailed(f"the quantized model does not load in ONNX Runtime: {short_error(exc, 400)}") from exc
+    initializers = {init.name for init in source.graph.initializer}
+    expected_inputs = [i.name for i in source.graph.input if i.name not in initializers]
+    expected_outputs = [o.name for o in source.graph.output]
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if sorted(inputs) != sorted(expected_inputs) or outputs != expected_outputs:
+        raise StepFailed(
+            f"the quantized model's inputs/outputs {inputs}/{outputs} differ from the original's "
+            f"{expected_inputs}/{expected_outputs}"
+        )
+
+
+METHOD = Method(
+    id="quantize.int8_dynamic",
+    version=1,
+    description=(
+        "Dynamic 8-bit quantization with ONNX Runtime: weights stored as uint8 (per output channel by default), "
+        "activations quantized to uint8 at run time. Needs no calibration data. Suits MatMul/Gemm-heavy models "
+        "(transformers, MLPs, RNNs) on CPU; convolutions become ConvInteger, which is often slower than float Conv."
+    ),
+    params_model=Int8DynamicParams,
+    run=quantize,
+)
