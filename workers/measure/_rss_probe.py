@@ -1,0 +1,50 @@
+"""Child process: how much resident memory one model's session adds while it loads and runs.
+
+Standalone on purpose (numpy and onnxruntime only), so its own imports are
+done before the peak is reset and nothing else shares the process.
+
+    python -P _rss_probe.py MODEL FEEDS.npz PROVIDERS_JSON THREADS RUNS
+"""
+import json
+import sys
+
+
+def status_bytes(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {key}")
+
+
+def main() -> None:
+    model, feeds_path, providers, threads, runs = sys.argv[1:6]
+    import numpy as np
+    import onnxruntime as ort
+
+    with np.load(feeds_path) as data:
+        feeds = {name: data[name] for name in data.files}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    before = status_bytes("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM (the peak) to the current resident size
+    except OSError as exc:
+        print(json.dumps({"error": f"cannot reset the peak-RSS mark (/proc/self/clear_refs): {exc}"}))
+        return
+    session = ort.InferenceSession(model, sess_options=options, providers=json.loads(providers))
+    for _ in range(int(runs)):
+        session.run(None, feeds)
+    print(json.dumps({
+        "peak_rss_increase_bytes": status_bytes("VmHWM") - before,
+        "retained_rss_increase_bytes": status_bytes("VmRSS") - before,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""How far the compressed model's outputs move from the original's on the same inputs."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from app.errors import MeasurementFailed
+from workers.measure.rounding import significant
+
+
+class OutputComparison:
+    """Accumulates one output's differences over many runs."""
+
+    def __init__(self, name: str, result_name: str, dtype: str) -> None:
+        self.name, self.result_name, self.dtype = name, result_name, dtype
+        self.shape: list[int] = []
+        self.samples = 0
+        self.cosines: list[float] = []
+        self.max_abs = 0.0
+        self.abs_sum, self.abs_count = 0.0, 0
+        self.equal, self.elements = 0, 0
+        self.top1_equal, self.top1_rows, self.top1_width, self.rows_per_sample = 0, 0, 0, 0
+        self.nonfinite = {"baseline": 0, "result": 0}
+        self.nonfinite_mismatch = 0
+
+    def add(self, baseline: np.ndarray, result: np.ndarray, batch: int) -> None:
+        baseline, result = np.asarray(baseline), np.asarray(result)
+        if baseline.shape != result.shape:
+            raise MeasurementFailed(f"output '{self.name}' has shape {list(baseline.shape)} in the original model "
+                                    f"but {list(result.shape)} in the compressed model on the same input")
+        self.shape = list(baseline.shape)
+        is_float = baseline.dtype.kind in "fc" or result.dtype.kind in "fc"
+        b, r = baseline.astype(np.float64), result.astype(np.float64)
+        finite_b, finite_r = np.isfinite(b), np.isfinite(r)
+        self.nonfinite["baseline"] += int((~finite_b).sum())
+        self.nonfinite["result"] += int((~finite_r).sum())
+        self.nonfinite_mismatch += int((finite_b != finite_r).sum())
+        both = finite_b & finite_r
+        b, r = np.where(both, b, 0.0), np.where(both, r, 0.0)
+        diff = np.abs(b - r)
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(diff.max()))
+        self.abs_sum += float(diff.sum())
+        self.abs_count += int(both.sum())
+        self.equal += int((baseline == result).sum())
+        self.elements += baseline.size
+
+        # A leading axis as long as the batch is the sample axis; otherwise one run is one sample.
+        per_sample = baseline.ndim >= 1 and baseline.shape[0] == batch
+        rows = batch if per_sample else 1
+        self.samples += rows
+        if is_float:
+            bs, rs = b.reshape(rows, -1), r.reshape(rows, -1)
+            for x, y in zip(bs, rs):
+                self.cosines.append(_cosine(x, y))
+            if baseline.ndim >= 1 and baseline.shape[-1] > 1:
+                width = baseline.shape[-1]
+                top_b = np.argmax(b.reshape(-1, width), axis=1)
+                top_r = np.argmax(r.reshape(-1, width), axis=1)
+                self.top1_equal += int((top_b == top_r).sum())
+                self.top1_rows += top_b.size
+                self.top1_width = width
+                self.rows_per_sample = top_b.size // rows
+
+    def report(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "name": self.name,
+            "shape": self.shape,
+            "dtype": self.dtype,
+            "samples": self.samples,
+            "max_abs_diff": significant(self.max_abs),
+            "mean_abs_diff": significant(self.abs_sum / self.abs_count) if self.abs_count else None,
+            "cosine_similarity": round(float(np.mean(self.cosines)), 8) if self.cosines else None,
+            "min_sample_cosine": round(float(np.min(self.cosines)), 8) if self.cosines else None,
+            "top1_agreement": round(self.top1_equal / self.top1_rows, 6) if self.top1_rows else None,
+            "top1_note": self._top1_note(),
+        }
+        if self.result_name != self.name:
+            entry["result_name"] = self.result_name
+        if not self.cosines:
+            entry["equal_fraction"] = round(self.equal / self.elements, 6) if self.elements else None
+        if any(self.nonfinite.values()):
+            entry["nonfinite_values"] = dict(self.nonfinite, mismatched_positions=self.nonfinite_mismatch)
+        return entry
+
+    def _top1_note(self) -> str:
+        if not self.cosines:
+            return "not a float output: compared element by element (equal_fraction), no cosine or top-1"
+        if not self.top1_rows:
+            return "not a score vector (last axis has one value or the output is a scalar)"
+        if self.rows_per_sample == 1:
+            return f"argmax over the last axis ({self.top1_width} values), one row per sample"
+        return (f"argmax over the last axis ({self.top1_width} values) of each of {self.rows_per_sample} rows per "
+                "sample; meaningful only if that axis holds class scores")
+
+
+def _cosine(x: np.ndarray, y: np.ndarray) -> float:
+    nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
+    if nx == 0.0 or ny == 0.0:
+        return 1.0 if nx == ny else 0.0
+    return max(-1.0, min(1.0, float(np.dot(x, y)) / (nx * ny)))
+
+
+def pair_outputs(baseline_session: Any, result_session: Any) -> tuple[list[tuple[int, int, str, str, str]], list[str]]:
+    """(baseline index, result index, name, result name, dtype) for each comparable output, and notes."""
+    base, res = baseline_session.get_outputs(), result_session.get_outputs()
+    if len(base) != len(res):
+        raise MeasurementFailed(f"the original model has {len(base)} outputs ({[o.name for o in base]}) but the "
+                                f"compressed model has {len(res)} ({[o.name for o in res]}); they cannot be compared")
+    notes: list[str] = []
+    result_index = {o.name: i for i, o in enumerate(res)}
+    by_name = all(o.name in result_index for o in base)
+    if not by_name:
+        notes.append("the output names differ between the two models; outputs were paired by position")
+    pairs = []
+    for i, out in enumerate(base):
+        j = result_index[out.name] if by_name else i
+        if not out.type.startswith("tensor(") or out.type == "tensor(string)":
+            notes.append(f"output '{out.name}' ({out.type}) is not a numeric tensor and was not compared")
+            continue
+        pairs.append((i, j, out.name, res[j].name, out.type[len("tensor("):-1]))
+    if not pairs:
+        raise MeasurementFailed("the models have no numeric tensor output to compare")
+    return pairs, notes
+
+
+def summarize_outputs(comparisons: list[OutputComparison], *, batch_size: int, runs: int) -> dict[str, Any]:
+    outputs = [c.report() for c in comparisons]
+    cosines = [o["cosine_similarity"] for o in outputs if o["cosine_similarity"] is not None]
+    diffs = [o["max_abs_diff"] for o in outputs if o["max_abs_diff"] is not None]
+    return {
+        "batch_size": batch_size,
+        "runs": runs,
+        "samples": runs * batch_size,
+        "inputs": "synthetic random inputs (see `inputs`), a fresh draw for every run; not a data set",
+        "outputs": outputs,
+        "cosine_similarity": min(cosines) if cosines else None,
+        "max_abs_diff": max(diffs) if diffs else None,
+    }

@@ -1,0 +1,236 @@
+"""Synthetic inputs built from the models' own input specs, identical for both models of a pair.
+
+Axis 0, when symbolic, is the batch axis. Other symbolic axes get a size guessed
+from their name (sequence-like: 128, spatial: 224, else 1) and every guess is
+reported. Values follow the input's role as its name suggests: token ids stay
+inside the vocabulary of the embedding they index, masks are ones, token types
+zeros, floats standard normal.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from app.errors import MeasurementFailed
+
+ROLES = ("baseline", "result")
+ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+    "tensor(uint64)": np.uint64, "tensor(uint32)": np.uint32, "tensor(uint16)": np.uint16, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+SEQUENCE_DIM = re.compile(r"seq|len|token|time|step|frame|word|position", re.IGNORECASE)
+SPATIAL_DIM = re.compile(r"height|width|^h$|^w$|^img|image|pixel|spatial", re.IGNORECASE)
+SEQUENCE_SIZE, SPATIAL_SIZE, OTHER_SIZE = 128, 224, 1
+TOKEN_ID_HIGH = 100
+
+
+@dataclass
+class PlannedInput:
+    name: str
+    dtypes: dict[str, np.dtype]          # role -> dtype that model declares
+    declared: dict[str, list[Any]]      # role -> declared shape (ints, dim names, or None)
+    dims: list[int | None]              # resolved sizes; None marks the batch axis
+    kind: str                           # normal | ids | binary | bytes | ones | zeros | positions
+    high: int = 2                       # exclusive upper bound for integer kinds
+
+    def shape(self, batch: int) -> list[int]:
+        return [batch if d is None else d for d in self.dims]
+
+    def values(self, batch: int, rng: np.random.Generator) -> np.ndarray:
+        shape = self.shape(batch)
+        if self.kind == "normal":
+            return rng.standard_normal(shape)
+        if self.kind in ("ids", "binary", "bytes"):
+            return rng.integers(0, self.high, size=shape)
+        if self.kind == "ones":
+            return np.ones(shape, dtype=np.int64)
+        if self.kind == "zeros":
+            return np.zeros(shape, dtype=np.int64)
+        if self.kind == "positions":
+            return np.broadcast_to(np.arange(shape[-1] if shape else 1), shape).copy()
+        raise AssertionError(self.kind)
+
+    def describe(self) -> dict[str, Any]:
+        text = {
+            "normal": "standard normal",
+            "ids": f"integers in [0, {self.high}) (token ids)",
+            "binary": f"integers in [0, {self.high})",
+            "bytes": "integers in [0, 256)",
+            "ones": "ones (mask)",
+            "zeros": "zeros (token types)",
+            "positions": "0, 1, 2, ... along the last axis (positions)",
+        }[self.kind]
+        entry = {"name": self.name, "dtype": self.dtypes["baseline"].name, "declared_shape": self.declared["baseline"],
+                 "values": text}
+        if self.dtypes["result"] != self.dtypes["baseline"]:
+            entry["result_dtype"] = self.dtypes["result"].name
+        if self.declared["result"] != self.declared["baseline"]:
+            entry["result_declared_shape"] = self.declared["result"]
+        return entry
+
+
+@dataclass
+class InputPlan:
+    inputs: list[PlannedInput]
+    fixed_batch: int | None = None      # the only batch size the models accept, if any
+    fixed_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def shapes(self, batch: int) -> dict[str, list[int]]:
+        return {i.name: i.shape(batch) for i in self.inputs}
+
+    def feeds(self, batch: int, rng: np.random.Generator) -> dict[str, dict[str, np.ndarray]]:
+        """One draw of values, cast to each model's declared dtype: both models see the same numbers."""
+        drawn = {i.name: i.values(batch, rng) for i in self.inputs}
+        return {role: {i.name: np.ascontiguousarray(drawn[i.name].astype(i.dtypes[role])) for i in self.inputs}
+                for role in ROLES}
+
+
+def gather_vocabularies(model) -> dict[str, int]:
+    """Graph input name -> row count of the smallest initializer table a Gather looks it up in."""
+    from workers.measure.size import graphs
+
+    found: dict[str, int] = {}
+    for graph in graphs(model.graph):
+        tables = {t.name: list(t.dims) for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in tables:
+                continue
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            dims = tables[node.input[0]]
+            if dims and -len(dims) <= axis < len(dims):
+                rows = dims[axis]
+                found[node.input[1]] = min(found.get(node.input[1], rows), rows)
+    return found
+
+
+def _dtype(name: str, ort_type: str, role_name: str) -> np.dtype:
+    if ort_type not in ORT_DTYPES:
+        raise MeasurementFailed(f"input '{name}' of {role_name} has type {ort_type}, "
+                                "for which the measurement cannot generate values")
+    return np.dtype(ORT_DTYPES[ort_type])
+
+
+def _kind(name: str, dtype: np.dtype, vocabulary: int | None) -> tuple[str, int]:
+    lowered = name.lower()
+    if dtype.kind == "f":
+        return "normal", 0
+    if dtype.kind == "b" or "mask" in lowered:
+        return "ones", 1
+    if "type" in lowered:
+        return "zeros", 1
+    if "position" in lowered:
+        return "positions", 0
+    if "ids" in lowered or "token" in lowered or (vocabulary is not None and vocabulary > 2):
+        high = TOKEN_ID_HIGH if vocabulary is None else max(1, min(TOKEN_ID_HIGH, vocabulary))
+        return "ids", high
+    if dtype == np.uint8:
+        return "bytes", 256
+    return "binary", 2 if vocabulary is None else max(1, min(2, vocabulary))
+
+
+def _merge_dims(name: str, shapes: dict[str, list[Any]]) -> list[int | str | None]:
+    base, res = shapes["baseline"], shapes["result"]
+    if len(base) != len(res):
+        raise MeasurementFailed(f"input '{name}' has rank {len(base)} in the original model but rank {len(res)} "
+                                "in the compressed model")
+    merged: list[int | str | None] = []
+    for a, b in zip(base, res):
+        if isinstance(a, int) and isinstance(b, int) and a != b:
+            raise MeasurementFailed(f"input '{name}' has shape {base} in the original model but {res} "
+                                    "in the compressed model")
+        merged.append(a if isinstance(a, int) else b if isinstance(b, int) else (a if a is not None else b))
+    return merged
+
+
+def _guess(dim_name: str | None, *, axis: int, rank: int, kind: str) -> int:
+    if dim_name and SEQUENCE_DIM.search(dim_name):
+        return SEQUENCE_SIZE
+    if dim_name and SPATIAL_DIM.search(dim_name):
+        return SPATIAL_SIZE
+    if kind in ("ids", "ones", "zeros", "positions") and axis >= 1:
+        return SEQUENCE_SIZE  # token-like inputs: [batch, sequence]
+    if kind == "normal" and rank == 4 and axis in (2, 3):
+        return SPATIAL_SIZE  # NCHW image
+    if kind == "normal" and rank == 4 and axis == 1:
+        return 3
+    return OTHER_SIZE
+
+
+def plan_inputs(sessions: dict[str, Any], structures: dict[str, Any]) -> InputPlan:
+    specs = {role: {i.name: i for i in sessions[role].get_inputs()} for role in ROLES}
+    base_names, result_names = list(specs["baseline"]), list(specs["result"])
+    if set(base_names) != set(result_names):
+        raise MeasurementFailed(
+            "the two models must take the same inputs to be compared: the original takes "
+            f"{base_names} and the compressed model takes {result_names}")
+    vocabularies: dict[str, int] = {}
+    for role in ROLES:
+        for name, rows in gather_vocabularies(structures[role]).items():
+            vocabularies[name] = min(vocabularies.get(name, rows), rows)
+
+    role_names = {"baseline": "the original model", "result": "the compressed model"}
+    planned: list[tuple[PlannedInput, list[int | str | None]]] = []
+    notes: list[str] = []
+    for name in base_names:
+        dtypes = {role: _dtype(name, specs[role][name].type, role_names[role]) for role in ROLES}
+        declared = {role: list(specs[role][name].shape) for role in ROLES}
+        if dtypes["baseline"].kind != dtypes["result"].kind:
+            notes.append(f"input '{name}' is {dtypes['baseline'].name} in the original model and "
+                         f"{dtypes['result'].name} in the compressed one; the same values were cast to each")
+        kind, high = _kind(name, dtypes["baseline"], vocabularies.get(name))
+        item = PlannedInput(name=name, dtypes=dtypes, declared=declared, dims=[], kind=kind, high=high)
+        planned.append((item, _merge_dims(name, declared)))
+
+    plan = InputPlan(inputs=[p for p, _ in planned], notes=notes)
+    batched = any(merged and not isinstance(merged[0], int) for _, merged in planned)
+    if not batched:
+        _fix_batch(plan, planned)
+    guessed: dict[tuple[str, str | None, int], int] = {}
+    for item, merged in planned:
+        for axis, dim in enumerate(merged):
+            if isinstance(dim, int):
+                item.dims.append(dim)
+            elif axis == 0 and batched:
+                item.dims.append(None)
+            else:
+                size = _guess(dim, axis=axis, rank=len(merged), kind=item.kind)
+                item.dims.append(size)
+                key = (item.name, dim, axis)
+                if key not in guessed:
+                    guessed[key] = size
+                    label = f"'{dim}'" if dim else "unnamed"
+                    plan.notes.append(f"input '{item.name}' axis {axis} ({label}) has no fixed size; "
+                                      f"measured with {size}")
+    return plan
+
+
+def _fix_batch(plan: InputPlan, planned: list[tuple[PlannedInput, list[int | str | None]]]) -> None:
+    """No input has a free first axis: the models run at one batch size only."""
+    ranked = [(item, merged) for item, merged in planned if merged]
+    if not ranked:
+        plan.fixed_batch = 1
+        plan.fixed_reason = "the model has no batch dimension (all its inputs are scalars)"
+        return
+    item, merged = next(((i, m) for i, m in ranked if len(m) >= 2), ranked[0])
+    size = int(merged[0])
+    base, res = item.declared["baseline"], item.declared["result"]
+    if isinstance(base[0], int) and isinstance(res[0], int):
+        where = ""
+    elif isinstance(base[0], int):
+        where = " in the original model"
+    else:
+        where = " in the compressed model (the original accepts any)"
+    shape = base if isinstance(base[0], int) else res
+    plan.fixed_batch = size
+    plan.fixed_reason = (f"input '{item.name}' has a fixed batch dimension of {size}{where} "
+                         f"(shape {_shape_text(shape)})")
+
+
+def _shape_text(shape: list[Any]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
