@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+
+from app.deps import AppSettings, Caller, DbSession, Store
+from app.jobs import service
+from app.jobs.schemas import ArtifactPublic, JobCreate, JobEventPublic, JobPage, JobPublic
+from app.jobs.state import to_public
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+def _job_response(job, request: Request, status_code: int = 200, headers: dict | None = None) -> Response:
+    body = to_public(job).model_dump_json()
+    etag = '"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache", **(headers or {})}
+    if status_code == 200 and etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
+        return Response(status_code=304, headers=headers)
+    return Response(content=body, status_code=status_code, media_type="application/json", headers=headers)
+
+
+@router.post("", status_code=202, response_model=JobPublic, summary="Submit a compression job")
+def create_job(
+    spec: JobCreate,
+    request: Request,
+    db: DbSession,
+    caller: Caller,
+    settings: AppSettings,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+):
+    job, _created = service.create(
+        db=db, settings=settings, tenant_id=caller.id, spec=spec, idempotency_key=idempotency_key
+    )
+    return _job_response(job, request, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    db: DbSession,
+    caller: Caller,
+    status: Status | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+):
+    items, next_cursor = service.list_page(db=db, tenant_id=caller.id, status=status, limit=limit, cursor=cursor)
+    return JobPage(items=[to_public(j) for j in items], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses={304: {"description": "Not modified (ETag)"}})
+def get_job(job_id: str, request: Request, db: DbSession, caller: Caller):
+    return _job_response(service.get(db=db, tenant_id=caller.id, job_id=job_id), request)
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
+def cancel_job(job_id: str, request: Request, db: DbSession, caller: Caller):
+    return _job_response(service.cancel(db=db, tenant_id=caller.id, job_id=job_id), request, status_code=202)
+
+
+@router.get("/{job_id}/events", response_model=list[JobEventPublic])
+def job_events(job_id: str, db: DbSession, caller: Caller, after: Annotated[int, Query(ge=0)] = 0):
+    return [JobEventPublic.model_validate(e) for e in service.events(db=db, tenant_id=caller.id, job_id=job_id, after=after)]
+
+
+@router.get("/{job_id}/report")
+def job_report(job_id: str, db: DbSession, caller: Caller):
+    return JSONResponse(service.report(db=db, tenant_id=caller.id, job_id=job_id))
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactPublic])
+def job_artifacts(job_id: str, db: DbSession, caller: Caller):
+    return [ArtifactPublic.model_validate(a) for a in service.artifacts(db=db, tenant_id=caller.id, job_id=job_id)]
+
+
+@router.get("/{job_id}/artifacts/{name}", response_class=FileResponse)
+def job_artifact(job_id: str, name: str, db: DbSession, caller: Caller, store: Store):
+    artifact = service.artifact(db=db, tenant_id=caller.id, job_id=job_id, name=name)
+    return FileResponse(
+        store.path(artifact.sha256), media_type=artifact.content_type, filename=artifact.name,
+        headers={"X-Content-SHA256": artifact.sha256},
+    )

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Provider = Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StepSpec(Strict):
+    method: str = Field(description="A method id from GET /v1/methods, e.g. quantize.int8_dynamic")
+    params: dict[str, Any] = Field(default_factory=dict, description="The method's params (its JSON Schema)")
+
+
+class EvaluateSpec(Strict):
+    batch_sizes: list[int] = Field(default=[1], min_length=1, max_length=8)
+    warmup: int = Field(default=10, ge=0, le=10_000)
+    iterations: int = Field(default=100, ge=1, le=100_000)
+    providers: list[Provider] = Field(default=["CPUExecutionProvider"], min_length=1, max_length=3)
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batch_sizes(cls, value: list[int]) -> list[int]:
+        for size in value:
+            if not 1 <= size <= 1024:
+                raise ValueError(f"batch size {size} is outside 1..1024")
+        return sorted(set(value))
+
+
+class JobCreate(Strict):
+    model_id: str
+    steps: list[StepSpec] = Field(min_length=1, max_length=16)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    name: str | None = Field(default=None, max_length=255)
+    queue: Literal["cpu", "gpu"] | None = Field(default=None, description="Worker queue; the server's default if absent")
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobPublic(BaseModel):
+    id: str
+    name: str | None
+    model_id: str | None
+    status: str
+    progress: float
+    stage: str | None
+    message: str | None
+    steps: list[dict[str, Any]]
+    evaluate: dict[str, Any]
+    queue: str
+    attempts: int
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    error: JobError | None
+    summary: dict[str, Any] | None
+
+
+class JobPage(BaseModel):
+    items: list[JobPublic]
+    next_cursor: str | None
+
+
+class JobEventPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    created_at: dt.datetime
+    kind: str
+    status: str
+    progress: float
+    stage: str | None
+    message: str | None
+
+
+class ArtifactPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    name: str
+    kind: str
+    size_bytes: int
+    sha256: str
+    content_type: str
+    created_at: dt.datetime

@@ -1,0 +1,180 @@
+"""Jobs: create (validated, idempotent, enqueued after commit), read, list, cancel, artifacts."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.common import decode_cursor, encode_cursor, get_owned_or_404
+from app.dbmodels import TERMINAL_STATUSES, Artifact, Job, JobEvent, Model
+from app.errors import (
+    ArtifactNotFound,
+    Conflict,
+    IdempotencyKeyReused,
+    InvalidParams,
+    JobNotCancellable,
+    JobNotFound,
+    ModelNotFound,
+    ServiceUnavailable,
+)
+from app.jobs.schemas import JobCreate
+from app.jobs.state import set_status
+from app.queue import enqueue_job
+from app.settings import Settings
+from workers import methods
+
+log = logging.getLogger(__name__)
+
+
+def validate_steps(spec: JobCreate) -> list[dict]:
+    """Each step's method must exist and its params must satisfy the method's schema.
+
+    Returns the steps with defaults filled in, so the worker runs exactly what was accepted.
+    """
+    steps = []
+    for index, step in enumerate(spec.steps):
+        try:
+            method = methods.get(step.method)
+        except Exception as exc:  # UnknownMethod carries the known ids
+            exc.extra = {"field": f"steps[{index}].method"}  # type: ignore[attr-defined]
+            raise
+        try:
+            params = method.params_model.model_validate(step.params)
+        except ValidationError as exc:
+            errors = [
+                {
+                    "field": f"steps[{index}].params" + "".join(
+                        f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]
+                    ),
+                    "message": err["msg"],
+                }
+                for err in exc.errors()
+            ]
+            first = errors[0]
+            raise InvalidParams(
+                f"{first['field']}: {first['message']} (method {method.id})", errors=errors, field=first["field"]
+            ) from None
+        steps.append({"method": method.id, "version": method.version, "params": params.model_dump(mode="json")})
+    return steps
+
+
+def request_hash(spec: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def create(
+    *, db: Session, settings: Settings, tenant_id: str, spec: JobCreate, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """Returns (job, created). A repeated Idempotency-Key returns the first job."""
+    digest = request_hash(spec)
+    if idempotency_key:
+        existing = _by_idempotency_key(db, tenant_id, idempotency_key)
+        if existing is not None:
+            return _same_request_or_error(existing, digest), False
+    model = get_owned_or_404(db, Model, tenant_id=tenant_id, object_id=spec.model_id, error=ModelNotFound)
+    steps = validate_steps(spec)
+    job = Job(
+        tenant_id=tenant_id, model_id=model.id, name=spec.name, queue=spec.queue or settings.default_queue,
+        spec={"steps": steps, "evaluate": spec.evaluate.model_dump(mode="json")},
+        status="queued", progress=0.0, stage="queued", idempotency_key=idempotency_key, request_hash=digest,
+    )
+    db.add(job)
+    try:
+        db.flush()
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the race.
+        db.rollback()
+        existing = _by_idempotency_key(db, tenant_id, idempotency_key or "")
+        if existing is None:
+            raise
+        return _same_request_or_error(existing, digest), False
+    set_status(db, job, "queued", message="waiting for a worker")
+    db.commit()
+    # Enqueue after commit: the row exists before the message does.
+    try:
+        enqueue_job(job.id, job.queue)
+    except Exception as exc:
+        log.exception("could not enqueue job %s", job.id)
+        db.delete(job)
+        db.commit()
+        raise ServiceUnavailable(f"the job queue is unreachable, nothing was created; retry later ({exc})",
+                                 code="broker_unavailable") from exc
+    return job, True
+
+
+def _by_idempotency_key(db: Session, tenant_id: str, key: str) -> Job | None:
+    return db.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def _same_request_or_error(job: Job, digest: str) -> Job:
+    if job.request_hash != digest:
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key was already used for a different request; use a new key for a new job",
+            job_id=job.id,
+        )
+    return job
+
+
+def get(*, db: Session, tenant_id: str, job_id: str) -> Job:
+    return get_owned_or_404(db, Job, tenant_id=tenant_id, object_id=job_id, error=JobNotFound)
+
+
+def list_page(
+    *, db: Session, tenant_id: str, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[Job], str | None]:
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if status:
+        query = query.where(Job.status == status)
+    if cursor:
+        created_at, last_id = decode_cursor(cursor)
+        query = query.where((Job.created_at < created_at) | ((Job.created_at == created_at) & (Job.id < last_id)))
+    rows = list(db.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def cancel(*, db: Session, tenant_id: str, job_id: str) -> Job:
+    job = get(db=db, tenant_id=tenant_id, job_id=job_id)
+    db.refresh(job, with_for_update=True)
+    if job.status in TERMINAL_STATUSES:
+        raise JobNotCancellable(f"job {job.id} has already {job.status}")
+    if job.status == "queued":
+        job.stage = "cancelled"
+        set_status(db, job, "cancelled", message="cancelled before it started")
+    else:
+        # A running job stops at its next step boundary; the worker marks it cancelled.
+        job.cancel_requested = True
+        set_status(db, job, job.status, message="cancellation requested; stopping at the next step boundary")
+    db.commit()
+    return job
+
+
+def events(*, db: Session, tenant_id: str, job_id: str, after: int = 0) -> list[JobEvent]:
+    job = get(db=db, tenant_id=tenant_id, job_id=job_id)
+    return list(db.scalars(select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.id > after).order_by(JobEvent.id)))
+
+
+def report(*, db: Session, tenant_id: str, job_id: str) -> dict:
+    job = get(db=db, tenant_id=tenant_id, job_id=job_id)
+    if job.report is None:
+        raise Conflict(f"job {job.id} is {job.status}; its report is written when it finishes",
+                       code="report_not_ready", job_status=job.status)
+    return job.report
+
+
+def artifacts(*, db: Session, tenant_id: str, job_id: str) -> list[Artifact]:
+    job = get(db=db, tenant_id=tenant_id, job_id=job_id)
+    return list(db.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.created_at, Artifact.name)))
+
+
+def artifact(*, db: Session, tenant_id: str, job_id: str, name: str) -> Artifact:
+    job = get(db=db, tenant_id=tenant_id, job_id=job_id)
+    found = db.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
+    if found is None:
+        raise ArtifactNotFound(f"job {job.id} has no artifact named {name!r}")
+    return found

@@ -1,0 +1,100 @@
+"""The FastAPI application: /v1 (authenticated), /healthz and /readyz (open)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.db import get_sessionmaker
+from app.deps import current_tenant
+from app.errors import ModelPressError
+from app.jobs.routes import router as jobs_router
+from app.methods_api.routes import router as methods_router
+from app.models.routes import router as models_router
+from app.queue import broker_reachable, get_celery
+
+log = logging.getLogger("modelpress.api")
+PROBLEM = "application/problem+json"
+
+
+def _problem(status: int, code: str, title: str, detail: str, instance: str, **extra) -> JSONResponse:
+    body = {"type": f"https://modelpress.dev/problems/{code}", "title": title, "status": status, "code": code,
+            "detail": detail, "message": detail, "instance": instance, **extra}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    # Configuring Celery creates the embedded broker's folders, so /readyz is true from the first request.
+    get_celery()
+    yield
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        lifespan=_lifespan,
+        title="ModelPress",
+        version="0.1.0",
+        description="Neural-network compression as an API: upload an ONNX model, compress it, measure it, download it.",
+    )
+
+    @app.exception_handler(ModelPressError)
+    async def _domain_error(request: Request, exc: ModelPressError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.problem(request.url.path), status_code=exc.status, media_type=PROBLEM, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = [
+            {"field": ".".join(str(p) for p in err["loc"] if p != "body") or "body", "message": err["msg"]}
+            for err in exc.errors()
+        ]
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
+        return _problem(422, "invalid_request", "Invalid request", detail, request.url.path, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _problem(exc.status_code, code, str(exc.detail), str(exc.detail), request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _problem(500, "internal_error", "Internal error", "an unexpected error occurred; it has been logged",
+                        request.url.path)
+
+    # Authentication sits on the parent router, so a new /v1 route cannot forget it.
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(current_tenant)])
+    v1.include_router(models_router)
+    v1.include_router(jobs_router)
+    v1.include_router(methods_router)
+    app.include_router(v1)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz():
+        checks = {}
+        try:
+            with get_sessionmaker()() as session:
+                session.execute(text("SELECT 1"))
+            checks["database"] = {"ok": True}
+        except Exception as exc:
+            checks["database"] = {"ok": False, "detail": str(exc)}
+        ok, detail = broker_reachable()
+        checks["broker"] = {"ok": ok, "detail": detail}
+        ready = all(c["ok"] for c in checks.values())
+        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+                            status_code=200 if ready else 503)
+
+    return app
+
+
+app = create_app()

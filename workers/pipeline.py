@@ -1,0 +1,277 @@
+"""The pipeline runner: one job = load the model, run its steps, measure, store the results.
+
+Postgres (or SQLite) holds the job's state; this module is the only writer while a
+job runs. Running it twice for one job id yields one result: a finished job is left
+alone, and a job found `running` (its worker died) is started over cleanly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select
+
+from app.db import session_scope
+from app.dbmodels import TERMINAL_STATUSES, Artifact, Blob, Job, Measurement, Model, utcnow
+from app.errors import JobFailed, ModelPressError
+from app.jobs.state import add_event, set_status
+from app.models.onnx_files import materialize
+from app.models.service import limits, release_blob
+from app.settings import get_settings
+from app.store import LocalStore, get_store
+from workers import methods
+
+log = logging.getLogger("modelpress.worker")
+
+# Share of the progress bar each phase owns.
+PREPARE, STEPS, MEASURE = 0.05, 0.40, 0.50
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class Run:
+    job_id: str
+    store: LocalStore
+    last_progress_write: float = 0.0
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+
+    def progress(self, value: float, stage: str, message: str, *, force: bool = False) -> None:
+        """Record progress; throttled to a few writes per second unless forced."""
+        now = time.monotonic()
+        if not force and now - self.last_progress_write < 0.5:
+            return
+        self.last_progress_write = now
+        with session_scope() as db:
+            job = db.get(Job, self.job_id)
+            job.progress = max(job.progress, min(value, 0.99))
+            job.stage, job.message, job.updated_at = stage, message, utcnow()
+            add_event(db, job, kind="progress")
+
+    def cancel_requested(self) -> bool:
+        with session_scope() as db:
+            return bool(db.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+
+    def check_cancel(self) -> None:
+        if self.cancel_requested():
+            raise Cancelled()
+
+
+def run_job(job_id: str) -> None:
+    store = get_store()
+    claimed = _claim(job_id, store)
+    if claimed is None:
+        return
+    model_sha, model_format, spec = claimed
+    run = Run(job_id=job_id, store=store)
+    try:
+        with store.workdir() as workdir:
+            report, summary, rows = _execute(run, workdir, model_sha, model_format, spec)
+        _succeed(run, report, summary, rows)
+    except Cancelled:
+        _finish(job_id, "cancelled", message="cancelled at a step boundary")
+    except ModelPressError as exc:
+        log.info("job %s failed: %s", job_id, exc.message)
+        _finish(job_id, "failed", code=exc.code, message=exc.message)
+    except Exception as exc:  # a bug or an environment problem: say what happened, keep the trace in the log
+        log.error("job %s crashed:\n%s", job_id, traceback.format_exc())
+        _finish(job_id, "failed", code="internal_error", message=f"{type(exc).__name__}: {exc}")
+
+
+def _claim(job_id: str, store: LocalStore) -> tuple[str, str, dict] | None:
+    with session_scope() as db:
+        job = db.get(Job, job_id, with_for_update=True)
+        if job is None:
+            log.warning("job %s does not exist; message dropped", job_id)
+            return None
+        if job.status in TERMINAL_STATUSES:
+            log.info("job %s already %s; nothing to do", job_id, job.status)
+            return None
+        if job.cancel_requested:
+            job.stage = "cancelled"
+            set_status(db, job, "cancelled", message="cancelled before it started")
+            return None
+        retry = job.status == "running"
+        if retry:
+            # The previous attempt died mid-job: drop what it left, then start over.
+            _drop_outputs(db, store, job.id)
+        job.attempts += 1
+        job.progress, job.stage, job.error_code, job.error_message = 0.0, "preparing", None, None
+        set_status(db, job, "running", message=f"attempt {job.attempts}: started" + (" again after a lost worker" if retry else ""))
+        model = db.get(Model, job.model_id) if job.model_id else None
+        if model is None:
+            job.error_code, job.error_message = "model_not_found", "the job's model was deleted before the job ran"
+            set_status(db, job, "failed", message=job.error_message)
+            return None
+        return model.sha256, model.format, dict(job.spec)
+
+
+def _drop_outputs(db, store: LocalStore, job_id: str) -> None:
+    shas = list(db.scalars(select(Artifact.sha256).where(Artifact.job_id == job_id)))
+    db.execute(delete(Artifact).where(Artifact.job_id == job_id))
+    db.execute(delete(Measurement).where(Measurement.job_id == job_id))
+    db.flush()
+    for sha in shas:
+        release_blob(db=db, store=store, sha256=sha)
+
+
+def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: dict):
+    from workers.measure import Stopped, measure_pair
+
+    settings = get_settings()
+    run.progress(0.01, "loading", "unpacking the uploaded model", force=True)
+    original = materialize(run.store.path(model_sha), model_format, workdir / "input", limits(settings))
+    steps_report = []
+    current = original
+    steps = spec["steps"]
+    for index, step in enumerate(steps, start=1):
+        run.check_cancel()
+        method = methods.get(step["method"])
+        base = PREPARE + STEPS * (index - 1) / len(steps)
+        run.progress(base, f"step {index}/{len(steps)}", f"running {method.id}", force=True)
+        params = method.params_model.model_validate(step["params"])
+        out_dir = workdir / f"step-{index}"
+        out_dir.mkdir()
+        started = time.perf_counter()
+        try:
+            output = method.run(current, params, out_dir)
+        except ModelPressError as exc:
+            exc.message = f"step {index} ({method.id}) failed: {exc.message}"
+            raise
+        except Exception as exc:
+            raise JobFailed(f"step {index} ({method.id}) failed: {type(exc).__name__}: {exc}", code="step_failed") from exc
+        duration = time.perf_counter() - started
+        name = "model.onnx" if index == len(steps) else f"step-{index}-{method.id}.onnx"
+        artifact = _store_artifact(run, output.model_path, name=name, kind="model", content_type="application/octet-stream")
+        steps_report.append({
+            "index": index, "method": method.id, "version": method.version, "params": step["params"],
+            "duration_s": round(duration, 3), "details": output.details, "artifact": artifact,
+        })
+        current = output.model_path
+
+    run.check_cancel()
+    evaluate = spec["evaluate"]
+    run.progress(PREPARE + STEPS, "measuring", "measuring the original and the result side by side", force=True)
+
+    def on_progress(fraction: float, message: str) -> None:
+        run.progress(PREPARE + STEPS + MEASURE * fraction, "measuring", message)
+
+    last_check = [0.0]
+
+    def should_stop() -> bool:
+        now = time.monotonic()
+        if now - last_check[0] < 1.0:
+            return False
+        last_check[0] = now
+        return run.cancel_requested()
+
+    try:
+        measured = measure_pair(
+            original, current, batch_sizes=evaluate["batch_sizes"], warmup=evaluate["warmup"],
+            iterations=evaluate["iterations"], providers=evaluate.get("providers"),
+            threads=settings.measure_threads or None, on_progress=on_progress, should_stop=should_stop,
+        )
+    except Stopped:
+        raise Cancelled() from None
+    rows = measured.pop("measurements", [])
+    summary = _summary(measured, steps_report)
+    report = {
+        "job_id": run.job_id,
+        "steps": steps_report,
+        "evaluate": evaluate,
+        "measurement": measured,
+        "summary": summary,
+    }
+    run.progress(0.97, "storing", "storing the report", force=True)
+    report_path = workdir / "report.json"
+    report["artifacts"] = run.artifacts + [{"name": "report.json", "kind": "report"}]
+    report_path.write_text(json.dumps(report, indent=2, default=str))
+    _store_artifact(run, report_path, name="report.json", kind="report", content_type="application/json")
+    return report, summary, rows
+
+
+def _summary(measured: dict, steps_report: list[dict]) -> dict:
+    size = measured.get("size", {})
+    latency = measured.get("latency", {})
+    fidelity = measured.get("fidelity", {})
+    per_batch = latency.get("batch_sizes", [])
+    top1 = [o.get("top1_agreement") for o in fidelity.get("outputs", []) if o.get("top1_agreement") is not None]
+    return {
+        "original_size_bytes": size.get("baseline", {}).get("file_bytes"),
+        "compressed_size_bytes": size.get("result", {}).get("file_bytes"),
+        "size_ratio": size.get("ratio"),
+        "latency_p50_ms": {
+            str(b["batch_size"]): {"original": b["baseline"]["p50_ms"], "compressed": b["result"]["p50_ms"]}
+            for b in per_batch
+        },
+        "latency_p50_ratio": {str(b["batch_size"]): b["p50_ratio"] for b in per_batch},
+        "speedup": {str(b["batch_size"]): b["speedup"] for b in per_batch},
+        "provider": latency.get("provider"),
+        "fidelity": {
+            "cosine_similarity": fidelity.get("cosine_similarity"),
+            "max_abs_diff": fidelity.get("max_abs_diff"),
+            "top1_agreement": min(top1) if top1 else None,
+        },
+        "skipped_batch_sizes": latency.get("skipped", []),
+        "notes": measured.get("notes", []),
+        "steps": [s["method"] for s in steps_report],
+    }
+
+
+def _store_artifact(run: Run, path: Path, *, name: str, kind: str, content_type: str) -> dict:
+    # The step's output stays where it is: the next step and the measurement read it.
+    sha, size, _ = run.store.put(path, keep_source=True)
+    with session_scope() as db:
+        if db.get(Blob, sha) is None:
+            db.add(Blob(sha256=sha, size_bytes=size))
+            db.flush()  # the artifact row references the blob row
+        db.add(Artifact(job_id=run.job_id, name=name, kind=kind, sha256=sha, size_bytes=size, content_type=content_type))
+    record = {"name": name, "kind": kind, "sha256": sha, "size_bytes": size}
+    run.artifacts.append(record)
+    return record
+
+
+def _succeed(run: Run, report: dict, summary: dict, rows: list[dict]) -> None:
+    with session_scope() as db:
+        job = db.get(Job, run.job_id, with_for_update=True)
+        model = db.get(Model, job.model_id) if job.model_id else None
+        result_sha = next((a["sha256"] for a in run.artifacts if a["name"] == "model.onnx"), None)
+        for row in rows:
+            db.add(Measurement(
+                job_id=job.id, tenant_id=job.tenant_id, model_role=row["model"],
+                model_sha256=(model.sha256 if model else None) if row["model"] == "baseline" else result_sha,
+                provider=row["provider"], batch_size=row.get("batch_size"), metric=row["metric"],
+                value=float(row["value"]), unit=row["unit"],
+            ))
+        job.report, job.summary, job.stage = report, summary, "done"
+        set_status(db, job, "succeeded", message=_headline(summary))
+
+
+def _headline(summary: dict) -> str:
+    parts = []
+    if summary.get("size_ratio") is not None:
+        parts.append(f"size x{summary['size_ratio']:.2f}")
+    for batch, speedup in summary.get("speedup", {}).items():
+        parts.append(f"speed x{speedup:.2f} at batch {batch}")
+    cos = summary.get("fidelity", {}).get("cosine_similarity")
+    if cos is not None:
+        parts.append(f"cosine {cos:.4f}")
+    return "done: " + ", ".join(parts) if parts else "done"
+
+
+def _finish(job_id: str, status: str, *, code: str | None = None, message: str) -> None:
+    with session_scope() as db:
+        job = db.get(Job, job_id, with_for_update=True)
+        if job is None or job.status in TERMINAL_STATUSES:
+            return
+        if code:
+            job.error_code, job.error_message = code, message
+        job.stage = status
+        set_status(db, job, status, message=message)
