@@ -81,7 +81,7 @@ def main() -> None:
         for label, path, batch_sizes in candidates(tmp):
             out_dir = tmp / f"out-{len(rows)}"
             out_dir.mkdir()
-            result = method.run(path, method.params_model(), out_dir)
+            result = method.run(path, method.params_model(), out_dir, methods.StepContext())
             runs = [measure_pair(path, result.model_path, batch_sizes=batch_sizes, warmup=args.warmup,
                                  iterations=args.iterations, seed=rep) for rep in range(args.repeats)]
             env = runs[0]["environment"]

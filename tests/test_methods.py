@@ -31,7 +31,7 @@ INT8 = "quantize.int8_dynamic"
 def quantize(model: Path, out_dir: Path, **params):
     method = methods.get(INT8)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return method.run(model, method.params_model.model_validate(params), out_dir)
+    return method.run(model, method.params_model.model_validate(params), out_dir, methods.StepContext())
 
 
 def session(path: Path | str) -> ort.InferenceSession:

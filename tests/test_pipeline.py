@@ -104,7 +104,7 @@ def test_job_found_running_is_started_over_cleanly(client, alice, submit, data_d
 
 
 def test_failing_step_fails_the_job_with_its_reason(client, alice, submit, test_method):
-    def refuse(path: Path, params, out_dir: Path) -> StepOutput:
+    def refuse(path: Path, params, out_dir: Path, ctx=None) -> StepOutput:
         raise StepFailed("the model has no weights to quantize", code="nothing_to_quantize")
 
     test_method("test.refuse", refuse)
@@ -120,7 +120,7 @@ def test_failing_step_fails_the_job_with_its_reason(client, alice, submit, test_
 
 
 def test_unexpected_error_is_reported_not_swallowed(client, alice, submit, test_method):
-    def crash(path, params, out_dir):
+    def crash(path, params, out_dir, ctx=None):
         raise RuntimeError("out of disk")
 
     test_method("test.crash", crash)
@@ -133,7 +133,7 @@ def test_unexpected_error_is_reported_not_swallowed(client, alice, submit, test_
 
 
 def test_cancel_while_running_stops_at_the_next_step_boundary(client, alice, submit, test_method):
-    def copy_and_cancel(path: Path, params, out_dir: Path) -> StepOutput:
+    def copy_and_cancel(path: Path, params, out_dir: Path, ctx=None) -> StepOutput:
         # The user cancels while this step runs.
         client.post(f"/v1/jobs/{job_id}/cancel", headers=alice)
         target = out_dir / "model.onnx"

@@ -141,7 +141,7 @@ def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: d
         out_dir.mkdir()
         started = time.perf_counter()
         try:
-            output = method.run(current, params, out_dir)
+            output = method.run(current, params, out_dir, methods.StepContext())
         except ModelPressError as exc:
             exc.message = f"step {index} ({method.id}) failed: {exc.message}"
             raise

@@ -2,7 +2,7 @@
 
     method = methods.get("quantize.int8_dynamic")
     params = method.params_model.model_validate({"per_channel": True})
-    output = method.run(input_path, params, out_dir)
+    output = method.run(input_path, params, out_dir, methods.StepContext())
 
 Importing this package must stay cheap: the API imports it to list methods and
 validate params, so method modules import onnx, onnxruntime, torch and numpy
@@ -14,9 +14,9 @@ import logging
 from typing import Any
 
 from app.errors import UnknownMethod
-from workers.methods.base import Method, MethodParams, StepOutput
+from workers.methods.base import Method, MethodParams, StepContext, StepOutput
 
-__all__ = ["REGISTRY", "Method", "MethodParams", "StepOutput", "catalog", "get", "register"]
+__all__ = ["REGISTRY", "Method", "MethodParams", "StepContext", "StepOutput", "catalog", "get", "register"]
 
 REGISTRY: dict[str, Method] = {}
 

@@ -22,6 +22,25 @@ class MethodParams(BaseModel):
 
 
 @dataclass
+class StepContext:
+    """What a step may use besides its input model and params.
+
+    `calibration` holds the dataset the step's `calibration_dataset_id` names, loaded by the
+    pipeline (a workers.datasets.Dataset: input arrays keyed by the model's input names, first
+    axis = samples), or None when the step names none. `seed` makes random choices repeatable.
+    `progress(fraction, message)` reports progress within the step (0..1).
+    """
+
+    calibration: Any = None
+    seed: int = 0
+    progress: Callable[[float, str], None] | None = None
+
+    def report(self, fraction: float, message: str) -> None:
+        if self.progress is not None:
+            self.progress(min(max(fraction, 0.0), 1.0), message)
+
+
+@dataclass
 class StepOutput:
     model_path: Path
     details: dict[str, Any]
@@ -33,5 +52,8 @@ class Method:
     version: int
     description: str
     params_model: type[MethodParams]
-    # run(input_onnx_path, params, out_dir) -> StepOutput; the output model lies inside out_dir.
-    run: Callable[[Path, MethodParams, Path], StepOutput]
+    # run(input_onnx_path, params, out_dir, ctx) -> StepOutput; the output model lies inside out_dir.
+    run: Callable[[Path, MethodParams, Path, StepContext], StepOutput]
+    # Dataset roles a step's params may name, as param field names (e.g. "calibration_dataset_id").
+    # The API checks each named dataset against the model before queueing; the pipeline loads it.
+    dataset_params: tuple[str, ...] = ()

@@ -16,7 +16,7 @@ from typing import Annotated
 from pydantic import Field, StringConstraints, WithJsonSchema, field_validator
 
 from app.errors import StepFailed
-from workers.methods.base import Method, MethodParams, StepOutput
+from workers.methods.base import Method, MethodParams, StepContext, StepOutput
 
 # The op types ONNX Runtime's dynamic (IntegerOps) quantization handles: the keys of
 # onnxruntime.quantization.registry.IntegerOpsRegistry. Hardcoded because the API
@@ -98,7 +98,7 @@ class Int8DynamicParams(MethodParams):
         return list(dict.fromkeys(value))
 
 
-def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path) -> StepOutput:
+def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: StepContext | None = None) -> StepOutput:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
