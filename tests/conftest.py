@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +119,43 @@ def row_count(table) -> int:
 
     with session_scope() as db:
         return db.scalar(select(func.count()).select_from(table))
+
+
+@functools.lru_cache(maxsize=2)
+def digits_classifier(kind: str = "mlp") -> tuple[bytes, np.ndarray, np.ndarray]:
+    """A classifier trained here on scikit-learn's load_digits (real handwritten digits), exported to ONNX.
+
+    Returns (onnx bytes, held-out inputs, held-out labels). kind "mlp" takes features [N, 64];
+    kind "cnn" takes images [N, 1, 8, 8]. Inputs are pixel values / 16, float32.
+    """
+    import torch
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(x))
+    train, test = order[:1400], order[1400:]
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+        shape, name = (-1, 64), "features"
+    else:
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(32 * 4 * 4, 10),
+        )
+        shape, name = (-1, 1, 8, 8), "images"
+    xt, yt = torch.from_numpy(x[train]).reshape(shape), torch.from_numpy(y[train])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _epoch in range(25):
+        for batch in torch.randperm(len(xt)).split(64):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[batch]), yt[batch]).backward()
+            optimizer.step()
+    model.eval()
+    buf = io.BytesIO()
+    torch.onnx.export(model, (xt[:2],), buf, dynamo=False, opset_version=17, input_names=[name],
+                      output_names=["logits"], dynamic_axes={name: {0: "batch"}, "logits": {0: "batch"}})
+    return buf.getvalue(), x[test].reshape(shape), y[test]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import MeasurementFailed
+from workers.measure.accuracy import evaluate_dataset
 from workers.measure.energy import EnergyMeter, open_counter
 from workers.measure.environment import default_threads, describe
 from workers.measure.fidelity import OutputComparison, pair_outputs, summarize_outputs
@@ -66,12 +67,15 @@ def measure_pair(
     seed: int = 0,
     on_progress: Callable[[float, str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    dataset: Any = None,
+    dataset_max_samples: int | None = None,
 ) -> dict[str, Any]:
     """Size, latency, fidelity, energy and memory of `result` against `baseline`.
 
     iterations is the number of timed calls per model and batch size; warmup the
     untimed calls before them (each model also makes one untimed check call per
-    batch size first). Raises MeasurementFailed when the models cannot be loaded,
+    batch size first). With a `dataset` (workers.datasets.Dataset), both models also
+    run over its samples: accuracy against its labels, fidelity on its inputs. Raises MeasurementFailed when the models cannot be loaded,
     run or compared, Stopped when should_stop() says so.
     """
     requested = sorted({int(b) for b in batch_sizes})
@@ -111,10 +115,18 @@ def measure_pair(
     fidelity_batch = max((b for b in working if b <= FIDELITY_MAX_BATCH), default=working[0])
     fidelity_runs = math.ceil(FIDELITY_SAMPLES / fidelity_batch)
     memory_batch = working[-1]
+    dataset_samples = 0 if dataset is None else min(len(dataset), dataset_max_samples or len(dataset))
     progress.total = (sum(2 * b * (warmup + iterations) for b in working) + 2 * fidelity_batch * fidelity_runs
-                      + 2 * memory_batch * (MEMORY_RUNS + 2))
+                      + 2 * memory_batch * (MEMORY_RUNS + 2) + 2 * dataset_samples)
 
     fidelity = _fidelity(sessions, plan, output_pairs, fidelity_batch, fidelity_runs, seed, progress, checkpoint)
+    on_dataset = None
+    if dataset is not None:
+        on_dataset = evaluate_dataset(
+            sessions, plan, output_pairs, dataset, max_samples=dataset_max_samples, checkpoint=checkpoint,
+            on_batch=lambda n: progress.advance(2 * n, f"evaluating on dataset {dataset.name or ''}".rstrip()),
+        )
+        notes += on_dataset["notes"]
     meter = EnergyMeter(*open_counter(provider))
     latency = {"provider": provider, "threads": threads}
     latency.update(_latency(sessions, plan, working, warmup, iterations, seed, meter, progress, checkpoint))
@@ -125,13 +137,14 @@ def measure_pair(
     progress.advance(2 * memory_batch * (MEMORY_RUNS + 2), "measured memory")
     energy = meter.report(iterations)
 
-    notes += _findings(size, latency, fidelity, memory)
+    notes += _findings(size, latency, fidelity, memory, on_dataset)
     report = {
         "environment": describe(provider=provider, threads=threads),
         "inputs": [i.describe() for i in plan.inputs],
         "size": size,
         "latency": latency,
         "fidelity": fidelity,
+        "dataset": on_dataset,
         "energy": energy,
         "memory": memory,
         "notes": notes,
@@ -261,7 +274,7 @@ def _latency(sessions, plan: InputPlan, working: list[int], warmup: int, iterati
     }
 
 
-def _findings(size: dict, latency: dict, fidelity: dict, memory: dict) -> list[str]:
+def _findings(size: dict, latency: dict, fidelity: dict, memory: dict, on_dataset: dict | None) -> list[str]:
     """Plain statements of what a reader might otherwise miss."""
     found = []
     for entry in latency["batch_sizes"]:
@@ -272,9 +285,17 @@ def _findings(size: dict, latency: dict, fidelity: dict, memory: dict) -> list[s
             if speedup >= 0.97:
                 line += "; a difference this small is within run-to-run noise"
             found.append(line)
-    found.append(f"fidelity compares outputs on {fidelity['samples']} synthetic random samples "
+    found.append(f"`fidelity` compares outputs on {fidelity['samples']} synthetic random samples "
                  f"({fidelity['runs']} run(s) at batch {fidelity['batch_size']}), not on a data set: it shows how far "
-                 "outputs move, not task accuracy")
+                 "outputs move, not task accuracy" + ("; `dataset` holds the figures on the job's eval dataset"
+                                                      if on_dataset else ""))
+    if on_dataset and on_dataset["accuracy"]:
+        acc = on_dataset["accuracy"]
+        found.append(f"top-1 accuracy on {acc['samples']} dataset samples: {100 * acc['original']['top1']:.2f}% "
+                     f"original, {100 * acc['compressed']['top1']:.2f}% compressed "
+                     f"({acc['top1_drop_points']:+.2f} points lost)")
+    elif on_dataset and on_dataset["accuracy_note"]:
+        found.append(on_dataset["accuracy_note"])
     for output in fidelity["outputs"]:
         if "nonfinite_values" in output:
             found.append(f"output '{output['name']}' holds NaN or infinite values ({output['nonfinite_values']}); "
@@ -307,6 +328,16 @@ def _rows(report: dict[str, Any], provider: str) -> list[dict[str, Any]]:
     add("result", fidelity["batch_size"], "max_abs_diff", fidelity["max_abs_diff"], "output units")
     top1 = [o["top1_agreement"] for o in fidelity["outputs"] if o["top1_agreement"] is not None]
     add("result", fidelity["batch_size"], "top1_agreement", min(top1) if top1 else None, "fraction")
+    on_dataset = report.get("dataset")
+    if on_dataset:
+        batch = on_dataset["batch_size"]
+        add("result", batch, "dataset_mean_cosine", on_dataset["fidelity"]["mean_cosine"], "1")
+        add("result", batch, "dataset_worst_cosine", on_dataset["fidelity"]["worst_cosine"], "1")
+        add("result", batch, "dataset_top1_agreement", on_dataset["fidelity"]["top1_agreement"], "fraction")
+        if on_dataset["accuracy"]:
+            for role, key in (("baseline", "original"), ("result", "compressed")):
+                add(role, batch, "top1_accuracy", on_dataset["accuracy"][key]["top1"], "fraction")
+                add(role, batch, "top5_accuracy", on_dataset["accuracy"][key]["top5"], "fraction")
     energy = report["energy"]
     for entry in energy.get("batch_sizes", []):
         add("baseline", entry["batch_size"], "energy_per_inference", entry["baseline_j_per_inference"], "J")
