@@ -89,7 +89,7 @@ class ApiKey(Base):
 
 
 class Blob(Base):
-    """A stored file, addressed by its sha256; models and artifacts point at blobs."""
+    """A stored file, addressed by its sha256; models, datasets and artifacts point at blobs."""
 
     __tablename__ = "blobs"
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -103,6 +103,21 @@ class Model(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(32))
+    sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    inspection: Mapped[dict[str, Any]]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Dataset(Base):
+    """Named arrays (calibration, evaluation, ...) in an .npz or safetensors blob."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_tenant_created", "tenant_id", "created_at", "id"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(255))
+    format: Mapped[str] = mapped_column(String(16))  # npz | safetensors
     sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     inspection: Mapped[dict[str, Any]]
@@ -139,6 +154,15 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class JobDataset(Base):
+    """A dataset a job uses, in one role (e.g. "calibration"); delete answers 409 while the job is active."""
+
+    __tablename__ = "job_datasets"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(64), primary_key=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
 
 
 class JobEvent(Base):

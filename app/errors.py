@@ -55,6 +55,10 @@ class ArtifactNotFound(NotFound):
     code = "artifact_not_found"
 
 
+class DatasetNotFound(NotFound):
+    code = "dataset_not_found"
+
+
 class Conflict(ModelPressError):
     status, code, title = 409, "conflict", "Conflict"
 
@@ -65,6 +69,10 @@ class ModelInUse(Conflict):
 
 class JobNotCancellable(Conflict):
     code = "job_not_cancellable"
+
+
+class DatasetInUse(Conflict):
+    code = "dataset_in_use"
 
 
 class Unprocessable(ModelPressError):
@@ -81,6 +89,18 @@ class UnsafeArchive(Unprocessable):
     """A zip upload that tries to escape its folder, links out, or inflates too far."""
 
     code, title = "unsafe_archive", "Unsafe archive"
+
+
+class InvalidDataset(Unprocessable):
+    """Not an .npz or safetensors file of numeric arrays, or arrays that break the dataset rules."""
+
+    code, title = "invalid_dataset", "Invalid dataset"
+
+
+class DatasetMismatch(Unprocessable):
+    """A dataset whose arrays do not fit the inputs of the model it is used with."""
+
+    code, title = "dataset_mismatch", "Dataset does not match the model"
 
 
 class InvalidParams(Unprocessable):

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.datasets.routes import router as datasets_router
 from app.db import get_sessionmaker
 from app.deps import current_tenant
 from app.errors import ModelPressError
@@ -71,6 +72,7 @@ def create_app() -> FastAPI:
     # Authentication sits on the parent router, so a new /v1 route cannot forget it.
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(current_tenant)])
     v1.include_router(models_router)
+    v1.include_router(datasets_router)
     v1.include_router(jobs_router)
     v1.include_router(methods_router)
     app.include_router(v1)

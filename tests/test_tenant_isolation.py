@@ -33,7 +33,7 @@ ROUTES = v1_routes()
 
 def test_route_table_is_what_this_test_covers():
     # A new /v1 route must be added to FOREIGN below (or be tenant-free like /v1/methods).
-    assert len(ROUTES) == 14, ROUTES
+    assert len(ROUTES) == 19, ROUTES
 
 
 @pytest.mark.parametrize("method,path", ROUTES)
@@ -63,22 +63,30 @@ def test_revoked_key_is_refused(client):
 
 
 def test_another_tenants_objects_are_404_on_every_route(client, alice, bob, mlp_onnx):
+    import io
+
+    import numpy as np
+
     from workers.pipeline import run_job
 
     model = client.post("/v1/models", files={"file": ("m.onnx", mlp_onnx)}, headers=alice).json()
+    npz = io.BytesIO()
+    np.savez(npz, features=np.zeros((4, 64), np.float32))
+    dataset = client.post("/v1/datasets", files={"file": ("d.npz", npz.getvalue())}, headers=alice).json()
     job = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"method": "quantize.int8_dynamic"}],
                                         "evaluate": {"warmup": 1, "iterations": 3}}, headers=alice).json()
     run_job(job["id"])  # finished, so the report and artifacts exist for alice
     assert client.get(f"/v1/jobs/{job['id']}", headers=alice).json()["status"] == "succeeded"
 
-    ids = {"model_id": model["id"], "job_id": job["id"], "name": "model.onnx"}
+    ids = {"model_id": model["id"], "job_id": job["id"], "dataset_id": dataset["id"], "name": "model.onnx"}
+    alices = (model["id"], job["id"], dataset["id"])
     foreign = 0
     for method, path in ROUTES:
         if "{" not in path and method == "GET":
             # Listings: bob sees none of alice's objects.
             body = client.get(path, headers=bob).json()
             items = body["items"] if isinstance(body, dict) else body
-            assert all(item.get("id") not in (model["id"], job["id"]) for item in items), path
+            assert all(item.get("id") not in alices for item in items), path
             continue
         if "{" not in path:
             continue
@@ -87,7 +95,7 @@ def test_another_tenants_objects_are_404_on_every_route(client, alice, bob, mlp_
         assert resp.status_code == 404, (method, concrete, resp.status_code, resp.text)
         assert resp.json()["code"].endswith("not_found")
         foreign += 1
-    assert foreign == 9
+    assert foreign == 12
     # A job on alice's model, submitted with bob's key, is a 404 as well, and queues nothing.
     resp = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"method": "quantize.int8_dynamic"}]},
                        headers=bob)
@@ -95,4 +103,5 @@ def test_another_tenants_objects_are_404_on_every_route(client, alice, bob, mlp_
     assert client.get("/v1/jobs", headers=bob).json()["items"] == []
     # bob's attempts changed nothing of alice's.
     assert client.get(f"/v1/models/{model['id']}", headers=alice).status_code == 200
+    assert client.get(f"/v1/datasets/{dataset['id']}", headers=alice).status_code == 200
     assert client.get(f"/v1/jobs/{job['id']}", headers=alice).json()["status"] == "succeeded"

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.common import decode_cursor, encode_cursor, get_owned_or_404
-from app.dbmodels import Artifact, Blob, Job, Model
+from app.dbmodels import Artifact, Blob, Dataset, Job, Model
 from app.errors import ModelInUse, ModelNotFound
 from app.models.onnx_files import Limits, validate_upload
 from app.settings import Settings
@@ -46,9 +46,11 @@ def create_from_upload(
 
 
 def blob_referenced(db: Session, sha256: str) -> bool:
-    models = db.scalar(select(func.count()).select_from(Model).where(Model.sha256 == sha256))
-    artifacts = db.scalar(select(func.count()).select_from(Artifact).where(Artifact.sha256 == sha256))
-    return bool(models or artifacts)
+    """Whether any model, dataset or artifact still points at the blob."""
+    return any(
+        db.scalar(select(func.count()).select_from(table).where(table.sha256 == sha256))
+        for table in (Model, Dataset, Artifact)
+    )
 
 
 def release_blob(*, db: Session, store: LocalStore, sha256: str) -> None:

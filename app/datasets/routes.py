@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from app.datasets import service
+from app.datasets.schemas import DatasetPage, DatasetPublic
+from app.deps import AppSettings, Caller, DbSession, Store
+from app.uploads import receive_file
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+@router.post("", status_code=201, response_model=DatasetPublic,
+             summary="Upload a dataset (.npz or .safetensors): arrays named after the model's inputs, plus labels")
+async def upload_dataset(request: Request, db: DbSession, caller: Caller, store: Store, settings: AppSettings):
+    with store.workdir() as workdir:
+        received = await receive_file(request, dest=workdir / "upload", max_bytes=settings.max_upload_bytes)
+        dataset = await run_in_threadpool(
+            service.create_from_upload, db=db, store=store, settings=settings, tenant_id=caller.id, received=received
+        )
+    return DatasetPublic.model_validate(dataset)
+
+
+@router.get("", response_model=DatasetPage)
+def list_datasets(
+    db: DbSession, caller: Caller, limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None
+):
+    items, next_cursor = service.list_page(db=db, tenant_id=caller.id, limit=limit, cursor=cursor)
+    return DatasetPage(items=[DatasetPublic.model_validate(d) for d in items], next_cursor=next_cursor)
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic)
+def get_dataset(dataset_id: str, db: DbSession, caller: Caller):
+    return DatasetPublic.model_validate(service.get(db=db, tenant_id=caller.id, dataset_id=dataset_id))
+
+
+@router.get("/{dataset_id}/download", response_class=FileResponse)
+def download_dataset(dataset_id: str, db: DbSession, caller: Caller, store: Store):
+    dataset = service.get(db=db, tenant_id=caller.id, dataset_id=dataset_id)
+    return FileResponse(
+        store.path(dataset.sha256),
+        media_type="application/octet-stream",
+        filename=service.download_filename(dataset),
+        headers={"X-Content-SHA256": dataset.sha256},
+    )
+
+
+@router.delete("/{dataset_id}", status_code=204)
+def delete_dataset(dataset_id: str, db: DbSession, caller: Caller, store: Store):
+    service.delete(db=db, store=store, tenant_id=caller.id, dataset_id=dataset_id)
+    return Response(status_code=204)

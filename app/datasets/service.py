@@ -1,0 +1,87 @@
+"""Datasets: upload (validate, store once per content), list, get, download, delete."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import distinct, func, select
+from sqlalchemy.orm import Session
+
+from app.common import decode_cursor, encode_cursor, get_owned_or_404
+from app.datasets.files import format_for, inspect_dataset, load_arrays
+from app.dbmodels import Blob, Dataset, Job, JobDataset
+from app.errors import DatasetInUse, DatasetNotFound
+from app.models.service import ACTIVE_STATUSES, blob_referenced, release_blob
+from app.settings import Settings
+from app.store import LocalStore
+from app.uploads import Received
+
+
+def create_from_upload(
+    *, db: Session, store: LocalStore, settings: Settings, tenant_id: str, received: Received
+) -> Dataset:
+    """Validate a spooled upload with the workers' own loader, then record it. Nothing is kept when anything fails."""
+    fmt = format_for(received.filename)
+    inspection = inspect_dataset(load_arrays(received.path, fmt, max_unpacked_bytes=settings.max_unpacked_bytes))
+    name = (received.fields.get("name") or Path(received.filename).name)[:255]
+    sha, size, created_file = store.put(received.path, received.sha256)
+    try:
+        if db.get(Blob, sha) is None:
+            db.add(Blob(sha256=sha, size_bytes=size))
+            db.flush()  # the dataset row references the blob row
+        dataset = Dataset(
+            tenant_id=tenant_id, name=name, format=fmt, sha256=sha, size_bytes=size, inspection=inspection
+        )
+        db.add(dataset)
+        db.commit()
+    except BaseException:
+        db.rollback()
+        if created_file and not blob_referenced(db, sha):
+            store.delete(sha)
+        raise
+    return dataset
+
+
+def get(*, db: Session, tenant_id: str, dataset_id: str) -> Dataset:
+    return get_owned_or_404(db, Dataset, tenant_id=tenant_id, object_id=dataset_id, error=DatasetNotFound)
+
+
+def get_for_job(*, db: Session, tenant_id: str, dataset_id: str) -> Dataset:
+    """The caller's dataset, row-locked until commit so a concurrent delete cannot drop it from under a new job."""
+    dataset = get(db=db, tenant_id=tenant_id, dataset_id=dataset_id)
+    db.refresh(dataset, with_for_update=True)
+    return dataset
+
+
+def list_page(*, db: Session, tenant_id: str, limit: int, cursor: str | None) -> tuple[list[Dataset], str | None]:
+    query = select(Dataset).where(Dataset.tenant_id == tenant_id)
+    if cursor:
+        created_at, last_id = decode_cursor(cursor)
+        query = query.where(
+            (Dataset.created_at < created_at) | ((Dataset.created_at == created_at) & (Dataset.id < last_id))
+        )
+    rows = list(db.scalars(query.order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit + 1)))
+    next_cursor = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def delete(*, db: Session, store: LocalStore, tenant_id: str, dataset_id: str) -> None:
+    """Delete a dataset no queued or running job uses (409 otherwise); free its blob when nothing else uses it."""
+    dataset = get_for_job(db=db, tenant_id=tenant_id, dataset_id=dataset_id)
+    active = db.scalar(
+        select(func.count(distinct(JobDataset.job_id)))
+        .select_from(JobDataset)
+        .join(Job, Job.id == JobDataset.job_id)
+        .where(JobDataset.dataset_id == dataset.id, Job.status.in_(ACTIVE_STATUSES))
+    )
+    if active:
+        raise DatasetInUse(f"dataset {dataset.id} is used by {active} queued or running job(s); cancel them or wait")
+    sha = dataset.sha256
+    db.delete(dataset)  # the database drops its job_datasets links of finished jobs (ON DELETE CASCADE)
+    db.commit()
+    release_blob(db=db, store=store, sha256=sha)
+
+
+def download_filename(dataset: Dataset) -> str:
+    suffix = f".{dataset.format}"
+    stem = Path(dataset.name).name
+    return stem if stem.endswith(suffix) else f"{Path(stem).stem or 'dataset'}{suffix}"
