@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import delete, select
 
 from app.db import session_scope
-from app.dbmodels import TERMINAL_STATUSES, Artifact, Blob, Job, Measurement, Model, utcnow
+from app.dbmodels import TERMINAL_STATUSES, Artifact, Blob, Dataset, Job, JobDataset, Measurement, Model, utcnow
 from app.errors import JobFailed, ModelPressError
 from app.jobs.state import add_event, set_status
 from app.models.onnx_files import materialize
@@ -42,6 +42,20 @@ class Run:
     store: LocalStore
     last_progress_write: float = 0.0
     artifacts: list[dict[str, Any]] = field(default_factory=list)
+    # dataset id -> (sha256, format, name) of every dataset the job names
+    datasets: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    _loaded: dict[str, Any] = field(default_factory=dict)
+
+    def dataset(self, dataset_id: str):
+        """The named dataset, loaded once per job (a workers.datasets.Dataset)."""
+        from workers.datasets import load
+
+        if dataset_id not in self._loaded:
+            if dataset_id not in self.datasets:
+                raise JobFailed(f"dataset {dataset_id} was deleted before the job ran", code="dataset_not_found")
+            sha, fmt, name = self.datasets[dataset_id]
+            self._loaded[dataset_id] = load(self.store.path(sha), fmt, name=name)
+        return self._loaded[dataset_id]
 
     def progress(self, value: float, stage: str, message: str, *, force: bool = False) -> None:
         """Record progress; throttled to a few writes per second unless forced."""
@@ -69,8 +83,8 @@ def run_job(job_id: str) -> None:
     claimed = _claim(job_id, store)
     if claimed is None:
         return
-    model_sha, model_format, spec = claimed
-    run = Run(job_id=job_id, store=store)
+    model_sha, model_format, spec, datasets = claimed
+    run = Run(job_id=job_id, store=store, datasets=datasets)
     try:
         with store.workdir() as workdir:
             report, summary, rows = _execute(run, workdir, model_sha, model_format, spec)
@@ -85,7 +99,7 @@ def run_job(job_id: str) -> None:
         _finish(job_id, "failed", code="internal_error", message=f"{type(exc).__name__}: {exc}")
 
 
-def _claim(job_id: str, store: LocalStore) -> tuple[str, str, dict] | None:
+def _claim(job_id: str, store: LocalStore) -> tuple[str, str, dict, dict] | None:
     with session_scope() as db:
         job = db.get(Job, job_id, with_for_update=True)
         if job is None:
@@ -110,7 +124,11 @@ def _claim(job_id: str, store: LocalStore) -> tuple[str, str, dict] | None:
             job.error_code, job.error_message = "model_not_found", "the job's model was deleted before the job ran"
             set_status(db, job, "failed", message=job.error_message)
             return None
-        return model.sha256, model.format, dict(job.spec)
+        linked = db.execute(
+            select(Dataset.id, Dataset.sha256, Dataset.format, Dataset.name)
+            .join(JobDataset, JobDataset.dataset_id == Dataset.id).where(JobDataset.job_id == job.id)
+        ).all()
+        return model.sha256, model.format, dict(job.spec), {row[0]: tuple(row[1:]) for row in linked}
 
 
 def _drop_outputs(db, store: LocalStore, job_id: str) -> None:
@@ -141,7 +159,14 @@ def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: d
         out_dir.mkdir()
         started = time.perf_counter()
         try:
-            output = method.run(current, params, out_dir, methods.StepContext())
+            step_datasets = {name: run.dataset(value) for name in method.dataset_params
+                             if (value := step["params"].get(name))}
+            ctx = methods.StepContext(
+                calibration=step_datasets.get("calibration_dataset_id"), datasets=step_datasets, seed=index,
+                progress=lambda fraction, message, base=base: run.progress(
+                    base + STEPS / len(steps) * fraction, f"step {index}/{len(steps)}", message),
+            )
+            output = method.run(current, params, out_dir, ctx)
         except ModelPressError as exc:
             exc.message = f"step {index} ({method.id}) failed: {exc.message}"
             raise
@@ -177,6 +202,8 @@ def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: d
             original, current, batch_sizes=evaluate["batch_sizes"], warmup=evaluate["warmup"],
             iterations=evaluate["iterations"], providers=evaluate.get("providers"),
             threads=settings.measure_threads or None, on_progress=on_progress, should_stop=should_stop,
+            dataset=run.dataset(evaluate["eval_dataset_id"]) if evaluate.get("eval_dataset_id") else None,
+            dataset_max_samples=evaluate.get("eval_max_samples"),
         )
     except Stopped:
         raise Cancelled() from None
@@ -222,6 +249,28 @@ def _summary(measured: dict, steps_report: list[dict]) -> dict:
         "skipped_batch_sizes": latency.get("skipped", []),
         "notes": measured.get("notes", []),
         "steps": [s["method"] for s in steps_report],
+    } | _dataset_summary(measured.get("dataset"))
+
+
+def _dataset_summary(on: dict | None) -> dict:
+    """With an eval dataset, fidelity is taken on it and accuracy is shown; random-input fidelity moves aside."""
+    if not on:
+        return {"fidelity_on": "synthetic random inputs (no eval dataset)", "accuracy": None}
+    fid = on["fidelity"]
+    acc = on["accuracy"]
+    return {
+        "fidelity_on": f"dataset {on['dataset'] or ''}".strip() + f" ({on['samples']} samples)",
+        "fidelity": {
+            "cosine_similarity": fid["mean_cosine"], "worst_cosine": fid["worst_cosine"],
+            "max_abs_diff": fid["max_abs_diff"], "top1_agreement": fid["top1_agreement"],
+        },
+        "accuracy": None if acc is None else {
+            "samples": acc["samples"],
+            "original_top1": acc["original"]["top1"], "compressed_top1": acc["compressed"]["top1"],
+            "top1_drop_points": acc["top1_drop_points"],
+            "original_top5": acc["original"]["top5"], "compressed_top5": acc["compressed"]["top5"],
+        },
+        "accuracy_note": on["accuracy_note"],
     }
 
 
@@ -260,6 +309,9 @@ def _headline(summary: dict) -> str:
         parts.append(f"size x{summary['size_ratio']:.2f}")
     for batch, speedup in summary.get("speedup", {}).items():
         parts.append(f"speed x{speedup:.2f} at batch {batch}")
+    acc = summary.get("accuracy")
+    if acc:
+        parts.append(f"top-1 {100 * acc['original_top1']:.2f}% -> {100 * acc['compressed_top1']:.2f}%")
     cos = summary.get("fidelity", {}).get("cosine_similarity")
     if cos is not None:
         parts.append(f"cosine {cos:.4f}")

@@ -22,6 +22,15 @@ class EvaluateSpec(Strict):
     warmup: int = Field(default=10, ge=0, le=10_000)
     iterations: int = Field(default=100, ge=1, le=100_000)
     providers: list[Provider] = Field(default=["CPUExecutionProvider"], min_length=1, max_length=3)
+    eval_dataset_id: str | None = Field(
+        default=None,
+        description="A dataset (POST /v1/datasets) to evaluate the original and the result on: top-1/top-5 "
+        "accuracy when it has labels, fidelity on its inputs always. Checked against the model when the job is "
+        "submitted.",
+    )
+    eval_max_samples: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Evaluate on at most this many samples (the first ones)."
+    )
 
     @field_validator("batch_sizes")
     @classmethod

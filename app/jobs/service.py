@@ -6,12 +6,14 @@ import json
 import logging
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.common import decode_cursor, encode_cursor, get_owned_or_404
-from app.dbmodels import TERMINAL_STATUSES, Artifact, Job, JobEvent, Model
+from app.datasets import service as datasets_service
+from app.datasets.files import check_against_model
+from app.dbmodels import TERMINAL_STATUSES, Artifact, Job, JobDataset, JobEvent, Model
 from app.errors import (
     ArtifactNotFound,
     Conflict,
@@ -20,6 +22,7 @@ from app.errors import (
     JobNotCancellable,
     JobNotFound,
     ModelNotFound,
+    ModelPressError,
     ServiceUnavailable,
 )
 from app.jobs.schemas import JobCreate
@@ -63,6 +66,33 @@ def validate_steps(spec: JobCreate) -> list[dict]:
     return steps
 
 
+def dataset_links(db: Session, tenant_id: str, model: Model, spec: JobCreate, steps: list[dict]) -> list[tuple]:
+    """(role, dataset) for every dataset the job names, each checked against the model's inputs.
+
+    Roles: "eval" for evaluate.eval_dataset_id, "steps[i].<param>" for a step's dataset params.
+    Another tenant's dataset is a 404; a dataset that does not fit the model is a 422 naming the array.
+    """
+    named: list[tuple[str, str, str]] = []  # (role, dataset id, field)
+    if spec.evaluate.eval_dataset_id:
+        named.append(("eval", spec.evaluate.eval_dataset_id, "evaluate.eval_dataset_id"))
+    for index, step in enumerate(steps):
+        for param in methods.get(step["method"]).dataset_params:
+            value = step["params"].get(param)
+            if value:
+                named.append((f"steps[{index}].{param}", value, f"steps[{index}].params.{param}"))
+    links = []
+    for role, dataset_id, field in named:
+        try:
+            dataset = datasets_service.get_for_job(db=db, tenant_id=tenant_id, dataset_id=dataset_id)
+            check_against_model(dataset.inspection, model.inspection, role)
+        except ModelPressError as exc:
+            exc.extra = {**getattr(exc, "extra", {}), "field": field}
+            exc.message = f"{field}: {exc.message}"
+            raise
+        links.append((role, dataset))
+    return links
+
+
 def request_hash(spec: JobCreate) -> str:
     return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
@@ -78,6 +108,7 @@ def create(
             return _same_request_or_error(existing, digest), False
     model = get_owned_or_404(db, Model, tenant_id=tenant_id, object_id=spec.model_id, error=ModelNotFound)
     steps = validate_steps(spec)
+    links = dataset_links(db, tenant_id, model, spec, steps)
     job = Job(
         tenant_id=tenant_id, model_id=model.id, name=spec.name, queue=spec.queue or settings.default_queue,
         spec={"steps": steps, "evaluate": spec.evaluate.model_dump(mode="json")},
@@ -93,6 +124,8 @@ def create(
         if existing is None:
             raise
         return _same_request_or_error(existing, digest), False
+    for role, dataset in links:
+        db.add(JobDataset(job_id=job.id, dataset_id=dataset.id, role=role))
     set_status(db, job, "queued", message="waiting for a worker")
     db.commit()
     # Enqueue after commit: the row exists before the message does.
@@ -100,6 +133,7 @@ def create(
         enqueue_job(job.id, job.queue)
     except Exception as exc:
         log.exception("could not enqueue job %s", job.id)
+        db.execute(delete(JobDataset).where(JobDataset.job_id == job.id))
         db.delete(job)
         db.commit()
         raise ServiceUnavailable(f"the job queue is unreachable, nothing was created; retry later ({exc})",

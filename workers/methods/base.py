@@ -8,7 +8,7 @@ validate params.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,15 @@ class MethodParams(BaseModel):
 class StepContext:
     """What a step may use besides its input model and params.
 
-    `calibration` holds the dataset the step's `calibration_dataset_id` names, loaded by the
-    pipeline (a workers.datasets.Dataset: input arrays keyed by the model's input names, first
-    axis = samples), or None when the step names none. `seed` makes random choices repeatable.
-    `progress(fraction, message)` reports progress within the step (0..1).
+    `datasets` maps each of the method's `dataset_params` that the step sets to its dataset,
+    loaded by the pipeline (a workers.datasets.Dataset: input arrays keyed by the model's input
+    names, first axis = samples); `calibration` is the one `calibration_dataset_id` names, or
+    None. `seed` makes random choices repeatable. `progress(fraction, message)` reports
+    progress within the step (0..1).
     """
 
     calibration: Any = None
+    datasets: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     progress: Callable[[float, str], None] | None = None
 
