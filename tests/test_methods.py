@@ -109,7 +109,7 @@ def test_catalog_lists_each_method_with_its_params_schema():
     assert entry["version"] == 1 and entry["description"]
     schema = entry["params_schema"]
     assert schema["additionalProperties"] is False
-    assert set(schema["properties"]) == {"per_channel", "reduce_range", "op_types", "keep_depthwise_conv_float",
+    assert set(schema["properties"]) == {"per_channel", "weight_type", "reduce_range", "op_types", "keep_depthwise_conv_float",
                                               "nodes_to_exclude"}
     assert all(prop.get("description") for prop in schema["properties"].values())
     op_enum = schema["properties"]["op_types"]["anyOf"][0]["items"]["enum"]
@@ -127,7 +127,7 @@ def test_params_defaults_and_validation():
     params_model = methods.get(INT8).params_model
     defaults = params_model.model_validate({})
     assert defaults.model_dump() == {
-        "per_channel": True, "reduce_range": False, "op_types": None, "keep_depthwise_conv_float": True,
+        "per_channel": True, "weight_type": "int8", "reduce_range": False, "op_types": None, "keep_depthwise_conv_float": True,
         "nodes_to_exclude": [],
     }
     with pytest.raises(ValidationError, match="extra"):
@@ -182,9 +182,9 @@ def test_int8_dynamic_on_mlp_is_smaller_and_faithful(mlp_path, tmp_path):
     assert details["quantized_ops"]["MatMulInteger"] == {"before": 0, "after": 3}
     assert details["quantized_ops"]["DynamicQuantizeLinear"]["after"] == 3
     assert details["weights_quantized"] == 3 and details["weights_per_channel"] == 3
-    assert details["weight_type"] == "uint8"
+    assert details["weight_type"] == "int8"
     weights = [i for i in onnx.load(str(output.model_path)).graph.initializer if i.name.endswith("_quantized")]
-    assert len(weights) == 3 and all(w.data_type == TensorProto.UINT8 for w in weights)
+    assert len(weights) == 3 and all(w.data_type == TensorProto.INT8 for w in weights)
     assert any("Gemm" in note and "MatMul" in note for note in details["preprocess"])
     assert details["warnings"] == []
 

@@ -21,6 +21,19 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def checked_op_types(value: list[str] | None, supported: tuple[str, ...], scheme: str) -> list[str] | None:
+    """Params validator body: every op type must be one `scheme` quantizes; repeats dropped, order kept."""
+    if value is None:
+        return None
+    unknown = [op for op in value if op not in supported]
+    if unknown:
+        raise ValueError(
+            f"not supported by {scheme}: {', '.join(map(repr, unknown))}; "
+            f"supported op types are {', '.join(supported)}"
+        )
+    return list(dict.fromkeys(value))
+
+
 @dataclass
 class StepContext:
     """What a step may use besides its input model and params.
