@@ -1,0 +1,330 @@
+"""quantize.int4_weight_only: block-wise 4-bit (or 2/8-bit) weights for MatMul, with ONNX Runtime's MatMulNBits.
+
+Each constant MatMul weight [K, N] is cut into blocks of `block_size` along K, each block with
+its own scale (and zero point when asymmetric), and the MatMul becomes com.microsoft.MatMulNBits,
+which dequantizes on the fly; activations stay float. The gain is size and memory bandwidth: a
+large matrix read at batch 1 gets much faster, a small model on CPU can get slower.
+
+Algorithms (ONNX Runtime's onnxruntime.quantization.matmul_nbits_quantizer):
+  rtn   round to nearest, ORT's C++ kernels (DefaultWeightOnlyQuantConfig): fast, no data needed;
+  hqq   Half-Quadratic Quantization: optimises scales and (float) zero points per block, no data
+        needed, runs on torch;
+  gptq  GPTQ: corrects the rounding error column by column using the layer inputs' Hessian
+        measured on calibration samples (ORT's port of Intel Neural Compressor's code).
+
+Linear layers exported from 2-D inputs are Gemm nodes, which MatMulNBits does not cover: onnx_prep
+rewrites them as MatMul + Add first, so they are quantized too.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import warnings as warnings_module
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints, field_validator, model_validator
+
+from app.errors import StepFailed
+from workers.methods.base import Method, MethodParams, StepContext, StepOutput
+from workers.methods.quantize_int8_dynamic import NodeName, _check_excluded_nodes, _check_loads_with_same_io
+
+# (algorithm -> bit widths whose result ONNX Runtime 1.32's CPU provider runs). Checked against ORT in
+# tests/test_quant_methods.py. GPTQ's port writes 4-bit weights whatever it is asked; HQQ's 8-bit
+# weights carry float zero points, which the CPU MatMulNBits kernel refuses.
+SUPPORTED_BITS = {"rtn": (2, 4, 8), "hqq": (2, 4), "gptq": (4,)}
+MATRIX_OPS = ("MatMul", "Gemm")
+
+DatasetId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class Int4WeightOnlyParams(MethodParams):
+    bits: Literal[4, 8, 2] = Field(
+        4,
+        description="Bits per weight. 4 is the usual choice (about 1/6 of the float32 size with block_size 32); "
+        "8 keeps nearly all accuracy at about 1/3.5 of the size; 2 is very lossy (cosine 0.72 to the float outputs "
+        "on a test MLP with rtn). Supported: rtn 2, 4, 8; hqq 2, 4; gptq 4.",
+    )
+    block_size: Literal[32, 64, 128] = Field(
+        32,
+        description="Weights per block along K sharing one scale: smaller blocks are more accurate and a little "
+        "larger. K need not be a multiple: ONNX Runtime pads the last block.",
+    )
+    symmetric: bool | None = Field(
+        None,
+        description="Symmetric blocks (no zero point) or asymmetric (a zero point per block). null picks per "
+        "algorithm: symmetric for rtn (as accurate as asymmetric on the test MLP, and smaller), asymmetric for "
+        "gptq (ONNX Runtime's GPTQ lost accuracy when symmetric: cosine 0.972 vs 0.992). hqq is always "
+        "asymmetric, with float zero points.",
+    )
+    accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(
+        None,
+        description="MatMulNBits' accuracy_level: the lowest precision the kernel may compute in. 0 or null: "
+        "unset, ONNX Runtime's default (float32 on CPU); 1: float32; 2: float16; 3: bfloat16 (2 and 3 fall back to "
+        "float32 on CPUs without them); 4: int8, activations quantized per block on the fly, the fastest on x86 "
+        "CPUs (a 1024-4096-4096-10 MLP at batch 1: 2.4 ms at level 0, 1.5 ms at level 4, float32 16.7 ms) with "
+        "slightly more error.",
+    )
+    algorithm: Literal["rtn", "hqq", "gptq"] = Field(
+        "rtn",
+        description="rtn: round to nearest, fast, no data. hqq: Half-Quadratic Quantization, optimises scales and "
+        "zero points without data; more accurate than rtn at 2-4 bits, slower to quantize. gptq: uses calibration "
+        "data to compensate rounding errors; needs calibration_dataset_id.",
+    )
+    calibration_dataset_id: DatasetId | None = Field(
+        None,
+        description="Dataset for gptq (arrays named after the model's inputs, first axis = samples); only gptq "
+        "uses one.",
+    )
+    calibration_samples: int = Field(
+        128, ge=1, le=100_000, description="gptq calibrates on the first this many samples of the dataset."
+    )
+    nodes_to_exclude: list[NodeName] = Field(
+        default_factory=list, max_length=10_000,
+        description="Names of MatMul/Gemm nodes to leave in float (for example the output layer). Unnamed nodes are "
+        "named <op_type>_<index>, the index being the node's position in the graph.",
+    )
+
+    @field_validator("nodes_to_exclude")
+    @classmethod
+    def _unique_names(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Int4WeightOnlyParams:
+        supported = SUPPORTED_BITS[self.algorithm]
+        if self.bits not in supported:
+            raise ValueError(
+                f"bits={self.bits} is not supported with algorithm {self.algorithm!r} by this ONNX Runtime: it "
+                f"supports {', '.join(map(str, supported))} bit(s)"
+                + ("; use algorithm 'rtn' for 8 bits" if self.bits == 8 else "")
+                + ("; use algorithm 'rtn' or 'hqq' for 2 bits" if self.bits == 2 else "")
+            )
+        if self.algorithm == "gptq" and self.calibration_dataset_id is None:
+            raise ValueError("algorithm 'gptq' needs a calibration dataset: set calibration_dataset_id "
+                             "(or use algorithm 'rtn' or 'hqq', which need none)")
+        if self.algorithm != "gptq" and self.calibration_dataset_id is not None:
+            raise ValueError(f"calibration_dataset_id is used only by algorithm 'gptq'; algorithm "
+                             f"{self.algorithm!r} needs no data")
+        if self.algorithm == "hqq" and self.symmetric:
+            raise ValueError("hqq quantizes asymmetrically (float zero points); leave symmetric unset or false")
+        return self
+
+    def is_symmetric(self) -> bool:
+        if self.symmetric is not None:
+            return self.symmetric
+        return self.algorithm == "rtn"
+
+
+def quantize(input_path: Path, params: Int4WeightOnlyParams, out_dir: Path,
+             ctx: StepContext | None = None) -> StepOutput:
+    import onnx
+
+    from workers.methods import onnx_prep
+
+    ctx = ctx or StepContext()
+    source = onnx.load(str(input_path), load_external_data=False)
+    onnx_prep.name_nodes(source.graph)  # the same names prepare() gives, so exclusions match
+    _check_excluded_nodes(params.nodes_to_exclude, source.graph, set(MATRIX_OPS))
+
+    prep_dir = out_dir / "prep"
+    output = out_dir / "model.onnx"
+    warnings: list[str] = []
+    notes: list[str] = []
+    try:
+        ctx.report(0.02, "preparing the model (Gemm -> MatMul + Add)")
+        prepared = onnx_prep.prepare(input_path, prep_dir, gemm_to_matmul=True)
+        model = onnx.load(str(prepared.path))
+        present = {node.name for node in model.graph.node}
+        gone = [name for name in params.nodes_to_exclude if name not in present]
+        if gone:
+            warnings.append(f"pre-processing fused or removed node(s) {', '.join(map(repr, gone[:5]))}; "
+                            "excluding them has no effect")
+        matrices = _matrices(model.graph, params)
+        candidates = [m for m in matrices if m["reason"] is None]
+        if not candidates:
+            raise _nothing_to_quantize(source.graph, matrices)
+
+        reader = None
+        if params.algorithm == "gptq":
+            from workers.methods.quantize_int8_static import CalibrationReader, calibration_source
+
+            data = calibration_source(prepared.path, ctx.calibration, samples=params.calibration_samples,
+                                      seed=ctx.seed, allow_random=False)
+            reader = CalibrationReader(data)
+            notes.extend(data.notes)
+            ctx.report(0.1, f"running GPTQ on {data.samples} sample(s) of {data.described}")
+        else:
+            ctx.report(0.1, f"quantizing {len(candidates)} weight matrix(es) to {params.bits} bits "
+                       f"({params.algorithm})")
+        result = _run_quantizer(model, params, reader, [m["node"] for m in matrices if m["reason"] == "excluded"])
+        del model
+        if params.accuracy_level:
+            _set_accuracy_level(result.graph, params.accuracy_level)
+        onnx.save(result, str(output))
+    finally:
+        shutil.rmtree(prep_dir, ignore_errors=True)
+
+    ctx.report(0.9, "checking the quantized model")
+    _check_loads_with_same_io(source, output)
+    remaining = {node.name for node in result.graph.node if node.op_type in MATRIX_OPS}
+    nbits_nodes = [node for node in result.graph.node if node.op_type == "MatMulNBits"]
+    quantized, left = [], []
+    for matrix in matrices:
+        if matrix["reason"] is None and matrix["node"] in remaining:
+            matrix["reason"] = "left by ONNX Runtime's quantizer"
+        (left if matrix["reason"] else quantized).append(matrix)
+    if not nbits_nodes:
+        raise _nothing_to_quantize(source.graph, matrices)
+    padded = [m for m in quantized if m["shape"][0] % params.block_size]
+    if padded:
+        notes.append(f"{len(padded)} matrix(es) have K not a multiple of block_size {params.block_size}: "
+                     "ONNX Runtime padded their last block")
+    if params.bits == 2:
+        warnings.append("2-bit weights are very lossy; check the fidelity figures before using the result")
+    conv = sum(1 for node in result.graph.node if node.op_type in ("Conv", "ConvTranspose"))
+    if conv:
+        notes.append(f"{conv} Conv layer(s) stay float: weight-only MatMulNBits quantization covers MatMul only")
+    warnings.append(
+        "the gain is size and memory bandwidth: MatMulNBits dequantizes weights on the fly, which pays off on "
+        "large matrices at small batch; on small models on CPU it can run slower than float32 "
+        "(a 64-256-256-10 MLP: 0.012 ms float, 0.017 ms int4 at batch 1)"
+    )
+    details: dict[str, Any] = {
+        "preprocess": prepared.notes,
+        "algorithm": params.algorithm,
+        "bits": params.bits,
+        "block_size": params.block_size,
+        "symmetric": params.algorithm != "hqq" and params.is_symmetric(),
+        "accuracy_level": params.accuracy_level,
+        "weights_quantized": len(quantized),
+        "weights_left_float": len(left),
+        "quantized": [{"node": m["node"], "shape": m["shape"]} for m in quantized],
+        "left_float": [{"node": m["node"], "op_type": m["op_type"], "shape": m["shape"], "reason": m["reason"]}
+                       for m in left],
+        "gemm_rewritten_as_matmul": len(prepared.gemm_rewritten),
+        "notes": notes,
+        "warnings": warnings,
+    }
+    return StepOutput(model_path=output, details=details)
+
+
+def _matrices(graph, params: Int4WeightOnlyParams) -> list[dict[str, Any]]:
+    """Every MatMul/Gemm with what it multiplies by, and why it will stay float (reason None: to quantize)."""
+    initializers = {init.name: list(init.dims) for init in graph.initializer}
+    excluded = set(params.nodes_to_exclude)
+    found = []
+    for node in graph.node:
+        if node.op_type not in MATRIX_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        weight = node.input[1] if len(node.input) > 1 else ""
+        shape = initializers.get(weight)
+        if node.op_type == "Gemm":
+            reason = ("a Gemm onnx_prep could not rewrite as MatMul (transA set, or its weight is not a constant "
+                      "float32); MatMulNBits covers MatMul only")
+        elif node.name in excluded:
+            reason = "excluded"
+        elif shape is None:
+            reason = ("its left operand is the constant; MatMulNBits quantizes the right one"
+                      if node.input[0] in initializers else "its weight is computed at run time, not a constant")
+        elif len(shape) < 2:
+            reason = "its weight is a vector"
+        elif len(shape) > 2 and any(d != 1 for d in shape[:-2]):
+            reason = f"its weight is a batch of matrices {shape}; MatMulNBits takes one 2-D weight"
+        elif len(shape) > 2 and params.algorithm == "gptq":
+            reason = f"its weight has shape {shape}; ONNX Runtime's GPTQ quantizes 2-D weights only"
+        else:
+            reason = None
+        found.append({"node": node.name, "op_type": node.op_type, "shape": shape, "reason": reason})
+    return found
+
+
+def _run_quantizer(model, params: Int4WeightOnlyParams, reader, excluded: list[str]):
+    from workers.methods.onnx_prep import short_error
+
+    nbits = _import_nbits_quantizer()
+    symmetric = params.is_symmetric()
+    if params.algorithm == "rtn":
+        config = nbits.DefaultWeightOnlyQuantConfig(
+            block_size=params.block_size, is_symmetric=symmetric, accuracy_level=params.accuracy_level,
+            bits=params.bits,
+        )
+    elif params.algorithm == "hqq":
+        config = nbits.HQQWeightOnlyQuantConfig(block_size=params.block_size, bits=params.bits)
+    else:
+        config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader)
+    quantizer = nbits.MatMulNBitsQuantizer(
+        model, bits=params.bits, block_size=params.block_size, is_symmetric=symmetric,
+        accuracy_level=params.accuracy_level, nodes_to_exclude=excluded, algo_config=config,
+    )
+    if params.algorithm == "gptq" and excluded:
+        # ORT's GPTQ path ignores nodes_to_exclude; "fp32" in its per-node config is how its RTN path skips a node.
+        configure = quantizer._generate_q4_node_config
+        quantizer._generate_q4_node_config = lambda: {**configure(), **{name: "fp32" for name in excluded}}
+    try:
+        # GPTQ prints a progress bar; HQQ warns that torch.from_numpy got a read-only array.
+        with contextlib.redirect_stdout(io.StringIO()), warnings_module.catch_warnings():
+            warnings_module.simplefilter("ignore", UserWarning)
+            quantizer.process()
+    except StepFailed:
+        raise
+    except Exception as exc:
+        code = "calibration_failed" if params.algorithm == "gptq" else "step_failed"
+        raise StepFailed(f"ONNX Runtime's MatMulNBitsQuantizer ({params.algorithm}) failed: "
+                         f"{short_error(exc, 400)}", code=code) from exc
+    return quantizer.model.model
+
+
+def _import_nbits_quantizer():
+    """ORT's module calls logging.basicConfig(level=INFO) on import; undo that for the worker's root logger."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    return matmul_nbits_quantizer
+
+
+def _set_accuracy_level(graph, level: int) -> None:
+    """HQQ writes no accuracy_level; set it on every MatMulNBits that lacks one."""
+    from onnx import helper
+
+    for node in graph.node:
+        if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+            node.attribute.append(helper.make_attribute("accuracy_level", level))
+
+
+def _nothing_to_quantize(graph, matrices: list[dict[str, Any]]) -> StepFailed:
+    if not matrices:
+        present = sorted({node.op_type for node in graph.node})
+        return StepFailed(
+            "nothing to quantize: weight-only quantization covers MatMul and Gemm weights, and the graph has none "
+            f"(it has {', '.join(present[:15])}{'...' if len(present) > 15 else ''})",
+            code="nothing_to_quantize",
+        )
+    reasons = "; ".join(f"{m['node']}: {m['reason']}" for m in matrices[:5])
+    return StepFailed(
+        f"nothing to quantize: none of the {len(matrices)} MatMul/Gemm node(s) has a weight MatMulNBits can take "
+        f"({reasons}{'; ...' if len(matrices) > 5 else ''})",
+        code="nothing_to_quantize",
+    )
+
+
+METHOD = Method(
+    id="quantize.int4_weight_only",
+    version=1,
+    description=(
+        "Weight-only block quantization with ONNX Runtime's MatMulNBits: MatMul and Linear (Gemm) weights stored in "
+        "4 bits (or 2/8) per block of 32-128 values with a scale each; activations stay float. Algorithms: rtn, hqq "
+        "(no data) or gptq (calibration data). Shrinks transformer and MLP weights about 6x and speeds up large "
+        "matrices at small batch; Conv layers stay float, and small models can run slower on CPU."
+    ),
+    params_model=Int4WeightOnlyParams,
+    run=quantize,
+    dataset_params=("calibration_dataset_id",),
+)

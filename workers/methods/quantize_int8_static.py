@@ -1,0 +1,562 @@
+"""quantize.int8_static: ONNX Runtime static quantization (QDQ), activations calibrated on data.
+
+Weights are quantized to int8 and activations get fixed scales measured on calibration
+samples, so at run time ONNX Runtime fuses the QuantizeLinear/DequantizeLinear pairs into
+integer kernels (QLinearConv, QGemm, QLinearMatMul, ...). The model is first made
+quantizable by onnx_prep; the calibration runs here, in chunks, so that histogram methods
+(entropy, percentile), which keep every activation of every sample they collect, stay within
+memory; its ranges are handed to `quantize_static` through ORT's calibration cache.
+
+The calibration helpers (`calibration_source`, `CalibrationReader`) are shared with the
+methods that need calibration data (quantize.int4_weight_only's GPTQ).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints, WithJsonSchema, field_validator, model_validator
+
+from app.errors import StepFailed
+from workers.methods.base import Method, MethodParams, StepContext, StepOutput, checked_op_types
+from workers.methods.quantize_int8_dynamic import NodeName, _check_excluded_nodes, _check_loads_with_same_io
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+# The op types quantize_static quantizes by default: the keys of ORT's QLinearOpsRegistry and
+# QDQRegistry together. Hardcoded because the API process must not import onnxruntime;
+# tests/test_quant_methods.py checks them against it.
+ORT_STATIC_OP_TYPES = (
+    "Add", "ArgMax", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv", "ConvTranspose", "CumSum",
+    "EmbedLayerNormalization", "Flatten", "Gather", "GatherElements", "Gemm", "GlobalAveragePool",
+    "InstanceNormalization", "LayerNormalization", "LeakyRelu", "MatMul", "MaxPool", "Mul", "Pad", "Relu", "Reshape",
+    "Resize", "Sigmoid", "Slice", "Softmax", "Split", "Squeeze", "TopK", "Transpose", "Unsqueeze", "Where",
+)
+# Ops whose weight (a constant input) is quantized, and so shrinks the file.
+WEIGHTED_OP_TYPES = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "EmbedLayerNormalization"})
+
+# Entropy calibration compares candidate clipping thresholds on a histogram. ORT's own defaults
+# (128 bins, 128 quantized bins) leave a single candidate, the full range, so "entropy" gave
+# exactly MinMax's scales on YOLOX-nano. 512 bins give 193 candidates; computing them took 20 s
+# for YOLOX-nano's 578 tensors here (2048 bins, TensorRT's choice: 139 s).
+ENTROPY_BINS, ENTROPY_QUANTIZED_BINS = 512, 128
+PERCENTILE_BINS = 2048  # ORT's default for percentile
+# Histogram methods hold every calibrated activation of the samples collected in one call;
+# samples go in chunks sized to keep those activations under this many bytes.
+HISTOGRAM_CHUNK_BYTES = 256 * 2**20
+MINMAX_CHUNK = 32  # MinMax keeps two numbers per tensor and sample; chunks only pace the progress reports
+
+DatasetId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+OpType = Annotated[str, WithJsonSchema({"type": "string", "enum": list(ORT_STATIC_OP_TYPES)})]
+
+
+class Int8StaticParams(MethodParams):
+    calibration_dataset_id: DatasetId | None = Field(
+        None,
+        description="Dataset whose samples calibrate the activation ranges: arrays named after the model's inputs, "
+        "first axis = samples, drawn like the data the model will see in use. Needed unless "
+        "allow_random_calibration is set.",
+    )
+    allow_random_calibration: bool = Field(
+        False,
+        description="Without a calibration dataset, calibrate on random inputs generated from the model's input "
+        "specs (standard-normal floats, small integer ids). Random activations rarely match real ones: the "
+        "result may be far less accurate on real data, and the report says it was calibrated on random data.",
+    )
+    calibration_samples: int = Field(
+        128, ge=1, le=100_000,
+        description="Calibrate on the first this many samples of the dataset (all of them when it holds fewer), "
+        "or on this many random samples.",
+    )
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax",
+        description="How activation ranges are chosen: minmax takes the full observed range; entropy picks the "
+        "clipping threshold that minimises the KL divergence of the quantized distribution; percentile clips at "
+        "the given percentile of |activation|. Entropy and percentile keep histograms of every activation and "
+        "take longer. Measured on YOLOX-nano calibrated on 18 crops of 3 COCO images: the top detection's score "
+        "went 0.92 -> 0.88 with percentile, 0.68 with minmax, 0.06 with entropy (which clips detection heads too "
+        "hard).",
+    )
+    percentile: float = Field(
+        99.999, gt=50, le=100,
+        description="Percentile of |activation| to clip at; only with calibrate_method 'percentile'.",
+    )
+    per_channel: bool = Field(
+        True,
+        description="One scale per output channel of each Conv/Gemm/MatMul weight instead of one per tensor; "
+        "keeps accuracy closer to the original (filters of trained CNNs differ widely in range) at no measured "
+        "run-time cost.",
+    )
+    reduce_range: bool = Field(
+        False,
+        description="Quantize weights to 7 bits. Only worth it on x86 CPUs without VNNI (before Cascade Lake / "
+        "Zen 4), where int8 x uint8 products can saturate; it costs some accuracy elsewhere.",
+    )
+    # Measured on this service's CPU (Xeon with AVX512-VNNI), QDQ, per channel, against float32:
+    # uint8 activations x int8 weights ran YOLOX-nano at 1.0-1.2x and a 256-1024-1024-10 MLP at 3.4x;
+    # int8 x int8 ran them at 0.27x and 2.8x (x86 integer kernels are u8s8), uint8 x uint8 at
+    # 0.52x and 1.7x. Cosine to the float outputs was the same within 0.001 for all three.
+    activation_type: Literal["uint8", "int8"] = Field(
+        "uint8",
+        description="Type of quantized activations. uint8 (with int8 weights) is what x86 CPU kernels run fastest; "
+        "int8 suits ARM CPUs and GPUs/TensorRT.",
+    )
+    weight_type: Literal["int8", "uint8"] = Field(
+        "int8",
+        description="Type of quantized weights. int8 (symmetric) with uint8 activations is ONNX Runtime's fast "
+        "path on x86; uint8 weights ran 1.7-2x slower there. int8 activations need int8 weights.",
+    )
+    op_types: list[OpType] | None = Field(
+        None, min_length=1, max_length=64,
+        description="Quantize only these op types; null quantizes every type ONNX Runtime's static quantization "
+        f"supports: {', '.join(ORT_STATIC_OP_TYPES)}.",
+        examples=[["Conv", "Gemm", "MatMul"]],
+    )
+    nodes_to_exclude: list[NodeName] = Field(
+        default_factory=list, max_length=10_000,
+        description="Names of nodes to leave in float (for example the first and last layers, or a detection head). "
+        "Unnamed nodes are named <op_type>_<index>, the index being the node's position in the graph.",
+    )
+
+    @field_validator("op_types")
+    @classmethod
+    def _supported_op_types(cls, value: list[str] | None) -> list[str] | None:
+        return checked_op_types(value, ORT_STATIC_OP_TYPES, "static int8 quantization")
+
+    @field_validator("nodes_to_exclude")
+    @classmethod
+    def _unique_names(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Int8StaticParams:
+        if self.calibration_dataset_id is None and not self.allow_random_calibration:
+            raise ValueError(
+                "static quantization needs a calibration dataset: set calibration_dataset_id to a dataset drawn "
+                "like the model's real inputs, or set allow_random_calibration to true to calibrate on random "
+                "inputs (less accurate on real data)"
+            )
+        if "percentile" in self.model_fields_set and self.calibrate_method != "percentile":
+            raise ValueError(
+                f"percentile applies only to calibrate_method 'percentile' (calibrate_method is "
+                f"{self.calibrate_method!r})"
+            )
+        if self.activation_type == "int8" and self.weight_type == "uint8":
+            raise ValueError(
+                "int8 activations with uint8 weights are not supported by ONNX Runtime; use weight_type 'int8'"
+            )
+        return self
+
+
+# --- calibration data ------------------------------------------------------------------------------
+
+@dataclass
+class CalibrationSource:
+    """Calibration feeds, built one at a time so that a large dataset is never copied whole."""
+
+    names: list[str]
+    dtypes: dict[str, Any]
+    count: int                                  # number of feeds
+    samples: int                                # samples they hold (count x batch)
+    batch: int                                  # samples per feed
+    described: str                              # "dataset <name>" or "random data"
+    notes: list[str] = field(default_factory=list)
+    arrays: dict[str, Any] | None = None        # dataset arrays (sample axis first)
+    plan: Any = None                            # workers.measure.inputs.InputPlan for random data
+    seed: int = 0
+
+    def feed(self, index: int) -> dict[str, np.ndarray]:
+        import numpy as np
+
+        if self.arrays is not None:
+            start = index * self.batch
+            return {name: np.ascontiguousarray(self.arrays[name][start:start + self.batch].astype(self.dtypes[name]))
+                    for name in self.names}
+        rng = np.random.default_rng([self.seed, index])
+        return self.plan.feeds(self.batch, rng)["baseline"]
+
+
+class CalibrationReader:
+    """ONNX Runtime's CalibrationDataReader over feeds [start, stop) of a CalibrationSource."""
+
+    def __init__(self, source: CalibrationSource, start: int = 0, stop: int | None = None) -> None:
+        self.source = source
+        self.start, self.stop = start, source.count if stop is None else min(stop, source.count)
+        self.position = self.start
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= self.stop:
+            return None
+        self.position += 1
+        return self.source.feed(self.position - 1)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        feed = self.get_next()
+        if feed is None:
+            raise StopIteration
+        return feed
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __deepcopy__(self, memo) -> CalibrationReader:
+        # ORT's GPTQ deep-copies its reader; the copy shares the (possibly large) dataset arrays.
+        return CalibrationReader(self.source, self.start, self.stop)
+
+
+def calibration_source(model_path: Path, dataset, *, samples: int, seed: int, allow_random: bool) -> CalibrationSource:
+    """Feeds for the model at `model_path`: the first `samples` samples of `dataset`, or random ones.
+
+    Each feed holds one sample, or the fixed batch the model requires. Raises StepFailed
+    (code calibration_failed) where the dataset does not fit the model.
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from app.errors import MeasurementFailed
+    from workers.measure.inputs import ORT_DTYPES, plan_inputs
+    from workers.methods.onnx_prep import short_error
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise StepFailed(f"the model does not load in ONNX Runtime: {short_error(exc, 400)}") from exc
+    specs = session.get_inputs()
+    structure = onnx.load(str(model_path), load_external_data=False)
+    try:
+        plan = plan_inputs({"baseline": session, "result": session}, {"baseline": structure, "result": structure})
+    except MeasurementFailed as exc:
+        raise StepFailed(f"cannot build calibration inputs: {exc.message}", code="calibration_failed") from exc
+    del structure
+    batch = plan.fixed_batch or 1
+    names = [spec.name for spec in specs]
+    dtypes = {spec.name: np.dtype(ORT_DTYPES[spec.type]) for spec in specs if spec.type in ORT_DTYPES}
+    notes = [f"the model takes a fixed batch of {batch}: each calibration run feeds {batch} samples "
+             f"({plan.fixed_reason})"] if batch > 1 else []
+
+    if dataset is None:
+        if not allow_random:
+            raise StepFailed("the step names a calibration dataset but none was loaded", code="calibration_failed")
+        notes.extend(plan.notes)
+        return CalibrationSource(names=names, dtypes=dtypes, count=samples, samples=samples * batch, batch=batch,
+                                 described="random data", notes=notes, plan=plan, seed=seed)
+
+    missing = [name for name in names if name not in dataset.inputs]
+    if missing:
+        held = ", ".join(map(repr, dataset.inputs)) or "none"
+        raise StepFailed(
+            f"the calibration dataset has no array named {', '.join(map(repr, missing))}, which the model takes as "
+            f"input (it holds {held})",
+            code="calibration_failed",
+        )
+    arrays = {name: dataset.inputs[name] for name in names}
+    available = min(len(array) for array in arrays.values())
+    for spec in specs:
+        array = arrays[spec.name]
+        declared = list(spec.shape)
+        sample = list(array.shape[1:])
+        fixed_mismatch = any(isinstance(want, int) and want != have for want, have in zip(declared[1:], sample))
+        if array.ndim != len(declared) or fixed_mismatch:
+            raise StepFailed(
+                f"calibration array {spec.name!r} holds samples of shape {sample}; the model input {spec.name!r} "
+                f"takes {declared} (axis 0 of the array is the sample axis)",
+                code="calibration_failed",
+            )
+        if spec.name not in dtypes:
+            raise StepFailed(f"the model input {spec.name!r} has type {spec.type}, which calibration cannot feed",
+                             code="calibration_failed")
+    used = min(samples, available)
+    count = used // batch
+    if count == 0:
+        raise StepFailed(
+            f"the calibration dataset holds {available} sample(s); the model takes a fixed batch of {batch}",
+            code="calibration_failed",
+        )
+    if available < samples:
+        notes.append(f"the calibration dataset holds {available} samples, fewer than calibration_samples={samples}")
+    if count * batch < used:
+        notes.append(f"{used - count * batch} sample(s) left out: the model takes whole batches of {batch}")
+    return CalibrationSource(
+        names=names, dtypes=dtypes, count=count, samples=count * batch, batch=batch,
+        described=f"dataset {dataset.name}" if dataset.name else "dataset", notes=notes, arrays=arrays,
+    )
+
+
+# --- the method ----------------------------------------------------------------------------------------
+
+def quantize(input_path: Path, params: Int8StaticParams, out_dir: Path, ctx: StepContext | None = None) -> StepOutput:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from workers.methods import onnx_prep
+
+    ctx = ctx or StepContext()
+    source = onnx.load(str(input_path), load_external_data=False)
+    onnx_prep.name_nodes(source.graph)  # the same names prepare() gives, so exclusions match
+    requested = list(params.op_types or ORT_STATIC_OP_TYPES)
+    _check_excluded_nodes(params.nodes_to_exclude, source.graph, set(requested))
+
+    prep_dir = out_dir / "prep"
+    output = out_dir / "model.onnx"
+    warnings: list[str] = []
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[params.calibrate_method]
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    try:
+        ctx.report(0.02, "preparing the model for quantization")
+        # Gemm stays Gemm: ORT fuses its QDQ form into QGemm, which adds the bias in int32; on the
+        # test MLP that was a little faster and closer to float than MatMul + Add.
+        prepared = onnx_prep.prepare(input_path, prep_dir, gemm_to_matmul=False)
+        flattened = _flatten_gemm_biases(prepared.path)
+        if flattened:
+            prepared.notes.append(f"reshaped {flattened} Gemm bias(es) of shape [1, N] to [N] (ONNX Runtime's "
+                                  "per-channel bias check fails on 2-D biases)")
+        graph = onnx.load(str(prepared.path), load_external_data=False).graph
+        before = onnx_prep.op_counts(graph)
+        present = {node.name for node in graph.node}
+        gone = [name for name in params.nodes_to_exclude if name not in present]
+        if gone:
+            warnings.append(f"pre-processing fused or removed node(s) {', '.join(map(repr, gone[:5]))}; "
+                            "excluding them has no effect")
+        excluded = set(params.nodes_to_exclude)
+        if not any(node.op_type in requested and node.name not in excluded for node in graph.node):
+            raise _nothing_to_quantize(graph, requested, params.nodes_to_exclude)
+        del graph
+
+        # A step that names a dataset calibrates on it; random data stands in only where none is named.
+        data = calibration_source(prepared.path, ctx.calibration, samples=params.calibration_samples, seed=ctx.seed,
+                                  allow_random=params.allow_random_calibration and not params.calibration_dataset_id)
+        if data.plan is not None:
+            warnings.append(
+                "calibrated on random data, not on samples of real inputs: activation ranges may not match real "
+                "data and accuracy on it may be much lower; give a calibration_dataset_id"
+            )
+        cache = prep_dir / "calibration.json"
+        chunking = _calibrate(prepared.path, requested, method, params, data, prep_dir, cache, ctx)
+
+        ctx.report(0.85, "quantizing weights and inserting QuantizeLinear/DequantizeLinear")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(
+                    prepared.path, output, None,
+                    quant_format=QuantFormat.QDQ, op_types_to_quantize=requested,
+                    per_channel=params.per_channel, reduce_range=params.reduce_range,
+                    activation_type=types[params.activation_type], weight_type=types[params.weight_type],
+                    nodes_to_exclude=list(params.nodes_to_exclude), calibrate_method=method,
+                    calibration_cache_path=cache, use_external_data_format=False,
+                )
+        except Exception as exc:
+            raise StepFailed(f"ONNX Runtime's quantize_static failed: {onnx_prep.short_error(exc, 400)}") from exc
+    finally:
+        shutil.rmtree(prep_dir, ignore_errors=True)
+
+    ctx.report(0.95, "checking the quantized model")
+    _check_loads_with_same_io(source, output)
+    result = onnx.load(str(output))
+    summary = _qdq_summary(result.graph)
+    if not summary["weights"] and not summary["activations"]:
+        raise _nothing_to_quantize(result.graph, requested, params.nodes_to_exclude)
+    after = onnx_prep.op_counts(result.graph)
+    quantized_ops = {
+        op: {"before": before[op], "after": after[op], "quantized": summary["nodes"][op]}
+        for op in sorted(set(summary["nodes"]) | (WEIGHTED_OP_TYPES & set(before)))
+    }
+    for op in ("QuantizeLinear", "DequantizeLinear"):
+        quantized_ops[op] = {"before": before[op], "after": after[op]}
+    weights = summary["weights"]
+    per_tensor = [name for name, per_channel in weights.items() if not per_channel]
+    if params.per_channel and per_tensor:
+        warnings.append(f"per_channel: {len(per_tensor)} of {len(weights)} weights were quantized per tensor "
+                        "(ONNX Runtime quantizes per channel only Conv, Gemm and MatMul weights with an output axis)")
+    integer_ops = _cpu_integer_ops(output)
+    if integer_ops is not None and summary["nodes"] and not integer_ops:
+        warnings.append("ONNX Runtime's CPU provider fused no QuantizeLinear/DequantizeLinear pair into an integer "
+                        "kernel: the model will run in float with extra (de)quantization, slower than the original")
+
+    details = {
+        "preprocess": prepared.notes,
+        "calibrated_on": data.described,
+        "calibration_samples": data.samples,
+        "calibration_batch": data.batch,
+        "calibrate_method": params.calibrate_method,
+        **({"percentile": params.percentile} if params.calibrate_method == "percentile" else {}),
+        "calibration_chunk_samples": chunking,
+        "calibration_notes": data.notes,
+        "quantized_ops": quantized_ops,
+        "weights_quantized": len(weights),
+        "weights_per_channel": sum(1 for per_channel in weights.values() if per_channel),
+        "activations_quantized": summary["activations"],
+        "cpu_integer_ops": integer_ops,
+        "activation_type": params.activation_type,
+        "weight_type": params.weight_type,
+        "format": "QDQ",
+        "warnings": warnings,
+    }
+    return StepOutput(model_path=output, details=details)
+
+
+def _calibrate(model_path: Path, op_types: list[str], method, params: Int8StaticParams, data: CalibrationSource,
+               work_dir: Path, cache: Path, ctx: StepContext) -> int:
+    """Collect activation ranges in chunks and write them to ORT's calibration cache; returns the chunk size."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+
+    from workers.methods.onnx_prep import short_error
+
+    extra: dict[str, Any] = {}
+    if method == CalibrationMethod.Entropy:
+        extra = {"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS}
+    elif method == CalibrationMethod.Percentile:
+        extra = {"num_bins": PERCENTILE_BINS, "percentile": params.percentile}
+
+    def failed(exc: BaseException, stage: str) -> StepFailed:
+        return StepFailed(f"calibration failed while {stage}: {short_error(exc, 400)}", code="calibration_failed")
+
+    ctx.report(0.1, f"calibrating on {data.samples} sample(s) of {data.described}")
+    # ORT's calibrators print progress to stdout; the step reports its own.
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            calibrator = create_calibrator(
+                model_path, op_types, augmented_model_path=str(work_dir / "augmented.onnx"),
+                calibrate_method=method, providers=["CPUExecutionProvider"], extra_options=extra,
+            )
+        except Exception as exc:
+            raise failed(exc, "preparing the calibration model") from exc
+        if method == CalibrationMethod.MinMax:
+            chunk = MINMAX_CHUNK
+        else:
+            try:
+                first = calibrator.infer_session.run(None, data.feed(0))
+            except Exception as exc:
+                raise failed(exc, "running the model on the first calibration sample") from exc
+            per_feed = max(1, sum(getattr(value, "nbytes", 0) for value in first))
+            del first
+            chunk = max(1, min(64, HISTOGRAM_CHUNK_BYTES // per_feed))
+        for start in range(0, data.count, chunk):
+            try:
+                calibrator.collect_data(CalibrationReader(data, start, start + chunk))
+            except Exception as exc:
+                raise failed(exc, f"running the model on calibration samples {start}-{start + chunk - 1}") from exc
+            done = min(start + chunk, data.count)
+            ctx.report(0.1 + 0.65 * done / data.count, f"calibrated on {done}/{data.count} feed(s)")
+        ctx.report(0.78, f"computing {params.calibrate_method} ranges")
+        try:
+            ranges = calibrator.compute_data()
+        except Exception as exc:
+            raise failed(exc, f"computing {params.calibrate_method} ranges") from exc
+        del calibrator
+    save_tensors_data(ranges, cache)
+    return chunk
+
+
+def _flatten_gemm_biases(path: Path) -> int:
+    """Gemm biases [1, N] -> [N] in place (same maths: C broadcasts); returns how many were reshaped.
+
+    ORT 1.32's QDQ quantizer indexes a per-channel Gemm's bias by output channel and fails with
+    "truth value of an array ... is ambiguous" on a 2-D bias (opt-mnist's Gemm has one).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    initializers = {init.name: init for init in model.graph.initializer}
+    readers = Counter(name for node in model.graph.node for name in node.input)
+    reshaped = 0
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in initializers:
+            continue
+        bias = initializers[node.input[2]]
+        if len(bias.dims) < 2 or any(d != 1 for d in bias.dims[:-1]) or readers[bias.name] != 1:
+            continue
+        flat = numpy_helper.from_array(numpy_helper.to_array(bias).reshape(-1), bias.name)
+        bias.CopyFrom(flat)
+        reshaped += 1
+    if reshaped:
+        onnx.save(model, str(path))
+    return reshaped
+
+
+def _qdq_summary(graph) -> dict[str, Any]:
+    """Weights quantized (name -> per channel?), activations quantized, and quantized nodes per op type."""
+    import onnx
+
+    initializers = {init.name: init for init in graph.initializer}
+    dequantized: dict[str, str] = {}  # DequantizeLinear output -> its quantized input
+    weights: dict[str, bool] = {}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        dequantized[node.output[0]] = node.input[0]
+        init = initializers.get(node.input[0])
+        if init is not None and init.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            scale = initializers.get(node.input[1]) if len(node.input) > 1 else None
+            # Per-channel scales are 1-D (one per output channel, a single one for a 1-channel layer).
+            weights[init.name] = scale is not None and len(scale.dims) == 1
+    nodes: Counter[str] = Counter()
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dequantized for i in node.input):
+            nodes[node.op_type] += 1
+    activations = sum(1 for node in graph.node if node.op_type == "QuantizeLinear")
+    return {"weights": weights, "activations": activations, "nodes": nodes}
+
+
+def _cpu_integer_ops(path: Path) -> dict[str, int] | None:
+    """The integer kernels ONNX Runtime's CPU provider fuses the QDQ graph into (None if that cannot be seen)."""
+    import onnx
+    import onnxruntime as ort
+
+    optimized = path.with_name(path.stem + ".cpu-optimized.onnx")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Extended: the QDQ fusions, without the hardware-specific layout changes of level 3.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(optimized)
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        counts = Counter(node.op_type for node in onnx.load(str(optimized), load_external_data=False).graph.node)
+    except Exception:
+        return None
+    finally:
+        optimized.unlink(missing_ok=True)
+    integer = {op: n for op, n in counts.items()
+               if op.startswith("QLinear") or op in ("QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
+                                                     "QAttention", "DynamicQuantizeMatMul")}
+    return dict(sorted(integer.items()))
+
+
+def _nothing_to_quantize(graph, requested: list[str], excluded: list[str]) -> StepFailed:
+    present = sorted({node.op_type for node in graph.node})
+    return StepFailed(
+        f"nothing to quantize: the graph has no {', '.join(sorted(requested)[:12])}"
+        f"{'...' if len(requested) > 12 else ''} node ONNX Runtime quantizes"
+        + (f" once {len(excluded)} excluded node(s) are left out" if excluded else "")
+        + f" (it has {', '.join(present[:15])}{'...' if len(present) > 15 else ''})",
+        code="nothing_to_quantize",
+    )
+
+
+METHOD = Method(
+    id="quantize.int8_static",
+    version=1,
+    description=(
+        "Static 8-bit quantization with ONNX Runtime (QDQ format): int8 weights (per output channel by default) and "
+        "uint8 activations whose ranges are calibrated on a dataset (or, if allowed, on random inputs). ONNX Runtime "
+        "runs the result with integer kernels (QLinearConv, QGemm, ...): usually the fastest int8 option on CPU for "
+        "CNNs and MLPs. Needs calibration data drawn like real inputs."
+    ),
+    params_model=Int8StaticParams,
+    run=quantize,
+    dataset_params=("calibration_dataset_id",),
+)
