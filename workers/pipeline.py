@@ -6,6 +6,7 @@ alone, and a job found `running` (its worker died) is started over cleanly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -166,7 +167,10 @@ def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: d
                 progress=lambda fraction, message, base=base: run.progress(
                     base + STEPS / len(steps) * fraction, f"step {index}/{len(steps)}", message),
             )
-            output = method.run(current, params, out_dir, ctx)
+            # ONNX Runtime's tools drop temp files in the working directory (sym_shape_infer_temp.onnx
+            # and its external data): keep them inside the job's folder.
+            with contextlib.chdir(out_dir):
+                output = method.run(current, params, out_dir, ctx)
         except ModelPressError as exc:
             exc.message = f"step {index} ({method.id}) failed: {exc.message}"
             raise

@@ -59,9 +59,19 @@ def catalog() -> list[dict[str, Any]]:
 
 
 def _register_builtins() -> None:
-    from workers.methods import quantize_int8_dynamic
+    from workers.methods import (
+        quantize_auto,
+        quantize_fp16,
+        quantize_int4_weight_only,
+        quantize_int8_dynamic,
+        quantize_int8_static,
+    )
 
     register(quantize_int8_dynamic.METHOD)
+    register(quantize_int8_static.METHOD)
+    register(quantize_int4_weight_only.METHOD)
+    register(quantize_fp16.METHOD)
+    register(quantize_auto.METHOD)
 
 
 _register_builtins()
