@@ -567,3 +567,34 @@ def test_real_yolox_calibrated_on_coco_images_keeps_its_detection(tmp_path):
     assert classes[int(np.unravel_index(scores.argmax(), scores.shape)[1])].strip() == "tvmonitor"
     assert scores.max() > 0.8
 
+
+
+def test_int4_quantizes_embedding_tables(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+
+    class Tagger(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(2000, 64)
+            self.head = torch.nn.Linear(64, 64)
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    path = tmp_path / "tagger.onnx"
+    torch.onnx.export(Tagger().eval(), (torch.randint(0, 2000, (2, 16)),), str(path), dynamo=False,
+                      opset_version=17, input_names=["ids"], output_names=["out"],
+                      dynamic_axes={"ids": {0: "batch", 1: "sequence"}, "out": {0: "batch", 1: "sequence"}})
+    feeds = {"ids": np.random.default_rng(0).integers(0, 2000, (4, 16)).astype(np.int64)}
+    out = run_method("quantize.int4_weight_only", path, tmp_path / "q")
+    assert out.details["embeddings_quantized"] == 1 and out.details["weights_quantized"] == 1
+    assert ops(out.model_path)["GatherBlockQuantized"] == 1
+    assert out.model_path.stat().st_size < path.stat().st_size / 5  # the 2000x64 table dominates
+    assert min(compare(path, out.model_path, feeds)) > 0.98
+
+    kept = run_method("quantize.int4_weight_only", path, tmp_path / "kept", quantize_embeddings=False)
+    assert kept.details["embeddings_quantized"] == 0
+    assert "1 embedding table(s) stay float (quantize_embeddings is off)" in kept.details["notes"]
+    assert kept.model_path.stat().st_size > path.stat().st_size * 0.8
