@@ -43,7 +43,7 @@ def test_create_job_is_queued_with_location_and_one_message(client, alice, model
     assert job["name"] == "first"
     assert resp.headers["location"] == f"/v1/jobs/{job['id']}"
     # Defaults are filled in: the worker runs exactly what was accepted.
-    assert job["steps"][0]["params"] == {"per_channel": True, "weight_type": "int8", "reduce_range": False, "op_types": None,
+    assert job["steps"][0]["params"] == {"per_channel": True, "weight_type": "auto", "reduce_range": False, "op_types": None,
                                          "keep_depthwise_conv_float": True, "nodes_to_exclude": []}
     messages = queued_messages(data_dir)
     assert len(messages) == 1

@@ -127,7 +127,7 @@ def test_params_defaults_and_validation():
     params_model = methods.get(INT8).params_model
     defaults = params_model.model_validate({})
     assert defaults.model_dump() == {
-        "per_channel": True, "weight_type": "int8", "reduce_range": False, "op_types": None, "keep_depthwise_conv_float": True,
+        "per_channel": True, "weight_type": "auto", "reduce_range": False, "op_types": None, "keep_depthwise_conv_float": True,
         "nodes_to_exclude": [],
     }
     with pytest.raises(ValidationError, match="extra"):
@@ -336,6 +336,7 @@ def test_int8_dynamic_on_real_models(relative, tmp_path):
     assert output.model_path.stat().st_size < path.stat().st_size
     assert any(expected_note in note for note in output.details["preprocess"]), output.details["preprocess"]
     assert CONV_INTEGER_WARNING in output.details["warnings"]
+    assert output.details["weight_type"] == "uint8" and "feed Conv" in output.details["weight_type_reason"]
     ops, kept = output.details["quantized_ops"], output.details["depthwise_conv_kept_float"]
     assert ops["ConvInteger"]["after"] == ops["Conv"]["before"] - kept
     assert ops["Conv"]["after"] == kept
