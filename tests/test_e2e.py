@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import IN_CI, SHARED_MODELS, mlp_onnx_bytes
+from tests.conftest import IN_CI, SHARED_MODELS, digits_classifier, mlp_onnx_bytes
 from tests.stack import BIN, base_env, free_port, logs, modelpress, processes, wait_for_job, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -113,6 +113,58 @@ def user_session(http: httpx.Client, data_dir: Path) -> None:
         assert "images" in skipped[0]["reason"]
 
 
+def quantization_session(http: httpx.Client) -> None:
+    """Every quantization method through the API on the real worker, on a digits CNN trained in the tests."""
+    import io
+
+    onnx_bytes, x, y = digits_classifier("cnn")
+    model = http.post("/v1/models", files={"file": ("digits-cnn.onnx", onnx_bytes)}).json()
+
+    def upload(name: str, **arrays) -> str:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        resp = http.post("/v1/datasets", files={"file": (name, buf.getvalue())})
+        assert resp.status_code == 201, resp.text
+        return resp.json()["id"]
+
+    calibration = upload("calibration.npz", images=x[:100])
+    evaluation = upload("eval.npz", images=x[100:], labels=y[100:])
+    evaluate = {"batch_sizes": [1], "warmup": 2, "iterations": 10, "eval_dataset_id": evaluation}
+    steps = {
+        "quantize.int8_static": {"calibration_dataset_id": calibration},
+        "quantize.int4_weight_only": {},
+        "quantize.fp16": {},
+        "quantize.auto": {"eval_dataset_id": evaluation, "max_accuracy_drop": 1.0, "objective": "size",
+                          "schemes": ["int8_static", "fp16"], "latency_iterations": 5},
+    }
+    jobs = {}
+    for method, params in steps.items():
+        resp = http.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"method": method, "params": params}],
+                                           "evaluate": evaluate})
+        assert resp.status_code == 202, resp.text
+        jobs[method] = resp.json()["id"]
+    for method, job_id in jobs.items():
+        job = wait_for_job(http, job_id)
+        assert job["status"] == "succeeded", (method, job)
+        summary = job["summary"]
+        assert summary["size_ratio"] < 0.7, (method, summary)
+        acc = summary["accuracy"]
+        assert acc["samples"] == len(y) - 100 and acc["original_top1"] > 0.9
+        assert acc["top1_drop_points"] <= 1.5, (method, acc)
+        compressed = http.get(f"/v1/jobs/{job_id}/artifacts/model.onnx").content
+        import onnxruntime as ort
+
+        logits = ort.InferenceSession(compressed, providers=["CPUExecutionProvider"]).run(None, {"images": x[100:]})[0]
+        assert acc["compressed_top1"] == pytest.approx(float((logits.argmax(1) == y[100:]).mean()), abs=1e-6)
+    report = http.get(f"/v1/jobs/{jobs['quantize.int8_static']}/report").json()
+    assert report["steps"][0]["details"]["calibrated_on"].startswith("dataset")
+    auto = http.get(f"/v1/jobs/{jobs['quantize.auto']}/report").json()["steps"][0]["details"]
+    assert {c["scheme"] for c in auto["candidates"]} == {"int8_static", "fp16"} and auto["chosen"]
+    # A static job without calibration data is refused before anything is queued.
+    refused = http.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"method": "quantize.int8_static"}]})
+    assert refused.status_code == 422 and "allow_random_calibration" in refused.json()["detail"]
+
+
 def test_embedded_default_make_run_path(tmp_path):
     """`modelpress run` (what `make run` starts): one command, SQLite, filesystem broker, a worker."""
     data_dir = tmp_path / "mp"
@@ -128,6 +180,7 @@ def test_embedded_default_make_run_path(tmp_path):
             assert httpx.get(f"{base}/v1/models").status_code == 401
             with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
                 user_session(http, data_dir)
+                quantization_session(http)
         except BaseException:
             print(logs(tmp_path))
             raise

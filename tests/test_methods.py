@@ -348,3 +348,21 @@ def test_int8_dynamic_on_real_models(relative, tmp_path):
     assert [o.name for o in quantized.get_outputs()] == [o.name for o in original.get_outputs()]
     assert [g.shape for g in got] == [e.shape for e in expected]
     assert all(np.isfinite(g).all() for g in got)
+
+
+# The smallest valid params of each method; a new method must add its own.
+MINIMAL_PARAMS = {
+    "quantize.int8_dynamic": {},
+    "quantize.int8_static": {"calibration_dataset_id": "d"},
+    "quantize.int4_weight_only": {},
+    "quantize.fp16": {},
+    "quantize.auto": {"eval_dataset_id": "d", "min_cosine": 0.99},
+}
+
+
+@pytest.mark.parametrize("method_id", sorted(methods.REGISTRY))
+def test_accepted_params_survive_the_round_trip_to_the_worker(method_id):
+    # The API stores params with defaults filled in (model_dump); the worker validates them again.
+    params_model = methods.get(method_id).params_model
+    accepted = params_model.model_validate(MINIMAL_PARAMS[method_id]).model_dump(mode="json")
+    assert params_model.model_validate(accepted).model_dump(mode="json") == accepted

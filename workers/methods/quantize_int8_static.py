@@ -142,7 +142,10 @@ class Int8StaticParams(MethodParams):
                 "like the model's real inputs, or set allow_random_calibration to true to calibrate on random "
                 "inputs (less accurate on real data)"
             )
-        if "percentile" in self.model_fields_set and self.calibrate_method != "percentile":
+        # Compared with the default, not model_fields_set: accepted params are stored with their defaults
+        # filled in and validated again by the worker.
+        default = type(self).model_fields["percentile"].default
+        if self.percentile != default and self.calibrate_method != "percentile":
             raise ValueError(
                 f"percentile applies only to calibrate_method 'percentile' (calibrate_method is "
                 f"{self.calibrate_method!r})"
