@@ -8,7 +8,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP_INSTALL := $(BIN)/python -m pip install -q --disable-pip-version-check $(FIND_LINKS) -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test services clean
+.PHONY: install run test services bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
@@ -27,6 +27,12 @@ services:
 
 test: install services
 	$(BIN)/python -m pytest -q
+
+# The benchmarks (they append to bench/RESULTS.md); they need the bench extra and ../shared/models.
+bench: install
+	$(PIP_INSTALL) -e '.[dev,bench]'
+	$(BIN)/python bench/int8_dynamic.py
+	$(BIN)/python bench/quantize.py
 
 clean:
 	rm -rf $(VENV) .modelpress .pytest_cache
