@@ -95,3 +95,16 @@ def test_auto_through_the_api_links_its_eval_dataset(client, alice, digits):
     details = report["steps"][0]["details"]
     assert details["chosen"] == "int8_dynamic" and details["eval_samples"] == 64
     assert done["summary"]["size_ratio"] < 0.5
+
+
+def test_a_candidate_must_be_clearly_faster_to_win_on_latency():
+    from workers.methods.quantize_auto import MIN_SPEEDUP, _choose
+
+    params = methods.get(AUTO).params_model.model_validate({"eval_dataset_id": "d", "min_cosine": 0.9})
+    noise = {"label": "fp16", "within_budget": True, "speedup": 1.01, "size_bytes": 50, "size_ratio": 0.5}
+    assert _choose([noise], params) is None
+    clear = {"label": "int8", "within_budget": True, "speedup": MIN_SPEEDUP + 0.5, "size_bytes": 30, "size_ratio": 0.3}
+    over = {"label": "int4", "within_budget": False, "speedup": 3.0, "size_bytes": 10, "size_ratio": 0.1}
+    assert _choose([noise, clear, over], params)["label"] == "int8"
+    by_size = params.model_copy(update={"objective": "size"})
+    assert _choose([noise, clear, over], by_size)["label"] == "int8"  # int4 is out of budget

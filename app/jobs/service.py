@@ -84,10 +84,14 @@ def dataset_links(db: Session, tenant_id: str, model: Model, spec: JobCreate, st
     for role, dataset_id, field in named:
         try:
             dataset = datasets_service.get_for_job(db=db, tenant_id=tenant_id, dataset_id=dataset_id)
-            check_against_model(dataset.inspection, model.inspection, role)
         except ModelPressError as exc:
             exc.extra = {**getattr(exc, "extra", {}), "field": field}
             exc.message = f"{field}: {exc.message}"
+            raise
+        try:
+            check_against_model(dataset.inspection, model.inspection, f"{field} ({dataset.name})")
+        except ModelPressError as exc:
+            exc.extra = {**getattr(exc, "extra", {}), "field": field}
             raise
         links.append((role, dataset))
     return links
