@@ -11,6 +11,8 @@ method modules that import this one are imported by the API process.
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -335,7 +337,10 @@ def ort_pre_process(src: Path, dst: Path) -> tuple[str | None, str]:
         # Its optimisation session logs a warning per unused initializer; keep the worker log readable.
         ort.set_default_logger_severity(3)
         try:
-            quant_pre_process(str(src), str(dst), **options)
+            # Its symbolic shape inference saves sym_shape_infer_temp.onnx (and external data) into the
+            # working directory when it gives up: keep that inside the output's folder.
+            with contextlib.chdir(dst.parent):
+                quant_pre_process(str(src.resolve()), str(dst.resolve()), **options)
             load_in_ort(str(dst))
         except Exception as exc:
             log.info("quant_pre_process (%s) failed on %s: %s", label, src, exc)
