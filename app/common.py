@@ -16,9 +16,21 @@ T = TypeVar("T")
 def get_owned_or_404(db: Session, model: type[T], *, tenant_id: str, object_id: str, error: type[NotFound]) -> T:
     """Another tenant's object is a 404 like a missing one: its existence is not revealed."""
     obj = db.get(model, object_id)
-    if obj is None or getattr(obj, "tenant_id") != tenant_id:
+    if obj is None or obj.tenant_id != tenant_id:
         raise error(f"no {model.__name__.lower()} with id {object_id!r}")
     return obj
+
+
+def newest_first_page(db: Session, query, entity, *, limit: int, cursor: str | None) -> tuple[list, str | None]:
+    """One page of `query` (rows of `entity`, which has created_at and id), newest first, and the next cursor."""
+    if cursor:
+        created_at, last_id = decode_cursor(cursor)
+        query = query.where(
+            (entity.created_at < created_at) | ((entity.created_at == created_at) & (entity.id < last_id))
+        )
+    rows = list(db.scalars(query.order_by(entity.created_at.desc(), entity.id.desc()).limit(limit + 1)))
+    next_cursor = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+    return rows[:limit], next_cursor
 
 
 def encode_cursor(created_at: dt.datetime, object_id: str) -> str:

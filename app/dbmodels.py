@@ -33,6 +33,7 @@ NAMING = {
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+ACTIVE_STATUSES = ("queued", "running")  # a job in one of these still needs its model and datasets
 
 
 def utcnow() -> dt.datetime:

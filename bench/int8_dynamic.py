@@ -115,7 +115,7 @@ def main() -> None:
         )
     table = "\n".join(lines)
     machine = (f"{env['cpu']}, {env.get('physical_cores')} physical / {env.get('logical_cores')} logical cores, "
-               f"onnxruntime {env['onnxruntime']}, {env['provider'] if 'provider' in env else 'CPUExecutionProvider'}, "
+               f"onnxruntime {env['onnxruntime']}, {env.get('provider', 'CPUExecutionProvider')}, "
                f"{env['threads']} threads")
     print(table)
     print(machine)

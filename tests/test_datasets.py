@@ -122,9 +122,9 @@ def test_same_bytes_are_stored_once(client, alice, bob, data_dir):
 
 
 def test_release_blob_keeps_a_blob_a_dataset_uses(client, alice, data_dir):
-    """The workers release blobs through models.service.release_blob: it must count datasets too."""
+    """The workers release blobs through app.blobs.release_blob: it must count datasets too."""
     from app.db import session_scope
-    from app.models.service import release_blob
+    from app.blobs import release_blob
     from app.store import get_store
 
     sha = upload(client, alice, npz_bytes(**mlp_data(3))).json()["sha256"]

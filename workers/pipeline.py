@@ -22,7 +22,8 @@ from app.dbmodels import TERMINAL_STATUSES, Artifact, Blob, Dataset, Job, JobDat
 from app.errors import JobFailed, ModelPressError
 from app.jobs.state import add_event, set_status
 from app.models.onnx_files import materialize
-from app.models.service import limits, release_blob
+from app.blobs import release_blob
+from app.models.service import limits
 from app.settings import get_settings
 from app.store import LocalStore, get_store
 from workers import methods
@@ -164,7 +165,7 @@ def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: d
                              if (value := step["params"].get(name))}
             ctx = methods.StepContext(
                 calibration=step_datasets.get("calibration_dataset_id"), datasets=step_datasets, seed=index,
-                progress=lambda fraction, message, base=base: run.progress(
+                progress=lambda fraction, message, base=base, index=index: run.progress(
                     base + STEPS / len(steps) * fraction, f"step {index}/{len(steps)}", message),
             )
             # ONNX Runtime's tools drop temp files in the working directory (sym_shape_infer_temp.onnx

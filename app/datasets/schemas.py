@@ -1,20 +1,12 @@
 from __future__ import annotations
 
-import datetime as dt
-from typing import Any
+from pydantic import BaseModel
 
-from pydantic import BaseModel, ConfigDict
+from app.models.schemas import UploadPublic
 
 
-class DatasetPublic(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-    id: str
-    name: str
-    format: str
-    size_bytes: int
-    sha256: str
-    created_at: dt.datetime
-    inspection: dict[str, Any]
+class DatasetPublic(UploadPublic):
+    pass
 
 
 class DatasetPage(BaseModel):

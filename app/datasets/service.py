@@ -6,11 +6,11 @@ from pathlib import Path
 from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session
 
-from app.common import decode_cursor, encode_cursor, get_owned_or_404
+from app.blobs import keep_upload, release_blob
+from app.common import get_owned_or_404, newest_first_page
 from app.datasets.files import format_for, inspect_dataset, load_arrays
-from app.dbmodels import Blob, Dataset, Job, JobDataset
+from app.dbmodels import ACTIVE_STATUSES, Dataset, Job, JobDataset
 from app.errors import DatasetInUse, DatasetNotFound
-from app.models.service import ACTIVE_STATUSES, blob_referenced, release_blob
 from app.settings import Settings
 from app.store import LocalStore
 from app.uploads import Received
@@ -23,22 +23,8 @@ def create_from_upload(
     fmt = format_for(received.filename)
     inspection = inspect_dataset(load_arrays(received.path, fmt, max_unpacked_bytes=settings.max_unpacked_bytes))
     name = (received.fields.get("name") or Path(received.filename).name)[:255]
-    sha, size, created_file = store.put(received.path, received.sha256)
-    try:
-        if db.get(Blob, sha) is None:
-            db.add(Blob(sha256=sha, size_bytes=size))
-            db.flush()  # the dataset row references the blob row
-        dataset = Dataset(
-            tenant_id=tenant_id, name=name, format=fmt, sha256=sha, size_bytes=size, inspection=inspection
-        )
-        db.add(dataset)
-        db.commit()
-    except BaseException:
-        db.rollback()
-        if created_file and not blob_referenced(db, sha):
-            store.delete(sha)
-        raise
-    return dataset
+    return keep_upload(db=db, store=store, received=received, make_row=lambda sha, size: Dataset(
+        tenant_id=tenant_id, name=name, format=fmt, sha256=sha, size_bytes=size, inspection=inspection))
 
 
 def get(*, db: Session, tenant_id: str, dataset_id: str) -> Dataset:
@@ -54,14 +40,7 @@ def get_for_job(*, db: Session, tenant_id: str, dataset_id: str) -> Dataset:
 
 def list_page(*, db: Session, tenant_id: str, limit: int, cursor: str | None) -> tuple[list[Dataset], str | None]:
     query = select(Dataset).where(Dataset.tenant_id == tenant_id)
-    if cursor:
-        created_at, last_id = decode_cursor(cursor)
-        query = query.where(
-            (Dataset.created_at < created_at) | ((Dataset.created_at == created_at) & (Dataset.id < last_id))
-        )
-    rows = list(db.scalars(query.order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit + 1)))
-    next_cursor = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    return newest_first_page(db, query, Dataset, limit=limit, cursor=cursor)
 
 
 def delete(*, db: Session, store: LocalStore, tenant_id: str, dataset_id: str) -> None:

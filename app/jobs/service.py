@@ -10,7 +10,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.common import decode_cursor, encode_cursor, get_owned_or_404
+from app.common import get_owned_or_404, newest_first_page
 from app.datasets import service as datasets_service
 from app.datasets.files import check_against_model
 from app.dbmodels import TERMINAL_STATUSES, Artifact, Job, JobDataset, JobEvent, Model
@@ -168,12 +168,7 @@ def list_page(
     query = select(Job).where(Job.tenant_id == tenant_id)
     if status:
         query = query.where(Job.status == status)
-    if cursor:
-        created_at, last_id = decode_cursor(cursor)
-        query = query.where((Job.created_at < created_at) | ((Job.created_at == created_at) & (Job.id < last_id)))
-    rows = list(db.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-    next_cursor = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    return newest_first_page(db, query, Job, limit=limit, cursor=cursor)
 
 
 def cancel(*, db: Session, tenant_id: str, job_id: str) -> Job:

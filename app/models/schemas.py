@@ -6,7 +6,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 
-class ModelPublic(BaseModel):
+class UploadPublic(BaseModel):
+    """What the API answers for a stored upload (a model or a dataset)."""
+
     model_config = ConfigDict(from_attributes=True)
     id: str
     name: str
@@ -15,6 +17,10 @@ class ModelPublic(BaseModel):
     sha256: str
     created_at: dt.datetime
     inspection: dict[str, Any]
+
+
+class ModelPublic(UploadPublic):
+    pass
 
 
 class ModelPage(BaseModel):

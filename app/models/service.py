@@ -6,15 +6,14 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.common import decode_cursor, encode_cursor, get_owned_or_404
-from app.dbmodels import Artifact, Blob, Dataset, Job, Model
+from app.blobs import keep_upload, release_blob
+from app.common import get_owned_or_404, newest_first_page
+from app.dbmodels import ACTIVE_STATUSES, Job, Model
 from app.errors import ModelInUse, ModelNotFound
 from app.models.onnx_files import Limits, validate_upload
 from app.settings import Settings
 from app.store import LocalStore
 from app.uploads import Received
-
-ACTIVE_STATUSES = ("queued", "running")
 
 
 def limits(settings: Settings) -> Limits:
@@ -29,39 +28,8 @@ def create_from_upload(
         received.path, filename=received.filename, workdir=workdir / "check", limits=limits(settings)
     )
     name = (received.fields.get("name") or Path(received.filename).name)[:255]
-    sha, size, created_file = store.put(received.path, received.sha256)
-    try:
-        if db.get(Blob, sha) is None:
-            db.add(Blob(sha256=sha, size_bytes=size))
-            db.flush()  # the model row references the blob row
-        model = Model(tenant_id=tenant_id, name=name, format=fmt, sha256=sha, size_bytes=size, inspection=inspection)
-        db.add(model)
-        db.commit()
-    except BaseException:
-        db.rollback()
-        if created_file and not blob_referenced(db, sha):
-            store.delete(sha)
-        raise
-    return model
-
-
-def blob_referenced(db: Session, sha256: str) -> bool:
-    """Whether any model, dataset or artifact still points at the blob."""
-    return any(
-        db.scalar(select(func.count()).select_from(table).where(table.sha256 == sha256))
-        for table in (Model, Dataset, Artifact)
-    )
-
-
-def release_blob(*, db: Session, store: LocalStore, sha256: str) -> None:
-    """Drop a blob nothing points at any more (row first, file after the commit)."""
-    if blob_referenced(db, sha256):
-        return
-    blob = db.get(Blob, sha256)
-    if blob is not None:
-        db.delete(blob)
-        db.commit()
-    store.delete(sha256)
+    return keep_upload(db=db, store=store, received=received, make_row=lambda sha, size: Model(
+        tenant_id=tenant_id, name=name, format=fmt, sha256=sha, size_bytes=size, inspection=inspection))
 
 
 def get(*, db: Session, tenant_id: str, model_id: str) -> Model:
@@ -70,14 +38,7 @@ def get(*, db: Session, tenant_id: str, model_id: str) -> Model:
 
 def list_page(*, db: Session, tenant_id: str, limit: int, cursor: str | None) -> tuple[list[Model], str | None]:
     query = select(Model).where(Model.tenant_id == tenant_id)
-    if cursor:
-        created_at, last_id = decode_cursor(cursor)
-        query = query.where(
-            (Model.created_at < created_at) | ((Model.created_at == created_at) & (Model.id < last_id))
-        )
-    rows = list(db.scalars(query.order_by(Model.created_at.desc(), Model.id.desc()).limit(limit + 1)))
-    next_cursor = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    return newest_first_page(db, query, Model, limit=limit, cursor=cursor)
 
 
 def delete(*, db: Session, store: LocalStore, tenant_id: str, model_id: str) -> None:

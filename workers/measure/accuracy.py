@@ -40,11 +40,11 @@ class _Scores:
         }
 
 
-def classification_output(output_pairs, sessions, batch: int, labels: np.ndarray,
+def classification_output(output_pairs, batch: int, labels: np.ndarray,
                           sample_outputs: list[np.ndarray]) -> tuple[int | None, str]:
     """Index into output_pairs of the output holding class scores [batch, classes], and why (or why none)."""
     need = int(labels.max()) + 1 if labels.size else 1
-    for index, ((i, _j, name, _rn, _dt), value) in enumerate(zip(output_pairs, sample_outputs)):
+    for index, ((_i, _j, name, _rn, _dt), value) in enumerate(zip(output_pairs, sample_outputs)):
         value = np.asarray(value)
         if value.dtype.kind != "f" or value.ndim < 2 or value.shape[0] != batch:
             continue
@@ -107,7 +107,7 @@ def evaluate_dataset(
         if labels is not None:
             if runs == 0:
                 target, accuracy_note = classification_output(
-                    output_pairs, sessions, size, labels[start:stop],
+                    output_pairs, size, labels[start:stop],
                     [outputs["baseline"][i] for i, *_ in output_pairs])
             if target is not None:
                 i, j = output_pairs[target][0], output_pairs[target][1]

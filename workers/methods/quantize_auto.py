@@ -87,8 +87,8 @@ def run(input_path: Path, params: AutoParams, out_dir: Path, ctx: StepContext) -
     total = len(params.schemes) + params.max_excluded_layers.bit_length() * len(INT8)
     for scheme in params.schemes:
         ctx.report(len(candidates) / total, f"trying {scheme}")
-        candidate = _build_and_judge(methods.get(f"quantize.{scheme}"), scheme, [], input_path, out_dir, params,
-                                     evaluation, calibration, ctx)
+        candidate = _build_and_judge(len(candidates), methods.get(f"quantize.{scheme}"), scheme, [], input_path,
+                                     out_dir, params, evaluation, calibration, ctx)
         candidates.append(candidate)
         if scheme in INT8 and candidate["status"] == "measured" and not candidate["within_budget"] \
                 and params.max_excluded_layers:
@@ -98,8 +98,8 @@ def run(input_path: Path, params: AutoParams, out_dir: Path, ctx: StepContext) -
             while count <= min(params.max_excluded_layers, len(ranking)):
                 excluded = [entry["node"] for entry in ranking[:count]]
                 ctx.report(len(candidates) / total, f"trying {scheme} with {count} layer(s) in float")
-                retry = _build_and_judge(methods.get(f"quantize.{scheme}"), scheme, excluded, input_path, out_dir,
-                                         params, evaluation, calibration, ctx)
+                retry = _build_and_judge(len(candidates), methods.get(f"quantize.{scheme}"), scheme, excluded,
+                                         input_path, out_dir, params, evaluation, calibration, ctx)
                 candidates.append(retry)
                 if retry["status"] == "measured" and retry["within_budget"]:
                     break
@@ -130,22 +130,19 @@ def run(input_path: Path, params: AutoParams, out_dir: Path, ctx: StepContext) -
     })
 
 
-def _build_and_judge(method, scheme: str, excluded: list[str], input_path: Path, out_dir: Path, params: AutoParams,
-                     evaluation, calibration, ctx: StepContext) -> dict[str, Any]:
+def _build_and_judge(index: int, method, scheme: str, excluded: list[str], input_path: Path, out_dir: Path,
+                     params: AutoParams, evaluation, calibration, ctx: StepContext) -> dict[str, Any]:
     from workers.measure import measure_pair
 
     label = scheme + (f" ({len(excluded)} layer(s) in float)" if excluded else "")
     entry: dict[str, Any] = {"label": label, "scheme": scheme, "excluded_layers": excluded}
-    workdir = out_dir / f"candidate-{abs(hash(label)) % 10**8}"
-    shutil.rmtree(workdir, ignore_errors=True)
+    workdir = out_dir / f"candidate-{index}"
     workdir.mkdir(parents=True)
     raw: dict[str, Any] = {}
     if excluded:
         raw["nodes_to_exclude"] = excluded
     if scheme == "int8_static":
         raw["calibration_dataset_id"] = "auto"
-    if scheme == "int4_weight_only" and excluded:
-        raw.pop("nodes_to_exclude")
     try:
         step_params = method.params_model.model_validate(raw)
         built = method.run(input_path, step_params, workdir,
@@ -242,11 +239,12 @@ def _sensitivity(original: Path, quantized: Path, evaluation, notes: list[str]) 
     except Exception as exc:  # an exotic graph: rank nothing rather than fail the search
         notes.append(f"layer sensitivity was not measured: {onnx_prep.short_error(exc, 200)}")
         return []
-    sample = evaluation.take(SENSITIVITY_SAMPLES)
     inputs = {i.name: i for i in sessions[0].get_inputs()}
     sums = dict.fromkeys(tensors, 0.0)
     count = 0
-    batch = 1 if any(isinstance(i.shape[0], int) and i.shape[0] == 1 for i in inputs.values()) else 16
+    fixed = {i.shape[0] for i in inputs.values() if i.shape and isinstance(i.shape[0], int)}
+    batch = fixed.pop() if fixed else 16  # a model with a fixed batch takes exactly that many
+    sample = evaluation.take(max(SENSITIVITY_SAMPLES // batch, 1) * batch)  # whole batches only
     for feeds, _ in sample.batches(batch):
         feeds = {k: v for k, v in feeds.items() if k in inputs}
         outs = [dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds))) for s in sessions]
