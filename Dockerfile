@@ -19,6 +19,7 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY app/__init__.py app/__init__.py
 COPY workers/__init__.py workers/__init__.py
 RUN pip install -c constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu . \
+ && pip install --no-deps -c constraints.txt onnx2torch \
  && if [ "$ORT_PACKAGE" != "onnxruntime" ]; then \
       pip uninstall -y onnxruntime && pip install "$ORT_PACKAGE"; \
     fi

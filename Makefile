@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP_INSTALL) -e '.[dev]'
+	# onnx2torch without its declared torchvision (see pyproject.toml)
+	$(PIP_INSTALL) --no-deps onnx2torch
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import shutil
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from tests.conftest import digits_classifier  # noqa: E402
 from workers import methods  # noqa: E402
 from workers.datasets import Dataset  # noqa: E402
 from workers.measure import measure_pair  # noqa: E402
+from bench.results import publish  # noqa: E402
 
 SCHEMES = ("int8_dynamic", "int8_static", "int4_weight_only", "fp16")
 
@@ -288,21 +288,10 @@ def main() -> None:
                     line = "| " + " | ".join(cells) + " |"
                     print(line, flush=True)
                     lines.append(line)
-    from workers.measure.environment import describe
-
-    env = describe(provider="CPUExecutionProvider", threads=0)
-    machine = f"{env['cpu']}, {env.get('logical_cores')} logical cores, onnxruntime {env['onnxruntime']}"
-    table = "\n".join(lines)
-    print(table)
-    print(machine, f"({time.time() - started:.0f} s)")
-    if not args.no_write:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as fh:
-            fh.write(
-                f"\n## Quantization schemes: ModelPress vs a plain ONNX Runtime call — {dt.date.today().isoformat()}\n\n"
-                f"`.venv/bin/python bench/quantize.py {' '.join(sys.argv[1:])}`. Each row is measured against the "
-                "same original in one process (latency interleaved with it); p50 ratio = result p50 / original p50 "
-                "(below 1 is faster); accuracy and cosine on real data (see the script).\n\n"
-                f"Machine: {machine}\n\n{table}\n")
+    publish("Quantization schemes: ModelPress vs a plain ONNX Runtime call",
+            "Each row is measured against the same original in one process (latency interleaved with it); p50 "
+            "ratio = result p50 / original p50 (below 1 is faster); accuracy and cosine on real data (see the script).",
+            "\n".join(lines), started=started, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -357,6 +357,9 @@ MINIMAL_PARAMS = {
     "quantize.int4_weight_only": {},
     "quantize.fp16": {},
     "quantize.auto": {"eval_dataset_id": "d", "min_cosine": 0.99},
+    "prune.channels": {"ratio": 0.5},
+    "prune.magnitude": {"sparsity": 0.8},
+    "prune.2_4": {},
 }
 
 

@@ -43,6 +43,7 @@ class Run:
     job_id: str
     store: LocalStore
     last_progress_write: float = 0.0
+    last_cancel_check: float = 0.0
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     # dataset id -> (sha256, format, name) of every dataset the job names
     datasets: dict[str, tuple[str, str, str]] = field(default_factory=dict)
@@ -74,6 +75,14 @@ class Run:
     def cancel_requested(self) -> bool:
         with session_scope() as db:
             return bool(db.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+
+    def cancel_requested_throttled(self) -> bool:
+        """cancel_requested, asked of the database at most once a second (for loops inside a step)."""
+        now = time.monotonic()
+        if now - self.last_cancel_check < 1.0:
+            return False
+        self.last_cancel_check = now
+        return self.cancel_requested()
 
     def check_cancel(self) -> None:
         if self.cancel_requested():
@@ -165,8 +174,9 @@ def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: d
                              if (value := step["params"].get(name))}
             ctx = methods.StepContext(
                 calibration=step_datasets.get("calibration_dataset_id"), datasets=step_datasets, seed=index,
-                progress=lambda fraction, message, base=base, index=index: run.progress(
-                    base + STEPS / len(steps) * fraction, f"step {index}/{len(steps)}", message),
+                progress=lambda fraction, message, milestone=False, base=base, index=index: run.progress(
+                    base + STEPS / len(steps) * fraction, f"step {index}/{len(steps)}", message, force=milestone),
+                cancelled=run.cancel_requested_throttled,
             )
             # ONNX Runtime's tools drop temp files in the working directory (sym_shape_infer_temp.onnx
             # and its external data): keep them inside the job's folder.
@@ -193,20 +203,11 @@ def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: d
     def on_progress(fraction: float, message: str) -> None:
         run.progress(PREPARE + STEPS + MEASURE * fraction, "measuring", message)
 
-    last_check = [0.0]
-
-    def should_stop() -> bool:
-        now = time.monotonic()
-        if now - last_check[0] < 1.0:
-            return False
-        last_check[0] = now
-        return run.cancel_requested()
-
     try:
         measured = measure_pair(
             original, current, batch_sizes=evaluate["batch_sizes"], warmup=evaluate["warmup"],
             iterations=evaluate["iterations"], providers=evaluate.get("providers"),
-            threads=settings.measure_threads or None, on_progress=on_progress, should_stop=should_stop,
+            threads=settings.measure_threads or None, on_progress=on_progress, should_stop=run.cancel_requested_throttled,
             dataset=run.dataset(evaluate["eval_dataset_id"]) if evaluate.get("eval_dataset_id") else None,
             dataset_max_samples=evaluate.get("eval_max_samples"),
         )

@@ -60,6 +60,9 @@ def catalog() -> list[dict[str, Any]]:
 
 def _register_builtins() -> None:
     from workers.methods import (
+        prune_2_4,
+        prune_channels,
+        prune_magnitude,
         quantize_auto,
         quantize_fp16,
         quantize_int4_weight_only,
@@ -72,6 +75,9 @@ def _register_builtins() -> None:
     register(quantize_int4_weight_only.METHOD)
     register(quantize_fp16.METHOD)
     register(quantize_auto.METHOD)
+    register(prune_channels.METHOD)
+    register(prune_magnitude.METHOD)
+    register(prune_2_4.METHOD)
 
 
 _register_builtins()

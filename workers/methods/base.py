@@ -42,17 +42,29 @@ class StepContext:
     loaded by the pipeline (a workers.datasets.Dataset: input arrays keyed by the model's input
     names, first axis = samples); `calibration` is the one `calibration_dataset_id` names, or
     None. `seed` makes random choices repeatable. `progress(fraction, message)` reports
-    progress within the step (0..1).
+    progress within the step (0..1). `should_stop()` says whether the job was cancelled, for long
+    loops (fine-tuning) to end early; the pipeline then cancels the job at the step boundary.
     """
 
     calibration: Any = None
     datasets: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    progress: Callable[[float, str], None] | None = None
+    progress: Callable[..., None] | None = None  # (fraction, message[, milestone])
+    cancelled: Callable[[], bool] | None = None
 
-    def report(self, fraction: float, message: str) -> None:
-        if self.progress is not None:
-            self.progress(min(max(fraction, 0.0), 1.0), message)
+    def report(self, fraction: float, message: str, *, milestone: bool = False) -> None:
+        """Progress within the step; a milestone (an epoch's figures) is always recorded as an event,
+        other reports may be dropped by the pipeline's throttle."""
+        if self.progress is None:
+            return
+        fraction = min(max(fraction, 0.0), 1.0)
+        if milestone:
+            self.progress(fraction, message, True)
+        else:
+            self.progress(fraction, message)
+
+    def should_stop(self) -> bool:
+        return self.cancelled is not None and self.cancelled()
 
 
 @dataclass

@@ -1,0 +1,289 @@
+"""ONNX -> PyTorch -> ONNX, for the methods that train or prune (they need nn modules, not a graph).
+
+`to_torch` rewrites the uploaded model where onnx2torch needs it (workers.bridge.rewrites),
+converts it, makes its constant weights trainable (workers.bridge.trainable) and checks the
+module against the original in ONNX Runtime before anyone trains it: a conversion that
+changed the model would otherwise surface only as a bad accuracy figure at the end of a job.
+`to_onnx` exports a (possibly pruned) module back with the original's names and dynamic axes,
+and checks the export the same way.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from app.errors import StepFailed
+from workers.bridge.check import figures, require_match, run_module, run_onnx, sample_count
+from workers.bridge.errors import ConversionMismatch, UnsupportedOp
+from workers.bridge.loader import onnx2torch
+from workers.bridge.rewrites import default_opset, node_label, prepare
+from workers.bridge.trainable import make_trainable
+
+__all__ = ["Bridged", "ConversionMismatch", "UnsupportedOp", "compare", "example_feeds", "to_onnx", "to_torch"]
+
+CHECK_SAMPLES = 8          # dataset samples the conversion checks run on
+EXPORT_OPSET_FLOOR, EXPORT_OPSET_CAP = 13, 17
+Shape = list[int | str | None]
+
+
+@dataclass
+class Bridged:
+    module: torch.nn.Module                 # float32, eval() mode, parameters trainable
+    input_names: list[str]                  # the ONNX model's real inputs (initializers excluded)
+    output_names: list[str]
+    input_shapes: dict[str, Shape]          # declared: int, dim_param string, or None
+    input_dtypes: dict[str, np.dtype]
+    opset: int                              # the original model's default-domain opset
+    check: dict[str, Any]                   # the conversion check (JSON-able), see workers.bridge.check
+    notes: list[str]                        # rewrites applied before conversion (JSON-able)
+    # Not in the first draft of the API; defaulted so that code constructing Bridged keeps working.
+    output_shapes: dict[str, Shape] = field(default_factory=dict)   # declared, for to_onnx's dynamic axes
+    vocabularies: dict[str, int] = field(default_factory=dict)      # input -> rows of the table it indexes
+
+
+def to_torch(model_path: Path, *, sample: dict[str, np.ndarray] | None = None) -> Bridged:
+    """The model at `model_path` as a trainable nn.Module, checked against ONNX Runtime.
+
+    `sample` (arrays named after the inputs, sample axis first) feeds the check; without it
+    the check runs on inputs generated from the declared specs. Raises UnsupportedOp or
+    ConversionMismatch; the file is never modified.
+    """
+    from workers.measure.inputs import gather_vocabularies
+
+    model_path = Path(model_path)
+    try:
+        model = onnx.load(str(model_path))
+    except Exception as exc:
+        raise StepFailed(f"the model cannot be loaded as ONNX: {_short(exc)}") from exc
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    prepared = prepare(model)
+    module = _convert(prepared.model)
+    notes = prepared.notes + make_trainable(module)
+    module.eval()
+
+    bridged = Bridged(
+        module=module,
+        input_names=[v.name for v in inputs],
+        output_names=[v.name for v in model.graph.output],
+        input_shapes={v.name: _declared_shape(v) for v in inputs},
+        input_dtypes={v.name: _declared_dtype(v) for v in inputs},
+        opset=default_opset(model),
+        check={},
+        notes=notes,
+        output_shapes={v.name: _declared_shape(v) for v in model.graph.output},
+        vocabularies={k: v for k, v in gather_vocabularies(model).items() if k in {i.name for i in inputs}},
+    )
+    del model, prepared
+    feeds, kind = _check_feeds(bridged, sample)
+    reference = run_onnx(model_path, feeds, bridged.output_names)
+    produced = run_module(module, bridged.input_names, feeds)
+    bridged.check = figures(reference, produced, bridged.output_names, inputs=kind, samples=sample_count(feeds))
+    require_match(bridged.check, "the converted PyTorch module")
+    return bridged
+
+
+def to_onnx(module: torch.nn.Module, bridged: Bridged, dst: Path, *,
+            sample: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Export `module` to `dst` (one file) with the original's names and dynamic axes, and check it.
+
+    The export traces `module`, so it follows the module's current shapes (a pruned layer exports
+    at its new width). The check compares the file in ONNX Runtime with the module itself.
+    """
+    dst = Path(dst)
+    opset = min(max(bridged.opset, EXPORT_OPSET_FLOOR), EXPORT_OPSET_CAP)
+    dynamic_axes = {name: _dynamic_axes(name, shape)
+                    for name, shape in {**bridged.input_shapes, **bridged.output_shapes}.items()}
+    dynamic_axes = {name: axes for name, axes in dynamic_axes.items() if axes}
+    trace_feed = _sample_feeds(bridged, sample)[0] if sample is not None else example_feeds(bridged)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(trace_feed[n])) for n in bridged.input_names)
+
+    was_training = module.training
+    module.eval()
+    try:
+        try:
+            _export(module, args, dst, bridged, dynamic_axes, opset)
+        except StepFailed:
+            if bridged.opset <= EXPORT_OPSET_CAP:
+                raise
+            opset = bridged.opset  # the original needs a newer opset than the cap: export at its own
+            _export(module, args, dst, bridged, dynamic_axes, opset)
+    finally:
+        module.train(was_training)
+
+    try:
+        onnx.checker.check_model(str(dst))
+    except onnx.checker.ValidationError as exc:
+        raise StepFailed(f"the exported model fails the ONNX checker: {_short(exc)}") from exc
+    if sample is not None:
+        feeds, kind = _sample_feeds(bridged, sample), "dataset"
+    else:
+        # Another batch size (where free) and other values than the trace: dynamic axes must hold.
+        feeds, kind = [example_feeds(bridged, batch=3, seed=1)], "generated"
+    reference = run_module(module, bridged.input_names, feeds)
+    exported = run_onnx(dst, feeds, bridged.output_names)
+    check = figures(reference, exported, bridged.output_names, inputs=kind, samples=sample_count(feeds))
+    require_match(check, "the exported ONNX model")
+    return {"opset": opset, "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in dynamic_axes.items()},
+            "check": check}
+
+
+def compare(original_path: Path, candidate: Path | torch.nn.Module, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per-output figures (max abs diff, cosine, reference max abs) of `candidate` against the original."""
+    from workers.bridge.check import session
+
+    original = session(Path(original_path))
+    input_names = [i.name for i in original.get_inputs()]
+    output_names = [o.name for o in original.get_outputs()]
+    feed = {name: np.ascontiguousarray(feeds[name]) for name in input_names}
+    reference = [original.run(output_names, feed)]
+    del original
+    if isinstance(candidate, torch.nn.Module):
+        produced = run_module(candidate, input_names, [feed])
+    else:
+        produced = run_onnx(Path(candidate), [feed], output_names)
+    return figures(reference, produced, output_names, inputs="given", samples=sample_count([feed]))
+
+
+def example_feeds(bridged: Bridged, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs generated from the declared specs, by the same rules the measurements use.
+
+    A free batch axis gets `batch`; other free axes a size guessed from their name; token ids
+    stay inside the vocabulary of the table they index, masks are ones, floats standard normal.
+    """
+    from workers.measure.inputs import ORT_DTYPES, plan_inputs
+
+    type_names = {np.dtype(v): k for k, v in ORT_DTYPES.items()}
+    specs = []
+    for name in bridged.input_names:
+        dtype = np.dtype(bridged.input_dtypes[name])
+        if dtype not in type_names:
+            raise StepFailed(f"cannot generate values for input '{name}' of type {dtype}")
+        specs.append(SimpleNamespace(name=name, type=type_names[dtype], shape=list(bridged.input_shapes[name])))
+    runner = SimpleNamespace(get_inputs=lambda: specs)
+    structure = _vocabulary_model(bridged.vocabularies)
+    plan = plan_inputs({"baseline": runner, "result": runner}, {"baseline": structure, "result": structure})
+    return plan.feeds(batch if plan.fixed_batch is None else plan.fixed_batch,
+                      np.random.default_rng(seed))["baseline"]
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+def _convert(model: onnx.ModelProto) -> torch.fx.GraphModule:
+    package, _ = onnx2torch()
+    try:
+        return package.convert(model)
+    except Exception as exc:
+        label, op, cause = _failing_node(model)
+        if label is None:
+            raise StepFailed(f"onnx2torch could not convert the model: {_short(exc)}",
+                             code="conversion_failed") from exc
+        if isinstance(cause, NotImplementedError):
+            raise UnsupportedOp(f"op '{op}' at node '{label}' cannot be converted to PyTorch with its attributes: "
+                                f"{_short(cause)}", ops=[op]) from exc
+        raise StepFailed(f"onnx2torch could not convert op '{op}' at node '{label}': {_short(cause)}",
+                         code="conversion_failed") from exc
+
+
+def _failing_node(model: onnx.ModelProto) -> tuple[str | None, str | None, Exception | None]:
+    """Convert node by node to find which one onnx2torch trips on (only run after it failed)."""
+    from onnx2torch.node_converters import get_converter
+    from onnx2torch.onnx_graph import OnnxGraph
+    from onnx2torch.utils.safe_shape_inference import safe_shape_inference
+
+    inferred = safe_shape_inference(model)
+    initializers = {t.name for t in inferred.graph.initializer}
+    for value in [v for v in inferred.graph.input if v.name in initializers]:
+        inferred.graph.input.remove(value)
+    imports = {e.domain: e.version for e in inferred.opset_import}
+    graph = OnnxGraph(inferred.graph)
+    for index, (node, onnx_node) in enumerate(zip(inferred.graph.node, graph.nodes.values())):
+        try:
+            converter = get_converter(domain=node.domain, operation_type=node.op_type,
+                                      version=imports.get(node.domain, 1))
+            converter(onnx_node, graph)
+        except Exception as exc:  # noqa: BLE001 - any failure names the node
+            return node_label(node, index), node.op_type, exc
+    return None, None, None
+
+
+def _declared_shape(value: onnx.ValueInfoProto) -> Shape:
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+
+
+def _declared_dtype(value: onnx.ValueInfoProto) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+
+
+def _dynamic_axes(name: str, shape: Shape) -> dict[int, str]:
+    """Axes that were free in the original keep their dim_param; unnamed free axes get a name."""
+    safe = re.sub(r"\W", "_", name)
+    return {axis: dim if isinstance(dim, str) else f"{safe}_dim{axis}"
+            for axis, dim in enumerate(shape) if not isinstance(dim, int)}
+
+
+def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], dst: Path, bridged: Bridged,
+            dynamic_axes: dict[str, dict[int, str]], opset: int) -> None:
+    import warnings
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(dst), dynamo=False, opset_version=opset,
+                              input_names=bridged.input_names, output_names=bridged.output_names,
+                              dynamic_axes=dynamic_axes, do_constant_folding=True)
+    except Exception as exc:
+        raise StepFailed(f"the PyTorch module could not be exported to ONNX opset {opset}: {_short(exc)}",
+                         code="export_failed") from exc
+    written = onnx.load(str(dst), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in written.graph.initializer):
+        raise StepFailed("the exported model keeps its weights in external data (over 2 GB); expected one file",
+                         code="export_failed")
+
+
+def _vocabulary_model(vocabularies: dict[str, int]) -> onnx.ModelProto:
+    """A stand-in graph whose Gathers tell plan_inputs the vocabulary size of each token-id input."""
+    from onnx import TensorProto, helper
+
+    tables = [helper.make_tensor(f"table_{i}", TensorProto.FLOAT, [rows, 0], []) for i, rows in
+              enumerate(vocabularies.values())]
+    nodes = [helper.make_node("Gather", [f"table_{i}", name], [f"rows_{i}"]) for i, name in enumerate(vocabularies)]
+    return helper.make_model(helper.make_graph(nodes, "vocabularies", [], [], initializer=tables))
+
+
+def _check_feeds(bridged: Bridged, sample: dict[str, np.ndarray] | None) -> tuple[list[dict[str, np.ndarray]], str]:
+    if sample is not None:
+        return _sample_feeds(bridged, sample), "dataset"
+    return [example_feeds(bridged)], "generated"
+
+
+def _sample_feeds(bridged: Bridged, sample: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """The first CHECK_SAMPLES samples as feeds: one feed, or several where the batch size is fixed."""
+    missing = [n for n in bridged.input_names if n not in sample]
+    if missing:
+        raise StepFailed(f"the sample has no array for input(s) {', '.join(map(repr, missing))}")
+    first = bridged.input_shapes[bridged.input_names[0]] if bridged.input_names else []
+    available = min(len(sample[n]) for n in bridged.input_names)
+    fixed = first[0] if first and isinstance(first[0], int) else None
+    step = fixed or min(CHECK_SAMPLES, available)
+    count = max(step, min(CHECK_SAMPLES, available) // step * step)
+    if available < step:
+        raise StepFailed(f"the sample holds {available} samples; the model takes a fixed batch of {step}")
+    return [{n: np.ascontiguousarray(np.asarray(sample[n][start:start + step]).astype(bridged.input_dtypes[n]))
+             for n in bridged.input_names} for start in range(0, count, step)]
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

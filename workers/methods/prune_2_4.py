@@ -1,0 +1,61 @@
+"""prune.2_4: 2:4 semi-structured sparsity for the sparse tensor cores of NVIDIA GPUs (Ampere and newer).
+
+In every group of four consecutive weights along a Linear (or 1x1 Conv) layer's input
+dimension, the two smallest become zero. Sparse tensor cores skip them, up to twice the
+matmul throughput; CPUs and ONNX Runtime's dense kernels have no such path, so on a CPU
+worker the pattern is recorded and no speedup is claimed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from app.errors import StepFailed
+from workers.methods.base import Method, StepContext, StepOutput
+from workers.methods.prune_common import FineTuneParams, LayerName, convert, export, fine_tune, resolve_layers
+
+
+class Prune24Params(FineTuneParams):
+    ignored_layers: list[LayerName] = Field(
+        default_factory=list, max_length=10_000,
+        description="Layers left dense, by ONNX node name (or module name as listed in the report).",
+    )
+
+
+def run(input_path: Path, params: Prune24Params, out_dir: Path, ctx: StepContext) -> StepOutput:
+    from workers.pruning import Masks, check_pattern, cuda_semi_structured_speedup, nm_masks, sparsity_report
+
+    rnd = convert(input_path, ctx, params)
+    ignored = resolve_layers(rnd.module, params.ignored_layers)
+    ctx.report(0.05, "keeping the 2 largest of every 4 weights")
+    found, skipped = nm_masks(rnd.module, n=2, m=4, ignored_layers=ignored)
+    if not found:
+        raise StepFailed(
+            "no layer of this model can take a 2:4 pattern: it needs Linear or 1x1 Conv layers whose input "
+            f"dimension is a multiple of 4 (skipped: {_first(skipped)})", code="nothing_to_prune")
+    masks = Masks(rnd.module, found)
+    masks.apply()
+    rnd.details["skipped_layers"] = skipped
+    rnd.details["fine_tuning"] = fine_tune(rnd, params, ctx, start=0.1, end=0.85, masks=masks)
+    masks.apply()
+    rnd.details["pattern"] = check_pattern(rnd.module, n=2, m=4)
+    rnd.details["sparsity"] = sparsity_report(rnd.module)
+    rnd.details["sparse_tensor_cores"] = cuda_semi_structured_speedup(rnd.module)
+    return StepOutput(model_path=export(rnd, out_dir, ctx), details=rnd.details)
+
+
+def _first(skipped: dict[str, str], count: int = 3) -> str:
+    shown = [f"{name}: {reason}" for name, reason in list(skipped.items())[:count]]
+    return "; ".join(shown) + (f"; and {len(skipped) - count} more" if len(skipped) > count else "") or "none"
+
+
+METHOD = Method(
+    id="prune.2_4",
+    version=1,
+    description="2:4 semi-structured sparsity on Linear and 1x1 Conv weights (for GPUs with sparse tensor cores), "
+    "then optional fine-tuning with the pattern held. No speedup on CPUs or dense runtimes.",
+    params_model=Prune24Params,
+    run=run,
+    dataset_params=("train_dataset_id", "eval_dataset_id"),
+)

@@ -1,0 +1,171 @@
+"""What the three pruning methods share: fine-tuning params and the ONNX -> PyTorch -> ONNX round.
+
+Pruning works on trainable modules, so each pruning step converts the uploaded ONNX
+model to PyTorch (workers.bridge, checked against ONNX Runtime), prunes, fine-tunes
+when it has training data, and exports back to one ONNX file with the original
+input/output names and dynamic axes (checked again). The unpruned module is the
+teacher when the training data has no labels.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import Field, StringConstraints
+
+from app.errors import StepFailed
+from workers.methods.base import MethodParams, StepContext
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+DatasetId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+LayerName = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+# Samples of the step's data the conversion check runs on.
+CHECK_SAMPLES = 8
+
+
+class FineTuneParams(MethodParams):
+    """Fine-tuning after pruning; it runs when train_dataset_id is set."""
+
+    train_dataset_id: DatasetId | None = Field(
+        None,
+        description="Dataset to fine-tune the pruned model on: arrays named after the model's inputs, first axis = "
+        "samples. With a `labels` array the loss is cross-entropy on the first output; without labels the pruned "
+        "model learns to reproduce the unpruned model's outputs (distillation). Without a training dataset the "
+        "model is pruned one-shot and not fine-tuned, which usually costs accuracy.",
+    )
+    eval_dataset_id: DatasetId | None = Field(
+        None,
+        description="Held-out dataset for early stopping and for choosing the best epoch (top-1 accuracy with "
+        "labels, cosine to the unpruned model without). Defaults to the training data.",
+    )
+    epochs: int = Field(10, ge=1, le=1000, description="Fine-tuning epochs (at most; early stopping may end sooner).")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="Peak learning rate of AdamW, decayed on a cosine schedule.")
+    batch_size: int = Field(64, ge=1, le=65_536, description="Samples per fine-tuning step.")
+    weight_decay: float = Field(0.01, ge=0, le=1.0, description="AdamW weight decay.")
+    patience: int | None = Field(
+        3, ge=1, le=1000,
+        description="Stop when the eval metric has not improved for this many epochs; null runs every epoch. "
+        "The best epoch's weights are kept either way.",
+    )
+
+
+@dataclass
+class Round:
+    """A converted model being pruned: the module, its bridge record, and what the step will report."""
+
+    bridged: Any                      # workers.bridge.Bridged
+    module: torch.nn.Module
+    teacher: torch.nn.Module          # the unpruned module, frozen
+    example: tuple[torch.Tensor, ...]
+    sample: dict[str, Any] | None     # a few samples of the step's data for the checks; None: generated inputs
+    details: dict[str, Any]
+
+
+def convert(input_path: Path, ctx: StepContext, params: FineTuneParams) -> Round:
+    """The input model as a trainable module, checked against ONNX Runtime on the step's own data when it has any."""
+    import torch
+
+    from workers import bridge
+
+    data = ctx.datasets.get("train_dataset_id") or ctx.datasets.get("eval_dataset_id")
+    sample = data.take(CHECK_SAMPLES).inputs if data is not None else None
+    ctx.report(0.02, "converting the ONNX model to PyTorch")
+    started = time.perf_counter()
+    bridged = bridge.to_torch(input_path, sample=sample)
+    real = sample is not None
+    if sample is None:
+        sample = bridge.example_feeds(bridged, batch=2, seed=ctx.seed)
+    example = tuple(torch.from_numpy(_cast(sample[name], bridged.input_dtypes[name])) for name in bridged.input_names)
+    module = bridged.module
+    teacher = copy.deepcopy(module).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    details = {
+        "conversion": {"check": bridged.check, "notes": bridged.notes,
+                       "seconds": round(time.perf_counter() - started, 3)},
+    }
+    return Round(bridged=bridged, module=module, teacher=teacher, example=example,
+                 sample=sample if real else None, details=details)
+
+
+def _cast(array, dtype):
+    import numpy as np
+
+    return np.ascontiguousarray(array.astype(dtype, copy=False))
+
+
+def fine_tune(rnd: Round, params: FineTuneParams, ctx: StepContext, *, start: float, end: float,
+              masks: Any = None, sparsity_schedule: Callable[[int], float] | None = None) -> dict[str, Any]:
+    """Fine-tune rnd.module on the step's training data (progress between `start` and `end`), or say why not."""
+    from workers.pruning import finetune
+
+    train = ctx.datasets.get("train_dataset_id")
+    if train is None:
+        return {"skipped": "no train_dataset_id: pruned one-shot, without fine-tuning"}
+    eval_data = ctx.datasets.get("eval_dataset_id")
+    epochs = params.epochs
+
+    def on_epoch(entry: dict[str, Any]) -> None:
+        metric = entry.get("eval_metric")
+        shown = f", {entry.get('metric_name', 'metric')} {metric:.4f}" if isinstance(metric, float) else ""
+        ctx.report(start + (end - start) * entry["epoch"] / epochs,
+                   f"fine-tuning epoch {entry['epoch']}/{epochs}: loss {entry['train_loss']:.4f}{shown}",
+                   milestone=True)
+
+    # The unpruned module teaches when the data has no labels, and is the reference of the cosine metric.
+    teacher = rnd.teacher
+    return finetune(
+        rnd.module, train=train, eval=eval_data, input_names=rnd.bridged.input_names, teacher=teacher,
+        epochs=epochs, lr=params.lr, batch_size=params.batch_size, weight_decay=params.weight_decay,
+        patience=params.patience, masks=masks, sparsity_schedule=sparsity_schedule, on_epoch=on_epoch,
+        should_stop=ctx.should_stop, seed=ctx.seed,
+    )
+
+
+def export(rnd: Round, out_dir: Path, ctx: StepContext) -> Path:
+    """The module back to one ONNX file next to the step's output, checked against the module."""
+    from workers import bridge
+
+    ctx.report(0.95, "exporting the pruned model to ONNX")
+    rnd.module.eval()
+    dst = out_dir / "model.onnx"
+    rnd.details["export"] = bridge.to_onnx(rnd.module, rnd.bridged, dst, sample=rnd.sample)
+    return dst
+
+
+def resolve_layers(module: torch.nn.Module, names: list[str]) -> list[str]:
+    """Module names for the layers a user named, by module name or by the ONNX node name it came from.
+
+    onnx2torch names a node's module after the node, with dots (which module names cannot hold)
+    turned into slashes and leading slashes dropped: node "/features/features.0/Conv" becomes
+    module "features/features/0/Conv".
+    """
+    modules = dict(module.named_modules())
+    resolved, unknown = [], []
+    for name in names:
+        candidates = (name, name.replace(".", "/").lstrip("/"))
+        found = next((c for c in candidates if c and c in modules), None)
+        if found is None:
+            unknown.append(name)
+        else:
+            resolved.append(found)
+    if unknown:
+        layers = [n for n, m in modules.items() if n and isinstance(m, PRUNABLE_TYPES())]
+        raise StepFailed(
+            f"ignored_layers names no layer of this model: {', '.join(map(repr, unknown))}; layers are named after "
+            f"the ONNX nodes they came from, for example {', '.join(map(repr, layers[:6]))}",
+            code="invalid_params",
+        )
+    return list(dict.fromkeys(resolved))
+
+
+def PRUNABLE_TYPES() -> tuple[type, ...]:  # noqa: N802 - a constant that needs torch imported
+    import torch
+
+    return (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)

@@ -1,0 +1,101 @@
+"""prune.magnitude: unstructured magnitude pruning: the smallest weights become zeros.
+
+The ONNX result stores the zeros, so it is as large as the original on disk and, on dense
+runtimes (ONNX Runtime's CPU and CUDA kernels), exactly as fast: zeros are multiplied
+like any other number. What shrinks is the model compressed for transfer or storage
+(zstd, gzip), which the report gives. The report says this plainly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from workers.methods.base import Method, StepContext, StepOutput
+from workers.methods.prune_common import FineTuneParams, LayerName, convert, export, fine_tune, resolve_layers
+
+DENSE_RUNTIME_NOTE = (
+    "Unstructured zeros do not make dense runtimes faster: ONNX Runtime multiplies them like any other weight, so "
+    "expect the same latency as the original. The gain is in the compressed size (zstd/gzip) for storage and "
+    "transfer; for speed use prune.channels."
+)
+
+
+class PruneMagnitudeParams(FineTuneParams):
+    sparsity: float = Field(
+        ..., gt=0, lt=1,
+        description="Fraction of the weights of Conv and Linear layers set to zero (biases and norms are kept).",
+    )
+    scope: Literal["global", "layer"] = Field(
+        "global",
+        description="global: one magnitude threshold over all layers (layers with many small weights lose more); "
+        "layer: every layer pruned to the same sparsity.",
+    )
+    schedule: Literal["oneshot", "gradual"] = Field(
+        "oneshot",
+        description="oneshot: prune to the target, then fine-tune with the zeros held; gradual: raise sparsity from "
+        "initial_sparsity to the target over the fine-tuning steps along a polynomial decay (as TensorFlow Model "
+        "Optimization's PolynomialDecay, power 3), which usually keeps more accuracy at high sparsity. Gradual "
+        "needs train_dataset_id.",
+    )
+    initial_sparsity: float = Field(0.0, ge=0, lt=1, description="Sparsity at the start of a gradual schedule.")
+    ignored_layers: list[LayerName] = Field(
+        default_factory=list, max_length=10_000,
+        description="Layers left dense, by ONNX node name (or module name as listed in the report).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneMagnitudeParams:
+        if self.schedule == "gradual":
+            if self.train_dataset_id is None:
+                raise ValueError("schedule 'gradual' raises sparsity over fine-tuning steps: set train_dataset_id")
+            if self.initial_sparsity >= self.sparsity:
+                raise ValueError("initial_sparsity must be below sparsity")
+        return self
+
+
+def run(input_path: Path, params: PruneMagnitudeParams, out_dir: Path, ctx: StepContext) -> StepOutput:
+    from workers.pruning import Masks, compressed_sizes, polynomial_sparsity, sparsity_report
+
+    rnd = convert(input_path, ctx, params)
+    ignored = resolve_layers(rnd.module, params.ignored_layers)
+    schedule = None
+    if params.schedule == "gradual":
+        train = ctx.datasets["train_dataset_id"]
+        steps_per_epoch = -(-len(train) // params.batch_size)
+        end_step = max(1, int(params.epochs * steps_per_epoch * 0.75))  # hold the final sparsity for the last quarter
+
+        def schedule(step: int) -> float:
+            return polynomial_sparsity(step, initial=params.initial_sparsity, final=params.sparsity,
+                                       begin_step=0, end_step=end_step)
+
+        masks = Masks.from_magnitude(rnd.module, params.initial_sparsity, params.scope, ignored)
+    else:
+        ctx.report(0.05, f"zeroing the {params.sparsity:.0%} smallest weights ({params.scope})")
+        masks = Masks.from_magnitude(rnd.module, params.sparsity, params.scope, ignored)
+    masks.apply()
+    rnd.details["fine_tuning"] = fine_tune(rnd, params, ctx, start=0.1, end=0.9, masks=masks,
+                                           sparsity_schedule=schedule)
+    # The result holds the target sparsity exactly, whatever the schedule did on the way.
+    masks.recompute(params.sparsity)
+    path = export(rnd, out_dir, ctx)
+    after = sparsity_report(rnd.module, ignored)
+    rnd.details["sparsity"] = after
+    original, pruned = compressed_sizes(input_path), compressed_sizes(path)
+    rnd.details["compressed_size"] = {"original": original, "result": pruned}
+    if pruned.get("zstd") and original.get("zstd"):
+        rnd.details["compressed_size"]["zstd_ratio"] = round(pruned["zstd"] / original["zstd"], 4)
+    rnd.details["note"] = DENSE_RUNTIME_NOTE
+    return StepOutput(model_path=path, details=rnd.details)
+
+
+METHOD = Method(
+    id="prune.magnitude",
+    version=1,
+    description="Unstructured magnitude pruning to a sparsity (global or per layer, one-shot or gradual), then "
+    "optional fine-tuning: smaller once compressed (zstd/gzip), not faster on dense runtimes.",
+    params_model=PruneMagnitudeParams,
+    run=run,
+    dataset_params=("train_dataset_id", "eval_dataset_id"),
+)
