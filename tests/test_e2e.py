@@ -165,6 +165,40 @@ def quantization_session(http: httpx.Client) -> None:
     assert refused.status_code == 422 and "allow_random_calibration" in refused.json()["detail"]
 
 
+def pruning_session(http: httpx.Client) -> None:
+    """Channel pruning with fine-tuning on the real worker: a smaller model whose accuracy we check ourselves."""
+    import io
+
+    import onnx
+    import onnxruntime as ort
+
+    onnx_bytes, x, y = digits_classifier("cnn")
+    model = http.post("/v1/models", files={"file": ("digits-cnn.onnx", onnx_bytes)}).json()
+    ids = {}
+    for name, arrays in {"train": {"images": x[:200], "labels": y[:200]},
+                         "eval": {"images": x[200:], "labels": y[200:]}}.items():
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        ids[name] = http.post("/v1/datasets", files={"file": (f"{name}.npz", buf.getvalue())}).json()["id"]
+    step = {"method": "prune.channels", "params": {"ratio": 0.5, "train_dataset_id": ids["train"],
+                                                   "eval_dataset_id": ids["eval"], "epochs": 10, "lr": 2e-3}}
+    resp = http.post("/v1/jobs", json={"model_id": model["id"], "steps": [step], "evaluate": {
+        "batch_sizes": [1], "warmup": 2, "iterations": 10, "eval_dataset_id": ids["eval"]}})
+    assert resp.status_code == 202, resp.text
+    job = wait_for_job(http, resp.json()["id"])
+    assert job["status"] == "succeeded", job
+    pruned = http.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx").content
+    graph = onnx.load_from_string(pruned).graph
+    conv_out = [int(t.dims[0]) for t in graph.initializer if len(t.dims) == 4]
+    assert sorted(conv_out) == [8, 16]  # of 16 and 32
+    logits = ort.InferenceSession(pruned, providers=["CPUExecutionProvider"]).run(None, {"images": x[200:]})[0]
+    accuracy = job["summary"]["accuracy"]
+    assert accuracy["compressed_top1"] == pytest.approx(float((logits.argmax(1) == y[200:]).mean()), abs=1e-6)
+    assert accuracy["top1_drop_points"] <= 3.0, accuracy
+    events = http.get(f"/v1/jobs/{job['id']}/events").json()
+    assert any("fine-tuning epoch 1/10" in (e.get("message") or "") for e in events)
+
+
 def test_embedded_default_make_run_path(tmp_path):
     """`modelpress run` (what `make run` starts): one command, SQLite, filesystem broker, a worker."""
     data_dir = tmp_path / "mp"
@@ -181,6 +215,7 @@ def test_embedded_default_make_run_path(tmp_path):
             with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
                 user_session(http, data_dir)
                 quantization_session(http)
+                pruning_session(http)
         except BaseException:
             print(logs(tmp_path))
             raise

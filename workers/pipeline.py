@@ -253,7 +253,12 @@ def _summary(measured: dict, steps_report: list[dict]) -> dict:
             "top1_agreement": min(top1) if top1 else None,
         },
         "skipped_batch_sizes": latency.get("skipped", []),
-        "notes": measured.get("notes", []),
+        # What a step warns about (a slower int8 kernel, zeros that dense runtimes do not skip) is as
+        # much a result as the figures.
+        "notes": measured.get("notes", []) + [
+            f"step {s['index']} ({s['method']}): {warning}"
+            for s in steps_report for warning in s["details"].get("warnings", [])
+        ],
         "steps": [s["method"] for s in steps_report],
     } | _dataset_summary(measured.get("dataset"))
 

@@ -42,6 +42,10 @@ def run(input_path: Path, params: Prune24Params, out_dir: Path, ctx: StepContext
     rnd.details["pattern"] = check_pattern(rnd.module, n=2, m=4)
     rnd.details["sparsity"] = sparsity_report(rnd.module)
     rnd.details["sparse_tensor_cores"] = cuda_semi_structured_speedup(rnd.module)
+    if not rnd.details["sparse_tensor_cores"].get("available"):
+        rnd.details["warnings"] = [
+            "2:4 pattern applied; " + rnd.details["sparse_tensor_cores"]["reason"]
+            + ". ONNX Runtime stores and runs the zeros densely, so the model is as large and as fast as before."]
     return StepOutput(model_path=export(rnd, out_dir, ctx), details=rnd.details)
 
 

@@ -84,9 +84,14 @@ def run(input_path: Path, params: PruneMagnitudeParams, out_dir: Path, ctx: Step
     rnd.details["sparsity"] = after
     original, pruned = compressed_sizes(input_path), compressed_sizes(path)
     rnd.details["compressed_size"] = {"original": original, "result": pruned}
-    if pruned.get("zstd") and original.get("zstd"):
-        rnd.details["compressed_size"]["zstd_ratio"] = round(pruned["zstd"] / original["zstd"], 4)
-    rnd.details["note"] = DENSE_RUNTIME_NOTE
+    codec = "zstd" if pruned.get("zstd") and original.get("zstd") else "gzip"
+    ratio = pruned[codec] / original[codec]
+    rnd.details["compressed_size"][f"{codec}_ratio"] = round(ratio, 4)
+    rnd.details["warnings"] = [
+        f"{after['total']['sparsity']:.0%} of the weights are zeros: compressed with {codec} the model is "
+        f"{1 / ratio:.1f}x smaller than the original compressed ({pruned[codec]:,} vs {original[codec]:,} bytes). "
+        + DENSE_RUNTIME_NOTE
+    ]
     return StepOutput(model_path=path, details=rnd.details)
 
 
