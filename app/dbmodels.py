@@ -166,6 +166,16 @@ class JobDataset(Base):
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
 
 
+class JobModel(Base):
+    """Another uploaded model a job uses, in one role (e.g. a distillation student); the model cannot be
+    deleted while the job is active."""
+
+    __tablename__ = "job_models"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+
+
 class JobEvent(Base):
     __tablename__ = "job_events"
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

@@ -360,6 +360,8 @@ MINIMAL_PARAMS = {
     "prune.channels": {"ratio": 0.5},
     "prune.magnitude": {"sparsity": 0.8},
     "prune.2_4": {},
+    "cluster.kmeans": {},
+    "distill.kd": {"train_dataset_id": "d"},
 }
 
 

@@ -114,6 +114,7 @@ def test_ratio_half_removes_half_the_channels_and_keeps_the_head(trained_cnn):
     assert model[2].weight.shape == (16, 8, 3, 3)  # physically smaller, not masked
     assert details["layers"] == {"0": [16, 8], "2": [32, 16]}
     assert details["kept_whole"] == ["6"]
+    assert details["kept_unprunable"] == {} and details["pruning_passes"] == 1  # traced once, no restart
     expected = (1 * 8 * 9 + 8) + (8 * 16 * 9 + 16) + (256 * 10 + 10)
     assert details["params_before"] == params(trained_cnn)
     assert details["params_after"] == params(model) == expected
@@ -179,12 +180,39 @@ def test_onnx2torch_constant_reshape_and_batchnorm_are_rewritten():
     assert model.get_submodule("b1/BatchNormalization").num_features == 8
 
 
-def test_fixed_reshape_in_eager_code_is_a_clear_error():
-    # A reshape hard-coded in Python cannot be rewritten; the check after pruning says what went wrong.
+def test_fixed_reshape_in_eager_code_keeps_its_group_whole():
+    # A reshape hard-coded in Python cannot be rewritten: c3's channels feed it, so c3 stays whole, and the
+    # residual pair c1/c2 is still pruned.
+    torch.manual_seed(0)
+    model = BranchyNet().eval()
+    details = prune_channels(model, (torch.randn(2, 1, 8, 8),), ratio=0.5)
+
+    assert details["layers"] == {"c1": [16, 8], "c2": [16, 8]}
+    assert list(details["kept_unprunable"]) == ["c3"]
+    assert details["kept_unprunable"]["c3"].startswith("the pruned model no longer runs: mat1 and mat2 shapes")
+    assert any("1 layer in 1 dependency group kept whole" in note for note in details["notes"])
+    outputs = model(torch.randn(3, 1, 8, 8))
+    assert [list(o.shape) for o in outputs] == [[3, 10], [3, 4, 4, 4], [3, 3, 4, 4]]
+    assert details["params_after"] == params(model)
+
+
+class FixedReshapeNet(nn.Module):
+    """One conv whose every channel feeds a reshape hard-coded to its width: nothing can be pruned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 16, 3, padding=1), nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).reshape(-1, 16 * 8 * 8))
+
+
+def test_nothing_prunable_is_a_clear_error():
+    model = FixedReshapeNet().eval()
     with pytest.raises(StepFailed) as failure:
-        prune_channels(BranchyNet().eval(), (torch.randn(2, 1, 8, 8),), ratio=0.5)
+        prune_channels(model, (torch.randn(2, 1, 8, 8),), ratio=0.5)
     assert failure.value.code == "pruning_unsupported"
-    assert "ignored_layers" in failure.value.message
+    assert "no dependency group" in failure.value.message and "first: conv: " in failure.value.message
 
 
 @pytest.mark.parametrize("target", ["target_params_ratio", "target_macs_ratio"])
@@ -195,6 +223,7 @@ def test_target_ratio_is_reached(trained_cnn, target):
     assert 0.47 <= reached <= 0.53
     assert details["params_after"] == params(model)
     assert details["search"] and details["search"][0]["pruning_ratio"] == 0.9
+    assert details["pruning_passes"] == len(details["search"]) + 1  # one trace per trial, one for the result
     assert model[6].out_features == 10
 
 
@@ -244,6 +273,109 @@ def test_taylor_needs_data_and_uses_it(trained_cnn, digits):
     assert [s for s, _ in steps] == [1, 2] and steps[0][1] > steps[1][1] == params(model)
     assert len(details["steps"]) == 2
     assert all(p.grad is None for p in model.parameters())
+
+
+# --- transformers: the FFN width prunes, the head-splitting hidden size cannot ------------------------
+
+TRANSFORMER_BLOCKS = ("layers/layers/0", "layers/layers/1")
+
+
+@pytest.fixture(scope="module")
+def transformer_path(tmp_path_factory) -> Path:
+    from tests.test_bridge import transformer_onnx
+
+    path = tmp_path_factory.mktemp("transformer") / "encoder.onnx"
+    path.write_bytes(transformer_onnx())
+    return path
+
+
+def test_transformer_prunes_the_ffn_and_keeps_attention_whole(transformer_path, tmp_path):
+    import onnxruntime as ort
+
+    from workers.bridge import to_onnx
+    from workers.bridge import to_torch as bridge_to_torch
+
+    bridged = bridge_to_torch(transformer_path)
+    module = bridged.module
+    params_before = params(module)
+    reported = []
+    details = prune_channels(module, (torch.randint(0, 50, (2, 7)),), ratio=0.5,
+                             on_step=lambda step, info: reported.append(step))
+
+    assert bridged.module is module
+    layers = dict(module.named_modules())
+    for block in TRANSFORMER_BLOCKS:
+        up, down = layers[f"{block}/ff/ff/0/MatMul"], layers[f"{block}/ff/ff/2/MatMul"]
+        assert (up.in_features, up.out_features, down.in_features, down.out_features) == (64, 64, 64, 64)
+        assert up.weight.shape == (64, 64) and down.weight.shape == (64, 64)
+        assert (layers[f"{block}/qkv/MatMul"].in_features, layers[f"{block}/qkv/MatMul"].out_features) == (64, 192)
+        assert (layers[f"{block}/out/MatMul"].in_features, layers[f"{block}/out/MatMul"].out_features) == (64, 64)
+        assert layers[f"{block}/norm1/LayerNormalization"].normalized_shape == (64,)
+        for name in ("qkv/MatMul", "out/MatMul"):
+            assert details["kept_unprunable"][f"{block}/{name}"]
+    assert details["layers"] == {f"{block}/ff/ff/0/MatMul": [128, 64] for block in TRANSFORMER_BLOCKS}
+    assert not any("ff/ff/0" in name for name in details["kept_unprunable"])
+    assert any("6 layers in 3 dependency groups kept whole" in note for note in details["notes"])
+    ffn_half = 2 * (64 * 64 + 64 + 64 * 64)  # per block: half of Linear 64->128's rows and bias, of 128->64's columns
+    assert details["params_after"] == params(module) == params_before - ffn_half
+    state = module.state_dict()
+    assert all(state[f"{block}/ff/ff/0/MatMul.weight"].shape == (64, 64) for block in TRANSFORMER_BLOCKS)
+    assert reported == [1]  # the restarts do not report the round again
+
+    longer = torch.randint(0, 50, (3, 11))
+    with torch.no_grad():
+        logits = module(longer)
+    assert logits.shape == (3, 3)
+    dst = tmp_path / "pruned.onnx"
+    to_onnx(module, bridged, dst)
+    session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    exported = session.run(None, {"input_ids": longer.numpy()})[0]
+    np.testing.assert_allclose(exported, logits.numpy(), rtol=1e-4, atol=1e-5)
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(dst)).graph
+    assert sum(numpy_helper.to_array(t).size for t in graph.initializer) < params_before - ffn_half // 2
+
+
+@pytest.mark.parametrize("target, reachable", [(0.8, True), (0.5, False)])
+def test_transformer_params_target_counts_the_groups_kept_whole(transformer_path, target, reachable):
+    from workers.bridge import to_torch as bridge_to_torch
+
+    module = bridge_to_torch(transformer_path).module
+    details = prune_channels(module, (torch.randint(0, 50, (2, 7)),), target_params_ratio=target)
+
+    # The first trial finds the 3 unprunable groups (3 passes); every later trial and the result reuse them.
+    assert details["pruning_passes"] == len(details["search"]) + 3
+    assert len(details["kept_unprunable"]) == 6
+    reached = details["params_ratio"]
+    if reachable:
+        assert abs(reached - target) <= 0.03
+    else:
+        # Only the FFNs can shrink: 90% of their width goes and the note says where that leaves the model.
+        assert details["pruning_ratio"] == 0.9 and reached > target + 0.03
+        assert any(f"reached {reached:.3f} for a target of 0.500" in note for note in details["notes"])
+    assert details["params_after"] == params(module)
+
+
+def test_prune_channels_method_succeeds_on_a_transformer(transformer_path, tmp_path):
+    import onnxruntime as ort
+
+    from workers import methods
+
+    method = methods.get("prune.channels")
+    out = tmp_path / "out"
+    out.mkdir()
+    result = method.run(transformer_path, method.params_model.model_validate({"ratio": 0.5}), out,
+                        methods.StepContext())
+    pruning = result.details["pruning"]
+    assert pruning["params_ratio"] < 1
+    assert any(name.endswith("qkv/MatMul") for name in pruning["kept_unprunable"])
+    session = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(0).integers(0, 50, size=(2, 9)).astype(np.int64)
+    assert session.run(None, {"input_ids": ids})[0].shape == (2, 3)
 
 
 # --- fine-tuning ------------------------------------------------------------------------------------------

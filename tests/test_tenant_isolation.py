@@ -32,8 +32,8 @@ ROUTES = v1_routes()
 
 
 def test_route_table_is_what_this_test_covers():
-    # A new /v1 route must be added to FOREIGN below (or be tenant-free like /v1/methods).
-    assert len(ROUTES) == 19, ROUTES
+    # A new /v1 route must be added to FOREIGN below (or be tenant-free like /v1/methods and /v1/recipes).
+    assert len(ROUTES) == 20, ROUTES
 
 
 @pytest.mark.parametrize("method,path", ROUTES)

@@ -18,7 +18,9 @@ from typing import Any
 from sqlalchemy import delete, select
 
 from app.db import session_scope
-from app.dbmodels import TERMINAL_STATUSES, Artifact, Blob, Dataset, Job, JobDataset, Measurement, Model, utcnow
+from app.dbmodels import (
+    TERMINAL_STATUSES, Artifact, Blob, Dataset, Job, JobDataset, JobModel, Measurement, Model, utcnow,
+)
 from app.errors import JobFailed, ModelPressError
 from app.jobs.state import add_event, set_status
 from app.models.onnx_files import materialize
@@ -47,7 +49,10 @@ class Run:
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     # dataset id -> (sha256, format, name) of every dataset the job names
     datasets: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    # model id -> (sha256, format) of every other model the job names (a distillation student)
+    models: dict[str, tuple[str, str]] = field(default_factory=dict)
     _loaded: dict[str, Any] = field(default_factory=dict)
+    _unpacked: dict[str, Path] = field(default_factory=dict)
 
     def dataset(self, dataset_id: str):
         """The named dataset, loaded once per job (a workers.datasets.Dataset)."""
@@ -59,6 +64,16 @@ class Run:
             sha, fmt, name = self.datasets[dataset_id]
             self._loaded[dataset_id] = load(self.store.path(sha), fmt, name=name)
         return self._loaded[dataset_id]
+
+    def model(self, model_id: str, workdir: Path) -> Path:
+        """Another model the job names, unpacked once per job (its ONNX path)."""
+        if model_id not in self._unpacked:
+            if model_id not in self.models:
+                raise JobFailed(f"model {model_id} was deleted before the job ran", code="model_not_found")
+            sha, fmt = self.models[model_id]
+            self._unpacked[model_id] = materialize(self.store.path(sha), fmt, workdir / "models" / model_id,
+                                                   limits(get_settings()))
+        return self._unpacked[model_id]
 
     def progress(self, value: float, stage: str, message: str, *, force: bool = False) -> None:
         """Record progress; throttled to a few writes per second unless forced."""
@@ -94,8 +109,8 @@ def run_job(job_id: str) -> None:
     claimed = _claim(job_id, store)
     if claimed is None:
         return
-    model_sha, model_format, spec, datasets = claimed
-    run = Run(job_id=job_id, store=store, datasets=datasets)
+    model_sha, model_format, spec, datasets, models = claimed
+    run = Run(job_id=job_id, store=store, datasets=datasets, models=models)
     try:
         with store.workdir() as workdir:
             report, summary, rows = _execute(run, workdir, model_sha, model_format, spec)
@@ -110,7 +125,7 @@ def run_job(job_id: str) -> None:
         _finish(job_id, "failed", code="internal_error", message=f"{type(exc).__name__}: {exc}")
 
 
-def _claim(job_id: str, store: LocalStore) -> tuple[str, str, dict, dict] | None:
+def _claim(job_id: str, store: LocalStore) -> tuple[str, str, dict, dict, dict] | None:
     with session_scope() as db:
         job = db.get(Job, job_id, with_for_update=True)
         if job is None:
@@ -139,7 +154,12 @@ def _claim(job_id: str, store: LocalStore) -> tuple[str, str, dict, dict] | None
             select(Dataset.id, Dataset.sha256, Dataset.format, Dataset.name)
             .join(JobDataset, JobDataset.dataset_id == Dataset.id).where(JobDataset.job_id == job.id)
         ).all()
-        return model.sha256, model.format, dict(job.spec), {row[0]: tuple(row[1:]) for row in linked}
+        others = db.execute(
+            select(Model.id, Model.sha256, Model.format)
+            .join(JobModel, JobModel.model_id == Model.id).where(JobModel.job_id == job.id)
+        ).all()
+        return (model.sha256, model.format, dict(job.spec), {row[0]: tuple(row[1:]) for row in linked},
+                {row[0]: tuple(row[1:]) for row in others})
 
 
 def _drop_outputs(db, store: LocalStore, job_id: str) -> None:
@@ -152,12 +172,11 @@ def _drop_outputs(db, store: LocalStore, job_id: str) -> None:
 
 
 def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: dict):
-    from workers.measure import Stopped, measure_pair
-
     settings = get_settings()
     run.progress(0.01, "loading", "unpacking the uploaded model", force=True)
     original = materialize(run.store.path(model_sha), model_format, workdir / "input", limits(settings))
     steps_report = []
+    step_paths: list[Path] = []
     current = original
     steps = spec["steps"]
     for index, step in enumerate(steps, start=1):
@@ -172,11 +191,13 @@ def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: d
         try:
             step_datasets = {name: run.dataset(value) for name in method.dataset_params
                              if (value := step["params"].get(name))}
+            step_models = {name: run.model(value, workdir) for name in method.model_params
+                           if (value := step["params"].get(name))}
             ctx = methods.StepContext(
                 calibration=step_datasets.get("calibration_dataset_id"), datasets=step_datasets, seed=index,
                 progress=lambda fraction, message, milestone=False, base=base, index=index: run.progress(
                     base + STEPS / len(steps) * fraction, f"step {index}/{len(steps)}", message, force=milestone),
-                cancelled=run.cancel_requested_throttled,
+                cancelled=run.cancel_requested_throttled, models=step_models,
             )
             # ONNX Runtime's tools drop temp files in the working directory (sym_shape_infer_temp.onnx
             # and its external data): keep them inside the job's folder.
@@ -190,36 +211,47 @@ def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: d
         duration = time.perf_counter() - started
         name = "model.onnx" if index == len(steps) else f"step-{index}-{method.id}.onnx"
         artifact = _store_artifact(run, output.model_path, name=name, kind="model", content_type="application/octet-stream")
+        for suffix, path in output.packed.items():
+            _store_artifact(run, path, name=name + suffix, kind="packed-model", content_type="application/zstd"
+                            if suffix == ".zst" else "application/octet-stream")
         steps_report.append({
             "index": index, "method": method.id, "version": method.version, "params": step["params"],
             "duration_s": round(duration, 3), "details": output.details, "artifact": artifact,
         })
         current = output.model_path
+        step_paths.append(current)
 
     run.check_cancel()
     evaluate = spec["evaluate"]
-    run.progress(PREPARE + STEPS, "measuring", "measuring the original and the result side by side", force=True)
-
-    def on_progress(fraction: float, message: str) -> None:
-        run.progress(PREPARE + STEPS + MEASURE * fraction, "measuring", message)
-
-    try:
-        measured = measure_pair(
-            original, current, batch_sizes=evaluate["batch_sizes"], warmup=evaluate["warmup"],
-            iterations=evaluate["iterations"], providers=evaluate.get("providers"),
-            threads=settings.measure_threads or None, on_progress=on_progress, should_stop=run.cancel_requested_throttled,
-            dataset=run.dataset(evaluate["eval_dataset_id"]) if evaluate.get("eval_dataset_id") else None,
-            dataset_max_samples=evaluate.get("eval_max_samples"),
-        )
-    except Stopped:
-        raise Cancelled() from None
-    rows = measured.pop("measurements", [])
+    # Every step's model is measured against the original, so the report shows the trajectory; the last
+    # step's measurement is the job's result.
+    outputs = list(zip(steps_report, step_paths))
+    rows: list[dict] = []
+    trajectory = []
+    for position, (entry, path) in enumerate(outputs):
+        last = position == len(outputs) - 1
+        share = (position / len(outputs), (position + 1) / len(outputs))
+        what = "the result" if last else f"step {entry['index']}'s model ({entry['method']})"
+        run.progress(PREPARE + STEPS + MEASURE * share[0], "measuring",
+                     f"measuring the original and {what} side by side", force=True)
+        measured_step = _measure(run, settings, evaluate, original, path, share)
+        step_rows = measured_step.pop("measurements", [])
+        if last:
+            measured = measured_step
+            rows += step_rows
+        else:
+            rows += [r | {"model": f"step-{entry['index']}", "sha256": entry["artifact"]["sha256"]}
+                     for r in step_rows if r["model"] == "result"]
+        trajectory.append(_trajectory_entry(entry, _summary(measured_step, [])))
     summary = _summary(measured, steps_report)
+    if len(trajectory) > 1:
+        summary["trajectory"] = trajectory
     report = {
         "job_id": run.job_id,
         "steps": steps_report,
         "evaluate": evaluate,
         "measurement": measured,
+        "trajectory": trajectory,
         "summary": summary,
     }
     run.progress(0.97, "storing", "storing the report", force=True)
@@ -228,6 +260,38 @@ def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: d
     report_path.write_text(json.dumps(report, indent=2, default=str))
     _store_artifact(run, report_path, name="report.json", kind="report", content_type="application/json")
     return report, summary, rows
+
+
+def _measure(run: Run, settings, evaluate: dict, original: Path, candidate: Path, share: tuple[float, float]) -> dict:
+    from workers.measure import Stopped, measure_pair
+
+    def on_progress(fraction: float, message: str) -> None:
+        run.progress(PREPARE + STEPS + MEASURE * (share[0] + (share[1] - share[0]) * fraction), "measuring", message)
+
+    try:
+        return measure_pair(
+            original, candidate, batch_sizes=evaluate["batch_sizes"], warmup=evaluate["warmup"],
+            iterations=evaluate["iterations"], providers=evaluate.get("providers"),
+            threads=settings.measure_threads or None, on_progress=on_progress,
+            should_stop=run.cancel_requested_throttled,
+            dataset=run.dataset(evaluate["eval_dataset_id"]) if evaluate.get("eval_dataset_id") else None,
+            dataset_max_samples=evaluate.get("eval_max_samples"),
+        )
+    except Stopped:
+        raise Cancelled() from None
+
+
+def _trajectory_entry(step: dict, summary: dict) -> dict:
+    """One step's model against the original, in the summary's terms (size, p50, accuracy or fidelity)."""
+    accuracy = summary.get("accuracy") or {}
+    return {
+        "step": step["index"], "method": step["method"], "artifact": step["artifact"]["name"],
+        "size_bytes": summary.get("compressed_size_bytes"), "size_ratio": summary.get("size_ratio"),
+        "latency_p50_ms": {b: v["compressed"] for b, v in summary.get("latency_p50_ms", {}).items()},
+        "speedup": summary.get("speedup"),
+        "top1": accuracy.get("compressed_top1"), "top1_drop_points": accuracy.get("top1_drop_points"),
+        "cosine": (summary.get("fidelity") or {}).get("cosine_similarity"),
+    }
 
 
 def _summary(measured: dict, steps_report: list[dict]) -> dict:
@@ -306,7 +370,8 @@ def _succeed(run: Run, report: dict, summary: dict, rows: list[dict]) -> None:
         for row in rows:
             db.add(Measurement(
                 job_id=job.id, tenant_id=job.tenant_id, model_role=row["model"],
-                model_sha256=(model.sha256 if model else None) if row["model"] == "baseline" else result_sha,
+                model_sha256=row.get("sha256") or (
+                    (model.sha256 if model else None) if row["model"] == "baseline" else result_sha),
                 provider=row["provider"], batch_size=row.get("batch_size"), metric=row["metric"],
                 value=float(row["value"]), unit=row["unit"],
             ))

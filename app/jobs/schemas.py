@@ -3,7 +3,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Provider = Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]
 
@@ -43,10 +43,22 @@ class EvaluateSpec(Strict):
 
 class JobCreate(Strict):
     model_id: str
-    steps: list[StepSpec] = Field(min_length=1, max_length=16)
+    steps: list[StepSpec] | None = Field(
+        default=None, min_length=1, max_length=16,
+        description="The steps, in order; each takes the previous step's model. Give steps or a recipe.")
+    recipe: str | None = Field(default=None, description="A recipe id from GET /v1/recipes, instead of steps.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The recipe's params (its JSON Schema).")
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     name: str | None = Field(default=None, max_length=255)
     queue: Literal["cpu", "gpu"] | None = Field(default=None, description="Worker queue; the server's default if absent")
+
+    @model_validator(mode="after")
+    def _steps_or_recipe(self) -> JobCreate:
+        if (self.steps is None) == (self.recipe is None):
+            raise ValueError("give either steps or a recipe")
+        if self.params and self.recipe is None:
+            raise ValueError("params belong to a recipe; a step's params go inside the step")
+        return self
 
 
 class JobError(BaseModel):
@@ -63,6 +75,7 @@ class JobPublic(BaseModel):
     stage: str | None
     message: str | None
     steps: list[dict[str, Any]]
+    recipe: dict[str, Any] | None = None
     evaluate: dict[str, Any]
     queue: str
     attempts: int

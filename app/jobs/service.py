@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.common import get_owned_or_404, newest_first_page
 from app.datasets import service as datasets_service
 from app.datasets.files import check_against_model
-from app.dbmodels import TERMINAL_STATUSES, Artifact, Job, JobDataset, JobEvent, Model
+from app.dbmodels import TERMINAL_STATUSES, Artifact, Job, JobDataset, JobEvent, JobModel, Model
 from app.errors import (
     ArtifactNotFound,
     Conflict,
@@ -25,7 +25,7 @@ from app.errors import (
     ModelPressError,
     ServiceUnavailable,
 )
-from app.jobs.schemas import JobCreate
+from app.jobs.schemas import JobCreate, StepSpec
 from app.jobs.state import set_status
 from app.queue import enqueue_job
 from app.settings import Settings
@@ -39,8 +39,12 @@ def validate_steps(spec: JobCreate) -> list[dict]:
 
     Returns the steps with defaults filled in, so the worker runs exactly what was accepted.
     """
+    from workers import recipes
+
+    given = spec.steps if spec.steps is not None else [
+        StepSpec.model_validate(step) for step in recipes.expand(spec.recipe or "", spec.params)]
     steps = []
-    for index, step in enumerate(spec.steps):
+    for index, step in enumerate(given):
         try:
             method = methods.get(step.method)
         except Exception as exc:  # UnknownMethod carries the known ids
@@ -97,6 +101,36 @@ def dataset_links(db: Session, tenant_id: str, model: Model, spec: JobCreate, st
     return links
 
 
+def model_links(db: Session, tenant_id: str, model: Model, steps: list[dict]) -> list[tuple[str, Model]]:
+    """(role, model) for every other model the job's steps name (e.g. a distillation student).
+
+    Another tenant's model is a 404; one that does not take the job model's inputs is a 422.
+    Each is row-locked until commit, so a concurrent delete cannot drop it from under the new job.
+    """
+    links = []
+    for index, step in enumerate(steps):
+        for param in methods.get(step["method"]).model_params:
+            value = step["params"].get(param)
+            if not value:
+                continue
+            field = f"steps[{index}].params.{param}"
+            try:
+                other = get_owned_or_404(db, Model, tenant_id=tenant_id, object_id=value, error=ModelNotFound)
+            except ModelPressError as exc:
+                exc.extra = {**getattr(exc, "extra", {}), "field": field}
+                exc.message = f"{field}: {exc.message}"
+                raise
+            db.refresh(other, with_for_update=True)
+            wanted = [i["name"] for i in model.inspection.get("inputs", [])]
+            takes = [i["name"] for i in other.inspection.get("inputs", [])]
+            if sorted(wanted) != sorted(takes):
+                raise InvalidParams(
+                    f"{field}: model {other.id} takes inputs {takes}, but the job's model takes {wanted}; a student "
+                    "must take the same inputs as its teacher", code="student_mismatch", field=field)
+            links.append((f"steps[{index}].{param}", other))
+    return links
+
+
 def request_hash(spec: JobCreate) -> str:
     return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
@@ -113,9 +147,11 @@ def create(
     model = get_owned_or_404(db, Model, tenant_id=tenant_id, object_id=spec.model_id, error=ModelNotFound)
     steps = validate_steps(spec)
     links = dataset_links(db, tenant_id, model, spec, steps)
+    others = model_links(db, tenant_id, model, steps)
     job = Job(
         tenant_id=tenant_id, model_id=model.id, name=spec.name, queue=spec.queue or settings.default_queue,
-        spec={"steps": steps, "evaluate": spec.evaluate.model_dump(mode="json")},
+        spec={"steps": steps, "evaluate": spec.evaluate.model_dump(mode="json")}
+        | ({"recipe": {"id": spec.recipe, "params": spec.params}} if spec.recipe else {}),
         status="queued", progress=0.0, stage="queued", idempotency_key=idempotency_key, request_hash=digest,
     )
     db.add(job)
@@ -130,6 +166,8 @@ def create(
         return _same_request_or_error(existing, digest), False
     for role, dataset in links:
         db.add(JobDataset(job_id=job.id, dataset_id=dataset.id, role=role))
+    for role, other in others:
+        db.add(JobModel(job_id=job.id, model_id=other.id, role=role))
     set_status(db, job, "queued", message="waiting for a worker")
     db.commit()
     # Enqueue after commit: the row exists before the message does.
@@ -138,6 +176,7 @@ def create(
     except Exception as exc:
         log.exception("could not enqueue job %s", job.id)
         db.execute(delete(JobDataset).where(JobDataset.job_id == job.id))
+        db.execute(delete(JobModel).where(JobModel.job_id == job.id))
         db.delete(job)
         db.commit()
         raise ServiceUnavailable(f"the job queue is unreachable, nothing was created; retry later ({exc})",

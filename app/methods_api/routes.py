@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.deps import Caller
-from workers import methods
+from workers import methods, recipes
 
 router = APIRouter(prefix="/methods", tags=["methods"])
 
@@ -11,3 +11,11 @@ router = APIRouter(prefix="/methods", tags=["methods"])
 @router.get("", summary="Registered compression methods and the JSON Schema of their params")
 def list_methods(caller: Caller) -> list[dict]:
     return methods.catalog()
+
+
+recipes_router = APIRouter(prefix="/recipes", tags=["methods"])
+
+
+@recipes_router.get("", summary="Named chains of steps (POST /v1/jobs with recipe and params) and their params' schemas")
+def list_recipes(caller: Caller) -> list[dict]:
+    return recipes.catalog()

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from app.blobs import keep_upload, release_blob
 from app.common import get_owned_or_404, newest_first_page
-from app.dbmodels import ACTIVE_STATUSES, Job, Model
+from app.dbmodels import ACTIVE_STATUSES, Job, JobModel, Model
 from app.errors import ModelInUse, ModelNotFound
 from app.models.onnx_files import Limits, validate_upload
 from app.settings import Settings
@@ -45,8 +45,11 @@ def delete(*, db: Session, store: LocalStore, tenant_id: str, model_id: str) -> 
     model = get(db=db, tenant_id=tenant_id, model_id=model_id)
     # Lock the model row so a job cannot be queued on it between the check and the delete.
     db.execute(select(Model.id).where(Model.id == model.id).with_for_update())
+    # Active jobs on this model, or that use it in another role (a distillation student).
+    linked = select(JobModel.job_id).where(JobModel.model_id == model.id)
     active = db.scalar(
-        select(func.count()).select_from(Job).where(Job.model_id == model.id, Job.status.in_(ACTIVE_STATUSES))
+        select(func.count()).select_from(Job)
+        .where(or_(Job.model_id == model.id, Job.id.in_(linked)), Job.status.in_(ACTIVE_STATUSES))
     )
     if active:
         raise ModelInUse(f"model {model.id} is used by {active} queued or running job(s); cancel them or wait")

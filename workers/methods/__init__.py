@@ -60,6 +60,8 @@ def catalog() -> list[dict[str, Any]]:
 
 def _register_builtins() -> None:
     from workers.methods import (
+        cluster_kmeans,
+        distill_kd,
         prune_2_4,
         prune_channels,
         prune_magnitude,
@@ -78,6 +80,8 @@ def _register_builtins() -> None:
     register(prune_channels.METHOD)
     register(prune_magnitude.METHOD)
     register(prune_2_4.METHOD)
+    register(distill_kd.METHOD)
+    register(cluster_kmeans.METHOD)
 
 
 _register_builtins()

@@ -51,6 +51,8 @@ class StepContext:
     seed: int = 0
     progress: Callable[..., None] | None = None  # (fraction, message[, milestone])
     cancelled: Callable[[], bool] | None = None
+    # Each of the method's `model_params` that the step sets -> that uploaded model, unpacked (an ONNX path).
+    models: dict[str, Path] = field(default_factory=dict)
 
     def report(self, fraction: float, message: str, *, milestone: bool = False) -> None:
         """Progress within the step; a milestone (an epoch's figures) is always recorded as an event,
@@ -71,6 +73,9 @@ class StepContext:
 class StepOutput:
     model_path: Path
     details: dict[str, Any]
+    # Other files a user downloads with the model, by suffix appended to the model's artifact name
+    # (".zst": the model zstd-packed, as model.onnx.zst).
+    packed: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,3 +89,6 @@ class Method:
     # Dataset roles a step's params may name, as param field names (e.g. "calibration_dataset_id").
     # The API checks each named dataset against the model before queueing; the pipeline loads it.
     dataset_params: tuple[str, ...] = ()
+    # Params that name another uploaded model of the tenant (e.g. "student_model_id"): the API checks the
+    # caller owns it and links it to the job; the pipeline unpacks it into StepContext.models.
+    model_params: tuple[str, ...] = ()

@@ -7,7 +7,9 @@ Conv/Linear in between) keep all their output channels so the model's outputs ke
 
 Models converted from ONNX by onnx2torch are fx GraphModules with a few ops Torch-Pruning cannot follow;
 `_normalise_graph` rewrites the ones that can be rewritten (constant-shape flattening Reshapes, BatchNorms
-fed by constant tensors) and the pruned model is run once to turn any other mismatch into a clear error.
+fed by constant tensors). The others (a transformer's head-splitting Reshapes to constant head sizes) make
+some dependency groups unprunable: those groups are found by pruning group by group and running the model,
+kept whole, and reported, while every other group (a transformer's FFN width) is pruned.
 """
 from __future__ import annotations
 
@@ -58,7 +60,12 @@ def prune_channels(
     Exactly one of the three is given. Taylor importance needs `taylor_batches` (a callable returning an
     iterable of (inputs, labels)); the loss is `loss_fn(outputs, labels)`, by default cross-entropy on the
     first output against the labels, or against the model's own top class when there are none.
-    On a StepFailed raised after pruning started, `module` is left half-pruned: prune a copy to keep it.
+    A dependency group whose pruning breaks the model (a Reshape to a fixed head size, say) is kept whole and
+    reported in "kept_unprunable"; the others are pruned. `module` ends up pruned in place, but finding such a
+    group restarts from an unpruned copy whose state then moves into `module`: references held to its
+    submodules may then point at stale layers. A params/MACs target that the groups kept whole put out of reach
+    prunes at the largest ratio tried and notes the ratio reached. On a StepFailed raised after pruning
+    started, `module` may be left half-pruned: prune a copy to keep it.
     """
     given = {"ratio": ratio, "target_params_ratio": target_params_ratio, "target_macs_ratio": target_macs_ratio}
     chosen = [name for name, value in given.items() if value is not None]
@@ -103,9 +110,10 @@ def prune_channels(
     macs_before = _count_macs(module, example_inputs)
     channels_before = {name: _out_channels(layer) for name, layer in names.items()}
 
+    # "unsafe" collects the groups found to break the model, shared by the search's trials and the final pass.
     settings = dict(importance=importance, ignored=sorted(set(ignored) | set(kept_whole)), round_to=round_to,
                     iterative_steps=iterative_steps, taylor_batches=taylor_batches, loss_fn=loss_fn,
-                    reference=reference, keep_head=keep_head)
+                    reference=reference, keep_head=keep_head, unsafe=[], passes=0)
     search: list[dict[str, float]] = []
     if mode == "ratio":
         pruning_ratio = amount
@@ -114,7 +122,8 @@ def prune_channels(
         before = params_before if metric == "params" else macs_before
         pruning_ratio = _search_ratio(module, example_inputs, metric, before, amount, search, settings)
 
-    steps = _prune(module, example_inputs, pruning_ratio, False, settings, on_step, count_macs=True)
+    pristine = copy.deepcopy(module)  # what a restart starts again from, should a group break the model
+    steps = _prune(module, example_inputs, pruning_ratio, settings, on_step, pristine=pristine, count_macs=True)
 
     params_after = _count_params(module)
     macs_after = _count_macs(module, example_inputs)
@@ -139,14 +148,23 @@ def prune_channels(
         "ignored_layers": sorted(set(ignored)),
         "round_to": round_to,
         "steps": steps,
+        "kept_unprunable": {name: entry["reason"] for entry in settings["unsafe"] for name in entry["layers"]},
+        "pruning_passes": settings["passes"],
         "notes": notes,
     }
+    if settings["unsafe"]:
+        layer_count = _plural(len(details["kept_unprunable"]), "layer")
+        notes.append(
+            f"{layer_count} in {_plural(len(settings['unsafe']), 'dependency group')} kept whole: pruning them "
+            "broke the model (fixed-shape reshapes such as attention heads); see kept_unprunable"
+        )
     if search:
         details["search"] = search
         reached = details["params_ratio" if mode == "target_params_ratio" else "macs_ratio"]
         if abs(reached - amount) > TARGET_TOLERANCE:
             # Channels go in whole numbers (or round_to multiples): a small model may have no closer ratio.
-            notes.append(f"reached {reached:.3f} for a target of {amount:.3f}")
+            notes.append(f"reached {reached:.3f} for a target of {amount:.3f}"
+                         + (" (the layers kept whole cannot lose channels)" if settings["unsafe"] else ""))
     return details
 
 
@@ -164,39 +182,160 @@ def _importance(kind: str):
     return tp.importance.BNScaleImportance()
 
 
-def _prune(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], pruning_ratio: float, global_pruning: bool,
-           settings: dict[str, Any], on_step: Callable[[int, dict], None] | None,
+class _GroupBroke(Exception):
+    """Pruning a group broke the model; `layers` None: one of several groups pruned since the last check."""
+
+    def __init__(self, layers: list[str] | None, reason: str, damaged: bool) -> None:
+        super().__init__(reason)
+        self.layers, self.reason, self.damaged = layers, reason, damaged
+
+
+def _prune(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], pruning_ratio: float,
+           settings: dict[str, Any], on_step: Callable[[int, dict], None] | None, *, pristine: nn.Module,
            count_macs: bool = False) -> list[dict[str, Any]]:
-    """Prune `module` in place over settings' iterative steps; returns one entry per step."""
+    """Prune `module` in place over settings' iterative steps, keeping whole the groups that break it.
+
+    A broken group leaves `module` damaged: it becomes a fresh copy of `pristine` (the same model unpruned)
+    and the pass starts again with the group's layers ignored. A pass checks the model once per step; when
+    that check fails after several groups, the passes after it check after every group to find the culprit.
+    Returns one entry per step of the pass that succeeded.
+    """
+    careful = False
+    reported = 0
+
+    def report_once(step: int, entry: dict) -> None:
+        nonlocal reported
+        if on_step is not None and step > reported:  # a restart does not report the same round twice
+            reported = step
+            on_step(step, entry)
+
+    # Each restart keeps at least one more layer whole, so this bound is never the one reached in practice.
+    for _attempt in range(len(_prunable_names(module)) + 2):
+        try:
+            steps = _prune_pass(module, example_inputs, pruning_ratio, settings, report_once, careful, count_macs)
+        except _GroupBroke as broken:
+            if broken.damaged:
+                _become(module, copy.deepcopy(pristine))
+            if broken.layers is None:
+                careful = True
+                continue
+            known = {name for entry in settings["unsafe"] for name in entry["layers"]}
+            if not broken.layers or set(broken.layers) <= known | set(settings["ignored"]):
+                raise StepFailed(f"pruning failed: {broken.reason}", code="pruning_unsupported") from broken
+            settings["unsafe"].append({"layers": broken.layers, "reason": broken.reason})
+            continue
+        return steps
+    raise StepFailed("pruning kept breaking the model after keeping every group whole that broke it",
+                     code="pruning_unsupported")
+
+
+def _prune_pass(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], pruning_ratio: float,
+                settings: dict[str, Any], on_step: Callable[[int, dict], None], careful: bool,
+                count_macs: bool) -> list[dict[str, Any]]:
+    """One pruning pass group by group; raises _GroupBroke when a group breaks the model."""
     import torch_pruning as tp
 
     by_name = dict(module.named_modules())
+    layer_names = {id(layer): name for name, layer in _prunable_names(module).items()}
+    unsafe = [name for entry in settings["unsafe"] for name in entry["layers"]]
+    ignored = list(dict.fromkeys(settings["ignored"] + unsafe))
+    settings["passes"] += 1  # one dependency-graph trace each
     try:
         pruner = tp.pruner.MetaPruner(
             module, example_inputs, importance=_importance(settings["importance"]),
-            pruning_ratio=pruning_ratio, global_pruning=global_pruning,
+            pruning_ratio=pruning_ratio, global_pruning=False,
             iterative_steps=settings["iterative_steps"], round_to=settings["round_to"],
-            ignored_layers=[by_name[name] for name in settings["ignored"]],
+            ignored_layers=[by_name[name] for name in ignored],
         )
     except Exception as exc:
         raise StepFailed(f"Torch-Pruning could not trace the model's channel dependencies: {_short(exc)}",
                          code="pruning_unsupported") from exc
+    graph = pruner.DG
+
+    def out_layers(group) -> list[str]:
+        names = (layer_names.get(id(dep.target.module)) for dep, _ in group
+                 if graph.is_out_channel_pruning_fn(dep.handler))
+        return list(dict.fromkeys(name for name in names if name is not None))
+
+    # A group whose channels cannot even be ranked (index mapping through a head-splitting Reshape) is skipped
+    # by Torch-Pruning when its importance is None: no restart is needed, the model is untouched.
+    ranked = 0
+    estimate = pruner.estimate_importance
+
+    def estimate_or_skip(group):
+        nonlocal ranked
+        try:
+            importance = estimate(group)
+        except Exception as exc:
+            layers = out_layers(group)
+            if layers and not any(set(layers) & set(entry["layers"]) for entry in settings["unsafe"]):
+                reason = f"its channels cannot be ranked: {_first(exc)}"
+                settings["unsafe"].append({"layers": layers, "reason": reason})
+            return None
+        ranked += 1
+        return importance
+
+    pruner.estimate_importance = estimate_or_skip
+    # Torch-Pruning builds every group through get_pruning_group: the last root asked for names the group
+    # an exception raised between two yielded groups belongs to.
+    last: dict[str, Any] = {}
+    get_pruning_group = graph.get_pruning_group
+
+    def remembered(root, pruning_fn, indices):
+        last.clear()
+        last["root"] = root
+        last["group"] = get_pruning_group(root, pruning_fn, indices)
+        return last["group"]
+
+    graph.get_pruning_group = remembered
+
+    damaged = False
     steps = []
     for step in range(1, settings["iterative_steps"] + 1):
         if settings["importance"] == "taylor":
             _accumulate_gradients(module, settings["taylor_batches"], settings["loss_fn"])
-        try:
-            pruner.step()
-        except Exception as exc:
-            raise StepFailed(f"pruning step {step} failed: {_short(exc)}", code="pruning_unsupported") from exc
-        _check_runs(module, example_inputs, settings["reference"], settings["keep_head"])
+        pruned: list[list[str]] = []
+        groups = pruner.step(interactive=True)
+        while True:
+            try:
+                group = next(groups)
+            except StopIteration:
+                break
+            except Exception as exc:
+                if "group" in last:
+                    blamed = out_layers(last["group"])
+                else:
+                    blamed = [name for name in [layer_names.get(id(last.get("root")))] if name is not None]
+                raise _GroupBroke(blamed, f"Torch-Pruning failed on it: {_first(exc)}", damaged) from exc
+            layers = out_layers(group)
+            damaged = True
+            try:
+                group.prune()
+            except Exception as exc:
+                raise _GroupBroke(layers, f"pruning it failed: {_first(exc)}", True) from exc
+            pruned.append(layers)
+            if careful:
+                problem = _run_problem(module, example_inputs, settings["reference"], settings["keep_head"])
+                if problem:
+                    raise _GroupBroke(layers, problem, True)
+        if not careful and pruned:
+            problem = _run_problem(module, example_inputs, settings["reference"], settings["keep_head"])
+            if problem:
+                raise _GroupBroke(pruned[0] if len(pruned) == 1 else None, problem, True)
         if settings["importance"] == "taylor":
             module.zero_grad(set_to_none=True)
+        if step == 1 and not ranked and settings["unsafe"]:
+            entry = settings["unsafe"][0]
+            raise StepFailed(
+                "no dependency group of the model can be pruned without breaking it "
+                f"({_plural(len(settings['unsafe']), 'group')}; first: {', '.join(entry['layers'][:4])}: "
+                f"{entry['reason']})",
+                code="pruning_unsupported",
+            )
         entry = {"step": step, "params": _count_params(module)}
         if count_macs:
             entry["macs"] = _count_macs(module, example_inputs)
-        if on_step is not None:
-            on_step(step, dict(entry))
+        on_step(step, dict(entry))
         steps.append(entry)
     module.eval()
     return steps
@@ -235,7 +374,8 @@ def _search_ratio(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], m
     """Bisect the channel ratio whose pruned copy keeps `target` of the params or MACs."""
     def measure(pruning_ratio: float) -> float:
         trial = copy.deepcopy(module)
-        _prune(trial, example_inputs, pruning_ratio, False, settings, None)
+        # settings["unsafe"] carries the groups a trial found breaking the model to every later trial.
+        _prune(trial, example_inputs, pruning_ratio, settings, None, pristine=module)
         after = _count_params(trial) if metric == "params" else _count_macs(trial, example_inputs)
         reached = after / before if before else 1.0
         search.append({"pruning_ratio": round(pruning_ratio, 4), f"{metric}_ratio": round(reached, 4)})
@@ -244,6 +384,8 @@ def _search_ratio(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], m
     low, high = 0.0, MAX_SEARCH_RATIO
     reached_high = measure(high)
     if reached_high > target + TARGET_TOLERANCE:
+        if settings["unsafe"]:
+            return high  # as close as the groups that can be pruned get; the caller notes the ratio reached
         raise StepFailed(
             f"cannot bring the {metric} down to {target:.0%} of the original: removing {high:.0%} of the "
             f"prunable channels keeps {reached_high:.1%} (heads, ignored layers and unprunable parameters "
@@ -454,22 +596,27 @@ def _output_shapes(outputs: Any) -> list[list[int] | None]:
     return [list(t.shape) if isinstance(t, torch.Tensor) else None for t in _flatten(outputs)]
 
 
-def _check_runs(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], reference: list, keep_head: bool) -> None:
-    """Run the pruned model once: an op Torch-Pruning did not follow shows up here, not in the user's hands."""
-    hint = ("some op between the pruned layers holds channel-sized constants or a fixed shape Torch-Pruning "
-            "cannot follow; add the layers feeding it to ignored_layers")
+def _run_problem(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], reference: list,
+                 keep_head: bool) -> str | None:
+    """Run the pruned model once: what an op Torch-Pruning did not follow broke, or None when it still works."""
     try:
         with torch.no_grad():
             shapes = _output_shapes(module(*example_inputs))
     except Exception as exc:
-        raise StepFailed(f"the pruned model no longer runs ({_short(exc)}): {hint}",
-                         code="pruning_unsupported") from exc
+        return f"the pruned model no longer runs: {_first(exc)}"
     if keep_head and shapes != reference:
-        raise StepFailed(f"pruning changed the output shapes from {reference} to {shapes}: {hint}",
-                         code="pruning_unsupported")
+        return f"pruning changed the output shapes from {reference} to {shapes}"
     if not keep_head and [s[:1] if s else s for s in shapes] != [s[:1] if s else s for s in reference]:
-        raise StepFailed(f"pruning changed the batch axis of the outputs ({reference} -> {shapes}): {hint}",
-                         code="pruning_unsupported")
+        return f"pruning changed the batch axis of the outputs ({reference} -> {shapes})"
+    return None
+
+
+def _become(module: nn.Module, source: nn.Module) -> None:
+    """Turn `module` into `source` (a copy of the same model) while keeping the object the caller holds."""
+    module.__dict__.clear()
+    module.__dict__.update(source.__dict__)
+    if isinstance(module, torch.fx.GraphModule):
+        module.graph = module.graph  # the graph now belongs to `module`, whose own class gets its forward again
 
 
 def _count_params(module: nn.Module) -> int:
@@ -482,6 +629,16 @@ def _count_macs(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> 
     with torch.no_grad():
         macs, _params = tp.utils.count_ops_and_params(module, example_inputs)
     return int(macs)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _first(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an error, shortened: what a report shows per layer."""
+    lines = str(exc).strip().splitlines()
+    return _short(RuntimeError(lines[0]) if lines else exc, limit)
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

@@ -3,6 +3,8 @@
 With labels the loss is cross-entropy on the first output; without them the pruned model learns to match
 the unpruned one (knowledge distillation), so any unlabelled sample of real inputs is enough. The best
 epoch by the eval metric is kept, so fine-tuning never returns a model worse than the best it saw.
+Knowledge distillation (workers.methods.distill_kd) runs the same loop with its own `loss` and a teacher
+that may be an ONNX Runtime session rather than a module.
 """
 from __future__ import annotations
 
@@ -23,7 +25,11 @@ from workers.pruning.magnitude import Masks
 TEMPERATURE = 2.0       # softens the teacher's class scores so that the runner-up classes teach too
 EVAL_BATCH = 256
 
+# Called with the student's positional inputs (tensors) under no_grad: an nn.Module, or any callable, such as
+# workers.distill.losses.OnnxRuntimeTeacher for a teacher that only runs in ONNX Runtime.
 Teacher = Callable[..., Any]
+# (student outputs, teacher outputs or None, labels or None) -> scalar loss
+Loss = Callable[[Any, Any, torch.Tensor | None], torch.Tensor]
 
 
 def finetune(
@@ -33,6 +39,7 @@ def finetune(
     eval: Dataset | None,  # noqa: A002 - the caller's vocabulary
     input_names: list[str],
     teacher: Teacher | None = None,
+    loss: Loss | None = None,
     epochs: int,
     lr: float,
     batch_size: int,
@@ -51,10 +58,12 @@ def finetune(
     `sparsity_schedule(step)` (gradual pruning) gives the sparsity wanted after optimizer step `step`
     (counted from 1); when it changes, magnitude masks are recomputed at it (masks must come from
     Masks.from_magnitude). With a schedule, only epochs that end at its final sparsity can be the best.
+    `loss(outputs, teacher_outputs, labels)` replaces the default loss (cross-entropy with labels, distillation
+    without); the teacher then runs on every batch, labelled or not (knowledge distillation).
     """
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise StepFailed("finetune needs epochs >= 1, batch_size >= 1 and lr > 0", code="invalid_params")
-    if train.labels is None and teacher is None:
+    if train.labels is None and teacher is None and loss is None:
         raise StepFailed("fine-tuning without labels needs the unpruned model as teacher", code="dataset_required")
     if sparsity_schedule is not None and (masks is None or masks.scope is None):
         raise StepFailed("a sparsity schedule needs magnitude masks to recompute", code="invalid_params")
@@ -110,14 +119,18 @@ def finetune(
             labels = None if train.labels is None else torch.as_tensor(train.labels[order]).long().to(device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                 outputs = module(*inputs)
-                if labels is not None:
-                    loss = _cross_entropy(outputs, labels)
+                if loss is not None:
+                    with torch.no_grad():
+                        targets = teacher(*inputs) if teacher is not None else None
+                    value = loss(outputs, targets, labels)
+                elif labels is not None:
+                    value = cross_entropy(outputs, labels)
                 else:
                     with torch.no_grad():
                         targets = teacher(*inputs)
-                    loss = _distillation(outputs, targets)
+                    value = _distillation(outputs, targets)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(value).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -128,7 +141,7 @@ def finetune(
                     masks.recompute(wanted)
             if masks is not None:
                 masks.apply()
-            losses.append(float(loss.detach()))
+            losses.append(float(value.detach()))
         if stopped and not losses:
             break
         metric = measure()
@@ -194,20 +207,20 @@ def _device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _outputs(value: Any) -> list[torch.Tensor]:
+def output_tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [t for part in value for t in _outputs(part)]
+        return [t for part in value for t in output_tensors(part)]
     if isinstance(value, dict):
-        return [t for part in value.values() for t in _outputs(part)]
+        return [t for part in value.values() for t in output_tensors(part)]
     return []
 
 
 # --- losses and metrics ---------------------------------------------------------------------------------
 
-def _cross_entropy(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
-    logits = _outputs(outputs)[0]
+def cross_entropy(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+    logits = output_tensors(outputs)[0]
     try:
         return nn.functional.cross_entropy(logits.float(), labels)
     except (RuntimeError, ValueError, IndexError) as exc:
@@ -220,7 +233,7 @@ def _cross_entropy(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
 
 def _distillation(outputs: Any, targets: Any) -> torch.Tensor:
     """KL at temperature 2 on class scores (2-D outputs), mean squared error on any other output."""
-    students, teachers = _outputs(outputs), _outputs(targets)
+    students, teachers = output_tensors(outputs), output_tensors(targets)
     losses = []
     for student, teacher in zip(students, teachers):
         student, teacher = student.float(), teacher.float()
@@ -242,7 +255,7 @@ def _accuracy(module: nn.Module, data: Dataset, input_names: list[str], device: 
     for start in range(0, len(data), EVAL_BATCH):
         index = slice(start, start + EVAL_BATCH)
         with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            logits = _outputs(module(*_tensors(data, input_names, index, device)))[0]
+            logits = output_tensors(module(*_tensors(data, input_names, index, device)))[0]
         labels = torch.as_tensor(data.labels[index]).to(device)
         correct += int((logits.argmax(dim=1) == labels).sum())
     return correct / len(data) if len(data) else 0.0
@@ -260,7 +273,7 @@ def _cosine(module: nn.Module, teacher: Teacher | None, data: Dataset, input_nam
     for start in range(0, len(data), EVAL_BATCH):
         inputs = _tensors(data, input_names, slice(start, start + EVAL_BATCH), device)
         with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            students, teachers = _outputs(module(*inputs)), _outputs(teacher(*inputs))
+            students, teachers = output_tensors(module(*inputs)), output_tensors(teacher(*inputs))
         for student, reference in zip(students, teachers):
             rows = student.shape[0]
             similarity = nn.functional.cosine_similarity(

@@ -1,0 +1,351 @@
+"""distill.kd: knowledge distillation of the job's model (the teacher) into a smaller student.
+
+The student is an uploaded model with the same inputs and output shapes, or is derived from the teacher:
+"width" prunes every prunable layer's channels (workers.pruning.prune_channels), "depth" keeps every k-th of
+the teacher's repeated blocks (transformer layers, residual blocks), found in the ONNX graph by
+workers.distill.blocks, initialised from the teacher's weights as DistilBERT does. The student then trains on
+the teacher's softened outputs (and the labels, when the data has them) with the fine-tuning loop of
+workers.pruning.finetune. A teacher that cannot be converted to PyTorch runs in ONNX Runtime instead: it
+needs no gradients.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints, model_validator
+
+from app.errors import StepFailed
+from workers.methods.base import Method, StepContext, StepOutput
+from workers.methods.prune_common import CHECK_SAMPLES, DatasetId, FineTuneParams
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+ModelId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+EVAL_BATCH = 256
+
+
+class DistillParams(FineTuneParams):
+    train_dataset_id: DatasetId = Field(
+        ...,
+        description="Dataset the student learns on: arrays named after the model's inputs, first axis = samples. "
+        "The teacher's outputs on it are the soft targets; a `labels` array adds cross-entropy on the first output.",
+    )
+    eval_dataset_id: DatasetId | None = Field(
+        None,
+        description="Held-out dataset for early stopping, for choosing the best epoch and for the report (top-1 "
+        "accuracy with labels, cosine to the teacher without). Defaults to the training data.",
+    )
+    student: Literal["width", "depth", "model"] = Field(
+        "width",
+        description="width: the teacher with `width_ratio` of every prunable layer's channels removed; depth: the "
+        "teacher keeping every `keep_every`-th of its repeated blocks (transformer layers, residual blocks); "
+        "model: the uploaded model `student_model_id`, which must take the teacher's inputs and give outputs of "
+        "the same shapes.",
+    )
+    student_model_id: ModelId | None = Field(None, description="The uploaded student model (student 'model' only).")
+    width_ratio: float = Field(
+        0.5, gt=0, lt=1, description="Fraction of the channels removed from every prunable layer (student 'width').",
+    )
+    round_to: int | None = Field(
+        8, ge=1, le=1024,
+        description="Keep the width student's channel counts multiples of this (CPU and GPU kernels run odd counts "
+        "slowly); 1 or null keeps the exact counts.",
+    )
+    keep_every: int = Field(
+        2, ge=2, le=100,
+        description="Depth student: keep blocks 0, k, 2k, ... of the teacher's repeated blocks, with their weights.",
+    )
+    temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature of the soft targets.")
+    alpha: float = Field(
+        0.5, ge=0, le=1,
+        description="Weight of the soft-target loss; 1 - alpha weighs cross-entropy on the labels when there are "
+        "any (without labels the soft-target loss is the whole loss); labels need the first output to be class "
+        "scores [batch, classes].",
+    )
+    output_loss: Literal["auto", "kl", "mse", "cosine"] = Field(
+        "auto",
+        description="How each output is matched to the teacher's: kl (softened class scores), mse or cosine (for "
+        "embeddings, regressions, detection maps); auto takes kl for 2-D [batch, classes] outputs, mse otherwise.",
+    )
+
+    @model_validator(mode="after")
+    def _student_source(self) -> DistillParams:
+        if self.student == "model" and self.student_model_id is None:
+            raise ValueError("student 'model' distils into an uploaded model: set student_model_id")
+        if self.student != "model" and self.student_model_id is not None:
+            raise ValueError(f"student_model_id is used with student 'model' only (student is {self.student!r})")
+        return self
+
+
+def run(input_path: Path, params: DistillParams, out_dir: Path, ctx: StepContext) -> StepOutput:
+    import torch
+
+    from workers import bridge
+    from workers.distill.losses import kd_loss
+    from workers.pruning import finetune
+
+    train = ctx.datasets.get("train_dataset_id")
+    if train is None:
+        raise StepFailed("distillation needs training data: set train_dataset_id", code="dataset_required")
+    eval_data = ctx.datasets.get("eval_dataset_id")
+    sample = train.take(CHECK_SAMPLES).inputs
+    teacher, teacher_bridged, details = _teacher(input_path, sample, ctx)
+    if teacher_bridged is None and params.student == "width":
+        # A width student is the converted teacher with fewer channels: nothing to prune without a module.
+        raise StepFailed(f"a width student is pruned from the teacher converted to PyTorch, and it cannot be "
+                         f"converted ({details['teacher']['reason']}); upload a student (student 'model')",
+                         code="unsupported_op")
+
+    with tempfile.TemporaryDirectory(prefix="distill-") as scratch:
+        if params.student == "width":
+            student, student_bridged = _width_student(teacher_bridged, sample, details, params, ctx)
+        elif params.student == "depth":
+            student, student_bridged = _depth_student(input_path, Path(scratch), sample, details, params, ctx)
+        else:
+            student, student_bridged = _uploaded_student(input_path, ctx, sample, details)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    student.to(device)
+    if isinstance(teacher, torch.nn.Module):
+        teacher.to(device)
+    epochs = params.epochs
+
+    def on_epoch(entry: dict[str, Any]) -> None:
+        metric = entry.get("eval_metric")
+        shown = f", {entry.get('metric_name', 'metric')} {metric:.4f}" if isinstance(metric, float) else ""
+        ctx.report(0.2 + 0.7 * entry["epoch"] / epochs,
+                   f"distillation epoch {entry['epoch']}/{epochs}: loss {entry['train_loss']:.4f}{shown} "
+                   f"({entry['seconds']:.1f} s)", milestone=True)
+
+    ctx.report(0.2, f"distilling into the {params.student} student")
+    details["loss"] = {"temperature": params.temperature, "alpha": params.alpha, "output_loss": params.output_loss,
+                       "labels": train.labels is not None}
+    details["training"] = finetune(
+        student, train=train, eval=eval_data, input_names=student_bridged.input_names,
+        teacher=_in_order(teacher, student_bridged.input_names, details["teacher"]["input_names"]),
+        loss=kd_loss(temperature=params.temperature, alpha=params.alpha, output_loss=params.output_loss),
+        epochs=epochs, lr=params.lr, batch_size=params.batch_size, weight_decay=params.weight_decay,
+        patience=params.patience, on_epoch=on_epoch, should_stop=ctx.should_stop, seed=ctx.seed,
+    )
+    student.to("cpu")
+    if isinstance(teacher, torch.nn.Module):
+        teacher.to("cpu")
+
+    ctx.report(0.93, "exporting the student to ONNX")
+    dst = out_dir / "model.onnx"
+    details["export"] = bridge.to_onnx(student, student_bridged, dst, sample=sample)
+    details["params"] = _params(input_path, dst)
+    details["eval"] = _evaluate(input_path, dst, eval_data if eval_data is not None else train,
+                                "eval" if eval_data is not None else "train")
+    return StepOutput(model_path=dst, details=details)
+
+
+# --- teacher and students -------------------------------------------------------------------------------
+
+def _teacher(input_path: Path, sample: dict[str, np.ndarray], ctx: StepContext):
+    """(teacher callable, its Bridged or None, details): a frozen PyTorch module, or ONNX Runtime when the
+    model cannot be converted."""
+    from workers import bridge
+    from workers.distill.losses import OnnxRuntimeTeacher
+
+    ctx.report(0.02, "converting the teacher to PyTorch")
+    started = time.perf_counter()
+    try:
+        bridged = bridge.to_torch(input_path, sample=sample)
+    except (bridge.UnsupportedOp, bridge.ConversionMismatch) as exc:
+        runner = OnnxRuntimeTeacher(input_path)
+        return runner, None, {"teacher": {
+            "runtime": "onnxruntime", "input_names": runner.input_names, "output_names": runner.output_names,
+            "reason": f"{exc.code}: {exc}",
+        }}
+    module = copy.deepcopy(bridged.module).eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module, bridged, {"teacher": {
+        "runtime": "pytorch", "input_names": bridged.input_names, "output_names": bridged.output_names,
+        "conversion": {"check": bridged.check, "notes": bridged.notes,
+                       "seconds": round(time.perf_counter() - started, 3)},
+    }}
+
+
+def _width_student(teacher_bridged, sample: dict[str, np.ndarray], details: dict[str, Any], params: DistillParams,
+                   ctx: StepContext):
+    import numpy as np
+    import torch
+
+    from workers.pruning import prune_channels
+
+    student = teacher_bridged.module          # the teacher is a copy of its own
+    example = tuple(torch.from_numpy(np.ascontiguousarray(sample[n][:2].astype(teacher_bridged.input_dtypes[n])))
+                    for n in teacher_bridged.input_names)
+    ctx.report(0.08, f"removing {params.width_ratio:.0%} of every layer's channels")
+    details["student"] = {"kind": "width", "how": f"the teacher with {params.width_ratio:.0%} of every prunable "
+                          "layer's channels removed (l2 ranking), heads kept whole, initialised from its weights",
+                          "pruning": prune_channels(student, example, ratio=params.width_ratio,
+                                                    round_to=params.round_to, keep_head=True)}
+    return student, teacher_bridged
+
+
+def _depth_student(input_path: Path, scratch: Path, sample: dict[str, np.ndarray], details: dict[str, Any],
+                   params: DistillParams, ctx: StepContext):
+    import onnx
+
+    from workers import bridge
+    from workers.distill.blocks import drop_blocks, find_blocks
+
+    ctx.report(0.05, "looking for repeated blocks")
+    model = onnx.load(str(input_path))
+    found = find_blocks(model)
+    if not found.blocks:
+        raise StepFailed(f"found no run of repeated blocks to thin out: searched {found.searched}. A depth student "
+                         "needs a stack of identical layers (transformer layers, residual blocks); try student "
+                         "'width' or an uploaded student", code="no_repeated_blocks")
+    keep = list(range(0, len(found.blocks), params.keep_every))
+    path = scratch / "student.onnx"
+    onnx.save(drop_blocks(model, found.blocks, keep), str(path))
+    del model
+    ctx.report(0.12, f"kept blocks {keep} of {len(found.blocks)}; converting the student to PyTorch")
+    student_bridged = bridge.to_torch(path, sample=sample)
+    details["student"] = {"kind": "depth", "how": f"the teacher keeping every {params.keep_every}th of its "
+                          f"{len(found.blocks)} repeated blocks, with their weights",
+                          "blocks": found.summary(), "kept_blocks": keep,
+                          "conversion": {"check": student_bridged.check, "notes": student_bridged.notes}}
+    return student_bridged.module, student_bridged
+
+
+def _uploaded_student(input_path: Path, ctx: StepContext, sample: dict[str, np.ndarray], details: dict[str, Any]):
+    import dataclasses
+
+    from workers import bridge
+
+    path = ctx.models.get("student_model_id")
+    if path is None:
+        raise StepFailed("student 'model' needs the uploaded student (student_model_id), and the step got none",
+                         code="model_required")
+    _check_student(input_path, Path(path), sample)
+    ctx.report(0.1, "converting the student to PyTorch")
+    student_bridged = bridge.to_torch(Path(path), sample=sample)
+    teacher_outputs = details["teacher"]["output_names"]
+    # The result stands in for the teacher in the job: it keeps the teacher's output names.
+    renamed = dataclasses.replace(
+        student_bridged, output_names=list(teacher_outputs),
+        output_shapes=dict(zip(teacher_outputs, [student_bridged.output_shapes.get(n, [])
+                                                 for n in student_bridged.output_names])),
+    )
+    details["student"] = {"kind": "model", "how": "the uploaded student model", "output_names": {
+        "student": student_bridged.output_names, "exported_as": list(teacher_outputs)},
+        "conversion": {"check": student_bridged.check, "notes": student_bridged.notes}}
+    return student_bridged.module, renamed
+
+
+def _check_student(teacher_path: Path, student_path: Path, sample: dict[str, np.ndarray]) -> None:
+    """The student must take the teacher's inputs and give as many outputs of the same shapes."""
+    import numpy as np
+
+    from workers.bridge.check import session
+
+    teacher, student = session(teacher_path), session(student_path)
+    wanted = {i.name: i.type for i in teacher.get_inputs()}
+    taken = {i.name: i.type for i in student.get_inputs()}
+    problems = []
+    if set(wanted) != set(taken):
+        missing, extra = sorted(set(wanted) - set(taken)), sorted(set(taken) - set(wanted))
+        problems.append("inputs differ: " + "; ".join(
+            ([f"the student lacks {', '.join(map(repr, missing))}"] if missing else [])
+            + ([f"the student also takes {', '.join(map(repr, extra))}"] if extra else [])))
+    else:
+        problems += [f"input '{n}' is {taken[n]} in the student and {wanted[n]} in the teacher"
+                     for n in wanted if taken[n] != wanted[n]]
+    if not problems:
+        feeds = {n: np.ascontiguousarray(sample[n][:2]) for n in wanted}
+        expected = [np.shape(o) for o in teacher.run(None, feeds)]
+        produced = [np.shape(o) for o in student.run(None, feeds)]
+        if len(expected) != len(produced):
+            problems.append(f"the teacher gives {len(expected)} outputs and the student {len(produced)}")
+        else:
+            names = [o.name for o in teacher.get_outputs()]
+            problems += [f"output '{name}' is {list(e)} from the teacher and {list(p)} from the student (on 2 samples)"
+                         for name, e, p in zip(names, expected, produced) if e != p]
+    if problems:
+        raise StepFailed("the student model does not fit the teacher: " + "; ".join(problems),
+                         code="student_mismatch")
+
+
+def _in_order(teacher, student_names: list[str], teacher_names: list[str]):
+    """The teacher called with the student's positional inputs, reordered to its own."""
+    if list(student_names) == list(teacher_names):
+        return teacher
+    order = [student_names.index(name) for name in teacher_names]
+    return lambda *inputs: teacher(*[inputs[i] for i in order])
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+def _params(teacher_path: Path, student_path: Path) -> dict[str, Any]:
+    teacher, student = _count_params(teacher_path), _count_params(student_path)
+    return {"teacher": teacher, "student": student, "ratio": student / teacher if teacher else None}
+
+
+def _count_params(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path))
+    total = 0
+    for tensor in model.graph.initializer:
+        size = 1
+        for dim in tensor.dims:
+            size *= dim
+        total += size
+    return total
+
+
+def _evaluate(teacher_path: Path, student_path: Path, data, role: str) -> dict[str, Any]:
+    """Both files in ONNX Runtime: top-1 accuracy on the first output with labels, else the student's mean
+    per-sample cosine to the teacher over all outputs."""
+    import numpy as np
+
+    from workers.bridge.check import session
+
+    runners = [session(teacher_path), session(student_path)]
+    names = [[i.name for i in r.get_inputs()] for r in runners]
+    correct, cosine_sum, count = [0, 0], 0.0, 0
+    for start in range(0, len(data), EVAL_BATCH):
+        outputs = []
+        for runner, inputs in zip(runners, names):
+            feeds = {n: np.ascontiguousarray(data.inputs[n][start:start + EVAL_BATCH]) for n in inputs}
+            outputs.append(runner.run(None, feeds))
+        if data.labels is not None:
+            labels = np.asarray(data.labels[start:start + EVAL_BATCH])
+            for index, produced in enumerate(outputs):
+                correct[index] += int((np.asarray(produced[0]).argmax(axis=1) == labels).sum())
+        else:
+            for t, s in zip(*outputs):
+                rows = len(t)
+                t, s = np.asarray(t, np.float64).reshape(rows, -1), np.asarray(s, np.float64).reshape(rows, -1)
+                norms = np.maximum(np.linalg.norm(t, axis=1) * np.linalg.norm(s, axis=1), 1e-12)
+                cosine_sum += float(((t * s).sum(axis=1) / norms).sum())
+                count += rows
+    if data.labels is not None:
+        return {"metric": "accuracy", "dataset": role, "samples": len(data),
+                "teacher": correct[0] / len(data) if len(data) else 0.0,
+                "student": correct[1] / len(data) if len(data) else 0.0}
+    return {"metric": "cosine_to_teacher", "dataset": role, "samples": len(data), "teacher": 1.0,
+            "student": cosine_sum / count if count else 0.0}
+
+
+METHOD = Method(
+    id="distill.kd",
+    version=1,
+    description="Knowledge distillation: train a smaller student (the model with fewer channels, fewer repeated "
+    "layers, or your own uploaded model) to reproduce this model's outputs on your data, with soft targets at a "
+    "temperature plus the labels when there are any.",
+    params_model=DistillParams,
+    run=run,
+    dataset_params=("train_dataset_id", "eval_dataset_id"),
+    model_params=("student_model_id",),
+)
