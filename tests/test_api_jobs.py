@@ -44,7 +44,8 @@ def test_create_job_is_queued_with_location_and_one_message(client, alice, model
     assert resp.headers["location"] == f"/v1/jobs/{job['id']}"
     # Defaults are filled in: the worker runs exactly what was accepted.
     assert job["steps"][0]["params"] == {"per_channel": True, "weight_type": "auto", "reduce_range": False, "op_types": None,
-                                         "keep_depthwise_conv_float": True, "nodes_to_exclude": []}
+                                         "keep_depthwise_conv_float": True, "nodes_to_exclude": [],
+                                         "fuse_transformer": "auto"}
     messages = queued_messages(data_dir)
     assert len(messages) == 1
     assert messages[0] == {"task": "modelpress.run_job", "args": [job["id"]]}

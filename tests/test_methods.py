@@ -106,11 +106,11 @@ def test_catalog_lists_each_method_with_its_params_schema():
     catalog = methods.catalog()
     assert [m["id"] for m in catalog] == sorted(m["id"] for m in catalog)
     entry = next(m for m in catalog if m["id"] == INT8)
-    assert entry["version"] == 1 and entry["description"]
+    assert entry["version"] == 2 and entry["description"]
     schema = entry["params_schema"]
     assert schema["additionalProperties"] is False
     assert set(schema["properties"]) == {"per_channel", "weight_type", "reduce_range", "op_types", "keep_depthwise_conv_float",
-                                              "nodes_to_exclude"}
+                                              "nodes_to_exclude", "fuse_transformer"}
     assert all(prop.get("description") for prop in schema["properties"].values())
     op_enum = schema["properties"]["op_types"]["anyOf"][0]["items"]["enum"]
     assert set(op_enum) == set(SUPPORTED_OP_TYPES)
@@ -128,7 +128,7 @@ def test_params_defaults_and_validation():
     defaults = params_model.model_validate({})
     assert defaults.model_dump() == {
         "per_channel": True, "weight_type": "auto", "reduce_range": False, "op_types": None, "keep_depthwise_conv_float": True,
-        "nodes_to_exclude": [],
+        "nodes_to_exclude": [], "fuse_transformer": "auto",
     }
     with pytest.raises(ValidationError, match="extra"):
         params_model.model_validate({"per_chanel": False})

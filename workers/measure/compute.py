@@ -1,7 +1,8 @@
 """Parameters and multiply-accumulates of an ONNX model, counted from its graph.
 
-Params: elements of the float weights (initializers and Constant tensors with more than one
-element), zeros included, with the zero count beside them. MACs: Conv, ConvTranspose,
+Params: elements of the weights (float, int8/uint8/int4 initializers and Constant tensors with
+more than one element: quantized weights count once, their scales too), zeros included, with
+the zero count beside them. MACs: Conv, ConvTranspose,
 Gemm and MatMul at one batch size, from ONNX shape inference; other ops are cheap next
 to them and are not counted (as fvcore and thop do). A model whose shapes cannot be
 inferred gets `macs: None` with the reason.
@@ -14,6 +15,9 @@ from typing import Any
 import numpy as np
 
 FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+# Quantized weights, and the uint8 indices of clustered ones: INT8, UINT8, UINT4, INT4. (INT64/INT32
+# initializers are shapes and indices of the graph itself, not parameters.)
+WEIGHT_TYPES = FLOAT_TYPES | {2, 3, 21, 22}
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -28,7 +32,7 @@ def count(path: Path, *, batch: int = 1) -> dict[str, Any]:
         attr.t for node in graph.node if node.op_type == "Constant" for attr in node.attribute if attr.name == "value"
     ]
     for tensor in tensors:
-        if tensor.data_type in FLOAT_TYPES and int(np.prod(tensor.dims, dtype=np.int64)) > 1:
+        if tensor.data_type in WEIGHT_TYPES and int(np.prod(tensor.dims, dtype=np.int64)) > 1:
             values = numpy_helper.to_array(tensor)
             params += values.size
             zeros += int(values.size - np.count_nonzero(values))

@@ -3,8 +3,10 @@
 Weights are quantized once, here; activations are quantized on the fly at run
 time (DynamicQuantizeLinear), so no calibration data is needed. The model is
 first made quantizable by onnx_prep (Constant weights, weights listed as
-inputs, old opsets, Gemm), and the result must load in ONNX Runtime with the
-input's input and output names before it is handed back.
+inputs, old opsets, Gemm); a transformer's attention is then fused into ORT's
+Attention op (transformer_fusion), which quantizes as one QAttention. The
+result must load in ONNX Runtime with the input's input and output names
+before it is handed back.
 """
 from __future__ import annotations
 
@@ -80,6 +82,14 @@ class Int8DynamicParams(MethodParams):
         "scale for the whole tensor, which wrecks depthwise filters: on YOLOX-nano quantizing them turned the top "
         "detection of a COCO image from 'tvmonitor' (0.92) into a wrong class; keeping them float restored it.",
     )
+    fuse_transformer: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: where the graph has transformer self-attention (Softmax over Q·Kᵀ), fuse each layer's "
+        "attention into ONNX Runtime's Attention op before quantizing, so it runs as one QAttention; the head "
+        "count and hidden size are read from the graph. The fused model is used only if its outputs match the "
+        "original's (cosine >= 0.9999), and the report says what was fused or why not. The Q/K/V MatMuls then "
+        "live inside Attention, which is quantized whenever MatMul is. off: quantize the graph as it is.",
+    )
     nodes_to_exclude: list[NodeName] = Field(
         default_factory=list,
         max_length=10_000,
@@ -114,10 +124,16 @@ def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: St
     warnings: list[str] = []
     try:
         prepared = onnx_prep.prepare(input_path, prep_dir, gemm_to_matmul="Gemm" in requested)
-        graph = onnx.load(str(prepared.path), load_external_data=False).graph
-        before = onnx_prep.op_counts(graph)  # what the quantizer is given, after pre-processing
-        present = {node.name for node in graph.node}
+        present = {node.name for node in onnx.load(str(prepared.path), load_external_data=False).graph.node}
         gone = [name for name in params.nodes_to_exclude if name not in present]
+        fusion = _fuse(prepared.path, prep_dir, params, requested,
+                       keep_nodes=[name for name in params.nodes_to_exclude if name in present])
+        warnings += fusion.warnings
+        to_quantize = fusion.path or prepared.path
+        if fusion.path is not None:
+            requested = requested | {"Attention"}  # the fused Q/K/V MatMuls
+        graph = onnx.load(str(to_quantize), load_external_data=False).graph
+        before = onnx_prep.op_counts(graph)  # what the quantizer is given, after pre-processing
         if gone:
             warnings.append(
                 f"pre-processing fused or removed node(s) {', '.join(map(repr, gone[:5]))}; "
@@ -134,13 +150,15 @@ def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: St
         del graph
         if nodes_to_quantize == []:
             raise _nothing_to_quantize(source.graph, requested, params.nodes_to_exclude)
+        # ONNX shape inference cannot type the outputs of ORT's contrib ops (Attention): say they are float.
+        extra_options = {"DefaultTensorType": onnx.TensorProto.FLOAT} if fusion.path is not None else {}
         try:
             quantize_dynamic(
-                prepared.path, output,
+                to_quantize, output,
                 per_channel=params.per_channel, reduce_range=params.reduce_range,
                 op_types_to_quantize=ort_op_types, nodes_to_quantize=nodes_to_quantize,
                 nodes_to_exclude=excluded, weight_type=weight_type,
-                use_external_data_format=False,
+                use_external_data_format=False, extra_options=extra_options,
             )
         except Exception as exc:
             raise StepFailed(f"ONNX Runtime's quantize_dynamic failed: {onnx_prep.short_error(exc, 400)}") from exc
@@ -172,6 +190,7 @@ def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: St
                         "if accuracy suffers, set reduce_range or weight_type uint8")
     details = {
         "preprocess": prepared.notes,
+        "transformer_fusion": fusion.details,
         "quantized_ops": quantized_ops,
         "weights_quantized": len(weights),
         "weights_per_channel": sum(1 for per_channel, _ in weights.values() if per_channel),
@@ -182,6 +201,17 @@ def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: St
         "warnings": warnings,
     }
     return StepOutput(model_path=output, details=details)
+
+
+def _fuse(prepared: Path, work_dir: Path, params: Int8DynamicParams, requested: set[str], *,
+          keep_nodes: list[str]):
+    from workers.methods import transformer_fusion
+
+    if params.fuse_transformer == "off":
+        return transformer_fusion.Fusion(None, {"applied": False, "reason": "fuse_transformer is off"})
+    if "MatMul" not in requested:
+        return transformer_fusion.Fusion(None, {"applied": False, "reason": "op_types leaves MatMul out"})
+    return transformer_fusion.fuse(prepared, work_dir, keep_nodes=keep_nodes)
 
 
 def _quantized_weights(graph) -> dict[str, tuple[bool, set[str]]]:
@@ -238,7 +268,7 @@ def _weight_type(graph, params: Int8DynamicParams, requested: set[str], excluded
         weight = sizes.get(node.input[1], 0)
         if node.op_type == "Conv":
             conv += weight
-        elif node.op_type in ("MatMul", "Gemm"):
+        elif node.op_type in ("MatMul", "Gemm", "Attention"):
             matmul += weight
     if conv > matmul:
         return "uint8", (f"auto: {conv} of {conv + matmul} quantized weights feed Conv, and ConvInteger runs faster "
@@ -314,7 +344,7 @@ def _check_loads_with_same_io(source, output: Path) -> None:
 
 METHOD = Method(
     id="quantize.int8_dynamic",
-    version=1,
+    version=2,  # 2: transformer attention fused before quantizing (QAttention)
     description=(
         "Dynamic 8-bit quantization with ONNX Runtime: weights stored as int8 (per output channel by default), "
         "activations quantized to uint8 at run time. Needs no calibration data. Suits MatMul/Gemm-heavy models "
