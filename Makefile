@@ -30,11 +30,14 @@ services:
 test: install services
 	$(BIN)/python -m pytest -q
 
-# The benchmarks (they append to bench/RESULTS.md); they need the bench extra and ../shared/models.
+# The benchmarks (they append to bench/RESULTS.md); they need the bench extra and ../shared/models (the
+# rows of a missing model are skipped).
 bench: install
 	$(PIP_INSTALL) -e '.[dev,bench]'
 	$(BIN)/python bench/int8_dynamic.py
 	$(BIN)/python bench/quantize.py
+	$(BIN)/python bench/prune.py
+	$(BIN)/python bench/distill.py
 
 clean:
 	rm -rf $(VENV) .modelpress .pytest_cache

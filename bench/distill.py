@@ -12,7 +12,7 @@ load_digits (real digits, real labels) and exported to ONNX. Then, in one proces
 Every model is measured against the teacher with the worker's measurement code (latency
 interleaved with the teacher's, accuracy on the 397 held-out digits).
 
-    .venv/bin/python bench/distill.py [--epochs 20] [--no-write]
+    .venv/bin/python bench/distill.py [--epochs 20] [--short-epochs 5] [--no-write]
 """
 from __future__ import annotations
 
@@ -104,6 +104,7 @@ def from_scratch(student_onnx: Path, data, epochs: int, out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--short-epochs", type=int, default=5, help="a second, shorter budget for the students")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     import torch
@@ -121,25 +122,27 @@ def main() -> None:
         teacher_path = export(teacher, tmp / "teacher.onnx")
         base = judge(teacher_path, teacher_path, evaluation, BATCHES)
         rows.append(cells("teacher: residual CNN, 6 blocks x 64 channels", base, base))
-        training = {"train_dataset_id": "train", "eval_dataset_id": "val", "epochs": args.epochs,
-                    "batch_size": BATCH, "patience": None}
         students = {"half width": {"student": "width", "width_ratio": 0.5},
                     "one third of the blocks": {"student": "depth", "keep_every": 3}}
-        for label, params in students.items():
-            for by in ("distilled by ModelPress", "trained from scratch (labels only)"):
-                try:
-                    if by.startswith("distilled"):
-                        path, _ = run_steps([{"method": "distill.kd", "params": {**params, **training}}],
-                                            teacher_path, data, tmp / f"kd-{label}")
-                        distilled = path
-                    else:
-                        path = from_scratch(distilled, data, args.epochs, tmp / f"scratch-{label}.onnx")
-                    row = judge(teacher_path, path, evaluation, BATCHES)
-                except Exception as exc:  # a failure is a finding: show it in the table
-                    traceback.print_exc()
-                    row = {"error": f"fails: {type(exc).__name__}: {str(exc)[:120]}"}
-                rows.append(cells(f"student, {label}: {by}", row, base))
-                print("| " + " | ".join(rows[-1]) + " |", flush=True)
+        # Two training budgets: where the soft targets help, and where both have converged.
+        for epochs in sorted({args.short_epochs, args.epochs}):
+            training = {"train_dataset_id": "train", "eval_dataset_id": "val", "epochs": epochs,
+                        "batch_size": BATCH, "patience": None}
+            for label, params in students.items():
+                for by in ("distilled by ModelPress", "trained from scratch (labels only)"):
+                    try:
+                        if by.startswith("distilled"):
+                            path, _ = run_steps([{"method": "distill.kd", "params": {**params, **training}}],
+                                                teacher_path, data, tmp / f"kd-{label}-{epochs}")
+                            distilled = path
+                        else:
+                            path = from_scratch(distilled, data, epochs, tmp / f"scratch-{label}-{epochs}.onnx")
+                        row = judge(teacher_path, path, evaluation, BATCHES)
+                    except Exception as exc:  # a failure is a finding: show it in the table
+                        traceback.print_exc()
+                        row = {"error": f"fails: {type(exc).__name__}: {str(exc)[:120]}"}
+                    rows.append(cells(f"student, {label}, {epochs} epochs: {by}", row, base))
+                    print("| " + " | ".join(rows[-1]) + " |", flush=True)
         for recipe in ("prune-finetune-int8", "distill-int8", "deep-compression"):
             steps = recipes.expand(recipe, {"train_dataset_id": "train", "eval_dataset_id": "val",
                                             "calibration_dataset_id": "calibration", "epochs": args.epochs})
@@ -158,7 +161,8 @@ def main() -> None:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     publish("Distillation and recipes: ModelPress vs the same student trained from scratch",
-            f"Students and recipes train {args.epochs} epochs (lr 1e-3, batch {BATCH}) on the same 1200 training "
+            f"Students train {args.short_epochs} and {args.epochs} epochs, recipes {args.epochs} (lr 1e-3, batch "
+            f"{BATCH}), on the same 1200 training "
             "digits (the from-scratch loop: Adam, cross-entropy); accuracy on the 397 held-out digits; latency "
             "against the teacher in one process, interleaved (in brackets: teacher p50 / model p50). Stored size: "
             "the zstd-packed artifact where the recipe makes one (deep-compression), else the ONNX file "

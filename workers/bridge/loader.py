@@ -37,7 +37,8 @@ def onnx2torch() -> tuple[types.ModuleType, bool]:
     """The onnx2torch package, and whether torchvision is really there (False: a stub served the import)."""
     try:
         import torchvision  # noqa: F401
-    except ImportError:
+    except Exception:  # absent, or a build that cannot load beside this torch ("torchvision::nms does not exist")
+        sys.modules.pop("torchvision", None)
         has_torchvision = False
     else:
         has_torchvision = True
