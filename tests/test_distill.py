@@ -367,3 +367,28 @@ def test_a_teacher_that_cannot_be_converted_teaches_from_onnx_runtime(cnn_teache
     with pytest.raises(StepFailed) as failure:
         distill(teacher, tmp_path / "width", datasets={"train_dataset_id": unlabelled}, train_dataset_id="t")
     assert failure.value.code == "unsupported_op" and "student 'model'" in str(failure.value)
+
+
+def test_hint_loss_aligns_each_kept_block_with_the_end_of_the_blocks_it_replaces(residual_teacher, digits, tmp_path):
+    train = Dataset({"images": digits["x_train"]}, digits["y_train"])
+    val = Dataset({"images": digits["x_val"]}, digits["y_val"])
+    output = distill(residual_teacher, tmp_path / "out", datasets={"train_dataset_id": train, "eval_dataset_id": val},
+                     train_dataset_id="t", eval_dataset_id="e", student="depth", epochs=4, lr=2e-3, batch_size=32,
+                     hint_weight=1.0)
+    hints = output.details["loss"]["hints"]
+    # 4 blocks, every 2nd kept: student block 0 stands in for teacher blocks 0-1, block 2 for 2-3.
+    assert hints["pairs"] == 2
+    assert hints["matched"] == [{"student_block": 0, "teacher_block": 1}, {"student_block": 2, "teacher_block": 3}]
+    assert ort_accuracy(output.model_path, digits["x_test"], digits["y_test"]) > 0.9
+    # The hint term is really in the loss: a heavier weight raises the first epoch's training loss.
+    heavier = distill(residual_teacher, tmp_path / "heavier", datasets={"train_dataset_id": train},
+                      train_dataset_id="t", student="depth", epochs=1, lr=2e-3, batch_size=32, hint_weight=50.0)
+    lighter = distill(residual_teacher, tmp_path / "lighter", datasets={"train_dataset_id": train},
+                      train_dataset_id="t", student="depth", epochs=1, lr=2e-3, batch_size=32)
+    first = [d.details["training"]["history"][-1]["train_loss"] for d in (heavier, lighter)]
+    assert first[0] > first[1] + 0.1, first
+
+
+def test_hint_loss_is_for_depth_students_only():
+    with pytest.raises(ValidationError, match="student 'depth'"):
+        methods.get(KD).params_model.model_validate({"train_dataset_id": "t", "student": "width", "hint_weight": 1})

@@ -73,8 +73,17 @@ class DistillParams(FineTuneParams):
         "embeddings, regressions, detection maps); auto takes kl for 2-D [batch, classes] outputs, mse otherwise.",
     )
 
+    hint_weight: float = Field(
+        0.0, ge=0, le=100,
+        description="Depth student only: weight of a hint loss that aligns each kept block's output with the "
+        "teacher's output at the end of the blocks it stands in for (1 - cosine, as DistilBERT aligns hidden "
+        "states); 0 turns it off. Needs the teacher converted to PyTorch.",
+    )
+
     @model_validator(mode="after")
     def _student_source(self) -> DistillParams:
+        if self.hint_weight and self.student != "depth":
+            raise ValueError("hint_weight matches block outputs of a depth student: set student 'depth'")
         if self.student == "model" and self.student_model_id is None:
             raise ValueError("student 'model' distils into an uploaded model: set student_model_id")
         if self.student != "model" and self.student_model_id is not None:
@@ -125,13 +134,21 @@ def run(input_path: Path, params: DistillParams, out_dir: Path, ctx: StepContext
     ctx.report(0.2, f"distilling into the {params.student} student")
     details["loss"] = {"temperature": params.temperature, "alpha": params.alpha, "output_loss": params.output_loss,
                        "labels": train.labels is not None}
-    details["training"] = finetune(
-        student, train=train, eval=eval_data, input_names=student_bridged.input_names,
-        teacher=_in_order(teacher, student_bridged.input_names, details["teacher"]["input_names"]),
-        loss=kd_loss(temperature=params.temperature, alpha=params.alpha, output_loss=params.output_loss),
-        epochs=epochs, lr=params.lr, batch_size=params.batch_size, weight_decay=params.weight_decay,
-        patience=params.patience, on_epoch=on_epoch, should_stop=ctx.should_stop, seed=ctx.seed,
-    )
+    loss = kd_loss(temperature=params.temperature, alpha=params.alpha, output_loss=params.output_loss)
+    hints = None
+    if params.hint_weight:
+        hints = _hints(teacher, student, details, params)
+        loss = hints.wrap(loss, params.hint_weight)
+    try:
+        details["training"] = finetune(
+            student, train=train, eval=eval_data, input_names=student_bridged.input_names,
+            teacher=_in_order(teacher, student_bridged.input_names, details["teacher"]["input_names"]),
+            loss=loss, epochs=epochs, lr=params.lr, batch_size=params.batch_size, weight_decay=params.weight_decay,
+            patience=params.patience, on_epoch=on_epoch, should_stop=ctx.should_stop, seed=ctx.seed,
+        )
+    finally:
+        if hints is not None:
+            hints.remove()
     student.to("cpu")
     if isinstance(teacher, torch.nn.Module):
         teacher.to("cpu")
@@ -208,14 +225,88 @@ def _depth_student(input_path: Path, scratch: Path, sample: dict[str, np.ndarray
     keep = list(range(0, len(found.blocks), params.keep_every))
     path = scratch / "student.onnx"
     onnx.save(drop_blocks(model, found.blocks, keep), str(path))
-    del model
     ctx.report(0.12, f"kept blocks {keep} of {len(found.blocks)}; converting the student to PyTorch")
     student_bridged = bridge.to_torch(path, sample=sample)
+    producers = {out: node.name for node in model.graph.node for out in node.output}
     details["student"] = {"kind": "depth", "how": f"the teacher keeping every {params.keep_every}th of its "
                           f"{len(found.blocks)} repeated blocks, with their weights",
                           "blocks": found.summary(), "kept_blocks": keep,
+                          "block_outputs": [{"tensor": b.output, "node": producers.get(b.output, "")}
+                                            for b in found.blocks],
                           "conversion": {"check": student_bridged.check, "notes": student_bridged.notes}}
     return student_bridged.module, student_bridged
+
+
+class _Hints:
+    """Forward hooks that keep the block outputs a hint loss compares, teacher's and student's, per forward."""
+
+    def __init__(self, pairs: list[tuple[Any, Any]]) -> None:
+        self.captured: dict[int, Any] = {}
+        self.pairs = []
+        self.handles = []
+        for teacher_module, student_module in pairs:
+            self.pairs.append((id(teacher_module), id(student_module)))
+            for module in (teacher_module, student_module):
+                self.handles.append(module.register_forward_hook(self._keep))
+
+    def _keep(self, module, _inputs, output) -> None:
+        self.captured[id(module)] = output[0] if isinstance(output, tuple) else output
+
+    def wrap(self, loss, weight: float):
+        import torch
+
+        def with_hints(student_outputs, teacher_outputs, labels):
+            terms = []
+            for teacher_id, student_id in self.pairs:
+                taught, learnt = self.captured.get(teacher_id), self.captured.get(student_id)
+                if taught is None or learnt is None or taught.shape != learnt.shape:
+                    continue
+                count = learnt.shape[0]
+                terms.append(1.0 - torch.nn.functional.cosine_similarity(
+                    learnt.float().reshape(count, -1), taught.detach().float().reshape(count, -1), dim=1).mean())
+            total = loss(student_outputs, teacher_outputs, labels)
+            return total + weight * torch.stack(terms).mean() if terms else total
+
+        return with_hints
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _hints(teacher, student, details: dict[str, Any], params: DistillParams) -> _Hints:
+    """Pairs (teacher module, student module) producing the outputs a hint loss aligns: kept block j of the
+    student stands in for teacher blocks j*k .. j*k+k-1, so its output is matched to the last of those."""
+    import torch
+
+    if not isinstance(teacher, torch.nn.Module):
+        raise StepFailed("hint_weight needs the teacher as a PyTorch module, and it runs in ONNX Runtime "
+                         f"({details['teacher'].get('reason')}); set hint_weight to 0", code="invalid_params")
+    outputs = details["student"]["block_outputs"]   # tensor name and producing node per teacher block
+    kept = details["student"]["kept_blocks"]
+    teacher_modules, student_modules = dict(teacher.named_modules()), dict(student.named_modules())
+    pairs, missing = [], []
+    for position, block in enumerate(kept):
+        last = min(block + params.keep_every - 1, len(outputs) - 1)
+        teacher_name, student_name = _module_name(outputs[last]["node"]), _module_name(outputs[block]["node"])
+        if teacher_name in teacher_modules and student_name in student_modules:
+            pairs.append((teacher_modules[teacher_name], student_modules[student_name]))
+        else:
+            missing.append(position)
+    details["loss"]["hints"] = {"weight": params.hint_weight, "pairs": len(pairs),
+                                "matched": [{"student_block": b, "teacher_block": min(b + params.keep_every - 1,
+                                                                                      len(outputs) - 1)}
+                                            for i, b in enumerate(kept) if i not in missing]}
+    if not pairs:
+        raise StepFailed("no block output of the student could be matched to the teacher's for the hint loss "
+                         "(the converted modules do not carry the blocks' output nodes); set hint_weight to 0",
+                         code="invalid_params")
+    return _Hints(pairs)
+
+
+def _module_name(node_name: str) -> str:
+    # onnx2torch names a node's module after the node: dots become slashes, leading slashes go.
+    return node_name.replace(".", "/").lstrip("/")
 
 
 def _uploaded_student(input_path: Path, ctx: StepContext, sample: dict[str, np.ndarray], details: dict[str, Any]):
