@@ -8,17 +8,32 @@ from typing import TypeVar
 
 from sqlalchemy.orm import Session
 
-from app.errors import NotFound
+from app.errors import ModelPressError, NotFound
 
 T = TypeVar("T")
 
 
-def get_owned_or_404(db: Session, model: type[T], *, tenant_id: str, object_id: str, error: type[NotFound]) -> T:
-    """Another tenant's object is a 404 like a missing one: its existence is not revealed."""
+def get_owned_or_404(db: Session, model: type[T], *, tenant_id: str, object_id: str, error: type[NotFound],
+                     lock: bool = False) -> T:
+    """Another tenant's object is a 404 like a missing one: its existence is not revealed.
+
+    lock=True row-locks it until commit, so that a concurrent delete cannot drop it from under the
+    row that is about to reference it (a job on a model or a dataset) or change it twice (cancel).
+    """
     obj = db.get(model, object_id)
     if obj is None or obj.tenant_id != tenant_id:
         raise error(f"no {model.__name__.lower()} with id {object_id!r}")
+    if lock:
+        db.refresh(obj, with_for_update=True)
     return obj
+
+
+def at_field(exc: ModelPressError, field: str, *, prefix: bool = False) -> ModelPressError:
+    """Name the request field an error is about, keeping what the error already carries."""
+    exc.extra = {**exc.extra, "field": field}
+    if prefix:
+        exc.message = f"{field}: {exc.message}"
+    return exc
 
 
 def newest_first_page(db: Session, query, entity, *, limit: int, cursor: str | None) -> tuple[list, str | None]:

@@ -9,22 +9,13 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from app.errors import PayloadTooLarge
 from app.settings import get_settings
 
 CHUNK = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Spooled:
-    path: Path
-    sha256: str
-    size_bytes: int
 
 
 class LocalStore:
@@ -40,9 +31,6 @@ class LocalStore:
             raise ValueError(f"not a sha256 digest: {sha256!r}")
         return self.blobs / sha256[:2] / sha256
 
-    def exists(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
-
     @contextmanager
     def workdir(self) -> Iterator[Path]:
         """A private scratch folder under tmp/, removed afterwards whatever happens."""
@@ -51,19 +39,6 @@ class LocalStore:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
-
-    async def spool(self, chunks: AsyncIterator[bytes], *, dest: Path, max_bytes: int) -> Spooled:
-        """Write a stream to dest while hashing; over max_bytes raises PayloadTooLarge."""
-        digest = hashlib.sha256()
-        size = 0
-        with open(dest, "wb") as fh:
-            async for chunk in chunks:
-                size += len(chunk)
-                if size > max_bytes:
-                    raise PayloadTooLarge(f"upload exceeds the {max_bytes} byte limit")
-                digest.update(chunk)
-                fh.write(chunk)
-        return Spooled(dest, digest.hexdigest(), size)
 
     def put(self, src: Path, sha256: str | None = None, *, keep_source: bool = False) -> tuple[str, int, bool]:
         """Move (or copy) a finished file into place. Returns (sha256, size, created).

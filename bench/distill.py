@@ -25,7 +25,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -129,12 +128,15 @@ def main() -> None:
             training = {"train_dataset_id": "train", "eval_dataset_id": "val", "epochs": epochs,
                         "batch_size": BATCH, "patience": None}
             for label, params in students.items():
+                distilled = None
                 for by in ("distilled by ModelPress", "trained from scratch (labels only)"):
                     try:
                         if by.startswith("distilled"):
                             path, _ = run_steps([{"method": "distill.kd", "params": {**params, **training}}],
                                                 teacher_path, data, tmp / f"kd-{label}-{epochs}")
                             distilled = path
+                        elif distilled is None:
+                            raise RuntimeError("no distilled student to copy the architecture of")
                         else:
                             path = from_scratch(distilled, data, epochs, tmp / f"scratch-{label}-{epochs}.onnx")
                         row = judge(teacher_path, path, evaluation, BATCHES)
@@ -175,7 +177,7 @@ def cells(name: str, row: dict[str, Any], base: dict[str, Any]) -> list[str]:
     stored = row.get("packed_bytes") or row["zstd_bytes"]
     out = [name, f"{row['params']:,} ({row['params'] / base['params']:.2f})",
            f"{row['onnx_bytes'] / 1024:.0f} KiB ({base['onnx_bytes'] / row['onnx_bytes']:.1f}x)",
-           f"{stored / 1024:.0f} KiB ({base['onnx_bytes'] / stored:.1f}x)"]
+           f"{stored / 1024:.0f} KiB" + (f" ({base['onnx_bytes'] / stored:.1f}x)" if row is not base else "")]
     for batch in BATCHES:
         ratio = row.get(f"p50_ratio_b{batch}")
         out.append(f"{row[f'p50_b{batch}']:.3f} ms" + (f" ({1 / ratio:.2f}x)" if row is not base else ""))

@@ -151,7 +151,7 @@ def judge(original: Path, candidate: Path, evaluation: Dataset | None, batches) 
 
     row: dict[str, Any] = count(candidate)
     sizes = compressed_sizes(candidate)
-    row["onnx_bytes"], row["zstd_bytes"] = sizes["raw"], sizes.get("zstd") or sizes.get("gzip")
+    row["onnx_bytes"], row["zstd_bytes"] = sizes["raw"], sizes["zstd"]
     for batch in batches:
         measured = measure_pair(original, candidate, batch_sizes=[batch], warmup=max(5, ITERATIONS[batch] // 10),
                                 iterations=ITERATIONS[batch], dataset=evaluation if batch == batches[0] else None)

@@ -111,7 +111,7 @@ BAD_UPLOADS = [
 
 
 @pytest.mark.parametrize("data,filename,status,code", BAD_UPLOADS)
-def test_bad_upload_is_refused_and_leaves_nothing(client, alice, data_dir, mlp_onnx, data, filename, status, code):
+def test_bad_upload_is_refused_and_leaves_nothing(client, alice, data_dir, data, filename, status, code):
     resp = upload(client, alice, data, filename=filename)
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("application/problem+json")

@@ -109,12 +109,17 @@ def test_deep_compression_recipe_packs_a_small_artifact_with_few_shared_values(c
     import zstandard
     from onnx import numpy_helper
 
-    job = submit_and_run(client, alice, digits["model"], [
-        {"method": "prune.magnitude", "params": {"sparsity": 0.7, "train_dataset_id": digits["train"], "epochs": 15,
-                                                "lr": 3e-3}},
-        {"method": "cluster.kmeans", "params": {"clusters": 8, "min_weights": 256}}],
-        FAST | {"eval_dataset_id": digits["eval"]})
+    resp = client.post("/v1/jobs", headers=alice, json={
+        "model_id": digits["model"], "recipe": "deep-compression",
+        "params": {"train_dataset_id": digits["train"], "epochs": 30, "lr": 3e-3, "sparsity": 0.7, "clusters": 8},
+        "evaluate": FAST | {"eval_dataset_id": digits["eval"]}})
+    assert resp.status_code == 202, resp.text
+    from workers.pipeline import run_job
+
+    run_job(resp.json()["id"])
+    job = client.get(f"/v1/jobs/{resp.json()['id']}", headers=alice).json()
     assert job["status"] == "succeeded", job
+    assert job["steps"][0]["params"]["schedule"] == "gradual"
     model = download(client, alice, job["id"])
     packed = download(client, alice, job["id"], "model.onnx.zst")
     assert zstandard.ZstdDecompressor().stream_reader(io.BytesIO(packed)).read() == model

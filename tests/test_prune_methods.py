@@ -95,11 +95,11 @@ def test_channels_with_fine_tuning_gives_a_smaller_dense_model_that_keeps_accura
 
     report = client.get(f"/v1/jobs/{job['id']}/report", headers=alice).json()
     details = report["steps"][0]["details"]
-    assert details["conversion"]["check"]["cosine"] >= 0.9999
-    assert details["export"]["check"]["cosine"] >= 0.9999
+    # Both conversions were checked on the step's own data, not on generated inputs.
+    assert details["conversion"]["check"]["inputs"] == details["export"]["check"]["inputs"] == "dataset"
     assert details["pruning"]["params_ratio"] < 0.6
     tuning = details["fine_tuning"]
-    assert tuning["metric_name"] == "accuracy" and tuning["metric_after"] >= tuning["metric_before"]
+    assert tuning["metric_name"] == "accuracy" and tuning["metric_after"] > tuning["metric_before"]
     assert len(tuning["history"]) >= 1
     messages = [e["message"] for e in client.get(f"/v1/jobs/{job['id']}/events", headers=alice).json()]
     assert any("fine-tuning epoch" in (m or "") for m in messages)
@@ -144,8 +144,13 @@ def test_2_4_on_an_mlp_keeps_two_of_every_four_and_claims_no_cpu_speedup(client,
         assert ((groups != 0).sum(axis=2) <= 2).all()
     details = client.get(f"/v1/jobs/{job['id']}/report", headers=alice).json()["steps"][0]["details"]
     assert details["pattern"]["fraction"] == 1.0
-    assert details["sparse_tensor_cores"]["available"] is False
-    assert "no CPU speedup" in details["sparse_tensor_cores"]["reason"]
+    import torch
+
+    if torch.cuda.is_available():
+        assert details["sparse_tensor_cores"]["available"] is True
+    else:
+        assert details["sparse_tensor_cores"]["available"] is False
+        assert "no CPU speedup" in details["sparse_tensor_cores"]["reason"]
 
 
 def test_a_chain_prune_then_quantize_keeps_every_step(client, alice, digits):

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import copy
 import io
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -32,21 +30,10 @@ torch.set_num_threads(1)
 
 
 def import_onnx2torch():
-    """onnx2torch imports torchvision for its NMS/RoIAlign converters only; stand-ins let it load without it."""
-    added = []
-    if "torchvision" not in sys.modules:
-        vision, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
-        for name in ("nms", "roi_align", "box_convert"):
-            setattr(ops, name, lambda *args, **kwargs: None)
-        vision.ops = ops
-        sys.modules["torchvision"], sys.modules["torchvision.ops"] = vision, ops
-        added = ["torchvision", "torchvision.ops"]
-    try:
-        import onnx2torch
-    finally:
-        for name in added:
-            del sys.modules[name]
-    return onnx2torch
+    """onnx2torch as the bridge imports it (without torchvision)."""
+    from workers.bridge.loader import onnx2torch
+
+    return onnx2torch()[0]
 
 
 def to_torch(onnx_bytes: bytes) -> torch.fx.GraphModule:

@@ -35,7 +35,7 @@ def run_method(method_id: str, model: Path, out_dir: Path, calibration: Dataset 
     output = method.run(model, method.params_model.model_validate(params), out_dir, ctx)
     assert output.model_path == out_dir / "model.onnx"
     assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx"]  # scratch files removed
-    assert all(0 <= f <= 1 for f, _ in reports)
+    assert reports, "the method reports its progress"
     return output
 
 

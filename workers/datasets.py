@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-LABELS = "labels"
 
 
 @dataclass
@@ -42,7 +41,7 @@ class Dataset:
 
 def load(path: Path, fmt: str, *, name: str | None = None) -> Dataset:
     """Load a stored dataset blob (`fmt` is "npz" or "safetensors")."""
-    from app.datasets.files import load_arrays
+    from app.datasets.files import LABELS, load_arrays
 
     arrays = load_arrays(path, fmt)
     labels = arrays.pop(LABELS, None)

@@ -225,12 +225,11 @@ def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: d
     evaluate = spec["evaluate"]
     # Every step's model is measured against the original, so the report shows the trajectory; the last
     # step's measurement is the job's result.
-    outputs = list(zip(steps_report, step_paths))
     rows: list[dict] = []
     trajectory = []
-    for position, (entry, path) in enumerate(outputs):
-        last = position == len(outputs) - 1
-        share = (position / len(outputs), (position + 1) / len(outputs))
+    for position, (entry, path) in enumerate(zip(steps_report, step_paths)):
+        last = position == len(steps) - 1
+        share = (position / len(steps), (position + 1) / len(steps))
         what = "the result" if last else f"step {entry['index']}'s model ({entry['method']})"
         run.progress(PREPARE + STEPS + MEASURE * share[0], "measuring",
                      f"measuring the original and {what} side by side", force=True)
@@ -251,7 +250,6 @@ def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: d
         "steps": steps_report,
         "evaluate": evaluate,
         "measurement": measured,
-        "trajectory": trajectory,
         "summary": summary,
     }
     run.progress(0.97, "storing", "storing the report", force=True)

@@ -33,9 +33,7 @@ def get(*, db: Session, tenant_id: str, dataset_id: str) -> Dataset:
 
 def get_for_job(*, db: Session, tenant_id: str, dataset_id: str) -> Dataset:
     """The caller's dataset, row-locked until commit so a concurrent delete cannot drop it from under a new job."""
-    dataset = get(db=db, tenant_id=tenant_id, dataset_id=dataset_id)
-    db.refresh(dataset, with_for_update=True)
-    return dataset
+    return get_owned_or_404(db, Dataset, tenant_id=tenant_id, object_id=dataset_id, error=DatasetNotFound, lock=True)
 
 
 def list_page(*, db: Session, tenant_id: str, limit: int, cursor: str | None) -> tuple[list[Dataset], str | None]:

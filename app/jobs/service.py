@@ -10,7 +10,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.common import get_owned_or_404, newest_first_page
+from app.common import at_field, get_owned_or_404, newest_first_page
 from app.datasets import service as datasets_service
 from app.datasets.files import check_against_model
 from app.dbmodels import TERMINAL_STATUSES, Artifact, Job, JobDataset, JobEvent, JobModel, Model
@@ -24,6 +24,7 @@ from app.errors import (
     ModelNotFound,
     ModelPressError,
     ServiceUnavailable,
+    UnknownMethod,
 )
 from app.jobs.schemas import JobCreate, StepSpec
 from app.jobs.state import set_status
@@ -47,9 +48,8 @@ def validate_steps(spec: JobCreate) -> list[dict]:
     for index, step in enumerate(given):
         try:
             method = methods.get(step.method)
-        except Exception as exc:  # UnknownMethod carries the known ids
-            exc.extra = {"field": f"steps[{index}].method"}  # type: ignore[attr-defined]
-            raise
+        except UnknownMethod as exc:  # it carries the known ids; add the field
+            raise at_field(exc, f"steps[{index}].method") from None
         try:
             params = method.params_model.model_validate(step.params)
         except ValidationError as exc:
@@ -89,14 +89,11 @@ def dataset_links(db: Session, tenant_id: str, model: Model, spec: JobCreate, st
         try:
             dataset = datasets_service.get_for_job(db=db, tenant_id=tenant_id, dataset_id=dataset_id)
         except ModelPressError as exc:
-            exc.extra = {**getattr(exc, "extra", {}), "field": field}
-            exc.message = f"{field}: {exc.message}"
-            raise
+            raise at_field(exc, field, prefix=True) from None
         try:
             check_against_model(dataset.inspection, model.inspection, f"{field} ({dataset.name})")
         except ModelPressError as exc:
-            exc.extra = {**getattr(exc, "extra", {}), "field": field}
-            raise
+            raise at_field(exc, field) from None
         links.append((role, dataset))
     return links
 
@@ -105,7 +102,7 @@ def model_links(db: Session, tenant_id: str, model: Model, steps: list[dict]) ->
     """(role, model) for every other model the job's steps name (e.g. a distillation student).
 
     Another tenant's model is a 404; one that does not take the job model's inputs is a 422.
-    Each is row-locked until commit, so a concurrent delete cannot drop it from under the new job.
+    Each is row-locked until commit, like the job's own model.
     """
     links = []
     for index, step in enumerate(steps):
@@ -115,12 +112,10 @@ def model_links(db: Session, tenant_id: str, model: Model, steps: list[dict]) ->
                 continue
             field = f"steps[{index}].params.{param}"
             try:
-                other = get_owned_or_404(db, Model, tenant_id=tenant_id, object_id=value, error=ModelNotFound)
+                other = get_owned_or_404(db, Model, tenant_id=tenant_id, object_id=value, error=ModelNotFound,
+                                         lock=True)
             except ModelPressError as exc:
-                exc.extra = {**getattr(exc, "extra", {}), "field": field}
-                exc.message = f"{field}: {exc.message}"
-                raise
-            db.refresh(other, with_for_update=True)
+                raise at_field(exc, field, prefix=True) from None
             wanted = [i["name"] for i in model.inspection.get("inputs", [])]
             takes = [i["name"] for i in other.inspection.get("inputs", [])]
             if sorted(wanted) != sorted(takes):
@@ -144,7 +139,8 @@ def create(
         existing = _by_idempotency_key(db, tenant_id, idempotency_key)
         if existing is not None:
             return _same_request_or_error(existing, digest), False
-    model = get_owned_or_404(db, Model, tenant_id=tenant_id, object_id=spec.model_id, error=ModelNotFound)
+    # Locked until commit: a concurrent delete cannot drop the model from under the new job.
+    model = get_owned_or_404(db, Model, tenant_id=tenant_id, object_id=spec.model_id, error=ModelNotFound, lock=True)
     steps = validate_steps(spec)
     links = dataset_links(db, tenant_id, model, spec, steps)
     others = model_links(db, tenant_id, model, steps)
@@ -158,6 +154,8 @@ def create(
     try:
         db.flush()
     except IntegrityError:
+        if not idempotency_key:
+            raise
         # A concurrent request with the same Idempotency-Key won the race.
         db.rollback()
         existing = _by_idempotency_key(db, tenant_id, idempotency_key or "")
@@ -211,8 +209,7 @@ def list_page(
 
 
 def cancel(*, db: Session, tenant_id: str, job_id: str) -> Job:
-    job = get(db=db, tenant_id=tenant_id, job_id=job_id)
-    db.refresh(job, with_for_update=True)
+    job = get_owned_or_404(db, Job, tenant_id=tenant_id, object_id=job_id, error=JobNotFound, lock=True)
     if job.status in TERMINAL_STATUSES:
         raise JobNotCancellable(f"job {job.id} has already {job.status}")
     if job.status == "queued":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from app.dbmodels import Job, JobEvent, utcnow
+from app.dbmodels import TERMINAL_STATUSES, Job, JobEvent, utcnow
 from app.jobs.schemas import JobError, JobPublic
 
 
@@ -23,7 +23,7 @@ def set_status(db: Session, job: Job, status: str, *, message: str | None = None
     now = utcnow()
     if status == "running" and job.started_at is None:
         job.started_at = now
-    if status in ("succeeded", "failed", "cancelled"):
+    if status in TERMINAL_STATUSES:
         job.finished_at = now
         if status == "succeeded":
             job.progress = 1.0

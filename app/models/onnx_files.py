@@ -64,14 +64,6 @@ def materialize(blob_path: Path, fmt: str, dest_dir: Path, limits: Limits) -> Pa
     return target
 
 
-def inspect_model(path: Path) -> dict[str, Any]:
-    """Describe a model without loading its external weights."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return _describe(model)
-
-
 # --- single files -----------------------------------------------------------------------------
 
 def _looks_like_zip(path: Path, filename: str) -> bool:

@@ -42,9 +42,8 @@ def list_page(*, db: Session, tenant_id: str, limit: int, cursor: str | None) ->
 
 
 def delete(*, db: Session, store: LocalStore, tenant_id: str, model_id: str) -> None:
-    model = get(db=db, tenant_id=tenant_id, model_id=model_id)
-    # Lock the model row so a job cannot be queued on it between the check and the delete.
-    db.execute(select(Model.id).where(Model.id == model.id).with_for_update())
+    # Locked, so that a job cannot be queued on it between the check and the delete.
+    model = get_owned_or_404(db, Model, tenant_id=tenant_id, object_id=model_id, error=ModelNotFound, lock=True)
     # Active jobs on this model, or that use it in another role (a distillation student).
     linked = select(JobModel.job_id).where(JobModel.model_id == model.id)
     active = db.scalar(

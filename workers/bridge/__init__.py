@@ -26,7 +26,8 @@ from workers.bridge.loader import onnx2torch
 from workers.bridge.rewrites import default_opset, node_label, prepare
 from workers.bridge.trainable import make_trainable
 
-__all__ = ["Bridged", "ConversionMismatch", "UnsupportedOp", "compare", "example_feeds", "to_onnx", "to_torch"]
+__all__ = ["Bridged", "ConversionMismatch", "UnsupportedOp", "compare", "example_feeds", "module_name", "to_onnx",
+           "to_torch"]
 
 CHECK_SAMPLES = 8          # dataset samples the conversion checks run on
 EXPORT_OPSET_FLOOR, EXPORT_OPSET_CAP = 13, 17
@@ -175,6 +176,12 @@ def example_feeds(bridged: Bridged, batch: int = 2, seed: int = 0) -> dict[str, 
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+
+def module_name(node_name: str) -> str:
+    """The name of the converted module of an ONNX node: onnx2torch turns dots, which module names cannot
+    hold, into slashes, and drops leading slashes ("/features/features.0/Conv" -> "features/features/0/Conv")."""
+    return node_name.replace(".", "/").lstrip("/")
+
 
 def _convert(model: onnx.ModelProto) -> torch.fx.GraphModule:
     package, _ = onnx2torch()

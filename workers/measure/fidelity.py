@@ -53,7 +53,7 @@ class OutputComparison:
         if is_float:
             bs, rs = b.reshape(rows, -1), r.reshape(rows, -1)
             for x, y in zip(bs, rs):
-                self.cosines.append(_cosine(x, y))
+                self.cosines.append(cosine(x, y))
             if baseline.ndim >= 1 and baseline.shape[-1] > 1:
                 width = baseline.shape[-1]
                 top_b = np.argmax(b.reshape(-1, width), axis=1)
@@ -95,7 +95,9 @@ class OutputComparison:
                 "sample; meaningful only if that axis holds class scores")
 
 
-def _cosine(x: np.ndarray, y: np.ndarray) -> float:
+def cosine(x: np.ndarray, y: np.ndarray) -> float:
+    """Cosine similarity of two arrays (flattened, in float64); two zero arrays agree, one zero array does not."""
+    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
     nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
     if nx == 0.0 or ny == 0.0:
         return 1.0 if nx == ny else 0.0

@@ -22,7 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
 WEIGHTED_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}  # op -> input index of its weight
-ZSTD_LEVEL = 19
 
 
 class ClusterParams(MethodParams):
@@ -168,33 +167,30 @@ def run(input_path: Path, params: ClusterParams, out_dir: Path, ctx: StepContext
 
 
 def _check(original: Path, clustered: Path) -> dict[str, Any]:
-    """Worst output cosine and max abs diff of the clustered model against its input, on generated inputs."""
+    """Per-output cosine and max abs diff of the clustered model against its input, on generated inputs."""
     import numpy as np
     import onnx
 
+    from workers.bridge.check import figures, run_onnx, sample_count, session
     from workers.measure.inputs import plan_inputs
-    from workers.measure.runtime import CPU, open_session
 
     paths = {"baseline": original, "result": clustered}
-    sessions = {role: open_session(path, role=role, providers=[CPU], threads=1) for role, path in paths.items()}
+    sessions = {role: session(path) for role, path in paths.items()}
     structures = {role: onnx.load(str(path), load_external_data=False) for role, path in paths.items()}
     plan = plan_inputs(sessions, structures)
-    feeds = plan.feeds(plan.fixed_batch or 2, np.random.default_rng(0))
-    expected = sessions["baseline"].run(None, feeds["baseline"])
-    got = sessions["result"].run(None, feeds["result"])
-    cosines = [float(np.dot(e.ravel().astype(np.float64), g.ravel()) /
-                     (np.linalg.norm(e) * np.linalg.norm(g) + 1e-30)) for e, g in zip(expected, got)]
-    return {"inputs": "generated", "cosine": min(cosines),
-            "max_abs_diff": max(float(np.abs(e - g).max()) for e, g in zip(expected, got))}
+    feeds = [plan.feeds(plan.fixed_batch or 2, np.random.default_rng(0))["baseline"]]
+    names = [o.name for o in sessions["baseline"].get_outputs()]
+    return figures(run_onnx(original, feeds, names), run_onnx(clustered, feeds, names), names,
+                   inputs="generated", samples=sample_count(feeds))
 
 
 def _pack(original: Path, clustered: Path, dst: Path) -> dict[str, int]:
     import zstandard
 
-    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    dst.write_bytes(compressor.compress(clustered.read_bytes()))
-    return {"zstd_bytes": dst.stat().st_size,
-            "input_zstd_bytes": len(compressor.compress(original.read_bytes()))}
+    from workers.pruning.magnitude import ZSTD_LEVEL, compressed_sizes
+
+    dst.write_bytes(zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(clustered.read_bytes()))
+    return {"zstd_bytes": dst.stat().st_size, "input_zstd_bytes": compressed_sizes(original)["zstd"]}
 
 
 METHOD = Method(

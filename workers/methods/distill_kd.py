@@ -20,7 +20,7 @@ from pydantic import Field, StringConstraints, model_validator
 
 from app.errors import StepFailed
 from workers.methods.base import Method, StepContext, StepOutput
-from workers.methods.prune_common import CHECK_SAMPLES, DatasetId, FineTuneParams
+from workers.methods.prune_common import DatasetId, FineTuneParams
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -102,7 +102,7 @@ def run(input_path: Path, params: DistillParams, out_dir: Path, ctx: StepContext
     if train is None:
         raise StepFailed("distillation needs training data: set train_dataset_id", code="dataset_required")
     eval_data = ctx.datasets.get("eval_dataset_id")
-    sample = train.take(CHECK_SAMPLES).inputs
+    sample = train.take(bridge.CHECK_SAMPLES).inputs
     teacher, teacher_bridged, details = _teacher(input_path, sample, ctx)
     if teacher_bridged is None and params.student == "width":
         # A width student is the converted teacher with fewer channels: nothing to prune without a module.
@@ -279,6 +279,8 @@ def _hints(teacher, student, details: dict[str, Any], params: DistillParams) -> 
     student stands in for teacher blocks j*k .. j*k+k-1, so its output is matched to the last of those."""
     import torch
 
+    from workers import bridge
+
     if not isinstance(teacher, torch.nn.Module):
         raise StepFailed("hint_weight needs the teacher as a PyTorch module, and it runs in ONNX Runtime "
                          f"({details['teacher'].get('reason')}); set hint_weight to 0", code="invalid_params")
@@ -288,7 +290,8 @@ def _hints(teacher, student, details: dict[str, Any], params: DistillParams) -> 
     pairs, missing = [], []
     for position, block in enumerate(kept):
         last = min(block + params.keep_every - 1, len(outputs) - 1)
-        teacher_name, student_name = _module_name(outputs[last]["node"]), _module_name(outputs[block]["node"])
+        teacher_name = bridge.module_name(outputs[last]["node"])
+        student_name = bridge.module_name(outputs[block]["node"])
         if teacher_name in teacher_modules and student_name in student_modules:
             pairs.append((teacher_modules[teacher_name], student_modules[student_name]))
         else:
@@ -302,11 +305,6 @@ def _hints(teacher, student, details: dict[str, Any], params: DistillParams) -> 
                          "(the converted modules do not carry the blocks' output nodes); set hint_weight to 0",
                          code="invalid_params")
     return _Hints(pairs)
-
-
-def _module_name(node_name: str) -> str:
-    # onnx2torch names a node's module after the node: dots become slashes, leading slashes go.
-    return node_name.replace(".", "/").lstrip("/")
 
 
 def _uploaded_student(input_path: Path, ctx: StepContext, sample: dict[str, np.ndarray], details: dict[str, Any]):
@@ -378,21 +376,11 @@ def _in_order(teacher, student_names: list[str], teacher_names: list[str]):
 # --- report ---------------------------------------------------------------------------------------------
 
 def _params(teacher_path: Path, student_path: Path) -> dict[str, Any]:
-    teacher, student = _count_params(teacher_path), _count_params(student_path)
+    """Weights of each, counted alike (shape constants of the graph are not parameters)."""
+    from workers.measure.compute import count
+
+    teacher, student = count(teacher_path)["params"], count(student_path)["params"]
     return {"teacher": teacher, "student": student, "ratio": student / teacher if teacher else None}
-
-
-def _count_params(path: Path) -> int:
-    import onnx
-
-    model = onnx.load(str(path))
-    total = 0
-    for tensor in model.graph.initializer:
-        size = 1
-        for dim in tensor.dims:
-            size *= dim
-        total += size
-    return total
 
 
 def _evaluate(teacher_path: Path, student_path: Path, data, role: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ class Prune24Params(FineTuneParams):
 def run(input_path: Path, params: Prune24Params, out_dir: Path, ctx: StepContext) -> StepOutput:
     from workers.pruning import Masks, check_pattern, cuda_semi_structured_speedup, nm_masks, sparsity_report
 
-    rnd = convert(input_path, ctx, params)
+    rnd = convert(input_path, ctx)
     ignored = resolve_layers(rnd.module, params.ignored_layers)
     ctx.report(0.05, "keeping the 2 largest of every 4 weights")
     found, skipped = nm_masks(rnd.module, n=2, m=4, ignored_layers=ignored)
@@ -38,7 +38,6 @@ def run(input_path: Path, params: Prune24Params, out_dir: Path, ctx: StepContext
     masks.apply()
     rnd.details["skipped_layers"] = skipped
     rnd.details["fine_tuning"] = fine_tune(rnd, params, ctx, start=0.1, end=0.85, masks=masks)
-    masks.apply()
     rnd.details["pattern"] = check_pattern(rnd.module, n=2, m=4)
     rnd.details["sparsity"] = sparsity_report(rnd.module)
     rnd.details["sparse_tensor_cores"] = cuda_semi_structured_speedup(rnd.module)

@@ -21,7 +21,8 @@ class PruneChannelsParams(FineTuneParams):
         "l2",
         description="How channels are ranked, least important removed first: l1/l2 norm of their weights; taylor: "
         "|weight x gradient| of the loss on the training data (needs train_dataset_id); bn_scale: |gamma| of the "
-        "batch norm after them (network slimming; falls back to l2 for layers without one).",
+        "batch norm after them (network slimming; layers without a batch norm after them are not ranked and stay "
+        "whole).",
     )
     ratio: float | None = Field(
         None, gt=0, lt=1,
@@ -30,13 +31,13 @@ class PruneChannelsParams(FineTuneParams):
     )
     target_params_ratio: float | None = Field(
         None, gt=0, lt=1,
-        description="Prune (globally, least important channels first) until the model keeps this fraction of its "
-        "parameters, within 3%.",
+        description="Prune with the uniform ratio, found by bisection, at which the model keeps this fraction of "
+        "its parameters, within 3%.",
     )
     target_macs_ratio: float | None = Field(
         None, gt=0, lt=1,
-        description="Prune until the model needs this fraction of its multiply-accumulates at the example input "
-        "shape, within 3%.",
+        description="Prune with the uniform ratio, found by bisection, at which the model needs this fraction of its "
+        "multiply-accumulates at the example input shape, within 3%.",
     )
     ignored_layers: list[LayerName] = Field(
         default_factory=list, max_length=10_000,
@@ -48,14 +49,14 @@ class PruneChannelsParams(FineTuneParams):
         "between: a classifier's last Linear, a detector's prediction convs. Their channel counts are the "
         "model's interface.",
     )
-    # Measured on a 2-core EPYC, ONNX Runtime 1.32, a digits CNN (64/128/256 channels) at batch 64: pruned 30% to
-    # 44/89/179 channels it ran 0.81x the original's speed (slower, at half the MACs); rounded to 40/88/176 it ran
-    # 1.75x faster. x86 convolution kernels work in blocks of 8 or 16 channels.
+    # bench/prune.py on a 2-core EPYC, ONNX Runtime 1.32, a digits CNN (64/128/256 channels) at batch 64: pruned
+    # 30% to 45/90/179 channels it ran 0.90x the original's speed (slower, at half the MACs); rounded to multiples
+    # of 8 it ran 1.74x faster. x86 convolution kernels work in blocks of 8 or 16 channels.
     round_to: int | None = Field(
         8, ge=1, le=1024,
         description="Keep channel counts multiples of this (rounded down). Odd counts make CPU and GPU kernels "
-        "slower: a CNN pruned 30% to 44/89/179 channels ran slower than the unpruned original in ONNX Runtime, and "
-        "1.75x faster rounded to 40/88/176. 1 or null keeps the exact counts.",
+        "slower: in our benchmark a CNN pruned 30% to odd channel counts ran slower than the unpruned original in "
+        "ONNX Runtime, and 1.74x faster with counts rounded to multiples of 8. 1 or null keeps the exact counts.",
     )
     iterative_steps: int = Field(
         1, ge=1, le=100,
@@ -76,7 +77,7 @@ class PruneChannelsParams(FineTuneParams):
 def run(input_path: Path, params: PruneChannelsParams, out_dir: Path, ctx: StepContext) -> StepOutput:
     from workers.pruning import prune_channels
 
-    rnd = convert(input_path, ctx, params)
+    rnd = convert(input_path, ctx)
     ignored = resolve_layers(rnd.module, params.ignored_layers)
     taylor_batches = _taylor_batches(rnd, ctx, params) if params.importance == "taylor" else None
 

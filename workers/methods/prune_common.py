@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, StringConstraints
 
-from app.errors import StepFailed
 from workers.methods.base import MethodParams, StepContext
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,8 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DatasetId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 LayerName = Annotated[str, StringConstraints(min_length=1, max_length=500)]
-# Samples of the step's data the conversion check runs on.
-CHECK_SAMPLES = 8
 
 
 class FineTuneParams(MethodParams):
@@ -61,20 +58,20 @@ class Round:
 
     bridged: Any                      # workers.bridge.Bridged
     module: torch.nn.Module
-    teacher: torch.nn.Module          # the unpruned module, frozen
+    teacher: torch.nn.Module | None   # the unpruned module, frozen; kept only when the step fine-tunes
     example: tuple[torch.Tensor, ...]
     sample: dict[str, Any] | None     # a few samples of the step's data for the checks; None: generated inputs
     details: dict[str, Any]
 
 
-def convert(input_path: Path, ctx: StepContext, params: FineTuneParams) -> Round:
+def convert(input_path: Path, ctx: StepContext) -> Round:
     """The input model as a trainable module, checked against ONNX Runtime on the step's own data when it has any."""
     import torch
 
     from workers import bridge
 
     data = ctx.datasets.get("train_dataset_id") or ctx.datasets.get("eval_dataset_id")
-    sample = data.take(CHECK_SAMPLES).inputs if data is not None else None
+    sample = data.take(bridge.CHECK_SAMPLES).inputs if data is not None else None
     ctx.report(0.02, "converting the ONNX model to PyTorch")
     started = time.perf_counter()
     bridged = bridge.to_torch(input_path, sample=sample)
@@ -83,9 +80,11 @@ def convert(input_path: Path, ctx: StepContext, params: FineTuneParams) -> Round
         sample = bridge.example_feeds(bridged, batch=2, seed=ctx.seed)
     example = tuple(torch.from_numpy(_cast(sample[name], bridged.input_dtypes[name])) for name in bridged.input_names)
     module = bridged.module
-    teacher = copy.deepcopy(module).eval()
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
+    teacher = None
+    if "train_dataset_id" in ctx.datasets:  # only fine-tuning needs the unpruned model
+        teacher = copy.deepcopy(module).eval()
+        for parameter in teacher.parameters():
+            parameter.requires_grad_(False)
     details = {
         "conversion": {"check": bridged.check, "notes": bridged.notes,
                        "seconds": round(time.perf_counter() - started, 3)},
@@ -119,9 +118,8 @@ def fine_tune(rnd: Round, params: FineTuneParams, ctx: StepContext, *, start: fl
                    milestone=True)
 
     # The unpruned module teaches when the data has no labels, and is the reference of the cosine metric.
-    teacher = rnd.teacher
     return finetune(
-        rnd.module, train=train, eval=eval_data, input_names=rnd.bridged.input_names, teacher=teacher,
+        rnd.module, train=train, eval=eval_data, input_names=rnd.bridged.input_names, teacher=rnd.teacher,
         epochs=epochs, lr=params.lr, batch_size=params.batch_size, weight_decay=params.weight_decay,
         patience=params.patience, masks=masks, sparsity_schedule=sparsity_schedule, on_epoch=on_epoch,
         should_stop=ctx.should_stop, seed=ctx.seed,
@@ -140,32 +138,11 @@ def export(rnd: Round, out_dir: Path, ctx: StepContext) -> Path:
 
 
 def resolve_layers(module: torch.nn.Module, names: list[str]) -> list[str]:
-    """Module names for the layers a user named, by module name or by the ONNX node name it came from.
+    """Module names of the Conv/Linear layers a user named, by module name or by the ONNX node they came from."""
+    from workers import bridge
+    from workers.pruning.magnitude import weighted_layers
 
-    onnx2torch names a node's module after the node, with dots (which module names cannot hold)
-    turned into slashes and leading slashes dropped: node "/features/features.0/Conv" becomes
-    module "features/features/0/Conv".
-    """
     modules = dict(module.named_modules())
-    resolved, unknown = [], []
-    for name in names:
-        candidates = (name, name.replace(".", "/").lstrip("/"))
-        found = next((c for c in candidates if c and c in modules), None)
-        if found is None:
-            unknown.append(name)
-        else:
-            resolved.append(found)
-    if unknown:
-        layers = [n for n, m in modules.items() if n and isinstance(m, PRUNABLE_TYPES())]
-        raise StepFailed(
-            f"ignored_layers names no layer of this model: {', '.join(map(repr, unknown))}; layers are named after "
-            f"the ONNX nodes they came from, for example {', '.join(map(repr, layers[:6]))}",
-            code="invalid_params",
-        )
+    resolved = [name if name in modules else bridge.module_name(name) for name in names]
+    weighted_layers(module, resolved)  # refuses, listing real layer names, a name that is no layer
     return list(dict.fromkeys(resolved))
-
-
-def PRUNABLE_TYPES() -> tuple[type, ...]:  # noqa: N802 - a constant that needs torch imported
-    import torch
-
-    return (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)

@@ -58,7 +58,7 @@ class PruneMagnitudeParams(FineTuneParams):
 def run(input_path: Path, params: PruneMagnitudeParams, out_dir: Path, ctx: StepContext) -> StepOutput:
     from workers.pruning import Masks, compressed_sizes, polynomial_sparsity, sparsity_report
 
-    rnd = convert(input_path, ctx, params)
+    rnd = convert(input_path, ctx)
     ignored = resolve_layers(rnd.module, params.ignored_layers)
     schedule = None
     if params.schedule == "gradual":

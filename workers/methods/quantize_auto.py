@@ -208,10 +208,10 @@ def _sensitivity(original: Path, quantized: Path, evaluation, notes: list[str]) 
     model is compared on the same inputs: error = 1 - mean cosine; a layer's added error is its
     own minus the largest error among the layer outputs that feed it (directly or not).
     """
-    import numpy as np
     import onnx
     import onnxruntime as ort
 
+    from workers.measure.fidelity import cosine
     from workers.methods import onnx_prep
 
     source = onnx.load(str(original))
@@ -249,10 +249,7 @@ def _sensitivity(original: Path, quantized: Path, evaluation, notes: list[str]) 
         feeds = {k: v for k, v in feeds.items() if k in inputs}
         outs = [dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds))) for s in sessions]
         for name in tensors:
-            a = np.asarray(outs[0][name], dtype=np.float64).ravel()
-            b = np.asarray(outs[1][name], dtype=np.float64).ravel()
-            denominator = np.linalg.norm(a) * np.linalg.norm(b)
-            sums[name] += 1.0 - (float(a @ b) / denominator if denominator else 1.0)
+            sums[name] += 1.0 - cosine(outs[0][name], outs[1][name])
         count += 1
     error = {name: sums[name] / max(count, 1) for name in tensors}
     upstream = _upstream_layers(source.graph, set(tensors))

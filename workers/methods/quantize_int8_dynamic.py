@@ -146,7 +146,8 @@ def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: St
         ort_op_types = sorted((requested - {"Gemm"}) | ({"MatMul"} if "Gemm" in requested else set()))
         nodes_to_quantize = _nodes_to_quantize(graph, requested, prepared.gemm_rewritten)
         if nodes_to_quantize is not None:
-            nodes_to_quantize = [name for name in nodes_to_quantize if name not in set(excluded)]
+            left_float = set(excluded)
+            nodes_to_quantize = [name for name in nodes_to_quantize if name not in left_float]
         del graph
         if nodes_to_quantize == []:
             raise _nothing_to_quantize(source.graph, requested, params.nodes_to_exclude)

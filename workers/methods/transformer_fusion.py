@@ -246,6 +246,7 @@ def output_cosines(original: Path, candidate: Path, *, seed: int = 0) -> dict[st
     import onnx
     import onnxruntime as ort
 
+    from workers.measure.fidelity import cosine
     from workers.measure.inputs import plan_inputs
 
     options = ort.SessionOptions()
@@ -265,12 +266,5 @@ def output_cosines(original: Path, candidate: Path, *, seed: int = 0) -> dict[st
     names = [o.name for o in sessions["baseline"].get_outputs()]
     expected = sessions["baseline"].run(names, feeds["baseline"])
     got = sessions["result"].run(names, feeds["result"])
-    cosines = {}
-    for name, a, b in zip(names, expected, got):
-        a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-        if a.shape != b.shape:
-            cosines[name] = float("nan")
-            continue
-        norms = np.linalg.norm(a) * np.linalg.norm(b)
-        cosines[name] = 1.0 if norms == 0 and np.array_equal(a, b) else float(a @ b / norms) if norms else float("nan")
-    return cosines
+    return {name: cosine(a, b) if np.shape(a) == np.shape(b) else float("nan")
+            for name, a, b in zip(names, expected, got)}

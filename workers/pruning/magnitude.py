@@ -37,8 +37,8 @@ def weighted_layers(module: nn.Module, ignored_layers: Iterable[str] = ()) -> di
     if unknown:
         valid = [name for name, layer in known.items() if isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear))]
         raise StepFailed(
-            f"ignored_layers names no layer of the model: {', '.join(map(repr, unknown))}; layer names are "
-            f"module names such as {', '.join(map(repr, valid[:8]))}",
+            f"ignored_layers names no layer of the model: {', '.join(map(repr, unknown))}; name a layer by its "
+            f"ONNX node or by its module name, such as {', '.join(map(repr, valid[:8]))}",
             code="invalid_params",
         )
     return layers
@@ -108,13 +108,8 @@ class Masks:
     def recompute(self, sparsity: float) -> None:
         """New magnitude masks at `sparsity` from the current weights (needs from_magnitude's settings)."""
         if self.scope is None:
-            raise ValueError("these masks were not built by magnitude; recompute them outside and call update()")
+            raise ValueError("these masks were not built by magnitude: build new Masks instead")
         self.masks = magnitude_masks(self.module, sparsity, self.scope, self.ignored_layers)
-        self.sparsity = sparsity
-        self.apply()
-
-    def update(self, masks: dict[str, torch.Tensor], sparsity: float | None = None) -> None:
-        self.masks = masks
         self.sparsity = sparsity
         self.apply()
 
@@ -126,15 +121,6 @@ class Masks:
             if mask.device != weight.device:  # moved once, not on every step
                 mask = self.masks[name] = mask.to(weight.device)
             weight.mul_(mask)
-
-    def attach(self, optimizer: torch.optim.Optimizer):
-        """Re-apply after every step of `optimizer`; returns the hook handle (`.remove()` to detach)."""
-        return optimizer.register_step_post_hook(lambda *_: self.apply())
-
-    def zero_fraction(self) -> float:
-        total = sum(mask.numel() for mask in self.masks.values())
-        zeros = sum(int((~mask).sum()) for mask in self.masks.values())
-        return zeros / total if total else 0.0
 
 
 def polynomial_sparsity(step: int, *, initial: float, final: float, begin_step: int, end_step: int,
