@@ -73,14 +73,14 @@ def digits_cnn():
     ).to(torch.float32)
 
 
-def train(model, data, epochs: int, lr: float, *, masks_hook=None) -> None:
+def train(model, data, epochs: int, lr: float, *, masks_hook=None, seed: int = 0) -> None:
     """The loop a user writes: Adam, cross-entropy, shuffled mini-batches."""
     import torch
 
     (x, y), _, _ = data
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(xt), generator=generator).split(BATCH):
