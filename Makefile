@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python bench/quantize.py
 	$(BIN)/python bench/prune.py
 	$(BIN)/python bench/distill.py
+	$(BIN)/python bench/measure.py
 
 clean:
 	rm -rf $(VENV) .modelpress .pytest_cache

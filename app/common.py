@@ -36,10 +36,14 @@ def at_field(exc: ModelPressError, field: str, *, prefix: bool = False) -> Model
     return exc
 
 
-def newest_first_page(db: Session, query, entity, *, limit: int, cursor: str | None) -> tuple[list, str | None]:
-    """One page of `query` (rows of `entity`, which has created_at and id), newest first, and the next cursor."""
+def newest_first_page(db: Session, query, entity, *, limit: int, cursor: str | None,
+                      id_type: type = str) -> tuple[list, str | None]:
+    """One page of `query` (rows of `entity`, which has created_at and id), newest first, and the next cursor.
+
+    id_type is the Python type of `entity.id` (int for the measurements' integer ids).
+    """
     if cursor:
-        created_at, last_id = decode_cursor(cursor)
+        created_at, last_id = decode_cursor(cursor, id_type=id_type)
         query = query.where(
             (entity.created_at < created_at) | ((entity.created_at == created_at) & (entity.id < last_id))
         )
@@ -48,17 +52,17 @@ def newest_first_page(db: Session, query, entity, *, limit: int, cursor: str | N
     return rows[:limit], next_cursor
 
 
-def encode_cursor(created_at: dt.datetime, object_id: str) -> str:
+def encode_cursor(created_at: dt.datetime, object_id: str | int) -> str:
     raw = json.dumps([created_at.isoformat(), object_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+def decode_cursor(cursor: str, *, id_type: type = str) -> tuple[dt.datetime, str | int]:
     from app.errors import Unprocessable
 
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, object_id = json.loads(raw)
-        return dt.datetime.fromisoformat(created), str(object_id)
+        return dt.datetime.fromisoformat(created), id_type(object_id)
     except Exception as exc:  # any malformed cursor is the client's error
         raise Unprocessable("the cursor is not one this API returned", code="invalid_cursor") from exc

@@ -200,6 +200,19 @@ class Artifact(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+class Environment(Base):
+    """A machine and software stack measurements ran on, stored once.
+
+    `id` is the sha256 of the fingerprint's canonical JSON (app.measurements.fingerprint), so every
+    worker that measures on the same stack points its rows at the same environment.
+    """
+
+    __tablename__ = "environments"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fingerprint: Mapped[dict[str, Any]]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 class Measurement(Base):
     """One row per model x provider x batch size x metric."""
 
@@ -215,4 +228,7 @@ class Measurement(Base):
     metric: Mapped[str] = mapped_column(String(64))
     value: Mapped[float] = mapped_column(Float)
     unit: Mapped[str] = mapped_column(String(16))
+    # None for rows measured before environments were recorded.
+    environment_id: Mapped[str | None] = mapped_column(String(64), ForeignKey("environments.id"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    environment: Mapped[Environment | None] = relationship(lazy="joined")

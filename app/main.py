@@ -15,6 +15,7 @@ from app.db import get_sessionmaker
 from app.deps import current_tenant
 from app.errors import ModelPressError
 from app.jobs.routes import router as jobs_router
+from app.measurements.routes import router as measurements_router
 from app.methods_api.routes import recipes_router
 from app.methods_api.routes import router as methods_router
 from app.models.routes import router as models_router
@@ -75,6 +76,7 @@ def create_app() -> FastAPI:
     v1.include_router(models_router)
     v1.include_router(datasets_router)
     v1.include_router(jobs_router)
+    v1.include_router(measurements_router)
     v1.include_router(methods_router)
     v1.include_router(recipes_router)
     app.include_router(v1)

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 6 * 3600
     # ONNX Runtime intra-op threads for measurements (0: physical cores).
     measure_threads: int = 0
+    # Each measurement runs in a fresh process pinned to cores (workers.measure.isolated); off only to debug.
+    measure_isolated: bool = True
+    measure_timeout_s: int = Field(default=4 * 3600, ge=1)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
 

@@ -91,7 +91,10 @@ def test_bad_steps_are_422_naming_the_field_and_nothing_is_queued(client, alice,
 @pytest.mark.parametrize(
     "evaluate,field",
     [({"batch_sizes": [0]}, "evaluate.batch_sizes"), ({"iterations": 0}, "evaluate.iterations"),
-     ({"warmup": -1}, "evaluate.warmup"), ({"providers": ["FPGAExecutionProvider"]}, "evaluate.providers")],
+     ({"warmup": -1}, "evaluate.warmup"), ({"providers": ["FPGAExecutionProvider"]}, "evaluate.providers"),
+     # An energy estimate needs the TDP it is computed from, and a TDP alone asks for nothing.
+     ({"energy_estimate": True}, "evaluate"), ({"tdp_watts": 65}, "evaluate"),
+     ({"energy_estimate": True, "tdp_watts": 0}, "evaluate.tdp_watts")],
 )
 def test_bad_evaluate_spec_is_422(client, alice, model_id, evaluate, field):
     resp = client.post("/v1/jobs", json={"model_id": model_id, "steps": [{"method": "quantize.int8_dynamic"}],

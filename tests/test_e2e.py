@@ -73,6 +73,15 @@ def compress_and_check(http: httpx.Client, model_bytes: bytes, filename: str, fe
     assert report["summary"] == job["summary"]
     env = report["measurement"]["environment"]
     assert env["cpu"] and env["onnxruntime"]
+    # Measured in a process of its own, pinned; every speedup with its interval; raw times as an artifact.
+    assert env["process"]["isolated"] is True and env["pinned_cores"]
+    assert job["summary"]["speedup_ci"].keys() == job["summary"]["speedup"].keys()  # every measured size
+    for batch in job["summary"]["speedup"]:
+        assert re.fullmatch(r"\d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\)", job["summary"]["speedup_ci"][batch])
+    assert "latency-samples.json" in artifacts
+    samples = http.get(f"/v1/jobs/{job['id']}/artifacts/latency-samples.json").json()
+    rounds = samples["providers"]["CPUExecutionProvider"][next(iter(job["summary"]["speedup"]))]["baseline"]
+    assert sum(len(r) for r in rounds) == 20
     assert job["summary"]["size_ratio"] < 1
     assert job["summary"]["fidelity"]["cosine_similarity"] > min_report_cosine
     events = http.get(f"/v1/jobs/{job['id']}/events").json()

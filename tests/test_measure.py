@@ -11,10 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 from app.errors import MeasurementFailed
 from tests.conftest import SHARED_MODELS, mlp_onnx_bytes
 from workers.measure import Stopped, measure_pair
-from workers.measure.energy import EnergyMeter, rapl_counter
+from workers.measure.energy import energy_entry, energy_estimate, energy_report, measure_windows, rapl_counter
 
 FAST = {"warmup": 1, "iterations": 4}
-LATENCY_METRICS = {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "stdev_ms", "throughput_per_s"}
+LATENCY_METRICS = {"p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "stdev_ms", "cv", "min_ms", "throughput_per_s"}
 
 
 def save(model: onnx.ModelProto, path: Path, **kwargs) -> Path:
@@ -253,14 +253,65 @@ def test_should_stop_ends_the_measurement(mlp):
     assert len(asked) == 4
 
 
-def test_unavailable_provider_falls_back_to_cpu_with_a_note(mlp):
+def test_a_provider_this_build_lacks_is_reported_with_the_reason_and_cpu_is_still_measured(mlp):
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("this host has CUDA: nothing to fall back from")
+        pytest.skip("this host's onnxruntime has CUDA")
     measured = measure_pair(mlp, mlp, batch_sizes=[1], providers=["cuda", "cpu"], **FAST)
-    assert measured["latency"]["provider"] == "CPUExecutionProvider"
-    assert any("CUDAExecutionProvider was requested" in n for n in measured["notes"])
+    cuda, cpu = measured["providers"]
+    assert cuda == {"provider": "CUDAExecutionProvider", "available": False, "reason": cuda["reason"]}
+    assert "has no CUDAExecutionProvider" in cuda["reason"] and ort.__version__ in cuda["reason"]
+    assert cpu["available"] and cpu["primary"] and measured["latency"]["provider"] == "CPUExecutionProvider"
+    assert any(n.startswith("CUDAExecutionProvider was asked for and is not measured") for n in measured["notes"])
+    # Nothing measured on CUDA is stored as if it were.
+    assert {r["provider"] for r in measured["measurements"]} == {"CPUExecutionProvider"}
+
+
+def test_a_provider_that_falls_back_to_cpu_is_not_measured_and_keeps_onnx_runtimes_words(mlp, monkeypatch):
+    import os
+
+    import onnxruntime as ort
+
+    from workers.measure import runtime
+
+    real = ort.InferenceSession
+
+    def quietly_on_cpu(path, sess_options=None, providers=None):
+        # What onnxruntime-gpu does without a usable GPU: log to stderr, then run on the CPU.
+        os.write(2, b"[W:onnxruntime:Default] Failed to create CUDAExecutionProvider. Require cuDNN 9.*\n")
+        return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "InferenceSession", quietly_on_cpu)
+    session, reason = runtime.start_provider(mlp, role="baseline", provider="CUDAExecutionProvider", threads=1)
+    assert session is None
+    assert "did not start for the original model; ONNX Runtime used CPUExecutionProvider" in reason
+    assert "Failed to create CUDAExecutionProvider. Require cuDNN 9.*" in reason
+
+
+def test_cpu_is_always_measured_and_unknown_aliases_are_kept_in_order():
+    from workers.measure.runtime import requested_providers
+
+    assert requested_providers(None) == ["CPUExecutionProvider"]
+    assert requested_providers(["trt", "cuda"]) == ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                                    "CPUExecutionProvider"]
+    assert requested_providers(["cpu", "gpu"]) == ["CPUExecutionProvider", "CUDAExecutionProvider"]
+
+
+def test_cold_start_and_speedup_interval_are_reported(mlp_vs_itself):
+    measured = mlp_vs_itself[0]
+    for role in ("baseline", "result"):
+        cold = measured["cold_start"][role]
+        assert cold["load_ms"] > 0 and cold["first_run_ms"] > 0 and cold["batch_size"] == 1
+    for entry in measured["latency"]["batch_sizes"]:
+        interval = entry["speedup_ci"]
+        assert interval["rounds"] == 4 and interval["low"] <= entry["speedup"] <= interval["high"]
+        assert entry["speedup_text"] == f"{entry['speedup']:.2f}x ({interval['low']:.2f}-{interval['high']:.2f})"
+        assert isinstance(entry["noisy"], bool)
+    assert measured["samples"]["unit"] == "ns"
+    rounds = measured["samples"]["providers"]["CPUExecutionProvider"]["1"]
+    assert [len(r) for r in rounds["baseline"]] == [1, 1, 1, 1] and len(rounds["result"]) == 4
+    assert measured["memory"]["arena"]["enable_cpu_mem_arena"] is True
 
 
 def test_external_data_counts_towards_file_size(tmp_path):
@@ -297,24 +348,35 @@ def test_rapl_counter_reads_package_energy_across_a_wrap(tmp_path):
     assert rapl_counter(tmp_path / "absent")[0] is None
 
 
-def test_energy_meter_charges_each_block_to_the_model_that_ran(tmp_path):
+def test_energy_windows_charge_each_model_what_the_counter_moved_while_it_ran(tmp_path):
     zone = fake_rapl_zone(tmp_path, 0)
-    meter = EnergyMeter(*rapl_counter(tmp_path))
+    counter, _ = rapl_counter(tmp_path)
 
-    def draw(microjoules: int):
-        return lambda: (zone / "energy_uj").write_text(str(int((zone / "energy_uj").read_text()) + microjoules))
+    def drawing(microjoules: int):
+        def call():
+            (zone / "energy_uj").write_text(str(int((zone / "energy_uj").read_text()) + microjoules))
+        return call
 
-    for _ in range(2):  # two rounds of ABBA
-        meter.timed(1, "baseline", draw(200_000))
-        meter.timed(1, "result", draw(100_000))
-    report = meter.report(iterations=4)
-    assert report["value"] == {"batch_size": 1, "baseline": 0.1, "result": 0.05}
-    assert report["batch_sizes"][0]["ratio"] == 0.5 and report["reason"] is None
+    totals = measure_windows(counter, {"baseline": drawing(2_000), "result": drawing(1_000)}, window_s=0.01,
+                             windows=2)
+    for role, per_call in (("baseline", 2_000), ("result", 1_000)):
+        assert totals[role]["calls"] >= 2 and totals[role]["seconds"] >= 0.02
+        assert totals[role]["joules"] == pytest.approx(per_call * totals[role]["calls"] / 1e6)
+    entry = energy_entry(1, totals)
+    assert entry["baseline_j_per_inference"] == pytest.approx(0.002) and entry["ratio"] == pytest.approx(0.5)
+    report = energy_report(counter, [entry], "")
+    assert report["value"] == {"batch_size": 1, "baseline": 0.002, "result": 0.001} and report["reason"] is None
+    assert "RAPL" in report["counter"]
+    assert energy_report(None, [], "no RAPL or NVML counter readable on this host (x)")["value"] is None
 
-    (zone / "energy_uj").unlink()  # the counter goes away mid-run: no number, and why
-    meter.timed(1, "baseline", lambda: None)
-    report = meter.report(iterations=4)
-    assert report["value"] is None and "stopped being readable" in report["reason"]
+
+def test_an_energy_estimate_is_labelled_and_follows_its_formula():
+    latency = [{"batch_size": 1, "baseline": {"mean_ms": 2.0}, "result": {"mean_ms": 1.0}}]
+    estimate = energy_estimate(latency, tdp_watts=100, threads=2, logical_cores=8)
+    assert estimate["estimate"] is True and "tdp_watts" in estimate["formula"]
+    # 100 W x 2/8 of the package x 2 ms = 0.05 J
+    assert estimate["batch_sizes"][0]["baseline_j_per_inference"] == pytest.approx(0.05)
+    assert estimate["batch_sizes"][0]["result_j_per_inference"] == pytest.approx(0.025)
 
 
 def test_real_detector_with_a_fixed_batch():
@@ -328,3 +390,18 @@ def test_real_detector_with_a_fixed_batch():
     assert skip["batch_size"] == 8 and "input 'images'" in skip["reason"] and "[1, 3, 416, 416]" in skip["reason"]
     assert measured["fidelity"]["cosine_similarity"] == 1.0 and measured["fidelity"]["samples"] == 16
     assert measured["size"]["baseline"]["file_bytes"] == path.stat().st_size
+
+
+def test_io_bound_calls_give_the_same_outputs_as_plain_ones(mlp):
+    # The GPU path's mechanics (inputs bound once, outputs left on the device, synchronised) checked on the
+    # CPU device, which every machine has.
+    import onnxruntime as ort
+
+    from workers.measure.latency import bound_call
+
+    session = ort.InferenceSession(str(mlp), providers=["CPUExecutionProvider"])
+    feed = {"features": np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)}
+    call = bound_call(session, feed, device="cpu")
+    call()
+    (bound,) = call.keep[0].copy_outputs_to_cpu()
+    np.testing.assert_array_equal(bound, session.run(None, feed)[0])

@@ -61,7 +61,7 @@ def test_job_runs_to_success_with_artifacts_measurements_and_events(client, alic
     assert set(summary["speedup"]) == {"1", "4"}
     assert summary["fidelity"]["cosine_similarity"] > 0.99
     names = {a["name"] for a in client.get(f"/v1/jobs/{job_id}/artifacts", headers=alice).json()}
-    assert names == {"model.onnx", "report.json"}
+    assert names == {"model.onnx", "report.json", "latency-samples.json"}
     report = client.get(f"/v1/jobs/{job_id}/report", headers=alice).json()
     assert report["steps"][0]["method"] == "quantize.int8_dynamic"
     assert report["measurement"]["environment"]["threads"] >= 1
@@ -98,7 +98,7 @@ def test_job_found_running_is_started_over_cleanly(client, alice, submit, data_d
     assert job.status == "succeeded" and job.attempts == 2
     with session_scope() as db:
         names = list(db.scalars(select(Artifact.name).where(Artifact.job_id == job_id)))
-    assert sorted(names) == ["model.onnx", "report.json"]
+    assert sorted(names) == ["latency-samples.json", "model.onnx", "report.json"]
     messages = [e["message"] for e in client.get(f"/v1/jobs/{job_id}/events", headers=alice).json()]
     assert any("again after a lost worker" in (m or "") for m in messages)
 

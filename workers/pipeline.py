@@ -234,7 +234,14 @@ def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: d
         run.progress(PREPARE + STEPS + MEASURE * share[0], "measuring",
                      f"measuring the original and {what} side by side", force=True)
         measured_step = _measure(run, settings, evaluate, original, path, share)
-        step_rows = measured_step.pop("measurements", [])
+        # Raw per-call times go to an artifact of their own; the report and the job row keep the statistics.
+        samples_path = workdir / ("latency-samples.json" if last else f"step-{entry['index']}-latency-samples.json")
+        samples_path.write_text(json.dumps(measured_step.pop("samples", {})))
+        samples = _store_artifact(run, samples_path, name=samples_path.name, kind="samples",
+                                  content_type="application/json")
+        measured_step["latency"]["samples_artifact"] = samples["name"]
+        environment = measured_step.get("environment")
+        step_rows = [r | {"environment": environment} for r in measured_step.pop("measurements", [])]
         if last:
             measured = measured_step
             rows += step_rows
@@ -262,19 +269,23 @@ def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: d
 
 def _measure(run: Run, settings, evaluate: dict, original: Path, candidate: Path, share: tuple[float, float]) -> dict:
     from workers.measure import Stopped, measure_pair
+    from workers.measure.isolated import measure_isolated
 
     def on_progress(fraction: float, message: str) -> None:
         run.progress(PREPARE + STEPS + MEASURE * (share[0] + (share[1] - share[0]) * fraction), "measuring", message)
 
+    options = dict(
+        batch_sizes=evaluate["batch_sizes"], warmup=evaluate["warmup"], iterations=evaluate["iterations"],
+        providers=evaluate.get("providers"), threads=settings.measure_threads or None, on_progress=on_progress,
+        should_stop=run.cancel_requested_throttled,
+        dataset=run.dataset(evaluate["eval_dataset_id"]) if evaluate.get("eval_dataset_id") else None,
+        dataset_max_samples=evaluate.get("eval_max_samples"), include_io=bool(evaluate.get("include_io")),
+        energy_estimate_tdp_watts=evaluate.get("tdp_watts") if evaluate.get("energy_estimate") else None,
+    )
     try:
-        return measure_pair(
-            original, candidate, batch_sizes=evaluate["batch_sizes"], warmup=evaluate["warmup"],
-            iterations=evaluate["iterations"], providers=evaluate.get("providers"),
-            threads=settings.measure_threads or None, on_progress=on_progress,
-            should_stop=run.cancel_requested_throttled,
-            dataset=run.dataset(evaluate["eval_dataset_id"]) if evaluate.get("eval_dataset_id") else None,
-            dataset_max_samples=evaluate.get("eval_max_samples"),
-        )
+        if settings.measure_isolated:
+            return measure_isolated(original, candidate, timeout_s=settings.measure_timeout_s, **options)
+        return measure_pair(original, candidate, **options)
     except Stopped:
         raise Cancelled() from None
 
@@ -308,7 +319,17 @@ def _summary(measured: dict, steps_report: list[dict]) -> dict:
         },
         "latency_p50_ratio": {str(b["batch_size"]): b["p50_ratio"] for b in per_batch},
         "speedup": {str(b["batch_size"]): b["speedup"] for b in per_batch},
+        # "1.83x (1.79-1.88)": the ratio of medians and its 95% bootstrap interval over the paired rounds.
+        "speedup_ci": {str(b["batch_size"]): b["speedup_text"] for b in per_batch if "speedup_text" in b},
+        "noisy_batch_sizes": [b["batch_size"] for b in per_batch if b.get("noisy")],
         "provider": latency.get("provider"),
+        "providers": {p["provider"]: ({str(b["batch_size"]): b["speedup_text"] for b in p["latency"]["batch_sizes"]}
+                                      if p["available"] else {"unavailable": p["reason"]})
+                      for p in measured.get("providers", [])},
+        "cold_start_ms": {role: {"load": c["load_ms"], "first_run": c["first_run_ms"]}
+                          for role, c in (measured.get("cold_start") or {}).items() if isinstance(c, dict)},
+        "energy_j_per_inference": (measured.get("energy") or {}).get("value"),
+        "energy_note": (measured.get("energy") or {}).get("reason"),
         "fidelity": {
             "cosine_similarity": fidelity.get("cosine_similarity"),
             "max_abs_diff": fidelity.get("max_abs_diff"),
@@ -365,16 +386,48 @@ def _succeed(run: Run, report: dict, summary: dict, rows: list[dict]) -> None:
         job = db.get(Job, run.job_id, with_for_update=True)
         model = db.get(Model, job.model_id) if job.model_id else None
         result_sha = next((a["sha256"] for a in run.artifacts if a["name"] == "model.onnx"), None)
-        for row in rows:
+        environment_ids = _store_environments(db, rows)
+        for row, environment_id in zip(rows, environment_ids):
             db.add(Measurement(
                 job_id=job.id, tenant_id=job.tenant_id, model_role=row["model"],
                 model_sha256=row.get("sha256") or (
                     (model.sha256 if model else None) if row["model"] == "baseline" else result_sha),
                 provider=row["provider"], batch_size=row.get("batch_size"), metric=row["metric"],
-                value=float(row["value"]), unit=row["unit"],
+                value=float(row["value"]), unit=row["unit"], environment_id=environment_id,
             ))
         job.report, job.summary, job.stage = report, summary, "done"
         set_status(db, job, "succeeded", message=_headline(summary))
+
+
+def _store_environments(db, rows: list[dict]) -> list[str | None]:
+    """The environments row id of each measurement row (None for a row without an "environment").
+
+    Each distinct fingerprint is inserted once, with ON CONFLICT DO NOTHING: two workers storing the same
+    environment at once both succeed. They insert in id order, so they cannot deadlock on each other's rows.
+    """
+    from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    from app.dbmodels import Environment
+    from app.measurements.fingerprint import fingerprint, fingerprint_id
+
+    ids: list[str | None] = []
+    fingerprints: dict[str, dict] = {}
+    for row in rows:
+        environment = row.get("environment")
+        if not environment:
+            ids.append(None)
+            continue
+        stack = fingerprint(environment)
+        environment_id = fingerprint_id(stack)
+        fingerprints[environment_id] = stack
+        ids.append(environment_id)
+    # The two databases ModelPress runs on; both spell the upsert the same way.
+    insert = postgresql_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert
+    for environment_id in sorted(fingerprints):
+        db.execute(insert(Environment).values(id=environment_id, fingerprint=fingerprints[environment_id],
+                                              created_at=utcnow()).on_conflict_do_nothing(index_elements=["id"]))
+    return ids
 
 
 def _headline(summary: dict) -> str:
@@ -382,7 +435,8 @@ def _headline(summary: dict) -> str:
     if summary.get("size_ratio") is not None:
         parts.append(f"size x{summary['size_ratio']:.2f}")
     for batch, speedup in summary.get("speedup", {}).items():
-        parts.append(f"speed x{speedup:.2f} at batch {batch}")
+        shown = summary.get("speedup_ci", {}).get(batch) or f"{speedup:.2f}x"
+        parts.append(f"speed {shown} at batch {batch}")
     acc = summary.get("accuracy")
     if acc:
         parts.append(f"top-1 {100 * acc['original_top1']:.2f}% -> {100 * acc['compressed_top1']:.2f}%")

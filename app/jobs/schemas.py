@@ -31,6 +31,20 @@ class EvaluateSpec(Strict):
     eval_max_samples: int | None = Field(
         default=None, ge=1, le=1_000_000, description="Evaluate on at most this many samples (the first ones)."
     )
+    include_io: bool = Field(
+        default=False,
+        description="On a GPU provider, count the copies of inputs and outputs between host and device in each "
+        "timed call. Off: inputs are bound on the device once (I/O binding) and each call ends with a device "
+        "synchronisation. CPU calls always include everything.",
+    )
+    energy_estimate: bool = Field(
+        default=False,
+        description="Where no energy counter (RAPL, NVML) is readable, add an estimate from `tdp_watts`, labelled "
+        "as an estimate with its formula. Off: energy is null with the reason.",
+    )
+    tdp_watts: float | None = Field(
+        default=None, gt=0, le=5000, description="Thermal design power of the measuring CPU, for energy_estimate."
+    )
 
     @field_validator("batch_sizes")
     @classmethod
@@ -39,6 +53,15 @@ class EvaluateSpec(Strict):
             if not 1 <= size <= 1024:
                 raise ValueError(f"batch size {size} is outside 1..1024")
         return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _estimate_needs_tdp(self) -> EvaluateSpec:
+        if self.energy_estimate and self.tdp_watts is None:
+            raise ValueError("energy_estimate needs tdp_watts: the thermal design power of the measuring CPU "
+                             "(it cannot be read from the host)")
+        if self.tdp_watts is not None and not self.energy_estimate:
+            raise ValueError("tdp_watts is used only with energy_estimate: true")
+        return self
 
 
 class JobCreate(Strict):

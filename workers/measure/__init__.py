@@ -14,8 +14,8 @@ measurements (flat rows for the measurements table).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +23,36 @@ import numpy as np
 
 from app.errors import MeasurementFailed
 from workers.measure.accuracy import evaluate_dataset
-from workers.measure.energy import EnergyMeter, open_counter
-from workers.measure.environment import default_threads, describe
+from workers.measure.energy import energy_entry, energy_estimate, energy_report, measure_windows, open_counter
+from workers.measure.environment import default_threads, describe, logical_cores
 from workers.measure.fidelity import OutputComparison, pair_outputs, summarize_outputs
 from workers.measure.inputs import ROLES, InputPlan, plan_inputs
-from workers.measure.latency import choose_rounds, round_order, split, summarize, time_runs
+from workers.measure.latency import bound_call, choose_rounds, plain_call, round_order, split, time_calls
 from workers.measure.memory import RUNS as MEMORY_RUNS
 from workers.measure.memory import measure_memory
-from workers.measure.runtime import ROLE_NAMES, open_session, ort_error_text, resolve_providers
+from workers.measure.rounding import significant
+from workers.measure.runtime import (
+    ARENA,
+    ROLE_NAMES,
+    ort_error_text,
+    requested_providers,
+    session_options,
+    session_providers,
+    start_provider,
+    unavailable_reason,
+)
 from workers.measure.size import load_structure, model_size
+from workers.measure.stats import NOISY_CV, show_speedup, speedup_interval, summarize
 
 __all__ = ["Stopped", "measure_pair"]
 
 FIDELITY_SAMPLES = 16
+# Models up to this size (both files) are loaded again during the rounds (see _latency).
+REBALANCE_MAX_BYTES = 2 * 1024**3
+SESSION_SETS = 6
 FIDELITY_MAX_BATCH = 16
-LATENCY_METRICS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "stdev_ms", "min_ms", "throughput_per_s")
-UNITS = {"throughput_per_s": "samples/s"}
+LATENCY_METRICS = ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "stdev_ms", "cv", "min_ms", "throughput_per_s")
+UNITS = {"throughput_per_s": "samples/s", "cv": "1"}
 
 
 class Stopped(Exception):
@@ -69,14 +83,23 @@ def measure_pair(
     should_stop: Callable[[], bool] | None = None,
     dataset: Any = None,
     dataset_max_samples: int | None = None,
+    include_io: bool = False,
+    energy_estimate_tdp_watts: float | None = None,
 ) -> dict[str, Any]:
     """Size, latency, fidelity, energy and memory of `result` against `baseline`.
 
-    iterations is the number of timed calls per model and batch size; warmup the
-    untimed calls before them (each model also makes one untimed check call per
-    batch size first). With a `dataset` (workers.datasets.Dataset), both models also
-    run over its samples: accuracy against its labels, fidelity on its inputs. Raises MeasurementFailed when the models cannot be loaded,
-    run or compared, Stopped when should_stop() says so.
+    iterations is the number of timed calls per model and batch size; warmup the untimed calls before them
+    (each model also makes one untimed check call per batch size first, timed as its cold start). Latency and
+    energy are measured on every provider asked for, CPU always; a provider that cannot start is listed with
+    ONNX Runtime's reason and nothing is measured on it. Fidelity, dataset accuracy and memory are taken on the
+    first provider that starts. With a `dataset` (workers.datasets.Dataset), both models also run over its
+    samples: accuracy against its labels, fidelity on its inputs. include_io: on a GPU provider, count the
+    copies of inputs and outputs between host and device in each call. energy_estimate_tdp_watts: where no
+    counter is readable, add an estimate from this TDP, labelled as one. Raises MeasurementFailed when the
+    models cannot be loaded, run or compared, Stopped when should_stop() says so.
+
+    The per-call times are in report["samples"] (nanoseconds, per provider, batch size, model and round):
+    they belong in an artifact, not in the job row.
     """
     requested = sorted({int(b) for b in batch_sizes})
     if not requested or requested[0] < 1:
@@ -91,17 +114,40 @@ def measure_pair(
             raise Stopped()
 
     notes: list[str] = []
-    ort_providers, provider_notes = resolve_providers(providers)
-    notes += provider_notes
     threads = int(threads) if threads else default_threads()
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
 
     structures = {role: load_structure(paths[role], role_name=ROLE_NAMES[role]) for role in ROLES}
     size = _size_report(paths, structures, notes)
-    sessions = {role: open_session(paths[role], role=role, providers=ort_providers, threads=threads)
-                for role in ROLES}
-    provider = _provider_used(sessions, ort_providers[0], notes)
+
+    # Start every provider asked for; one that cannot start is reported, never replaced by another.
+    _warm_up_runtime(threads)
+    started: list[dict[str, Any]] = []
+    for provider in requested_providers(providers):
+        entry: dict[str, Any] = {"provider": provider, "available": False, "reason": unavailable_reason(provider)}
+        started.append(entry)
+        if entry["reason"]:
+            continue
+        sessions, load_ms = {}, {}
+        for role in ROLES:
+            clock = time.perf_counter()
+            session, why = start_provider(paths[role], role=role, provider=provider, threads=threads)
+            if session is None:
+                entry["reason"] = why
+                break
+            sessions[role], load_ms[role] = session, (time.perf_counter() - clock) * 1000
+        else:
+            entry.update(available=True, sessions=sessions, load_ms=load_ms)
+    for entry in started:
+        if not entry["available"]:
+            notes.append(f"{entry['provider']} was asked for and is not measured: {entry['reason']}")
+    running = [e for e in started if e["available"]]
+    if not running:
+        raise MeasurementFailed("no execution provider could start: " + "; ".join(e["reason"] for e in started))
+    primary = running[0]
+    sessions = primary["sessions"]
+
     plan = plan_inputs(sessions, structures)
     del structures  # the parsed protobufs can be as large as the weights
     notes += plan.notes
@@ -110,14 +156,19 @@ def measure_pair(
 
     to_measure, skipped = _batch_sizes_to_measure(requested, plan, notes)
     progress.advance(0, "checking that both models run")
-    working = _check_runs(sessions, plan, to_measure, seed, skipped, checkpoint)
+    for entry in running:
+        entry["skipped"] = list(skipped)
+        entry["working"], entry["first_run_ms"] = _check_runs(entry["sessions"], plan, to_measure, seed,
+                                                             entry["skipped"], checkpoint)
+    working = primary["working"]
 
     fidelity_batch = max((b for b in working if b <= FIDELITY_MAX_BATCH), default=working[0])
     fidelity_runs = math.ceil(FIDELITY_SAMPLES / fidelity_batch)
     memory_batch = working[-1]
     dataset_samples = 0 if dataset is None else min(len(dataset), dataset_max_samples or len(dataset))
-    progress.total = (sum(2 * b * (warmup + iterations) for b in working) + 2 * fidelity_batch * fidelity_runs
-                      + 2 * memory_batch * (MEMORY_RUNS + 2) + 2 * dataset_samples)
+    progress.total = (sum(2 * b * (warmup + iterations) for e in running for b in e["working"])
+                      + 2 * fidelity_batch * fidelity_runs + 2 * memory_batch * (MEMORY_RUNS + 2)
+                      + 2 * dataset_samples)
 
     fidelity = _fidelity(sessions, plan, output_pairs, fidelity_batch, fidelity_runs, seed, progress, checkpoint)
     on_dataset = None
@@ -127,33 +178,96 @@ def measure_pair(
             on_batch=lambda n: progress.advance(2 * n, f"evaluating on dataset {dataset.name or ''}".rstrip()),
         )
         notes += on_dataset["notes"]
-    meter = EnergyMeter(*open_counter(provider))
-    latency = {"provider": provider, "threads": threads}
-    latency.update(_latency(sessions, plan, working, warmup, iterations, seed, meter, progress, checkpoint))
-    latency["skipped"] = skipped
+
+    del sessions  # from here on each provider's entry holds its sessions (the latency phase re-creates them)
+    rebalance = size["baseline"]["file_bytes"] + size["result"]["file_bytes"] <= REBALANCE_MAX_BYTES
+    samples: dict[str, Any] = {"unit": "ns", "what": "per-call times, per provider, batch size, model and "
+                               "round (the rounds alternate which model goes first)", "providers": {}}
+    provider_reports = []
+    for entry in started:
+        if not entry["available"]:
+            provider_reports.append({"provider": entry["provider"], "available": False, "reason": entry["reason"]})
+            continue
+        provider = entry["provider"]
+        on_device = provider != "CPUExecutionProvider"
+        latency, kept = _latency(entry, plan, warmup, iterations, seed, progress, checkpoint,
+                                 bound=on_device and not include_io,
+                                 reopen=_reopener(paths, provider, threads) if rebalance else None)
+        latency.update(provider=provider, threads=threads, skipped=entry["skipped"],
+                       include_io=include_io if on_device else True)
+        samples["providers"][provider] = kept
+        counter, counter_reason = open_counter(provider)
+        entries = []
+        if counter is not None:
+            for batch in entry["working"]:
+                feeds = plan.feeds(batch, np.random.default_rng([seed, 0, batch]))
+                calls = {role: _caller(entry["sessions"][role], feeds[role], on_device and not include_io)
+                         for role in ROLES}
+                try:
+                    entries.append(energy_entry(batch, measure_windows(counter, calls, checkpoint=checkpoint)))
+                except (OSError, ValueError) as exc:
+                    counter, counter_reason, entries = None, f"the energy counter stopped being readable: {exc}", []
+                    break
+        energy = energy_report(counter, entries, counter_reason)
+        if energy["value"] is None and energy_estimate_tdp_watts:
+            energy["estimate"] = energy_estimate(latency["batch_sizes"], tdp_watts=energy_estimate_tdp_watts,
+                                                 threads=threads, logical_cores=logical_cores())
+        provider_reports.append({
+            "provider": provider, "available": True, "primary": entry is primary,
+            "cold_start": {role: {"load_ms": significant(entry["load_ms"][role]),
+                                  "first_run_ms": significant(entry["first_run_ms"][role]),
+                                  "batch_size": entry["working"][0]} for role in ROLES}
+            | {"note": "load: creating the ONNX Runtime session from the file (read just before, so from the "
+                       "page cache); first run: the first call after it, at the smallest batch size. Process "
+                       "start and importing onnxruntime are not included"},
+            "latency": latency, "energy": energy,
+        })
+        entry.pop("sessions")  # this provider's sessions close before the next provider's are timed
+    first = next(r for r in provider_reports if r.get("primary"))
     checkpoint()
     memory = measure_memory(paths, plan.feeds(memory_batch, np.random.default_rng([seed, 3, memory_batch])),
-                            batch_size=memory_batch, providers=ort_providers, threads=threads)
+                            batch_size=memory_batch, providers=session_providers(first["provider"]),
+                            threads=threads)
+    memory["arena"] = ARENA
     progress.advance(2 * memory_batch * (MEMORY_RUNS + 2), "measured memory")
-    energy = meter.report(iterations)
 
-    notes += _findings(size, latency, fidelity, memory, on_dataset)
+    notes += _findings(size, first["latency"], fidelity, memory, on_dataset)
     report = {
-        "environment": describe(provider=provider, threads=threads),
+        "environment": describe(provider=first["provider"], threads=threads),
         "inputs": [i.describe() for i in plan.inputs],
         "size": size,
-        "latency": latency,
+        "latency": first["latency"],
+        "cold_start": first["cold_start"],
+        "providers": provider_reports,
         "fidelity": fidelity,
         "dataset": on_dataset,
-        "energy": energy,
+        "energy": first["energy"],
         "memory": memory,
         "notes": notes,
     }
-    report["measurements"] = _rows(report, provider)
+    report["measurements"] = _rows(report)
+    report["samples"] = samples
     return report
 
 
 # --- phases ---------------------------------------------------------------------------------------
+
+def _warm_up_runtime(threads: int) -> None:
+    """Pay ONNX Runtime's one-time set-up in a process (its environment, kernel registries) on a one-node
+    model, so that the first model loaded is not charged for it in its cold start."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "warm-up",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = min(model.ir_version, onnx.IR_VERSION)
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    session.run(None, {"x": np.zeros(1, np.float32)})
+
 
 def _size_report(paths: dict[str, Path], structures: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     size: dict[str, Any] = {role: model_size(paths[role], structures[role]) for role in ROLES}
@@ -163,16 +277,6 @@ def _size_report(paths: dict[str, Path], structures: dict[str, Any], notes: list
         notes.append(f"the compressed model's files are larger than the original's (x{res / base:.2f}: "
                      f"{res} bytes vs {base} bytes)")
     return size
-
-
-def _provider_used(sessions: dict[str, Any], wanted: str, notes: list[str]) -> str:
-    used = {role: sessions[role].get_providers()[0] for role in ROLES}
-    if used["baseline"] != used["result"]:
-        notes.append(f"ONNX Runtime put the original model on {used['baseline']} and the compressed model on "
-                     f"{used['result']}; the latency comparison is across providers")
-    if used["baseline"] != wanted:
-        notes.append(f"{wanted} was requested but ONNX Runtime ran the models on {used['baseline']}")
-    return used["baseline"]
 
 
 def _batch_sizes_to_measure(requested: list[int], plan: InputPlan, notes: list[str]) -> tuple[list[int], list[dict]]:
@@ -187,15 +291,18 @@ def _batch_sizes_to_measure(requested: list[int], plan: InputPlan, notes: list[s
 
 
 def _check_runs(sessions, plan: InputPlan, to_measure: list[int], seed: int, skipped: list[dict],
-                checkpoint: Callable[[], None]) -> list[int]:
-    """One untimed call per model and batch size; a batch size either model cannot run is skipped."""
-    working, failures = [], []
+                checkpoint: Callable[[], None]) -> tuple[list[int], dict[str, float]]:
+    """One untimed call per model and batch size; a batch size either model cannot run is skipped. Also
+    gives each model's first call's time (its cold start), at the first batch size that runs."""
+    working, failures, first_ms = [], [], {}
     for batch in to_measure:
         checkpoint()
         feeds = plan.feeds(batch, np.random.default_rng([seed, 1, batch]))
         for role in ROLES:
             try:
+                clock = time.perf_counter()
                 sessions[role].run(None, feeds[role])
+                first_ms.setdefault(role, (time.perf_counter() - clock) * 1000)
             except Exception as exc:
                 reason = f"{ROLE_NAMES[role]} fails to run at batch {batch}: {ort_error_text(exc)}"
                 failures.append(reason)
@@ -206,7 +313,7 @@ def _check_runs(sessions, plan: InputPlan, to_measure: list[int], seed: int, ski
     if not working:
         raise MeasurementFailed("; ".join(failures))
     skipped.sort(key=lambda s: s["batch_size"])
-    return working
+    return working, first_ms
 
 
 def _run(session: Any, feed: dict[str, np.ndarray], role: str, batch: int) -> list[Any]:
@@ -230,61 +337,127 @@ def _fidelity(sessions, plan: InputPlan, output_pairs, batch: int, runs: int, se
     return summarize_outputs(comparisons, batch_size=batch, runs=runs)
 
 
-def _latency(sessions, plan: InputPlan, working: list[int], warmup: int, iterations: int, seed: int,
-             meter: EnergyMeter, progress: _Progress, checkpoint: Callable[[], None]) -> dict[str, Any]:
+def _reopener(paths: dict[str, Path], provider: str, threads: int) -> Callable[[tuple[str, ...]], dict[str, Any]]:
+    def reopen(order: tuple[str, ...]) -> dict[str, Any]:
+        sessions = {}
+        for role in order:
+            sessions[role], why = start_provider(paths[role], role=role, provider=provider, threads=threads)
+            if sessions[role] is None:
+                raise MeasurementFailed(f"{provider} stopped starting halfway through the measurement: {why}")
+        return sessions
+
+    return reopen
+
+
+def _caller(session: Any, feed: dict[str, np.ndarray], bound: bool) -> Callable[[], Any]:
+    return bound_call(session, feed) if bound else plain_call(session, feed)
+
+
+def _latency(entry: dict[str, Any], plan: InputPlan, warmup: int, iterations: int, seed: int,
+             progress: _Progress, checkpoint: Callable[[], None], *, bound: bool,
+             reopen: Callable[[tuple[str, ...]], dict[str, Any]] | None) -> tuple[dict, dict]:
+    """(latency report, raw samples): per batch size, warm-up rounds then timed rounds, ABBA.
+
+    Two sessions of the very same model can differ by a percent or two for as long as they live: where ONNX
+    Runtime put each one's weights and buffers (which follows the order they were created in), where their
+    threads landed. With `reopen`, the sessions are created again, in alternating order, every few rounds
+    (and warmed up again), so each model's rounds run on several session sets, and the interval is drawn
+    over sets as well as rounds (workers.measure.stats.speedup_interval)."""
     blocks = split(iterations, choose_rounds(iterations))
     warmup_blocks = split(warmup, choose_rounds(warmup)) if warmup else []
-    per_batch = []
-    for batch in working:
+    # A new session set every `every` rounds (at least two sets, at most SESSION_SETS).
+    every = max(2, math.ceil(len(blocks) / SESSION_SETS)) if reopen is not None and len(blocks) >= 4 else None
+    per_batch, kept = [], {}
+    order = ROLES
+    for batch in entry["working"]:
         feeds = plan.feeds(batch, np.random.default_rng([seed, 0, batch]))
-        for index, count in enumerate(warmup_blocks):
-            checkpoint()
-            for role in round_order(index):
-                time_runs(sessions[role], feeds[role], count)
-            progress.advance(2 * batch * count, f"warming up at batch {batch}")
-        times: dict[str, list[int]] = {role: [] for role in ROLES}
+
+        def warm_up(calls: dict[str, Callable[[], Any]], blocks_: list[int], advance: bool) -> None:
+            for index, count in enumerate(blocks_):
+                checkpoint()
+                for role in round_order(index):
+                    time_calls(calls[role], count)
+                if advance:
+                    progress.advance(2 * batch * count, f"warming up at batch {batch}")
+
+        calls = {role: _caller(entry["sessions"][role], feeds[role], bound) for role in ROLES}
+        warm_up(calls, warmup_blocks, True)
+        rounds: dict[str, list[list[int]]] = {role: [] for role in ROLES}
+        strata: list[int] = []
         for index, count in enumerate(blocks):
             checkpoint()
+            if every is not None and index and index % every == 0:
+                calls.clear()
+                order = order[::-1]
+                entry["sessions"] = reopen(order)
+                calls = {role: _caller(entry["sessions"][role], feeds[role], bound) for role in ROLES}
+                warm_up(calls, warmup_blocks or [2], False)
             for role in round_order(index):
-                meter.timed(batch, role, partial(time_runs, sessions[role], feeds[role], count, times[role]))
+                rounds[role].append([])
+                time_calls(calls[role], count, rounds[role][-1])
+            strata.append(0 if every is None else index // every)
             progress.advance(2 * batch * count, f"timing batch {batch}: round {index + 1}/{len(blocks)}")
-        base_p50 = float(np.median(times["baseline"]))
-        result_p50 = float(np.median(times["result"]))
+        flat = {role: [t for r in rounds[role] for t in r] for role in ROLES}
+        interval = speedup_interval(rounds["baseline"], rounds["result"], seed=seed,
+                                    strata=strata if every is not None else None)
+        base_p50, result_p50 = float(np.median(flat["baseline"])), float(np.median(flat["result"]))
+        summary = {role: summarize(flat[role], batch) for role in ROLES}
         per_batch.append({
             "batch_size": batch,
             "input_shapes": plan.shapes(batch),
-            "baseline": summarize(times["baseline"], batch),
-            "result": summarize(times["result"], batch),
+            "baseline": summary["baseline"],
+            "result": summary["result"],
             "p50_ratio": round(result_p50 / base_p50, 4),
-            "speedup": round(base_p50 / result_p50, 4),
+            "speedup": interval["speedup"],
+            "speedup_ci": interval,
+            "speedup_text": show_speedup(interval),
+            "noisy": summary["baseline"]["noisy"] or summary["result"]["noisy"],
         })
-    return {
+        kept[str(batch)] = rounds | {"session_set": strata}
+    report = {
         "warmup": warmup,
         "iterations": iterations,
         "rounds": len(blocks),
         "order": "per round each model runs a block of iterations; the first model alternates (ABBA)",
-        "timer": "time.perf_counter_ns around each InferenceSession.run call (Python call overhead included; "
-                 "on a GPU provider, host-device copies of inputs and outputs included)",
+        "session_sets": (f"the sessions were created again, in alternating order, every {every} rounds: where "
+                         "a session's memory and threads land moves its time by a percent or two for as long as "
+                         "it lives, so the rounds of each batch size ran on several session sets"
+                         if every is not None else
+                         "one set of sessions" + ("" if reopen is not None else
+                                                   " (the models are too large to load twice more)")),
+        "timer": "time.perf_counter_ns around each call (Python call overhead included)" + (
+            "; inputs are bound on the device once (I/O binding) and each call ends with a device "
+            "synchronisation, so host-device copies are not counted" if bound else
+            "; on a GPU provider, host-device copies of inputs and outputs included"),
         "throughput": "batch_size * 1000 / mean_ms: one caller, calls back to back",
+        "noisy_above_cv": NOISY_CV,
         "check_runs": 1,
-        # Spinning is off for both sessions (see runtime.open_session); a lone session
+        # Spinning is off for both sessions (see runtime.session_options); a lone session
         # with spinning on can be some 10% faster on a small model.
         "thread_spinning": False,
         "batch_sizes": per_batch,
     }
+    return report, kept
 
 
 def _findings(size: dict, latency: dict, fidelity: dict, memory: dict, on_dataset: dict | None) -> list[str]:
     """Plain statements of what a reader might otherwise miss."""
     found = []
     for entry in latency["batch_sizes"]:
-        speedup = entry["speedup"]
-        if speedup < 1:
-            line = (f"the compressed model is slower than the original at batch {entry['batch_size']} "
-                    f"(x{speedup:.3f}: p50 {entry['result']['p50_ms']:.4g} ms vs {entry['baseline']['p50_ms']:.4g} ms)")
-            if speedup >= 0.97:
-                line += "; a difference this small is within run-to-run noise"
-            found.append(line)
+        speedup, interval, batch = entry["speedup"], entry["speedup_ci"], entry["batch_size"]
+        times = f"p50 {entry['result']['p50_ms']:.4g} ms vs {entry['baseline']['p50_ms']:.4g} ms"
+        if interval.get("low") is not None and interval["low"] <= 1 <= interval["high"]:
+            if speedup < 1:
+                found.append(f"at batch {batch} the two models are not told apart: the speedup "
+                             f"{entry['speedup_text']} includes 1.00 ({times})")
+        elif speedup < 1:
+            found.append(f"the compressed model is slower than the original at batch {batch} "
+                         f"({entry['speedup_text']}: {times})")
+        if entry.get("noisy"):
+            cvs = f"{entry['baseline']['cv']:.0%} and {entry['result']['cv']:.0%}"
+            found.append(f"the latency at batch {entry['batch_size']} is noisy (coefficient of variation {cvs}, "
+                         f"above {NOISY_CV:.0%}): something else was running, or the model's time varies by "
+                         "itself; the interval around the speedup shows how much it moves")
     found.append(f"`fidelity` compares outputs on {fidelity['samples']} synthetic random samples "
                  f"({fidelity['runs']} run(s) at batch {fidelity['batch_size']}), not on a data set: it shows how far "
                  "outputs move, not task accuracy" + ("; `dataset` holds the figures on the job's eval dataset"
@@ -305,10 +478,12 @@ def _findings(size: dict, latency: dict, fidelity: dict, memory: dict, on_datase
     return found
 
 
-def _rows(report: dict[str, Any], provider: str) -> list[dict[str, Any]]:
+def _rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    primary = report["latency"]["provider"]
 
-    def add(model: str, batch: int | None, metric: str, value: float | None, unit: str) -> None:
+    def add(model: str, batch: int | None, metric: str, value: float | None, unit: str,
+            provider: str = primary) -> None:
         if value is not None:
             rows.append({"model": model, "provider": provider, "batch_size": batch, "metric": metric,
                          "value": float(value), "unit": unit})
@@ -318,11 +493,27 @@ def _rows(report: dict[str, Any], provider: str) -> list[dict[str, Any]]:
         add(role, None, "file_bytes", sized["file_bytes"], "bytes")
         add(role, None, "parameters", sized["parameters"], "count")
         add(role, None, "initializer_bytes", sized["initializer_bytes"], "bytes")
-    for entry in report["latency"]["batch_sizes"]:
+    for measured in report["providers"]:
+        if not measured["available"]:
+            continue
+        provider = measured["provider"]
+        for entry in measured["latency"]["batch_sizes"]:
+            batch = entry["batch_size"]
+            for role in ROLES:
+                for metric in LATENCY_METRICS:
+                    add(role, batch, metric, entry[role][metric], UNITS.get(metric, "ms"), provider)
+            add("result", batch, "speedup", entry["speedup"], "x", provider)
+            add("result", batch, "speedup_ci_low", entry["speedup_ci"].get("low"), "x", provider)
+            add("result", batch, "speedup_ci_high", entry["speedup_ci"].get("high"), "x", provider)
         for role in ROLES:
-            for metric in LATENCY_METRICS:
-                add(role, entry["batch_size"], metric, entry[role][metric], UNITS.get(metric, "ms"))
-        add("result", entry["batch_size"], "speedup", entry["speedup"], "x")
+            cold = measured["cold_start"][role]
+            add(role, cold["batch_size"], "load_ms", cold["load_ms"], "ms", provider)
+            add(role, cold["batch_size"], "first_run_ms", cold["first_run_ms"], "ms", provider)
+        for entry in measured["energy"].get("batch_sizes", []):
+            for role in ROLES:
+                add(role, entry["batch_size"], "energy_per_inference", entry[f"{role}_j_per_inference"], "J",
+                    provider)
+                add(role, entry["batch_size"], "power", entry[f"{role}_watts"], "W", provider)
     fidelity = report["fidelity"]
     add("result", fidelity["batch_size"], "cosine_similarity", fidelity["cosine_similarity"], "1")
     add("result", fidelity["batch_size"], "max_abs_diff", fidelity["max_abs_diff"], "output units")
@@ -338,10 +529,6 @@ def _rows(report: dict[str, Any], provider: str) -> list[dict[str, Any]]:
             for role, key in (("baseline", "original"), ("result", "compressed")):
                 add(role, batch, "top1_accuracy", on_dataset["accuracy"][key]["top1"], "fraction")
                 add(role, batch, "top5_accuracy", on_dataset["accuracy"][key]["top5"], "fraction")
-    energy = report["energy"]
-    for entry in energy.get("batch_sizes", []):
-        add("baseline", entry["batch_size"], "energy_per_inference", entry["baseline_j_per_inference"], "J")
-        add("result", entry["batch_size"], "energy_per_inference", entry["result_j_per_inference"], "J")
     memory = report["memory"]
     for role in ROLES:
         if memory.get(role):

@@ -17,6 +17,25 @@ def status_bytes(key: str) -> int:
     raise OSError(f"/proc/self/status has no {key}")
 
 
+def device_used_bytes():
+    """(bytes in use on GPU 0 by everyone, None) from NVML, or (None, why not)."""
+    import ctypes
+
+    class Memory(ctypes.Structure):
+        _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+    try:
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+        handle, memory = ctypes.c_void_p(), Memory()
+        if lib.nvmlInit_v2() != 0 or lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(handle)) != 0:
+            return None, "NVML could not be initialised"
+        if lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) != 0:
+            return None, "nvmlDeviceGetMemoryInfo failed"
+        return memory.used, None
+    except (OSError, AttributeError) as exc:
+        return None, f"NVML is not available: {exc}"
+
+
 def main() -> None:
     model, feeds_path, providers, threads, runs = sys.argv[1:6]
     import numpy as np
@@ -37,13 +56,20 @@ def main() -> None:
     except OSError as exc:
         print(json.dumps({"error": f"cannot reset the peak-RSS mark (/proc/self/clear_refs): {exc}"}))
         return
+    on_device = json.loads(providers)[0] != "CPUExecutionProvider"
+    device_before, device_reason = device_used_bytes() if on_device else (None, None)
     session = ort.InferenceSession(model, sess_options=options, providers=json.loads(providers))
     for _ in range(int(runs)):
         session.run(None, feeds)
-    print(json.dumps({
+    found = {
         "peak_rss_increase_bytes": status_bytes("VmHWM") - before,
         "retained_rss_increase_bytes": status_bytes("VmRSS") - before,
-    }))
+    }
+    if on_device:
+        device_after, reason = device_used_bytes() if device_before is not None else (None, device_reason)
+        found["device_memory_increase_bytes"] = None if device_after is None else device_after - device_before
+        found["device_memory_reason"] = reason
+    print(json.dumps(found))
 
 
 if __name__ == "__main__":

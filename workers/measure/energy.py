@@ -114,56 +114,85 @@ def _text(path: Path) -> str:
         return ""
 
 
-class EnergyMeter:
-    """Charges each timed block's energy to the model that ran it; gives up (with a reason) if a read fails."""
+WINDOW_S = 1.0   # a counter read around at least this long a window: RAPL updates about every ms, NVML's
+WINDOWS = 2      # energy every 10-100 ms; two windows per model, in ABBA order like the latency rounds
 
-    def __init__(self, counter, reason: str) -> None:
-        self.counter, self.reason = counter, reason
-        self.joules: dict[int, dict[str, float]] = {}
-        self.seconds: dict[int, dict[str, float]] = {}
 
-    def timed(self, batch: int, role: str, block) -> None:
-        before, started = self._read(), time.perf_counter()
-        block()
-        elapsed, after = time.perf_counter() - started, self._read()
-        if before is not None and after is not None:
-            self.joules.setdefault(batch, {"baseline": 0.0, "result": 0.0})[role] += after - before
-            self.seconds.setdefault(batch, {"baseline": 0.0, "result": 0.0})[role] += elapsed
+def measure_windows(counter, calls: dict, *, window_s: float = WINDOW_S, windows: int = WINDOWS,
+                    checkpoint=None) -> dict[str, dict[str, float]]:
+    """Per model (role), joules, seconds and calls over `windows` windows of back-to-back calls, each at
+    least `window_s` long, the counter read before and after each window. The models take turns (ABBA)."""
+    totals = {role: {"joules": 0.0, "seconds": 0.0, "calls": 0} for role in calls}
+    roles = list(calls)
+    for index in range(windows):
+        for role in (roles if index % 2 == 0 else roles[::-1]):
+            if checkpoint is not None:
+                checkpoint()
+            call, count = calls[role], 0
+            before, started = counter.read_joules(), time.perf_counter()
+            while True:
+                call()
+                count += 1
+                elapsed = time.perf_counter() - started
+                if elapsed >= window_s:
+                    break
+            after = counter.read_joules()
+            totals[role]["joules"] += after - before
+            totals[role]["seconds"] += elapsed
+            totals[role]["calls"] += count
+    return totals
 
-    def _read(self) -> float | None:
-        if self.counter is None:
-            return None
-        try:
-            return self.counter.read_joules()
-        except (OSError, ValueError) as exc:
-            self.counter, self.joules = None, {}
-            self.reason = f"the energy counter stopped being readable during the run: {exc}"
-            return None
 
-    def report(self, iterations: int) -> dict:
-        if self.counter is None or not self.joules:
-            return {"value": None, "unit": "J", "reason": self.reason or "no energy counter was read"}
-        per_batch = []
-        for batch, energy in self.joules.items():
-            base, res = energy["baseline"] / iterations, energy["result"] / iterations
-            seconds = self.seconds[batch]
-            per_batch.append({
-                "batch_size": batch,
-                "baseline_j_per_inference": significant(base),
-                "result_j_per_inference": significant(res),
-                "ratio": round(res / base, 4) if base > 0 else None,
-                # Over how long the counter was read: below ~0.1 s its update interval dominates.
-                "baseline_timed_s": significant(seconds["baseline"], 4),
-                "result_timed_s": significant(seconds["result"], 4),
-            })
-        first = per_batch[0]
-        return {
-            "value": {"batch_size": first["batch_size"], "baseline": first["baseline_j_per_inference"],
-                      "result": first["result_j_per_inference"]},
-            "unit": "J",
-            "per": "inference (one session.run call of a whole batch), averaged over the timed calls",
-            "counter": self.counter.counter,
-            "scope": self.counter.scope,
-            "reason": None,
-            "batch_sizes": per_batch,
-        }
+def energy_entry(batch: int, totals: dict[str, dict[str, float]]) -> dict:
+    """One batch size's energy figures from measure_windows' totals."""
+    base, res = totals["baseline"], totals["result"]
+    per = {role: t["joules"] / t["calls"] if t["calls"] else None for role, t in totals.items()}
+    return {
+        "batch_size": batch,
+        "baseline_j_per_inference": significant(per["baseline"]),
+        "result_j_per_inference": significant(per["result"]),
+        "ratio": round(per["result"] / per["baseline"], 4) if per["baseline"] else None,
+        "baseline_watts": significant(base["joules"] / base["seconds"]) if base["seconds"] else None,
+        "result_watts": significant(res["joules"] / res["seconds"]) if res["seconds"] else None,
+        "baseline_window_s": significant(base["seconds"], 4), "result_window_s": significant(res["seconds"], 4),
+        "baseline_calls": base["calls"], "result_calls": res["calls"],
+    }
+
+
+def energy_report(counter, entries: list[dict], reason: str) -> dict:
+    """Measured energy per batch size, or null with the reason no counter was read."""
+    if counter is None or not entries:
+        return {"value": None, "unit": "J", "reason": reason or "no energy counter was read"}
+    first = entries[0]
+    return {
+        "value": {"batch_size": first["batch_size"], "baseline": first["baseline_j_per_inference"],
+                  "result": first["result_j_per_inference"]},
+        "unit": "J",
+        "per": "inference (one session.run call of a whole batch)",
+        "window": f"{WINDOWS} windows per model of at least {WINDOW_S:g} s of back-to-back calls each, the "
+                  "models taking turns; the counter is read before and after each window",
+        "counter": counter.counter,
+        "scope": counter.scope,
+        "reason": None,
+        "batch_sizes": entries,
+    }
+
+
+def energy_estimate(latency_entries: list[dict], *, tdp_watts: float, threads: int, logical_cores: int) -> dict:
+    """What a job asked for with energy_estimate: not a measurement. Joules per inference = TDP x the
+    share of the package's cores the session used x the mean latency."""
+    share = min(1.0, threads / max(1, logical_cores))
+    per_batch = []
+    for entry in latency_entries:
+        row = {"batch_size": entry["batch_size"]}
+        for role in ("baseline", "result"):
+            row[f"{role}_j_per_inference"] = significant(tdp_watts * share * entry[role]["mean_ms"] / 1000)
+        per_batch.append(row)
+    return {
+        "estimate": True,
+        "formula": f"tdp_watts x threads / logical cores x mean latency = {tdp_watts:g} W x {threads}/"
+                   f"{logical_cores} x mean_ms / 1000",
+        "caveat": "an estimate from the thermal design power the job gave, not a reading: real draw depends on "
+                  "load, frequency and idle power",
+        "batch_sizes": per_batch,
+    }

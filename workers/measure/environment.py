@@ -58,6 +58,25 @@ def physical_cores() -> int:
     return len(cores) or logical_cores()
 
 
+def pick_cores(count: int) -> list[int]:
+    """`count` logical CPUs this process may use, one per physical core first (hyper-thread siblings only
+    when there are not enough cores), for pinning a measurement."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return []
+    first, siblings, seen = [], [], set()
+    for cpu in allowed:
+        base = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        key = (_read(base / "physical_package_id"), _read(base / "core_id"))
+        if None in key or key not in seen:
+            first.append(cpu)
+            seen.add(key)
+        else:
+            siblings.append(cpu)
+    return (first + siblings)[:max(1, count)]
+
+
 def default_threads() -> int:
     """One intra-op thread per physical core this process may use."""
     return max(1, min(physical_cores(), usable_cores()))
@@ -85,6 +104,27 @@ def gpu_names() -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
+def gpu_driver() -> str | None:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
+
+
+def package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def describe(*, provider: str, threads: int) -> dict[str, Any]:
     import numpy
     import onnx
@@ -102,11 +142,16 @@ def describe(*, provider: str, threads: int) -> dict[str, Any]:
         "usable_cores": usable_cores(),
         "memory_bytes": memory_bytes(),
         "gpu": gpu,
+        "gpu_driver": gpu_driver() if names else None,
         "os": platform.platform(),
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
-        "versions": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "numpy": numpy.__version__},
+        "torch": package_version("torch"),
+        "versions": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "numpy": numpy.__version__,
+                     "onnxruntime_package": "onnxruntime-gpu" if package_version("onnxruntime-gpu") else "onnxruntime"},
         "providers": available,
         "provider": provider,
         "threads": threads,
+        "pinned_cores": None,
+        "process": {"isolated": False, "how": "measured inside the calling process"},
     }

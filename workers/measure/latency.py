@@ -1,16 +1,16 @@
-"""Timing: interleaved blocks, per-call wall-clock times, and their statistics."""
+"""Timing: interleaved blocks and per-call wall-clock times (their statistics: workers.measure.stats)."""
 from __future__ import annotations
 
 import gc
 import math
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from workers.measure.rounding import significant
-
-MIN_ROUNDS, MAX_ROUNDS, TARGET_BLOCK = 10, 200, 25
+MIN_ROUNDS, MAX_ROUNDS, TARGET_BLOCK = 10, 200, 10
 
 
 def choose_rounds(iterations: int) -> int:
@@ -29,16 +29,15 @@ def round_order(index: int) -> tuple[str, str]:
     return ("baseline", "result") if index % 2 == 0 else ("result", "baseline")
 
 
-def time_runs(session: Any, feed: dict[str, np.ndarray], count: int, into: list[int] | None = None) -> None:
-    """Run `count` times; append each call's nanoseconds to `into` (None: warm-up, not kept)."""
-    run = session.run
+def time_calls(call: Callable[[], Any], count: int, into: list[int] | None = None) -> None:
+    """Call `call` `count` times; append each call's nanoseconds to `into` (None: warm-up, not kept)."""
     clock = time.perf_counter_ns
     collecting = gc.isenabled()
     gc.disable()  # a collection in the middle of a call would be charged to that model
     try:
         for _ in range(count):
             start = clock()
-            run(None, feed)
+            call()
             if into is not None:
                 into.append(clock() - start)
     finally:
@@ -46,19 +45,28 @@ def time_runs(session: Any, feed: dict[str, np.ndarray], count: int, into: list[
             gc.enable()
 
 
-def summarize(durations_ns: list[int], batch_size: int) -> dict[str, Any]:
-    """Statistics of per-call times. Throughput is batch_size / mean latency: one caller, calls back to back."""
-    ms = np.asarray(durations_ns, dtype=np.float64) / 1e6
-    mean = float(ms.mean())
-    p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
-    return {
-        "count": int(ms.size),
-        "mean_ms": significant(mean),
-        "stdev_ms": significant(float(ms.std(ddof=1))) if ms.size > 1 else 0.0,
-        "min_ms": significant(float(ms.min())),
-        "p50_ms": significant(p50),
-        "p90_ms": significant(p90),
-        "p99_ms": significant(p99),
-        "max_ms": significant(float(ms.max())),
-        "throughput_per_s": significant(batch_size * 1000.0 / mean) if mean > 0 else None,
-    }
+def plain_call(session: Any, feed: dict[str, np.ndarray]) -> Callable[[], Any]:
+    """session.run with host arrays: on a GPU provider the copies in and out are part of each call."""
+    return partial(session.run, None, feed)
+
+
+def bound_call(session: Any, feed: dict[str, np.ndarray], device: str = "cuda") -> Callable[[], Any]:
+    """A call with inputs copied to the device once and outputs left there (ONNX Runtime's I/O binding),
+    synchronised with the device at the end of each call, so the time is the model's, not the copies'."""
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
+              for array in feed.values()]
+    for name, value in zip(feed, values):
+        binding.bind_ortvalue_input(name, value)
+    for output in session.get_outputs():
+        binding.bind_output(output.name, device)
+    binding.synchronize_inputs()
+
+    def call() -> None:
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    call.keep = (binding, values)  # the device buffers live as long as the call
+    return call

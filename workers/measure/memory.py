@@ -60,5 +60,10 @@ def measure_memory(paths: dict[str, Path], feeds: dict[str, dict[str, np.ndarray
         if base["peak_rss_increase_bytes"] > 0 else None,
     )
     if providers[0] != "CPUExecutionProvider":
-        report["scope"] = "host memory only; GPU memory is not included"
+        report["scope"] = "host memory, and device memory in device_memory_increase_bytes"
+        report["device_method"] = ("NVML's used memory on GPU 0 after the runs minus before the session was "
+                                   "created (other processes on the GPU included); ONNX Runtime's CUDA arena "
+                                   "keeps what it allocated, so this is close to the session's peak")
+    else:
+        report["device"] = {"value": None, "reason": "measured on the CPU provider: no device memory"}
     return report

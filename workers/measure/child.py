@@ -1,0 +1,64 @@
+"""The measuring process started by workers.measure.isolated: `python -m workers.measure.child <folder>`.
+
+It pins itself to the cores it was given before loading ONNX Runtime (whose threads then inherit them),
+measures, and writes result.json into the folder: the report (exit 0), or the failure (exit 3), or exits 4
+when asked to stop. Progress goes to stdout as one JSON object per line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from workers.measure.isolated import DATASET, EXIT_FAILED, EXIT_STOPPED, REQUEST, RESULT, STOP
+
+
+def main(folder: Path) -> int:
+    request = json.loads((folder / REQUEST).read_text())
+    pinned: list[int] = []
+    if request["cores"]:
+        try:
+            os.sched_setaffinity(0, request["cores"])
+            pinned = sorted(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            pinned = []
+    from app.errors import ModelPressError
+    from workers.measure import Stopped, measure_pair
+
+    dataset = None
+    if request["dataset"]:
+        import numpy as np
+
+        from workers.datasets import Dataset
+
+        with np.load(folder / DATASET, allow_pickle=False) as arrays:
+            inputs = {key.removeprefix("input:"): arrays[key] for key in arrays.files if key.startswith("input:")}
+            labels = arrays["labels"] if "labels" in arrays.files else None
+        dataset = Dataset(inputs=inputs, labels=labels, name=request["dataset"]["name"])
+    stop_file = folder / STOP
+
+    def progress(fraction: float, message: str) -> None:
+        print(json.dumps({"progress": fraction, "message": message}), flush=True)
+
+    try:
+        report = measure_pair(Path(request["baseline"]), Path(request["result"]), threads=request["threads"],
+                              on_progress=progress, should_stop=stop_file.exists, dataset=dataset,
+                              **request["options"])
+    except Stopped:
+        return EXIT_STOPPED
+    except ModelPressError as exc:
+        (folder / RESULT).write_text(json.dumps({"message": exc.message, "code": exc.code}))
+        return EXIT_FAILED
+    report["environment"]["pinned_cores"] = pinned or None
+    report["environment"]["process"] = {
+        "isolated": True, "pid": os.getpid(),
+        "how": "a fresh Python process per measurement" + (
+            f", pinned to logical CPUs {pinned}" if pinned else ", not pinned (the OS did not allow it)"),
+    }
+    (folder / RESULT).write_text(json.dumps(report, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

@@ -1,0 +1,138 @@
+"""measure_pair in a fresh process of its own, pinned to cores, so one job's figures do not depend on what the
+worker did before (its heap, its threads, its imported libraries, a previous job's sessions).
+
+The worker writes the request into a private folder, starts `python -m workers.measure.child <folder>`
+and reads its progress lines; the child pins itself to one logical CPU per physical core it may use (as many
+as the measurement's threads), measures, and writes the report into the folder. A stop request is a file the
+child looks for at every round boundary. A child that dies (killed, out of memory, a crash inside ONNX
+Runtime) fails the measurement with its exit status and the end of its error output, and the worker goes on.
+
+    report = measure_isolated(original, compressed, batch_sizes=[1, 8], warmup=10, iterations=100)
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.errors import MeasurementFailed
+from workers.measure import Stopped
+from workers.measure.environment import default_threads, pick_cores
+
+REQUEST, RESULT, STOP, DATASET = "request.json", "result.json", "stop", "dataset.npz"
+EXIT_FAILED, EXIT_STOPPED = 3, 4
+
+
+def measure_isolated(
+    baseline: Path,
+    result: Path,
+    *,
+    on_progress: Callable[[float, str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    dataset: Any = None,
+    threads: int | None = None,
+    pin: bool = True,
+    timeout_s: float = 3600,
+    **options: Any,
+) -> dict[str, Any]:
+    """measure_pair(baseline, result, **options) run in a child process; the same report, plus
+    report["environment"]["process"] saying how it was run."""
+    threads = int(threads) if threads else default_threads()
+    cores = pick_cores(threads) if pin else []
+    with tempfile.TemporaryDirectory(prefix="modelpress-measure-") as folder_name:
+        folder = Path(folder_name)
+        request = {"baseline": str(Path(baseline).resolve()), "result": str(Path(result).resolve()),
+                   "threads": threads, "cores": cores, "options": options, "dataset": None}
+        if dataset is not None:
+            arrays = {f"input:{name}": value for name, value in dataset.inputs.items()}
+            if dataset.labels is not None:
+                arrays["labels"] = np.asarray(dataset.labels)
+            np.savez(folder / DATASET, **arrays)
+            request["dataset"] = {"file": DATASET, "name": dataset.name}
+        (folder / REQUEST).write_text(json.dumps(request))
+        errors = folder / "stderr.txt"
+        with open(errors, "wb") as stderr:
+            child = subprocess.Popen([sys.executable, "-m", "workers.measure.child", str(folder)],
+                                     stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
+                                     cwd=folder, env=_child_env())
+        try:
+            _follow(child, folder, on_progress, should_stop, timeout_s)
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+        return _outcome(child.returncode, folder, errors)
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The project root must be importable in the child even where the package is not installed.
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _follow(child: subprocess.Popen, folder: Path, on_progress, should_stop, timeout_s: float) -> None:
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for raw in child.stdout:
+            lines.put(raw.decode("utf-8", "replace"))
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True, name="measure-progress").start()
+    deadline = time.monotonic() + timeout_s
+    stop_asked = False
+    while True:
+        try:
+            line = lines.get(timeout=0.25)
+        except queue.Empty:
+            line = ""
+        if line is None:
+            return
+        if line.startswith("{") and on_progress is not None:
+            try:
+                message = json.loads(line)
+                on_progress(float(message["progress"]), str(message["message"]))
+            except (ValueError, KeyError, TypeError):
+                pass
+        if not stop_asked and should_stop is not None and should_stop():
+            (folder / STOP).touch()
+            stop_asked = True
+        if time.monotonic() > deadline:
+            child.kill()
+            raise MeasurementFailed(f"the measurement took longer than its limit of {timeout_s:.0f} s and was "
+                                    "stopped", code="measurement_timeout")
+
+
+def _outcome(returncode: int, folder: Path, errors: Path) -> dict[str, Any]:
+    result_file = folder / RESULT
+    if returncode == 0 and result_file.exists():
+        return json.loads(result_file.read_text())
+    if returncode == EXIT_STOPPED:
+        raise Stopped()
+    if returncode == EXIT_FAILED and result_file.exists():
+        failed = json.loads(result_file.read_text())
+        raise MeasurementFailed(failed["message"], code=failed.get("code") or "measurement_failed")
+    if returncode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            how = f"was killed by signal {-returncode}"
+    else:
+        how = f"exited with status {returncode}"
+    tail = [line for line in errors.read_text(errors="replace").splitlines() if line.strip()][-5:]
+    hint = " (SIGKILL usually means the machine ran out of memory)" if returncode == -signal.SIGKILL else ""
+    raise MeasurementFailed(f"the measuring process {how}{hint}" + (": " + " | ".join(tail) if tail else ""),
+                            code="measurement_crashed")
