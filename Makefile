@@ -8,7 +8,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP_INSTALL := $(BIN)/python -m pip install -q --disable-pip-version-check $(FIND_LINKS) -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test services bench clean
+.PHONY: install run test services bench clean kernels
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
@@ -28,6 +28,8 @@ services:
 	@bash scripts/services.sh
 
 test: install services
+	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory kernels; \
+	else echo "nvcc not found: not building the CUDA kernels (kernels/ uses its PyTorch references)"; fi
 	$(BIN)/python -m pytest -q
 
 # The benchmarks (they append to bench/RESULTS.md); they need the bench extra and ../shared/models (the
@@ -40,5 +42,28 @@ bench: install
 	$(BIN)/python bench/distill.py
 	$(BIN)/python bench/measure.py
 
+# The CUDA kernels (kernels/csrc) as one shared library, called through ctypes; needs only nvcc, not a GPU.
+# sm_80 and sm_90 machine code plus compute_90 PTX that newer GPUs compile when they load it. One object per
+# source, so an edit rebuilds only its file (every object depends on the headers).
+NVCC ?= $(firstword $(shell command -v nvcc 2>/dev/null) $(wildcard /usr/local/cuda/bin/nvcc))
+KERNELS_SRC := $(wildcard kernels/csrc/*.cu)
+KERNELS_HDR := $(wildcard kernels/csrc/*.h kernels/csrc/*.cuh)
+KERNELS_OBJ := $(patsubst kernels/csrc/%.cu,kernels/build/obj/%.o,$(KERNELS_SRC))
+KERNELS_LIB := kernels/build/libmodelpress_kernels.so
+NVCC_GENCODE := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+	-gencode arch=compute_90,code=compute_90
+NVCC_FLAGS := -O3 -std=c++17 -Xcompiler -fPIC -Xcompiler -Wall,-Wextra -Werror all-warnings --threads 0 $(NVCC_GENCODE)
+
+kernels: $(KERNELS_LIB)
+
+kernels/build/obj/%.o: kernels/csrc/%.cu $(KERNELS_HDR)
+	@test -n "$(NVCC)" || { echo "make kernels needs nvcc (the CUDA toolkit, 12.x or 13.x)"; exit 1; }
+	@mkdir -p $(@D)
+	$(NVCC) $(NVCC_FLAGS) -c $< -o $@
+
+$(KERNELS_LIB): $(KERNELS_OBJ) kernels/csrc/exports.map
+	$(NVCC) -O3 --shared -Xcompiler -fPIC $(NVCC_GENCODE) -Xlinker --version-script=kernels/csrc/exports.map \
+		-o $@.tmp $(KERNELS_OBJ) && mv $@.tmp $@
+
 clean:
-	rm -rf $(VENV) .modelpress .pytest_cache
+	rm -rf $(VENV) .modelpress .pytest_cache kernels/build

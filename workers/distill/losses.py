@@ -40,6 +40,10 @@ def soft_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperatu
     if kind == "auto":
         kind = "kl" if student.dim() == 2 else "mse"
     if kind == "kl":
+        if student.is_cuda and not teacher.requires_grad:
+            import kernels  # fused loss + gradient in one kernel, no [rows x classes] softmax tensors kept
+
+            return kernels.kd_loss(student, teacher, temperature)
         # KL over the last axis (classes); batchmean over everything before it.
         rows = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         return nn.functional.kl_div(

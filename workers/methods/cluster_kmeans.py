@@ -55,6 +55,8 @@ def kmeans_1d(values: np.ndarray, k: int, iterations: int) -> np.ndarray:
     if low == high or k == 1:
         return np.array([low], dtype=np.float64)
     centroids = np.linspace(low, high, k)
+    if _cuda_available():
+        return _kmeans_1d_cuda(values, centroids, iterations)
     ordered = np.sort(values.astype(np.float64))
     prefix = np.concatenate([[0.0], np.cumsum(ordered)])
     for _ in range(iterations):
@@ -67,6 +69,27 @@ def kmeans_1d(values: np.ndarray, k: int, iterations: int) -> np.ndarray:
             break
         centroids = np.sort(updated)
     return np.unique(centroids)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _kmeans_1d_cuda(values: np.ndarray, centroids: np.ndarray, iterations: int) -> np.ndarray:
+    """kmeans_1d on the GPU (kernels.kmeans_1d): the same Lloyd iterations on float32 centroids, each one
+    streaming the values once instead of sorting them."""
+    import numpy as np
+    import torch
+
+    import kernels
+
+    device = torch.device("cuda")
+    final, _labels, _inertia = kernels.kmeans_1d(
+        torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(device),
+        torch.from_numpy(centroids.astype(np.float32)).to(device), iterations)
+    return np.unique(final.cpu().numpy().astype(np.float64))
 
 
 def cluster(weight: np.ndarray, k: int, iterations: int) -> tuple[np.ndarray, np.ndarray]:

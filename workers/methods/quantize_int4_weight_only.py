@@ -277,6 +277,8 @@ def _run_quantizer(model, params: Int4WeightOnlyParams, reader, excluded: list[s
         model, bits=params.bits, block_size=params.block_size, is_symmetric=symmetric,
         accuracy_level=params.accuracy_level, nodes_to_exclude=excluded, algo_config=config,
     )
+    if params.algorithm == "rtn" and _cuda_available():
+        _quantize_with_kernels(quantizer, nbits, "cuda")
     if params.algorithm == "gptq" and excluded:
         # ORT's GPTQ path ignores nodes_to_exclude; "fp32" in its per-node config is how its RTN path skips a node.
         configure = quantizer._generate_q4_node_config
@@ -293,6 +295,43 @@ def _run_quantizer(model, params: Int4WeightOnlyParams, reader, excluded: list[s
         raise StepFailed(f"ONNX Runtime's MatMulNBitsQuantizer ({params.algorithm}) failed: "
                          f"{short_error(exc, 400)}", code=code) from exc
     return quantizer.model.model
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _quantize_with_kernels(quantizer, nbits, device: str) -> bool:
+    """Let kernels.quantize_blockwise (on `device`: the CUDA kernel on a GPU worker) quantize the MatMul weights in
+    place of ORT's CPU loop: the same RTN codes, scales and zero points byte for byte (tests/test_kernels.py), so
+    the model file is the same; ORT still rewrites the graph. False (ORT does it all) for what the kernel lacks."""
+    import torch
+
+    node_quantizer = quantizer.node_quantizer
+    if not isinstance(node_quantizer, nbits.DefaultWeightOnlyQuantizer):
+        return False
+    config = node_quantizer.config
+    if (config.bits not in (4, 8) or config.quant_format != nbits.QuantFormat.QOperator
+            or getattr(config, "channel_wised_quantize", False)):
+        return False
+    import numpy as np
+
+    import kernels
+
+    on_cpu = node_quantizer.qbits_block_quant
+
+    def qbits_block_quant(weight):
+        if weight.ndim != 2 or weight.dtype not in (np.float32, np.float16):
+            return on_cpu(weight)
+        matrix = torch.from_numpy(np.require(weight, requirements=["C", "W"])).to(device)  # ORT hands read-only arrays
+        packed, scales, zero_points = kernels.quantize_blockwise(matrix, config.bits, config.block_size,
+                                                                 config.is_symmetric)
+        return packed.cpu().numpy(), scales.cpu().numpy(), zero_points.cpu().numpy()
+
+    node_quantizer.qbits_block_quant = qbits_block_quant
+    return True
 
 
 def embeddings_apply(params: Int4WeightOnlyParams) -> bool:

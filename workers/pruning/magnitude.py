@@ -61,8 +61,17 @@ def magnitude_masks(module: nn.Module, sparsity: float, scope: Scope = "global",
         raise StepFailed("the model has no Conv or Linear weight to prune", code="nothing_to_prune")
     if scope == "layer":
         return {name: _keep_largest(layer.weight.detach().abs(), sparsity) for name, layer in layers.items()}
-    scores = torch.cat([layer.weight.detach().abs().flatten().float().cpu() for layer in layers.values()])
-    threshold = _threshold(scores, sparsity)
+    weights = [layer.weight.detach() for layer in layers.values()]
+    if all(w.is_cuda for w in weights) and len({w.device for w in weights}) == 1:
+        # On the GPU: a radix select over the weights where they are (kernels.magnitude_threshold), the same
+        # k-th value kthvalue gives, without copying them all into one tensor on the CPU.
+        import kernels
+
+        count = int(round(sparsity * sum(w.numel() for w in weights)))
+        threshold = kernels.magnitude_threshold(weights, count) if count else torch.tensor(-1.0)
+    else:
+        scores = torch.cat([w.abs().flatten().float().cpu() for w in weights])
+        threshold = _threshold(scores, sparsity)
     return {name: layer.weight.detach().abs() > threshold.to(layer.weight.device) for name, layer in layers.items()}
 
 

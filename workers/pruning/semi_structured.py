@@ -46,6 +46,11 @@ def nm_masks(module: nn.Module, n: int = 2, m: int = 4,
         if cols % m:
             skipped[name] = f"input dimension {cols} is not divisible by {m}"
             continue
+        if matrix.is_cuda and m in (4, 8, 16):
+            import kernels  # the CUDA kernel; equal magnitudes keep the lower index
+
+            masks[name] = kernels.nm_mask(matrix.detach(), n, m).reshape(layer.weight.shape)
+            continue
         groups = matrix.detach().abs().float().reshape(rows, cols // m, m)
         keep = torch.zeros_like(groups, dtype=torch.bool)
         keep.scatter_(2, groups.topk(n, dim=2).indices, True)
