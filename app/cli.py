@@ -1,12 +1,16 @@
-"""`modelpress`: run the embedded service, the API or a worker; migrate; manage API keys."""
+"""`modelpress`: run the embedded service, the API or a worker; migrate; manage API keys;
+and, as a client of a running service, compress models, follow jobs and download results."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from app.settings import get_settings
 
@@ -121,7 +125,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     key = local_api_key()
     host, port = args.host or settings.api_host, args.port or settings.api_port
     env = {**os.environ, "MODELPRESS_DATA_DIR": str(settings.data_path)}
-    worker = subprocess.Popen(worker_argv("gpu,cpu", 1, "info"), env=env)
+    # The worker also runs Celery beat (-B): the embedded deployment has one worker, so one scheduler.
+    beat = ["--beat", "--schedule", str(settings.data_path / "celerybeat-schedule")]
+    worker = subprocess.Popen(worker_argv("gpu,cpu", 1, "info") + beat, env=env)
     api = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port),
                             "--log-level", "warning"], env=env)
     print(f"\nModelPress is running (embedded: data in {settings.data_path})\n"
@@ -151,6 +157,346 @@ def cmd_run(args: argparse.Namespace) -> int:
                 child.kill()
     failed = [c for c in children if c.returncode not in (0, -signal.SIGTERM, None)]
     return 1 if failed else 0
+
+
+# --- client commands: talk to a running service over HTTP (app.client), never to the database ----------
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class UsageError(Exception):
+    """A mistake on the command line found after parsing (missing key, unreadable file): exit 2."""
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """`k=v` -> (k, v): v as JSON when it parses (numbers, booleans, lists), else the string itself."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. --param per_channel=false)")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 1,8)") from None
+    if not sizes or any(size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes are positive integers (e.g. 1,8)")
+    return sizes
+
+
+def _client(args: argparse.Namespace):
+    from app.client import Client
+
+    url = args.url or os.environ.get("MODELPRESS_URL") or DEFAULT_URL
+    key = args.key or os.environ.get("MODELPRESS_API_KEY")
+    if not key:
+        raise UsageError("no API key: pass --key or set MODELPRESS_API_KEY (`modelpress run` prints the local one)")
+    return Client(url, key)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _fmt_bytes(size: float | None) -> str:
+    if size is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1000
+    return f"{size} B"  # pragma: no cover
+
+
+def summary_rows(summary: dict) -> list[tuple[str, str]]:
+    """The job summary as (what, value) rows a person reads: size, speed per batch size, accuracy, notes."""
+    rows: list[tuple[str, str]] = []
+    if summary.get("size_ratio") is not None:
+        rows.append(("size", f"{_fmt_bytes(summary.get('original_size_bytes'))} -> "
+                             f"{_fmt_bytes(summary.get('compressed_size_bytes'))} (x{summary['size_ratio']:.2f})"))
+    noisy = set(summary.get("noisy_batch_sizes") or [])
+    p50 = summary.get("latency_p50_ms") or {}
+    for batch, speedup in (summary.get("speedup") or {}).items():
+        shown = (summary.get("speedup_ci") or {}).get(batch) or (f"{speedup:.2f}x" if speedup is not None else "?")
+        latency = p50.get(batch) or {}
+        if latency.get("original") is not None and latency.get("compressed") is not None:
+            shown += f"   p50 {latency['original']:.3f} -> {latency['compressed']:.3f} ms"
+        if int(batch) in noisy:
+            shown += "   (noisy: CV over 10%)"
+        rows.append((f"speedup, batch {batch}", shown))
+    if summary.get("provider"):
+        rows.append(("provider", str(summary["provider"])))
+    accuracy = summary.get("accuracy")
+    if accuracy:
+        change = -accuracy["top1_drop_points"]
+        rows.append(("accuracy (top-1)", f"{100 * accuracy['original_top1']:.2f}% -> "
+                                         f"{100 * accuracy['compressed_top1']:.2f}% "
+                                         f"({change:+.2f} points, {accuracy['samples']} samples)"))
+    fidelity = summary.get("fidelity") or {}
+    parts = []
+    if fidelity.get("cosine_similarity") is not None:
+        parts.append(f"cosine {fidelity['cosine_similarity']:.4f}")
+    if fidelity.get("top1_agreement") is not None:
+        parts.append(f"top-1 agreement {100 * fidelity['top1_agreement']:.1f}%")
+    if fidelity.get("max_abs_diff") is not None:
+        parts.append(f"max abs diff {fidelity['max_abs_diff']:.3g}")
+    if parts:
+        where = f" (on {summary['fidelity_on']})" if summary.get("fidelity_on") else ""
+        rows.append(("fidelity", ", ".join(parts) + where))
+    if summary.get("energy_j_per_inference") is not None:
+        rows.append(("energy", f"{summary['energy_j_per_inference']:.4g} J per inference"))
+    elif summary.get("energy_note"):
+        rows.append(("energy", f"not measured: {summary['energy_note']}"))
+    for skipped in summary.get("skipped_batch_sizes") or []:
+        rows.append((f"skipped, batch {skipped.get('batch_size')}", str(skipped.get("reason", ""))))
+    for note in summary.get("notes") or []:
+        rows.append(("note", str(note)))
+    return rows
+
+
+def _table(title: str, rows: list[tuple[str, str]]):
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("what", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for what, value in rows:
+        table.add_row(Text(what), Text(value))  # Text: no rich markup from server strings
+    return table
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(soft_wrap=False)
+
+
+def _job_rows(job: dict) -> list[tuple[str, str]]:
+    steps = ", ".join(s.get("method", "?") for s in job.get("steps") or [])
+    recipe = (job.get("recipe") or {}).get("id")
+    rows = [("id", job["id"]), ("status", job["status"]), ("progress", f"{100 * job['progress']:.0f}%"),
+            ("steps", f"{steps} (recipe {recipe})" if recipe else steps), ("model", str(job.get("model_id")))]
+    for field in ("name", "stage", "message", "created_at", "started_at", "finished_at"):
+        if job.get(field):
+            rows.append((field.replace("_", " "), str(job[field])))
+    if job.get("error"):
+        rows.append(("error", f"{job['error']['code']}: {job['error']['message']}"))
+    return rows
+
+
+def _wait_with_progress(mp, job: dict) -> dict:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    from rich.table import Column
+
+    console = Console(stderr=True)
+    room = max(10, console.width - 58)  # what the status, bar, percentage and clock leave for the message
+    columns = (TextColumn("[bold]{task.fields[status]}", table_column=Column(min_width=9, no_wrap=True)),
+               BarColumn(bar_width=30), TaskProgressColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[message]}", markup=False))
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(job["id"], total=1.0, completed=job["progress"], status=job["status"], message="")
+
+        def show(current: dict) -> None:
+            message = current.get("message") or current.get("stage") or ""
+            bar.update(task, completed=current["progress"], status=current["status"], message=_cut(message, room))
+
+        return mp.wait(job["id"], on_progress=show, poll_s=0.5)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _finished(job: dict, *, as_json: bool) -> int:
+    """Print a terminal job; 0 when it succeeded, 1 when it failed or was cancelled."""
+    if as_json:
+        _print_json(job)
+    elif job["status"] == "succeeded" and job.get("summary"):
+        _console().print(_table(f"job {job['id']}: succeeded", summary_rows(job["summary"])))
+    if job["status"] == "succeeded":
+        return 0
+    error = job.get("error") or {"code": job["status"], "message": job.get("message") or ""}
+    _stderr(f"job {job['id']} {job['status']}: {error['code']}: {error['message']}")
+    return 1
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    model_path = Path(args.model)
+    if not model_path.is_file() or not os.access(model_path, os.R_OK):
+        raise UsageError(f"cannot read {model_path}: no such readable file")
+    params = dict(args.param or [])
+    evaluate: dict[str, Any] = {}
+    if args.batch_sizes:
+        evaluate["batch_sizes"] = args.batch_sizes
+    if args.warmup is not None:
+        evaluate["warmup"] = args.warmup
+    if args.iterations is not None:
+        evaluate["iterations"] = args.iterations
+    with _client(args) as mp:
+        model = mp.upload_model(model_path)
+        if args.recipe:
+            job = mp.submit_job(model["id"], recipe=args.recipe, params=params, evaluate=evaluate or None,
+                                name=args.name)
+        else:
+            job = mp.submit_job(model["id"], steps=[{"method": args.method, "params": params}],
+                                evaluate=evaluate or None, name=args.name)
+        _stderr(f"uploaded {model_path.name} as model {model['id']}; job {job['id']} queued")
+        if not (args.wait or args.output):
+            if args.json:
+                _print_json(job)
+            else:
+                print(job["id"])
+            return 0
+        try:
+            job = _wait_with_progress(mp, job)
+        except KeyboardInterrupt:
+            _stderr(f"stopped waiting; job {job['id']} goes on (modelpress jobs show {job['id']}; "
+                    f"modelpress jobs cancel {job['id']})")
+            return 130
+        code = _finished(job, as_json=args.json)
+        if code == 0 and args.output:
+            saved = mp.download(job["id"], "model.onnx", dest=args.output)
+            _stderr(f"saved the compressed model to {saved} ({_fmt_bytes(saved.stat().st_size)}, sha256 checked)")
+        return code
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        jobs = mp.jobs(status=args.status, limit=args.limit)
+    if args.json:
+        _print_json(jobs)
+        return 0
+    from rich.table import Table
+    from rich.text import Text
+
+    console = _console()
+    # The id is shown whole (the other commands take it); narrower terminals drop the later columns.
+    with_created, with_message = console.width >= 110, console.width >= 140
+    table = Table()
+    table.add_column("id", no_wrap=True, min_width=36)
+    table.add_column("status", no_wrap=True, min_width=9)
+    table.add_column("done", justify="right", no_wrap=True)
+    table.add_column("steps")
+    if with_created:
+        table.add_column("created (UTC)", no_wrap=True)
+    if with_message:
+        table.add_column("message", no_wrap=True)
+    for job in jobs:
+        steps = ", ".join(s.get("method", "?") for s in job.get("steps") or [])
+        row = [job["id"], job["status"], f"{100 * job['progress']:.0f}%", Text(steps)]
+        if with_created:
+            row.append(str(job["created_at"])[:16].replace("T", " "))
+        if with_message:
+            row.append(Text(_cut(job.get("message") or "", console.width - 125)))
+        table.add_row(*row)
+    console.print(table)
+    return 0
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        job = mp.job(args.job_id)
+    if args.json:
+        _print_json(job)
+        return 0
+    console = _console()
+    console.print(_table(f"job {job['id']}", _job_rows(job)))
+    if job.get("summary"):
+        console.print(_table("summary", summary_rows(job["summary"])))
+    return 0
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        job = mp.cancel(args.job_id)
+    print(f"job {job['id']}: {job['status']}: {job.get('message') or ''}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        saved = mp.download(args.job_id, args.name, dest=args.output)
+    print(f"saved {args.name} to {saved} ({_fmt_bytes(saved.stat().st_size)}, sha256 checked)")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        methods = mp.methods()
+    if args.json:
+        _print_json(methods)
+        return 0
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table("method", "params", "what it does")
+    for method in methods:
+        params = ", ".join((method.get("params_schema") or {}).get("properties", {}))
+        description = (method.get("description") or "").strip().split(". ")[0].rstrip(".") + "."
+        table.add_row(method["id"], Text(params), Text(description))
+    _console().print(table)
+    return 0
+
+
+def _add_client_commands(sub) -> None:
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--url", help=f"the service (env MODELPRESS_URL; default {DEFAULT_URL})")
+    server.add_argument("--key", help="API key (env MODELPRESS_API_KEY)")
+
+    compress = sub.add_parser("compress", parents=[server], help="upload a model, compress it, wait, download",
+                              description="Upload MODEL, submit one method (or a recipe) on it; with --wait show "
+                              "its progress and the measured summary; with -o save the compressed model. "
+                              "Exit status: 0 done, 1 job failed or cancelled (or a server error), 2 usage error.")
+    compress.add_argument("model", help="an .onnx file (or a .zip of .onnx + external data)")
+    what = compress.add_mutually_exclusive_group(required=True)
+    what.add_argument("--method", help="a method id (modelpress methods), e.g. quantize.int8_dynamic")
+    what.add_argument("--recipe", help="a recipe id, e.g. prune-finetune-int8")
+    compress.add_argument("--param", action="append", type=parse_param, metavar="KEY=VALUE",
+                          help="a param of the method or recipe; VALUE is JSON when it parses, else a string")
+    compress.add_argument("--batch-sizes", type=parse_batch_sizes, metavar="1,8", help="batch sizes to measure")
+    compress.add_argument("--warmup", type=int, help="warm-up calls before timing (server default 10)")
+    compress.add_argument("--iterations", type=int, help="timed calls per batch size (server default 100)")
+    compress.add_argument("--name", help="a name for the job")
+    compress.add_argument("--wait", action="store_true", help="show progress until the job finishes")
+    compress.add_argument("-o", "--output", metavar="OUT.onnx", help="save the compressed model here (implies --wait)")
+    compress.add_argument("--json", action="store_true", help="print the job as JSON instead of tables")
+    compress.set_defaults(func=cmd_compress, usage=compress)
+
+    jobs = sub.add_parser("jobs", help="list, show or cancel jobs").add_subparsers(dest="jobs_command", required=True)
+    listing = jobs.add_parser("list", parents=[server], help="your jobs, newest first")
+    listing.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_jobs_list, usage=listing)
+    show = jobs.add_parser("show", parents=[server], help="one job with its summary")
+    show.add_argument("job_id")
+    show.add_argument("--json", action="store_true", help="print the job as JSON")
+    show.set_defaults(func=cmd_jobs_show, usage=show)
+    cancel = jobs.add_parser("cancel", parents=[server], help="cancel a queued or running job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(func=cmd_jobs_cancel, usage=cancel)
+
+    download = sub.add_parser("download", parents=[server], help="download a job's artifact (sha256 checked)")
+    download.add_argument("job_id")
+    download.add_argument("--name", default="model.onnx", help="artifact name (default model.onnx)")
+    download.add_argument("-o", "--output", required=True, metavar="PATH", help="file (or folder) to save to")
+    download.set_defaults(func=cmd_download, usage=download)
+
+    methods = sub.add_parser("methods", parents=[server], help="the compression methods and their params")
+    methods.add_argument("--json", action="store_true")
+    methods.set_defaults(func=cmd_methods, usage=methods)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,12 +530,25 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key")
     revoke.set_defaults(func=cmd_keys_revoke)
     keys.add_parser("list", help="list keys (never the secrets)").set_defaults(func=cmd_keys_list)
+
+    _add_client_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if not hasattr(args, "usage"):
+        return args.func(args)
+    from app.client import ModelPressError
+
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        args.usage.error(str(exc))  # exits 2, like argparse's own errors
+    except ModelPressError as exc:
+        _stderr(f"error: {exc.code}: {exc.message}")
+        return 1
+    return 1  # pragma: no cover
 
 
 if __name__ == "__main__":

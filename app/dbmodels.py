@@ -74,6 +74,9 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Webhook signing secret, stored in plain text: HMAC signing needs the secret itself (a hash would not
+    # do), and there is no separate key to encrypt it with. Shown once by POST /v1/webhook-secret.
+    webhook_secret: Mapped[str | None] = mapped_column(String(128), default=None)
 
 
 class ApiKey(Base):
@@ -154,6 +157,11 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Where job events are POSTed, and which ones (None: the terminal states).
+    webhook_url: Mapped[str | None] = mapped_column(String(2048), default=None)
+    webhook_events: Mapped[list[str] | None] = mapped_column(Json, default=None)
+    # Set when retention removed the job's artifacts.
+    expired_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 class JobDataset(Base):
@@ -185,6 +193,27 @@ class JobEvent(Base):
     progress: Mapped[float] = mapped_column(Float)
     stage: Mapped[str | None] = mapped_column(String(64))
     message: Mapped[str | None] = mapped_column(Text)
+
+
+class WebhookDelivery(Base):
+    """One attempt to POST a job event to the job's webhook_url; the attempts of one event share delivery_id."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_job_created", "job_id", "created_at", "id"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(String(36), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str] = mapped_column(String(2048))
+    attempt: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # When the next attempt is due; None when this attempt delivered or was the last one.
+    next_attempt_at: Mapped[dt.datetime | None]
+    delivered: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Artifact(Base):

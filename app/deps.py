@@ -11,7 +11,7 @@ from app.auth.service import authenticate
 from app.db import get_sessionmaker
 from app.dbmodels import Tenant
 from app.settings import Settings, get_settings
-from app.store import LocalStore, get_store
+from app.store import ArtifactStore, get_store
 
 
 def db_session() -> Iterator[Session]:
@@ -33,4 +33,4 @@ def current_tenant(db: DbSession, authorization: Annotated[str | None, Header()]
 
 Caller = Annotated[Tenant, Depends(current_tenant)]
 AppSettings = Annotated[Settings, Depends(get_settings)]
-Store = Annotated[LocalStore, Depends(get_store)]
+Store = Annotated[ArtifactStore, Depends(get_store)]

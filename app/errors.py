@@ -55,6 +55,16 @@ class ArtifactNotFound(NotFound):
     code = "artifact_not_found"
 
 
+class ArtifactExpired(ModelPressError):
+    """The job's artifacts were deleted by the retention policy; the job row and its report stay."""
+
+    status, code, title = 410, "artifact_expired", "Artifact expired"
+
+
+class RangeNotSatisfiable(ModelPressError):
+    status, code, title = 416, "range_not_satisfiable", "Range not satisfiable"
+
+
 class DatasetNotFound(NotFound):
     code = "dataset_not_found"
 
@@ -113,6 +123,20 @@ class UnknownMethod(Unprocessable):
 
 class IdempotencyKeyReused(Unprocessable):
     code, title = "idempotency_key_reused", "Idempotency key reused with another request"
+
+
+class WebhookSecretMissing(Unprocessable):
+    code, title = "webhook_secret_missing", "No webhook signing secret"
+
+
+class WebhookUrlForbidden(Unprocessable):
+    """A webhook target on a loopback, private, link-local, multicast, reserved or unspecified address (SSRF)."""
+
+    code, title = "webhook_url_forbidden", "Webhook URL not allowed"
+
+
+class WebhookUrlUnresolvable(Unprocessable):
+    code, title = "webhook_url_unresolvable", "Webhook host does not resolve"
 
 
 class PayloadTooLarge(ModelPressError):

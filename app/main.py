@@ -15,11 +15,14 @@ from app.db import get_sessionmaker
 from app.deps import current_tenant
 from app.errors import ModelPressError
 from app.jobs.routes import router as jobs_router
+from app.metrics import install as install_metrics
 from app.measurements.routes import router as measurements_router
 from app.methods_api.routes import recipes_router
 from app.methods_api.routes import router as methods_router
 from app.models.routes import router as models_router
+from app.ui import mount_ui
 from app.queue import broker_reachable, get_celery
+from app.webhooks.routes import router as webhooks_router
 
 log = logging.getLogger("modelpress.api")
 PROBLEM = "application/problem+json"
@@ -79,7 +82,10 @@ def create_app() -> FastAPI:
     v1.include_router(measurements_router)
     v1.include_router(methods_router)
     v1.include_router(recipes_router)
+    v1.include_router(webhooks_router)
     app.include_router(v1)
+    mount_ui(app)  # the dashboard under /ui (static, no key needed to load it)
+    install_metrics(app)  # GET /metrics (Prometheus, outside /v1) and the HTTP latency middleware
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:

@@ -33,6 +33,25 @@ class Settings(BaseSettings):
     # Each measurement runs in a fresh process pinned to cores (workers.measure.isolated); off only to debug.
     measure_isolated: bool = True
     measure_timeout_s: int = Field(default=4 * 3600, ge=1)
+    # Artifact store: empty = local directory (data_dir/store); s3://bucket/prefix = S3-compatible (boto3;
+    # credentials and region from the standard AWS_* variables). Either way tmp/ and the workers' download
+    # cache stay under data_dir/store.
+    artifacts: str = Field(default="", pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?)?$")
+    s3_endpoint_url: str = ""  # MinIO, Ceph, moto...; empty: AWS
+    s3_multipart_chunksize: int = Field(default=64 * 1024**2, ge=5 * 1024**2)  # S3's minimum part is 5 MiB
+    # /metrics (Prometheus): off, or only with `Authorization: Bearer <metrics_token>` when a token is set.
+    metrics_enabled: bool = True
+    metrics_token: str = ""
+    # The job duration histogram covers jobs that finished within this window (read from the database).
+    metrics_duration_window_s: int = Field(default=24 * 3600, ge=60)
+    # Retention: artifacts of jobs finished more than this many days ago are deleted (0: kept forever);
+    # Celery beat checks every retention_interval_s.
+    retention_days: int = Field(default=0, ge=0)
+    retention_interval_s: int = Field(default=3600, ge=10)
+    # Webhooks: an admin may allow targets on loopback/private/link-local addresses (off: refused, against SSRF).
+    webhook_allow_private: bool = False
+    # A failing webhook delivery is retried with exponential backoff for at most this long after its first attempt.
+    webhook_retry_window_s: int = Field(default=3600, ge=0)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
 

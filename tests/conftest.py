@@ -159,3 +159,49 @@ def digits_classifier(kind: str = "mlp") -> tuple[bytes, np.ndarray, np.ndarray]
     torch.onnx.export(model, (xt[:2],), buf, dynamo=False, opset_version=17, input_names=[name],
                       output_names=["logits"], dynamic_axes={name: {0: "batch"}, "logits": {0: "batch"}})
     return buf.getvalue(), x[test].reshape(shape), y[test]
+
+
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def postgres_or_skip() -> None:
+    """The machine's PostgreSQL answers, or the test skips (fails under CI=true, where it must run)."""
+    try:
+        import psycopg
+
+        psycopg.connect(PG_ADMIN_URL, connect_timeout=3).close()
+    except Exception as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL at 127.0.0.1:5432 unreachable: {exc} (CI=true: integration tests must run)")
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 unreachable: {exc}")
+
+
+def use_database(kind: str, monkeypatch):
+    """Generator for a fixture: the data folder's SQLite ("sqlite"), or a fresh PostgreSQL database,
+    migrated to head and dropped afterwards ("postgresql"). Yields the kind."""
+    if kind == "sqlite":
+        yield "sqlite"
+        return
+    postgres_or_skip()
+    import uuid
+
+    import psycopg
+
+    from app.migrate import upgrade
+
+    name = f"mp_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    monkeypatch.setenv("MODELPRESS_DATABASE_URL", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
+    clear_caches()
+    upgrade()
+    yield "postgresql"
+    clear_caches()
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, data_dir, monkeypatch):
+    """The test runs twice: on the data folder's SQLite and on a fresh PostgreSQL database."""
+    yield from use_database(request.param, monkeypatch)

@@ -25,7 +25,11 @@ def test_compose_file_validates_and_describes_the_deployment():
     yaml = pytest.importorskip("yaml")
     config = yaml.safe_load(compose_config())
     services = config["services"]
-    assert set(services) == {"postgres", "redis", "migrate", "api", "worker"}
+    # Services behind a compose profile start only when asked for (`--profile monitoring`).
+    optional = {name: service["profiles"] for name, service in services.items() if service.get("profiles")}
+    assert set(services) - set(optional) == {"postgres", "redis", "migrate", "api", "worker"}
+    assert optional == {"flower": ["monitoring"], "beat": ["retention"]}
+    assert services["beat"]["command"][:4] == ["celery", "-A", "workers.celery_app", "beat"]
     assert services["migrate"]["command"] == ["modelpress", "migrate"]
     assert services["migrate"]["restart"] == "no"
     for name in ("api", "worker"):

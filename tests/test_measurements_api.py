@@ -10,7 +10,6 @@ import hashlib
 import json
 import threading
 import time
-import uuid
 
 import pytest
 from sqlalchemy import func, inspect, select, text
@@ -19,45 +18,14 @@ from app.common import encode_cursor
 from app.db import get_engine, session_scope
 from app.dbmodels import Environment, Job, Measurement, Model
 from app.measurements.fingerprint import FINGERPRINT_KEYS, fingerprint, fingerprint_id
-from tests.conftest import IN_CI, clear_caches
 
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 T0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
 
 
-def _postgres_or_skip() -> None:
-    try:
-        import psycopg
-
-        psycopg.connect(PG_ADMIN_URL, connect_timeout=3).close()
-    except Exception as exc:
-        if IN_CI:
-            pytest.fail(f"PostgreSQL at 127.0.0.1:5432 unreachable: {exc} (CI=true: integration tests must run)")
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 unreachable: {exc}")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request, data_dir, monkeypatch) -> str:
-    """The database every test below runs on, migrated to head: the data folder's SQLite, or a fresh
-    PostgreSQL database dropped afterwards."""
-    if request.param == "sqlite":
-        yield "sqlite"
-        return
-    _postgres_or_skip()
-    import psycopg
-
-    from app.migrate import upgrade
-
-    name = f"mp_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    monkeypatch.setenv("MODELPRESS_DATABASE_URL", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
-    clear_caches()
-    upgrade()
-    yield "postgresql"
-    clear_caches()
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+@pytest.fixture
+def backend(database) -> str:
+    """This module's tests run on both databases (tests/conftest.py `database`)."""
+    return database
 
 
 @pytest.fixture

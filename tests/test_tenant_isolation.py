@@ -33,7 +33,7 @@ ROUTES = v1_routes()
 
 def test_route_table_is_what_this_test_covers():
     # A new /v1 route changes this count: check it needs a key (below) and shows only the caller's objects.
-    assert len(ROUTES) == 22, ROUTES
+    assert len(ROUTES) == 24, ROUTES
 
 
 @pytest.mark.parametrize("method,path", ROUTES)
@@ -95,7 +95,7 @@ def test_another_tenants_objects_are_404_on_every_route(client, alice, bob, mlp_
         assert resp.status_code == 404, (method, concrete, resp.status_code, resp.text)
         assert resp.json()["code"].endswith("not_found")
         foreign += 1
-    assert foreign == 14
+    assert foreign == 15
     # A job on alice's model, submitted with bob's key, is a 404 as well, and queues nothing.
     resp = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"method": "quantize.int8_dynamic"}]},
                        headers=bob)

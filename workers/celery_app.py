@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 from app.queue import make_celery
+from app.retention import beat_schedule
 from app.settings import get_settings
 
 celery = make_celery(get_settings())
 app = celery
+# Periodic tasks for `celery beat` (or `worker -B`): retention, when MODELPRESS_RETENTION_DAYS > 0.
+celery.conf.beat_schedule = {**(celery.conf.beat_schedule or {}), **beat_schedule(get_settings())}
 
 import workers.tasks  # noqa: E402,F401  (registers the tasks on this app)
+import workers.webhooks  # noqa: E402,F401

@@ -62,7 +62,7 @@ class Run:
             if dataset_id not in self.datasets:
                 raise JobFailed(f"dataset {dataset_id} was deleted before the job ran", code="dataset_not_found")
             sha, fmt, name = self.datasets[dataset_id]
-            self._loaded[dataset_id] = load(self.store.path(sha), fmt, name=name)
+            self._loaded[dataset_id] = load(self.store.local_path(sha), fmt, name=name)
         return self._loaded[dataset_id]
 
     def model(self, model_id: str, workdir: Path) -> Path:
@@ -71,7 +71,7 @@ class Run:
             if model_id not in self.models:
                 raise JobFailed(f"model {model_id} was deleted before the job ran", code="model_not_found")
             sha, fmt = self.models[model_id]
-            self._unpacked[model_id] = materialize(self.store.path(sha), fmt, workdir / "models" / model_id,
+            self._unpacked[model_id] = materialize(self.store.local_path(sha), fmt, workdir / "models" / model_id,
                                                    limits(get_settings()))
         return self._unpacked[model_id]
 
@@ -174,7 +174,7 @@ def _drop_outputs(db, store: LocalStore, job_id: str) -> None:
 def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: dict):
     settings = get_settings()
     run.progress(0.01, "loading", "unpacking the uploaded model", force=True)
-    original = materialize(run.store.path(model_sha), model_format, workdir / "input", limits(settings))
+    original = materialize(run.store.local_path(model_sha), model_format, workdir / "input", limits(settings))
     steps_report = []
     step_paths: list[Path] = []
     current = original

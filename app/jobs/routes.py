@@ -4,10 +4,11 @@ import hashlib
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from app.deps import AppSettings, Caller, DbSession, Store
-from app.jobs import service
+from app.downloads import blob_response
+from app.jobs import service, sse
 from app.jobs.schemas import ArtifactPublic, JobCreate, JobEventPublic, JobPage, JobPublic
 from app.jobs.state import to_public
 
@@ -62,8 +63,24 @@ def cancel_job(job_id: str, request: Request, db: DbSession, caller: Caller):
     return _job_response(service.cancel(db=db, tenant_id=caller.id, job_id=job_id), request, status_code=202)
 
 
-@router.get("/{job_id}/events", response_model=list[JobEventPublic])
-def job_events(job_id: str, db: DbSession, caller: Caller, after: Annotated[int, Query(ge=0)] = 0):
+@router.get("/{job_id}/events", response_model=list[JobEventPublic],
+            responses={200: {"content": {sse.MEDIA_TYPE: {}},
+                             "description": "JSON list, or server-sent events with `Accept: text/event-stream`"}})
+def job_events(
+    job_id: str,
+    request: Request,
+    db: DbSession,
+    caller: Caller,
+    after: Annotated[int, Query(ge=0)] = 0,
+    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+):
+    after = max(after, last_event_id or 0)
+    if sse.wants_stream(request.headers.get("accept")):
+        job = service.get(db=db, tenant_id=caller.id, job_id=job_id)  # 404 before any byte is streamed
+        # The request's session would stay open for the whole stream: release its connection now.
+        db.close()
+        return StreamingResponse(sse.stream(job_id=job.id, after=after), media_type=sse.MEDIA_TYPE,
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return [JobEventPublic.model_validate(e) for e in service.events(db=db, tenant_id=caller.id, job_id=job_id, after=after)]
 
 
@@ -78,9 +95,7 @@ def job_artifacts(job_id: str, db: DbSession, caller: Caller):
 
 
 @router.get("/{job_id}/artifacts/{name}", response_class=FileResponse)
-def job_artifact(job_id: str, name: str, db: DbSession, caller: Caller, store: Store):
+def job_artifact(job_id: str, name: str, request: Request, db: DbSession, caller: Caller, store: Store):
     artifact = service.artifact(db=db, tenant_id=caller.id, job_id=job_id, name=name)
-    return FileResponse(
-        store.path(artifact.sha256), media_type=artifact.content_type, filename=artifact.name,
-        headers={"X-Content-SHA256": artifact.sha256},
-    )
+    return blob_response(request, store=store, sha256=artifact.sha256, size=artifact.size_bytes,
+                         media_type=artifact.content_type, filename=artifact.name)

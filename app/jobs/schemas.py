@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Provider = Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]
+WebhookEvent = Literal["queued", "running", "succeeded", "failed", "cancelled", "progress"]
 
 
 class Strict(BaseModel):
@@ -74,6 +75,39 @@ class JobCreate(Strict):
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     name: str | None = Field(default=None, max_length=255)
     queue: Literal["cpu", "gpu"] | None = Field(default=None, description="Worker queue; the server's default if absent")
+    webhook_url: str | None = Field(
+        default=None, max_length=2048,
+        description="An http(s) URL that receives a signed POST of the job JSON on each event in webhook_events "
+        "(POST /v1/webhook-secret first). Hosts on loopback or private addresses are refused.")
+    webhook_events: list[WebhookEvent] | None = Field(
+        default=None, min_length=1, max_length=6,
+        description="The events that trigger the webhook; default: succeeded, failed, cancelled. `progress` is "
+        "sent at most every 10 s.")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if value is None:
+            return value
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (raises on a bad port)
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL: {exc}") from None
+        if not value.isascii():
+            raise ValueError("must be ASCII: write an internationalised host in punycode (xn--...)")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not carry credentials; receivers authenticate the ModelPress-Signature header")
+        return value
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _webhook_events(cls, value: list[str] | None) -> list[str] | None:
+        return list(dict.fromkeys(value)) if value is not None else None
 
     @model_validator(mode="after")
     def _steps_or_recipe(self) -> JobCreate:
@@ -81,6 +115,8 @@ class JobCreate(Strict):
             raise ValueError("give either steps or a recipe")
         if self.params and self.recipe is None:
             raise ValueError("params belong to a recipe; a step's params go inside the step")
+        if self.webhook_events is not None and self.webhook_url is None:
+            raise ValueError("webhook_events needs a webhook_url")
         return self
 
 
@@ -105,8 +141,12 @@ class JobPublic(BaseModel):
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    # Set when the retention policy deleted the job's artifacts (downloads answer 410 artifact_expired).
+    expired_at: dt.datetime | None = None
     error: JobError | None
     summary: dict[str, Any] | None
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
 
 
 class JobPage(BaseModel):
@@ -123,6 +163,13 @@ class JobEventPublic(BaseModel):
     progress: float
     stage: str | None
     message: str | None
+
+
+class JobEventStreamed(JobEventPublic):
+    """One server-sent event: the event plus the job's status and progress when it was sent."""
+
+    job_status: str
+    job_progress: float
 
 
 class ArtifactPublic(BaseModel):

@@ -15,6 +15,7 @@ from app.datasets import service as datasets_service
 from app.datasets.files import check_against_model
 from app.dbmodels import TERMINAL_STATUSES, Artifact, Job, JobDataset, JobEvent, JobModel, Model
 from app.errors import (
+    ArtifactExpired,
     ArtifactNotFound,
     Conflict,
     IdempotencyKeyReused,
@@ -30,6 +31,7 @@ from app.jobs.schemas import JobCreate, StepSpec
 from app.jobs.state import set_status
 from app.queue import enqueue_job
 from app.settings import Settings
+from app.webhooks import service as webhooks
 from workers import methods
 
 log = logging.getLogger(__name__)
@@ -144,11 +146,15 @@ def create(
     steps = validate_steps(spec)
     links = dataset_links(db, tenant_id, model, spec, steps)
     others = model_links(db, tenant_id, model, steps)
+    if spec.webhook_url:
+        webhooks.check_target(db=db, settings=settings, tenant_id=tenant_id, url=spec.webhook_url)
     job = Job(
         tenant_id=tenant_id, model_id=model.id, name=spec.name, queue=spec.queue or settings.default_queue,
         spec={"steps": steps, "evaluate": spec.evaluate.model_dump(mode="json")}
         | ({"recipe": {"id": spec.recipe, "params": spec.params}} if spec.recipe else {}),
         status="queued", progress=0.0, stage="queued", idempotency_key=idempotency_key, request_hash=digest,
+        webhook_url=spec.webhook_url,
+        webhook_events=(spec.webhook_events or webhooks.DEFAULT_EVENTS) if spec.webhook_url else None,
     )
     db.add(job)
     try:
@@ -243,6 +249,10 @@ def artifacts(*, db: Session, tenant_id: str, job_id: str) -> list[Artifact]:
 
 def artifact(*, db: Session, tenant_id: str, job_id: str, name: str) -> Artifact:
     job = get(db=db, tenant_id=tenant_id, job_id=job_id)
+    if job.expired_at is not None:
+        raise ArtifactExpired(f"job {job.id}'s artifacts were deleted by the retention policy on "
+                              f"{job.expired_at:%Y-%m-%d}; its report and measurements remain",
+                              expired_at=job.expired_at.isoformat())
     found = db.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
     if found is None:
         raise ArtifactNotFound(f"job {job.id} has no artifact named {name!r}")

@@ -5,6 +5,7 @@ from sqlalchemy.orm import Session
 
 from app.dbmodels import TERMINAL_STATUSES, Job, JobEvent, utcnow
 from app.jobs.schemas import JobError, JobPublic
+from app.webhooks import service as webhooks
 
 
 def add_event(db: Session, job: Job, *, kind: str, message: str | None = None) -> None:
@@ -14,9 +15,13 @@ def add_event(db: Session, job: Job, *, kind: str, message: str | None = None) -
             message=message if message is not None else job.message,
         )
     )
+    if kind == "progress":
+        webhooks.notify_progress(db, job)
 
 
 def set_status(db: Session, job: Job, status: str, *, message: str | None = None) -> None:
+    # A job is created "queued"; any other status re-set (a cancellation request on a running job) is no event.
+    entered = status != job.status or status == "queued"
     job.status = status
     if message is not None:
         job.message = message
@@ -29,6 +34,8 @@ def set_status(db: Session, job: Job, status: str, *, message: str | None = None
             job.progress = 1.0
     job.updated_at = now
     add_event(db, job, kind="state", message=message)
+    if entered:
+        webhooks.notify_state(db, job, status)
 
 
 def to_public(job: Job) -> JobPublic:
@@ -37,7 +44,7 @@ def to_public(job: Job) -> JobPublic:
         stage=job.stage, message=job.message, steps=job.spec.get("steps", []), recipe=job.spec.get("recipe"),
         evaluate=job.spec.get("evaluate", {}),
         queue=job.queue, attempts=job.attempts, created_at=job.created_at, started_at=job.started_at,
-        finished_at=job.finished_at,
+        finished_at=job.finished_at, expired_at=job.expired_at,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
-        summary=job.summary,
+        summary=job.summary, webhook_url=job.webhook_url, webhook_events=job.webhook_events,
     )

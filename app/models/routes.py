@@ -7,6 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from app.deps import AppSettings, Caller, DbSession, Store
+from app.downloads import blob_response
 from app.models import service
 from app.models.schemas import ModelPage, ModelPublic
 from app.uploads import receive_file
@@ -39,13 +40,12 @@ def get_model(model_id: str, db: DbSession, caller: Caller):
 
 
 @router.get("/{model_id}/download", response_class=FileResponse)
-def download_model(model_id: str, db: DbSession, caller: Caller, store: Store):
+def download_model(model_id: str, request: Request, db: DbSession, caller: Caller, store: Store):
     model = service.get(db=db, tenant_id=caller.id, model_id=model_id)
-    return FileResponse(
-        store.path(model.sha256),
+    return blob_response(
+        request, store=store, sha256=model.sha256, size=model.size_bytes,
         media_type="application/zip" if model.format == "onnx-zip" else "application/octet-stream",
         filename=service.download_filename(model),
-        headers={"X-Content-SHA256": model.sha256},
     )
 
 

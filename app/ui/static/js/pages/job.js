@@ -1,0 +1,467 @@
+// One job: live status while it runs (server-sent events read with fetch, or polling), then its
+// report: latency per batch size before/after with the speedup's confidence interval, size, memory,
+// energy, accuracy/fidelity, the per-step trajectory, notes, environment, artifacts and the event log.
+
+import { api, download, streamEvents } from "../api.js";
+import { groupedBarChart, intervalChart } from "../charts.js";
+import { clear, errorBox, h, progressBar, statusBadge, updateProgressBar } from "../dom.js";
+import { bytes, duration, ms, num, pct, shortId, when } from "../format.js";
+
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const POLL_MS = 1500;
+
+function figure(id, caption, chart, note) {
+  return h("figure", { class: "figure", id }, h("figcaption", null, caption), chart, note ? h("p", { class: "small muted" }, note) : null);
+}
+
+function section(id, title, ...children) {
+  return h("section", { class: "card", id }, h("h2", null, title), ...children);
+}
+
+function kv(pairs) {
+  return h("dl", { class: "kv" }, pairs.filter(([, v]) => v !== undefined).map(([k, v]) => [h("dt", null, k), h("dd", null, v ?? "—")]));
+}
+
+// --- report sections ---------------------------------------------------------------------------
+
+function headline(summary) {
+  const cards = [];
+  if (summary.size_ratio !== null && summary.size_ratio !== undefined) {
+    cards.push(["Size", `×${summary.size_ratio}`, `${bytes(summary.original_size_bytes)} → ${bytes(summary.compressed_size_bytes)}`]);
+  }
+  for (const [batch, text] of Object.entries(summary.speedup_ci || {})) cards.push([`Speed, batch ${batch}`, text.split(" ")[0], `95% interval ${text.split(" ").slice(1).join(" ")}`]);
+  const acc = summary.accuracy;
+  if (acc) cards.push(["Top-1 accuracy", `${pct(acc.compressed_top1)}`, `original ${pct(acc.original_top1)}, drop ${num(acc.top1_drop_points)} points`]);
+  const fid = summary.fidelity || {};
+  if (fid.cosine_similarity !== null && fid.cosine_similarity !== undefined) cards.push(["Output cosine", num(fid.cosine_similarity, 4), summary.fidelity_on || ""]);
+  cards.push(["Energy", summary.energy_j_per_inference ? `${num(summary.energy_j_per_inference?.result ?? summary.energy_j_per_inference)} J` : "not measured",
+    summary.energy_j_per_inference ? "per inference" : "see Energy below"]);
+  return h("div", { class: "headline", id: "headline" }, cards.map(([title, big, small]) =>
+    h("div", { class: "stat" }, h("div", { class: "stat-title" }, title), h("div", { class: "stat-value" }, big), h("div", { class: "stat-note" }, small))));
+}
+
+function latencySection(measurement) {
+  const providers = (measurement.providers || []).length ? measurement.providers
+    : [{ provider: measurement.latency?.provider || "CPUExecutionProvider", available: true, latency: measurement.latency }];
+  const parts = [];
+  for (const provider of providers) {
+    if (!provider.available) {
+      parts.push(h("p", { class: "unavailable" }, h("strong", null, provider.provider), ` unavailable: ${provider.reason}`));
+      continue;
+    }
+    const batches = provider.latency?.batch_sizes || [];
+    if (!batches.length) continue;
+    const suffix = providers.length > 1 ? ` on ${provider.provider}` : "";
+    parts.push(figure(`latency-chart${suffix ? `-${provider.provider}` : ""}`, `Median latency (p50) per batch size, original vs compressed${suffix}`,
+      groupedBarChart({
+        title: `p50 latency per batch size${suffix}`,
+        description: batches.map((b) => `batch ${b.batch_size}: original ${ms(b.baseline.p50_ms)}, compressed ${ms(b.result.p50_ms)}, speedup ${b.speedup_text || num(b.speedup)}`).join("; "),
+        groups: batches.map((b) => ({
+          label: `batch ${b.batch_size}`,
+          note: b.speedup_text ? `speedup ${b.speedup_text}` : `speedup ${num(b.speedup)}x`,
+          bars: [{ series: "original", value: b.baseline.p50_ms }, { series: "compressed", value: b.result.p50_ms }],
+        })),
+        yLabel: "p50 latency (ms, lower is better)", xLabel: "batch size (under each group: speedup with its 95% interval)",
+        format: (v) => num(v),
+      })));
+    const withCi = batches.filter((b) => b.speedup_ci && b.speedup_ci.low !== undefined);
+    if (withCi.length) {
+      parts.push(figure(`speedup-chart${suffix ? `-${provider.provider}` : ""}`, `Speedup (original p50 / compressed p50) with its 95% bootstrap interval${suffix}`,
+        intervalChart({
+          title: `speedup with 95% interval${suffix}`,
+          rows: withCi.map((b) => ({ label: `batch ${b.batch_size}`, value: b.speedup, low: b.speedup_ci.low, high: b.speedup_ci.high, text: b.speedup_text || `${num(b.speedup)}x` })),
+          xLabel: "speedup (× faster; an interval containing 1.00x cannot tell the models apart)",
+        }),
+        withCi[0].speedup_ci.method));
+    }
+    parts.push(h("table", { class: "compact latency-table" },
+      h("caption", null, `Latency percentiles${suffix} (${provider.latency.iterations} timed calls per model and batch size, ${provider.latency.warmup} warm-up)`),
+      h("thead", null, h("tr", null, ["batch", "model", "p50", "p90", "p99", "mean", "cv", "throughput", ""].map((c) => h("th", null, c)))),
+      h("tbody", null, batches.flatMap((b) => ["baseline", "result"].map((role) => {
+        const st = b[role];
+        return h("tr", null, h("td", null, b.batch_size), h("td", null, role === "baseline" ? "original" : "compressed"),
+          h("td", null, ms(st.p50_ms)), h("td", null, ms(st.p90_ms)), h("td", null, ms(st.p99_ms)), h("td", null, ms(st.mean_ms)),
+          h("td", null, pct(st.cv, 0)), h("td", null, `${num(st.throughput_per_s)}/s`), h("td", null, st.noisy ? "noisy" : ""));
+      })))));
+  }
+  const skipped = measurement.latency?.skipped || [];
+  if (skipped.length) parts.push(h("p", { class: "small muted" }, "Skipped: ", skipped.map((s) => `batch ${s.batch_size} (${s.reason})`).join("; ")));
+  return section("latency", "Latency", parts.length ? parts : h("p", { class: "muted" }, "No latency was measured."));
+}
+
+function sizeSection(measurement, summary) {
+  const size = measurement.size || {};
+  const memory = measurement.memory || {};
+  const cold = measurement.cold_start || {};
+  const charts = [];
+  if (size.baseline && size.result) {
+    charts.push(figure("size-chart", "File size", groupedBarChart({
+      title: "file size, original vs compressed", width: 320, height: 280,
+      groups: [{ label: "file", note: `×${size.ratio}`, bars: [{ series: "original", value: size.baseline.file_bytes }, { series: "compressed", value: size.result.file_bytes }] }],
+      yLabel: "bytes (lower is better)", format: bytes,
+    }), `${num(size.baseline.parameters)} → ${num(size.result.parameters)} parameters`));
+  }
+  if (memory.baseline && memory.result) {
+    charts.push(figure("memory-chart", "Peak memory added", groupedBarChart({
+      title: "peak resident memory a session adds", width: 320, height: 280,
+      groups: [{ label: `batch ${memory.batch_size}`, note: memory.ratio ? `×${memory.ratio}` : "", bars: [
+        { series: "original", value: memory.baseline.peak_rss_increase_bytes }, { series: "compressed", value: memory.result.peak_rss_increase_bytes }] }],
+      yLabel: "bytes (lower is better)", format: bytes,
+    })));
+  }
+  if (cold.baseline && cold.result) {
+    charts.push(figure("cold-start-chart", "Cold start", groupedBarChart({
+      title: "session load and first call", width: 320, height: 280,
+      groups: [
+        { label: "load", bars: [{ series: "original", value: cold.baseline.load_ms }, { series: "compressed", value: cold.result.load_ms }] },
+        { label: "first call", bars: [{ series: "original", value: cold.baseline.first_run_ms }, { series: "compressed", value: cold.result.first_run_ms }] },
+      ],
+      yLabel: "ms (lower is better)", format: (v) => num(v),
+    })));
+  }
+  if (!charts.length && summary.original_size_bytes) {
+    charts.push(kv([["original", bytes(summary.original_size_bytes)], ["compressed", bytes(summary.compressed_size_bytes)]]));
+  }
+  return section("size", "Size, memory and cold start", h("div", { class: "figures-row" }, charts),
+    memory.method ? h("p", { class: "small muted" }, memory.method) : null);
+}
+
+function energySection(measurement, summary) {
+  const energy = measurement.energy || { value: null, reason: summary.energy_note };
+  const parts = [];
+  if (energy.value && (energy.batch_sizes || []).length) {
+    parts.push(figure("energy-chart", `Energy per inference (${energy.counter || "hardware counter"}, ${energy.scope || ""})`, groupedBarChart({
+      title: "energy per inference",
+      groups: energy.batch_sizes.map((b) => ({ label: `batch ${b.batch_size}`, note: b.ratio ? `×${b.ratio}` : "",
+        bars: [{ series: "original", value: b.baseline_j_per_inference }, { series: "compressed", value: b.result_j_per_inference }] })),
+      yLabel: "joules per inference (lower is better)", format: (v) => `${num(v)} J`,
+    }), energy.window));
+  } else {
+    parts.push(h("p", { class: "null-reason", id: "energy-null" }, h("strong", null, "Not measured: "), energy.reason || "no energy counter was read"));
+  }
+  if (energy.estimate) {
+    const est = energy.estimate;
+    parts.push(figure("energy-estimate-chart", "ESTIMATE (not a measurement): energy per inference from the TDP you gave", groupedBarChart({
+      title: "estimated energy per inference",
+      groups: (est.batch_sizes || []).map((b) => ({ label: `batch ${b.batch_size}`,
+        bars: [{ series: "original", value: b.baseline_j_per_inference, text: `~${num(b.baseline_j_per_inference)} J` },
+          { series: "compressed", value: b.result_j_per_inference, text: `~${num(b.result_j_per_inference)} J` }] })),
+      yLabel: "estimated joules per inference", format: (v) => `${num(v)} J`,
+    }), `${est.formula}. ${est.caveat}`));
+  }
+  return section("energy", "Energy", parts);
+}
+
+function qualitySection(summary, measurement) {
+  const parts = [];
+  const acc = summary.accuracy;
+  if (acc) {
+    const groups = [{ label: "top-1", note: `drop ${num(acc.top1_drop_points)} points`, bars: [
+      { series: "original", value: acc.original_top1 * 100, text: pct(acc.original_top1) }, { series: "compressed", value: acc.compressed_top1 * 100, text: pct(acc.compressed_top1) }] }];
+    if (acc.original_top5 !== null && acc.original_top5 !== undefined) {
+      groups.push({ label: "top-5", bars: [
+        { series: "original", value: acc.original_top5 * 100, text: pct(acc.original_top5) }, { series: "compressed", value: acc.compressed_top5 * 100, text: pct(acc.compressed_top5) }] });
+    }
+    parts.push(figure("accuracy-chart", `Accuracy on ${acc.samples} labelled samples`, groupedBarChart({
+      title: "accuracy, original vs compressed", width: 420, groups, yLabel: "accuracy (%, higher is better)", format: (v) => `${num(v)}%`,
+    }), summary.accuracy_note));
+  } else {
+    parts.push(h("p", { class: "muted" }, "No accuracy: the job named no labelled eval dataset (evaluate.eval_dataset_id)."));
+  }
+  const fid = summary.fidelity || {};
+  parts.push(h("h3", null, "Fidelity (how far the outputs move)"),
+    kv([
+      ["measured on", summary.fidelity_on || measurement.fidelity?.inputs],
+      ["cosine similarity (mean)", num(fid.cosine_similarity, 5)],
+      ["worst-case cosine", fid.worst_cosine !== undefined ? num(fid.worst_cosine, 5) : undefined],
+      ["max abs difference", num(fid.max_abs_diff)],
+      ["top-1 agreement", pct(fid.top1_agreement)],
+    ]));
+  const outputs = measurement.fidelity?.outputs || [];
+  if (outputs.length > 1) {
+    parts.push(h("table", { class: "compact" }, h("caption", null, "per output"),
+      h("thead", null, h("tr", null, ["output", "cosine", "max abs diff", "top-1 agreement"].map((c) => h("th", null, c)))),
+      h("tbody", null, outputs.map((o) => h("tr", null, h("td", null, o.name), h("td", null, num(o.cosine_similarity, 5)), h("td", null, num(o.max_abs_diff)), h("td", null, pct(o.top1_agreement)))))));
+  }
+  return section("quality", "Accuracy and fidelity", parts);
+}
+
+function trajectorySection(summary) {
+  const trajectory = summary.trajectory || [];
+  if (trajectory.length < 2) return null;
+  const batches = Object.keys(trajectory[0].speedup || {});
+  const first = batches[0];
+  const stepLabel = (t) => `step ${t.step}\n${t.method.replace(".", ".\n")}`; // prune.magnitude: two lines
+  const charts = h("div", { class: "figures-row" },
+    figure("trajectory-size-chart", "Size after each step", groupedBarChart({
+      title: "model size after each step", width: 460, height: 320,
+      groups: [{ label: "original", bars: [{ series: "original", value: summary.original_size_bytes }] },
+        ...trajectory.map((t) => ({ label: stepLabel(t), note: `×${t.size_ratio}`, bars: [{ series: "compressed", value: t.size_bytes }] }))],
+      yLabel: "bytes", format: bytes,
+    })),
+    first ? figure("trajectory-speed-chart", `Speedup at batch ${first} after each step`, groupedBarChart({
+      title: `speedup at batch ${first} after each step`, width: 460, height: 320,
+      groups: trajectory.map((t) => ({ label: stepLabel(t), bars: [{ series: "compressed", value: t.speedup?.[first], text: `${num(t.speedup?.[first])}x` }] })),
+      yLabel: "speedup vs original (×)", format: (v) => `${num(v)}x`,
+    })) : null);
+  const table = h("table", { class: "compact", id: "trajectory-table" },
+    h("caption", null, "Every step's model measured against the original"),
+    h("thead", null, h("tr", null, ["step", "method", "size", "× original", ...batches.map((b) => `p50 @${b}`), ...batches.map((b) => `speedup @${b}`), "top-1", "cosine", "model"].map((c) => h("th", null, c)))),
+    h("tbody", null, trajectory.map((t) => h("tr", null,
+      h("td", null, t.step), h("td", null, t.method), h("td", null, bytes(t.size_bytes)), h("td", null, num(t.size_ratio)),
+      batches.map((b) => h("td", null, ms(t.latency_p50_ms?.[b]))), batches.map((b) => h("td", null, `${num(t.speedup?.[b])}x`)),
+      h("td", null, t.top1 !== null && t.top1 !== undefined ? `${pct(t.top1)} (−${num(t.top1_drop_points)})` : "—"),
+      h("td", null, num(t.cosine, 4)), h("td", null, h("code", null, t.artifact))))));
+  return section("trajectory", "Trajectory of the pipeline", charts, table);
+}
+
+function stepsSection(report) {
+  return section("steps", "Steps", (report.steps || []).map((step) => h("details", { class: "step-detail" },
+    h("summary", null, `${step.index}. ${step.method} (v${step.version}) — ${step.duration_s ?? "?"} s`),
+    h("pre", { class: "json" }, JSON.stringify({ params: step.params, details: step.details }, null, 2)))));
+}
+
+function environmentSection(env) {
+  if (!env) return null;
+  return section("environment", "Measured on", kv([
+    ["CPU", `${env.cpu} (${env.physical_cores} physical / ${env.logical_cores} logical cores)`],
+    ["memory", bytes(env.memory_bytes)], ["GPU", env.gpu ? `${env.gpu} (driver ${env.gpu_driver})` : "none"],
+    ["OS", env.os], ["Python", env.python], ["ONNX Runtime", env.onnxruntime], ["torch", env.torch],
+    ["provider", env.provider], ["threads", env.threads], ["pinned cores", (env.pinned_cores || []).join(", ")],
+    ["process", env.process?.how],
+  ]));
+}
+
+function notesSection(summary) {
+  const notes = summary.notes || [];
+  if (!notes.length) return null;
+  return section("notes", "Notes", h("ul", { class: "notes" }, notes.map((n) => h("li", null, n))));
+}
+
+function artifactsSection(jobId, artifacts) {
+  const rows = artifacts.map((a) => {
+    const status = h("span", { class: "small download-status", "aria-live": "polite" });
+    const button = h("button", { type: "button", class: "download", "data-artifact": a.name }, `⬇ Download ${a.name}`);
+    button.addEventListener("click", async () => {
+      button.disabled = true;
+      status.textContent = " downloading…";
+      try {
+        const got = await download(`/v1/jobs/${jobId}/artifacts/${encodeURIComponent(a.name)}`, a.name);
+        status.textContent = got.actual === null ? ` saved (${bytes(got.size)})`
+          : got.actual === a.sha256 ? ` ✓ saved, sha256 verified (${bytes(got.size)})` : " ✗ sha256 mismatch: the file is damaged";
+      } catch (err) {
+        status.replaceChildren(errorBox(err));
+      } finally {
+        button.disabled = false;
+      }
+    });
+    return h("tr", { "data-artifact-row": a.name }, h("td", null, h("code", null, a.name)), h("td", null, a.kind), h("td", null, bytes(a.size_bytes)),
+      h("td", null, h("code", { class: "sha", title: a.sha256 }, `${a.sha256.slice(0, 12)}…`)), h("td", null, button, status));
+  });
+  return section("artifacts", "Downloads", artifacts.length
+    ? h("table", { class: "compact" }, h("thead", null, h("tr", null, ["file", "kind", "size", "sha256", ""].map((c) => h("th", null, c)))), h("tbody", null, rows))
+    : h("p", { class: "muted" }, "No artifacts."));
+}
+
+function measurementsSection(jobId) {
+  const body = h("div", null, h("p", { class: "muted" }, "loading…"));
+  const details = h("details", { id: "all-measurements" }, h("summary", null, "Every measured figure (table)"), body);
+  let loaded = false;
+  details.addEventListener("toggle", async () => {
+    if (!details.open || loaded) return;
+    loaded = true;
+    try {
+      const { items } = await api(`/v1/jobs/${jobId}/measurements`);
+      body.replaceChildren(h("table", { class: "compact" },
+        h("thead", null, h("tr", null, ["model", "provider", "batch", "metric", "value", "unit"].map((c) => h("th", null, c)))),
+        h("tbody", null, items.map((m) => h("tr", null, h("td", null, m.model_role), h("td", null, m.provider || "—"), h("td", null, m.batch_size ?? "—"),
+          h("td", null, m.metric), h("td", null, num(m.value, 5)), h("td", null, m.unit))))));
+    } catch (err) {
+      body.replaceChildren(errorBox(err));
+    }
+  });
+  return h("section", { class: "card" }, h("h2", null, "Measurements"), details);
+}
+
+// --- the page ----------------------------------------------------------------------------------
+
+export function jobPage(main, { params }) {
+  const [jobId] = params;
+  let stopped = false;
+  let timer = null;
+  const controller = new AbortController();
+  let job = null;
+  let etag = null;
+  let lastEventId = 0;
+  let rendered = null; // the status the report was last rendered for
+
+  const title = h("h1", null, `Job ${shortId(jobId)}`);
+  const badge = h("span");
+  const bar = progressBar(0, { label: "job progress" });
+  const stage = h("p", { class: "stage muted" });
+  const facts = h("div");
+  const errorArea = h("div");
+  const cancel = h("button", { type: "button", id: "cancel-job", hidden: true }, "Cancel");
+  const liveNote = h("span", { class: "small muted", id: "live-mode" });
+  const statusCard = h("section", { class: "card", id: "job-status" }, bar, stage, liveNote, errorArea, facts);
+  let streamed = 0;
+  const report = h("div", { id: "report" });
+  const eventsBody = h("tbody");
+  const events = section("events", "Event log", h("table", { class: "compact events" },
+    h("thead", null, h("tr", null, ["time", "kind", "status", "progress", "stage", "message"].map((c) => h("th", null, c)))), eventsBody));
+  main.append(
+    h("p", null, h("a", { href: "#/jobs" }, "← All jobs")),
+    h("div", { class: "page-head" }, h("div", null, title, badge), h("div", { class: "actions" }, cancel)),
+    statusCard,
+    report, events);
+
+  cancel.addEventListener("click", async () => {
+    cancel.disabled = true;
+    try {
+      showJob(await api(`/v1/jobs/${jobId}/cancel`, { method: "POST" }));
+    } catch (err) {
+      errorArea.replaceChildren(errorBox(err));
+    }
+  });
+
+  function showJob(next) {
+    job = next;
+    if (!statusCard.dataset.firstStatus) statusCard.dataset.firstStatus = job.status;
+    title.textContent = job.name ? `Job ${job.name}` : `Job ${shortId(job.id)}`;
+    badge.replaceChildren(statusBadge(job.status));
+    updateProgressBar(bar, job.progress);
+    bar.className = `bar bar-${job.status}`;
+    stage.textContent = job.message && job.stage && !job.message.startsWith(job.stage) ? `${job.stage}: ${job.message}` : job.message || job.stage || "";
+    cancel.hidden = TERMINAL.has(job.status);
+    if (TERMINAL.has(job.status)) liveNote.textContent = "";
+    cancel.disabled = false;
+    errorArea.replaceChildren(job.error ? errorBox(job.error) : "");
+    const steps = job.recipe?.id ? `recipe ${job.recipe.id}: ${(job.steps || []).map((s) => s.method).join(" → ")}` : (job.steps || []).map((s) => s.method).join(" → ");
+    facts.replaceChildren(kv([
+      ["id", h("code", null, job.id)], ["model", job.model_id ? h("a", { href: `#/models/${job.model_id}` }, shortId(job.model_id)) : "—"],
+      ["steps", steps], ["batch sizes", (job.evaluate?.batch_sizes || []).join(", ")],
+      ["created", when(job.created_at)], ["ran for", job.started_at ? duration(job.started_at, job.finished_at) : "—"],
+      ["queue / attempts", `${job.queue} / ${job.attempts}`],
+    ]));
+    if (TERMINAL.has(job.status) && rendered !== job.status) {
+      rendered = job.status;
+      renderReport();
+    }
+  }
+
+  function addEvents(list) {
+    for (const ev of list) {
+      if (ev.id <= lastEventId) continue;
+      lastEventId = ev.id;
+      eventsBody.append(h("tr", { "data-kind": ev.kind }, h("td", null, when(ev.created_at)), h("td", null, ev.kind), h("td", null, ev.status),
+        h("td", null, pct(ev.progress, 0)), h("td", null, ev.stage || ""), h("td", null, ev.message || "")));
+    }
+  }
+
+  async function renderReport() {
+    const [reportData, artifacts] = await Promise.all([
+      // Only a succeeded job has a report; a failed one keeps the models of the steps before it.
+      job.status === "succeeded" ? api(`/v1/jobs/${jobId}/report`) : Promise.resolve(null),
+      api(`/v1/jobs/${jobId}/artifacts`),
+    ]).catch((err) => {
+      report.replaceChildren(errorBox(err));
+      return [undefined, undefined];
+    });
+    if (artifacts === undefined || stopped) return;
+    const parts = [];
+    if (reportData) {
+      const summary = reportData.summary || job.summary || {};
+      const measurement = reportData.measurement || {};
+      parts.push(headline(summary), latencySection(measurement), sizeSection(measurement, summary), qualitySection(summary, measurement),
+        energySection(measurement, summary), trajectorySection(summary), notesSection(summary), stepsSection(reportData),
+        environmentSection(measurement.environment));
+    } else if (job.status !== "succeeded") {
+      parts.push(h("p", { class: "muted" }, `The job ${job.status}: no report. The models of the steps that finished are below.`));
+    }
+    parts.push(artifactsSection(jobId, artifacts));
+    if (reportData) parts.push(measurementsSection(jobId));
+    report.replaceChildren(...parts.filter(Boolean));
+    report.dataset.ready = "true";
+  }
+
+  async function refresh() {
+    const got = await api(`/v1/jobs/${jobId}`, { etag });
+    if (!got.notModified) {
+      etag = got.etag;
+      showJob(got.data);
+    }
+    addEvents(await api(`/v1/jobs/${jobId}/events?after=${lastEventId}`));
+  }
+
+  // Events can come in bursts: at most one refresh in flight, and one more after it if needed.
+  let refreshing = null;
+  let again = false;
+  function refreshSoon() {
+    if (refreshing) {
+      again = true;
+      return;
+    }
+    refreshing = refresh().catch(() => {}).finally(() => {
+      refreshing = null;
+      if (again && !stopped) {
+        again = false;
+        refreshSoon();
+      }
+    });
+  }
+
+  async function poll() {
+    if (stopped) return;
+    try {
+      await refresh();
+    } catch (err) {
+      if (!stopped) errorArea.replaceChildren(errorBox(err));
+    }
+    if (!stopped && !(job && TERMINAL.has(job.status))) timer = setTimeout(poll, POLL_MS);
+  }
+
+  async function follow() {
+    await refresh();
+    if (TERMINAL.has(job.status)) {
+      liveNote.textContent = "";
+      return;
+    }
+    try {
+      // Each event says something changed; the JSON routes say what (robust to the stream's exact payload).
+      liveNote.textContent = "live: following the job's event stream";
+      statusCard.dataset.live = "stream";
+      await streamEvents(`/v1/jobs/${jobId}/events`, {
+        signal: controller.signal, lastEventId,
+        onEvent: (ev) => {
+          streamed += 1;
+          statusCard.dataset.streamed = String(streamed);
+          const data = ev.json;
+          if (data && typeof data.id === "number") {
+            addEvents([data]);
+            if (typeof data.job_progress === "number") updateProgressBar(bar, data.job_progress);
+            if (data.message || data.stage) stage.textContent = data.message || data.stage;
+          }
+          // A state change (or an event this page cannot read): fetch the job itself.
+          if (!data || !job || data.kind === "state" || (data.job_status && data.job_status !== job.status)) refreshSoon();
+        },
+      });
+      await refresh();
+      if (!TERMINAL.has(job.status) && !stopped) poll();
+    } catch (err) {
+      if (stopped) return;
+      liveNote.textContent = `live: refreshing every ${POLL_MS / 1000} s`;
+      statusCard.dataset.live = "poll";
+      poll();
+    }
+  }
+
+  follow().catch((err) => {
+    errorArea.replaceChildren(errorBox(err));
+    poll();
+  });
+  return () => {
+    stopped = true;
+    controller.abort();
+    clearTimeout(timer);
+  };
+}

@@ -1,0 +1,178 @@
+// Start a job: the forms are generated from the JSON Schemas the API publishes (GET /v1/methods,
+// GET /v1/recipes, and EvaluateSpec in /openapi.json), so a new method or option shows up here
+// without touching the dashboard.
+
+import { allPages, api } from "../api.js";
+import { clear, errorBox, h } from "../dom.js";
+import { bytes } from "../format.js";
+import { schemaForm } from "../schema-form.js";
+
+// Used only when /openapi.json cannot be read.
+const FALLBACK_EVALUATE = {
+  type: "object",
+  properties: {
+    batch_sizes: { type: "array", items: { type: "integer" }, default: [1], title: "Batch Sizes" },
+    warmup: { type: "integer", minimum: 0, default: 10, title: "Warmup" },
+    iterations: { type: "integer", minimum: 1, default: 100, title: "Iterations" },
+    eval_dataset_id: { anyOf: [{ type: "string" }, { type: "null" }], title: "Eval Dataset Id" },
+  },
+};
+
+const EVALUATE_HELP = {
+  batch_sizes: "Batch sizes to time, comma-separated (e.g. 1, 8, 32); each gets its own latency percentiles and speedup interval.",
+  warmup: "Calls per model before timing starts.",
+  iterations: "Timed calls per model and batch size, split into interleaved rounds (ABBA).",
+  providers: "Execution providers to measure on; the CPU is always measured. One that cannot start is reported as unavailable.",
+};
+
+async function evaluateSchema() {
+  try {
+    const resp = await fetch("/openapi.json");
+    const spec = await resp.json();
+    const schema = structuredClone(spec.components.schemas.EvaluateSpec);
+    for (const [name, help] of Object.entries(EVALUATE_HELP)) {
+      if (schema.properties[name] && !schema.properties[name].description) schema.properties[name].description = help;
+    }
+    return schema;
+  } catch {
+    return FALLBACK_EVALUATE;
+  }
+}
+
+function stepEditor(methods, uploads, index, onRemove, preset) {
+  const select = h("select", { name: "method", class: "method-select", "aria-label": `method of step ${index}` },
+    methods.map((m) => h("option", { value: m.id, selected: m.id === preset }, m.id)));
+  const description = h("p", { class: "muted small" });
+  const paramsBox = h("div");
+  let form = null;
+  function render() {
+    const method = methods.find((m) => m.id === select.value);
+    description.textContent = method.description || "";
+    form = schemaForm(method.params_schema, { ...uploads, prefix: `step${index}` });
+    clear(paramsBox).append(form.element);
+  }
+  select.addEventListener("change", render);
+  const title = h("h3", null, `Step ${index}`);
+  const element = h("fieldset", { class: "step", "data-step": index },
+    h("legend", null, title),
+    h("div", { class: "step-head" }, h("label", null, "Method ", select),
+      onRemove ? h("button", { type: "button", class: "link", onclick: onRemove }, "Remove this step") : null),
+    description, h("details", { open: true }, h("summary", null, "Parameters"), paramsBox));
+  render();
+  return { element, read: () => ({ method: select.value, params: form.read() }) };
+}
+
+export function newJobPage(main, { query, navigate }) {
+  const problems = h("div", { "aria-live": "polite" });
+  main.append(h("h1", null, "New job"), problems);
+  const body = h("div", null, h("p", { class: "muted" }, "loading methods, recipes and your uploads…"));
+  main.append(body);
+
+  (async () => {
+    const [methods, recipes, models, datasets, evaluate] = await Promise.all([
+      api("/v1/methods"), api("/v1/recipes"), allPages("/v1/models"), allPages("/v1/datasets"), evaluateSchema(),
+    ]);
+    const uploads = { models, datasets };
+    if (!models.length) {
+      body.replaceChildren(h("p", null, "No model yet: ", h("a", { href: "#/upload" }, "upload one"), " first."));
+      return;
+    }
+    const modelSelect = h("select", { id: "job-model", name: "model_id", required: true },
+      models.map((m) => h("option", { value: m.id, selected: m.id === query.get("model") },
+        `${m.name} — ${bytes(m.size_bytes)}, inputs ${(m.inspection.inputs || []).map((i) => `${i.name}[${i.shape.join(",")}]`).join(" ")} (${m.id.slice(0, 8)})`)));
+    const nameInput = h("input", { id: "job-name", name: "name", type: "text", maxlength: 255, placeholder: "(optional)" });
+    const queueSelect = h("select", { id: "job-queue", name: "queue" },
+      h("option", { value: "" }, "server default"), h("option", { value: "cpu" }, "cpu"), h("option", { value: "gpu" }, "gpu"));
+
+    // Steps or a recipe.
+    const modeSteps = h("input", { type: "radio", name: "mode", value: "steps", id: "mode-steps", checked: true });
+    const modeRecipe = h("input", { type: "radio", name: "mode", value: "recipe", id: "mode-recipe" });
+    const stepsBox = h("div", { id: "steps" });
+    const steps = [];
+    function renumber() {
+      const presets = steps.map((s) => s.read().method);
+      clear(stepsBox);
+      const old = steps.splice(0);
+      old.forEach((_, i) => addStep(presets[i]));
+    }
+    function addStep(preset) {
+      const index = steps.length + 1;
+      const editor = stepEditor(methods, uploads, index, index > 1 ? () => { steps.splice(index - 1, 1); renumber(); } : null, preset);
+      steps.push(editor);
+      stepsBox.append(editor.element);
+    }
+    addStep(methods.some((m) => m.id === "quantize.int8_dynamic") ? "quantize.int8_dynamic" : methods[0].id);
+    const stepsSection = h("div", null, stepsBox,
+      h("button", { type: "button", id: "add-step", onclick: () => addStep(methods[0].id) }, "+ Add a step (runs on the previous step's model)"));
+
+    const recipeSelect = h("select", { id: "recipe", name: "recipe" }, recipes.map((r) => h("option", { value: r.id }, r.id)));
+    const recipeInfo = h("p", { class: "muted small" });
+    const recipeParams = h("div");
+    let recipeForm = null;
+    function renderRecipe() {
+      const recipe = recipes.find((r) => r.id === recipeSelect.value);
+      if (!recipe) return;
+      recipeInfo.textContent = `${recipe.description} Steps: ${(recipe.steps || []).join(" → ")}.`;
+      recipeForm = schemaForm(recipe.params_schema, { ...uploads, prefix: "recipe" });
+      clear(recipeParams).append(recipeForm.element);
+    }
+    recipeSelect.addEventListener("change", renderRecipe);
+    renderRecipe();
+    const recipeSection = h("div", { hidden: true },
+      recipes.length ? h("div", null, h("label", { for: "recipe" }, "Recipe "), recipeSelect, recipeInfo, recipeParams) : h("p", null, "No recipes."));
+    function switchMode() {
+      stepsSection.hidden = !modeSteps.checked;
+      recipeSection.hidden = !modeRecipe.checked;
+    }
+    modeSteps.addEventListener("change", switchMode);
+    modeRecipe.addEventListener("change", switchMode);
+
+    const evaluateForm = schemaForm(evaluate, { ...uploads, prefix: "evaluate" });
+    const submit = h("button", { type: "submit", class: "primary", id: "start-job" }, "Start the job");
+    const form = h("form", { id: "job-form", class: "stack" },
+      h("section", { class: "card" }, h("h2", null, "Model"),
+        h("div", { class: "field" }, h("label", { for: "job-model" }, "Model to compress"), modelSelect),
+        h("div", { class: "grid-2" },
+          h("div", { class: "field" }, h("label", { for: "job-name" }, "Job name"), nameInput),
+          h("div", { class: "field" }, h("label", { for: "job-queue" }, "Worker queue"), queueSelect))),
+      h("section", { class: "card" }, h("h2", null, "Compression"),
+        h("div", { class: "mode", role: "radiogroup", "aria-label": "steps or recipe" },
+          h("label", { class: "check" }, modeSteps, " Steps (methods, in order)"),
+          h("label", { class: "check" }, modeRecipe, " A recipe (a named chain)")),
+        stepsSection, recipeSection),
+      h("section", { class: "card" }, h("h2", null, "Evaluation"),
+        h("p", { class: "muted small" }, "How the original and the compressed model are measured side by side."),
+        evaluateForm.element),
+      h("div", { class: "actions" }, submit));
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      clear(problems);
+      let spec;
+      try {
+        spec = { model_id: modelSelect.value, evaluate: evaluateForm.read() };
+        if (modeRecipe.checked) {
+          spec.recipe = recipeSelect.value;
+          spec.params = recipeForm.read();
+        } else {
+          spec.steps = steps.map((s) => s.read());
+        }
+        if (nameInput.value.trim()) spec.name = nameInput.value.trim();
+        if (queueSelect.value) spec.queue = queueSelect.value;
+      } catch (err) {
+        problems.append(errorBox(err));
+        return;
+      }
+      submit.disabled = true;
+      try {
+        const job = await api("/v1/jobs", { method: "POST", body: spec, headers: { "Idempotency-Key": crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random()}` } });
+        navigate(`#/jobs?new=${job.id}`);
+      } catch (err) {
+        problems.append(errorBox(err));
+        window.scrollTo(0, 0);
+      } finally {
+        submit.disabled = false;
+      }
+    });
+    body.replaceChildren(form);
+  })().catch((err) => body.replaceChildren(errorBox(err)));
+}

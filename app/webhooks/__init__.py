@@ -1,0 +1,1 @@
+"""Signed webhooks: per-tenant signing secret, job event deliveries and their log."""
