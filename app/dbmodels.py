@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -77,6 +78,10 @@ class Tenant(Base):
     # Webhook signing secret, stored in plain text: HMAC signing needs the secret itself (a hash would not
     # do), and there is no separate key to encrypt it with. Shown once by POST /v1/webhook-secret.
     webhook_secret: Mapped[str | None] = mapped_column(String(128), default=None)
+    # Per-tenant limits; None takes the server's default (app.settings).
+    max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class ApiKey(Base):
@@ -88,6 +93,10 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # What the key may do: read (GET), write (uploads, jobs, deletes), admin (keys, tenant settings).
+    scopes: Mapped[list[str]] = mapped_column(Json, default=lambda: ["read", "write"],
+                                              server_default=text("'[\"read\", \"write\"]'"))
+    expires_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     tenant: Mapped[Tenant] = relationship(lazy="joined")
 
 
@@ -162,6 +171,8 @@ class Job(Base):
     webhook_events: Mapped[list[str] | None] = mapped_column(Json, default=None)
     # Set when retention removed the job's artifacts.
     expired_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # Last sign of life from the worker running the job; a reaper requeues jobs whose heartbeat is too old.
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 class JobDataset(Base):
@@ -261,3 +272,19 @@ class Measurement(Base):
     environment_id: Mapped[str | None] = mapped_column(String(64), ForeignKey("environments.id"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     environment: Mapped[Environment | None] = relationship(lazy="joined")
+
+
+class AuditEntry(Base):
+    """Who did what: key creation and revocation, uploads, job submission, deletion."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_tenant_created", "tenant_id", "created_at", "id"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id", ondelete="SET NULL"))
+    key_id: Mapped[str | None] = mapped_column(String(36))
+    action: Mapped[str] = mapped_column(String(64))
+    object_type: Mapped[str | None] = mapped_column(String(32))
+    object_id: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(Json, default=None)
+    client_ip: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
