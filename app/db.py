@@ -12,10 +12,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.settings import get_settings
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, **kwargs) -> Engine:
     if url.startswith("sqlite"):
         # API threads and the worker process share the file: wait on locks rather than fail.
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
@@ -26,7 +26,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
 @functools.lru_cache

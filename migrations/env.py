@@ -5,8 +5,11 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from app.db import get_engine
+from sqlalchemy.pool import NullPool
+
+from app.db import make_engine
 from app.dbmodels import Base
+from app.settings import get_settings
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
@@ -20,9 +23,18 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    with get_engine().connect() as conn:
-        _run(conn)
-        conn.commit()
+    # A connection of its own, closed afterwards: the foreign-key pragma the migration turns off on SQLite
+    # must not stay off on a pooled connection the app goes on using.
+    settings = get_settings()
+    if settings.sqlalchemy_url.startswith("sqlite"):
+        settings.data_path.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.sqlalchemy_url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            _run(conn)
+            conn.commit()
+    finally:
+        engine.dispose()
 
 
 def _run(connection) -> None:

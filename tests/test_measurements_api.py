@@ -336,3 +336,21 @@ def test_migration_0004_upgrades_and_downgrades_keeping_the_rows(client, alice, 
         assert db.scalar(select(func.count()).select_from(Environment)) == 0
     items = client.get(f"/v1/jobs/{job_id}/measurements", headers=alice).json()["items"]
     assert [(i["value"], i["environment"]) for i in items] == [(1.5, None)]
+
+
+def test_migrating_leaves_the_apps_sqlite_connections_enforcing_foreign_keys(tmp_path, monkeypatch):
+    # The migration turns SQLite's foreign keys off on its connection; a pooled connection that kept them
+    # off would let a deleted job leave its events behind.
+    from app.migrate import upgrade
+    from tests.conftest import clear_caches
+
+    monkeypatch.setenv("MODELPRESS_DATA_DIR", str(tmp_path / "fresh"))
+    monkeypatch.delenv("MODELPRESS_DATABASE_URL", raising=False)
+    clear_caches()
+    try:
+        upgrade()  # every migration, from an empty database
+        for _ in range(3):
+            with session_scope() as db:
+                assert db.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    finally:
+        clear_caches()
