@@ -18,8 +18,10 @@ from app.uploads import Received
 Row = TypeVar("Row")
 
 
-def keep_upload(*, db: Session, store: LocalStore, received: Received, make_row: Callable[[str, int], Row]) -> Row:
-    """Store a validated upload's bytes (once per content) and commit the row make_row(sha256, size) builds.
+def keep_upload(*, db: Session, store: LocalStore, received: Received, make_row: Callable[[str, int], Row],
+                before_commit: Callable[[Row], object] | None = None) -> Row:
+    """Store a validated upload's bytes (once per content) and commit the row make_row(sha256, size) builds
+    (before_commit(row) runs in the same transaction, once the row has its id: the audit entry).
 
     When anything fails, nothing is kept: the transaction is rolled back and a file this call
     created is deleted unless another row points at it.
@@ -31,6 +33,9 @@ def keep_upload(*, db: Session, store: LocalStore, received: Received, make_row:
             db.flush()  # the new row references the blob row
         row = make_row(sha, size)
         db.add(row)
+        if before_commit is not None:
+            db.flush()
+            before_commit(row)
         db.commit()
     except BaseException:
         db.rollback()

@@ -3,6 +3,7 @@ and, as a client of a running service, compress models, follow jobs and download
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import signal
@@ -28,11 +29,22 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from app.auth.service import create_key
     from app.db import session_scope
+    from app.errors import ModelPressError
 
-    with session_scope() as db:
-        key, plaintext = create_key(db=db, tenant_name=args.tenant)
-        key_id = key.id
-    print(f"tenant: {args.tenant}\nkey id: {key_id}\napi key: {plaintext}\n(the key is shown once; store it now)")
+    expires_at = None
+    if args.expires_in_days:
+        expires_at = dt.datetime.now(dt.UTC) + dt.timedelta(days=args.expires_in_days)
+    try:
+        with session_scope() as db:
+            key, plaintext = create_key(db=db, tenant_name=args.tenant, scopes=args.scopes.split(","),
+                                        expires_at=expires_at)
+            key_id, scopes = key.id, key.scopes
+    except ModelPressError as exc:
+        print(exc.message, file=sys.stderr)
+        return 2
+    expiry = f"\nexpires: {expires_at:%Y-%m-%d %H:%M} UTC" if expires_at else ""
+    print(f"tenant: {args.tenant}\nkey id: {key_id}\nscopes: {','.join(scopes)}{expiry}\napi key: {plaintext}\n"
+          "(the key is shown once; store it now)")
     return 0
 
 
@@ -61,7 +73,38 @@ def cmd_keys_list(_args: argparse.Namespace) -> int:
     with session_scope() as db:
         for key in db.scalars(select(ApiKey).order_by(ApiKey.created_at)):
             state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
-            print(f"{key.id}  {key.prefix}…  tenant={key.tenant.name}  {state}")
+            if key.expires_at and not key.revoked_at:
+                state += f", expires {key.expires_at:%Y-%m-%d %H:%M}"
+            print(f"{key.id}  {key.prefix}…  tenant={key.tenant.name}  scopes={','.join(key.scopes)}  {state}")
+    return 0
+
+
+def cmd_tenants_limits(args: argparse.Namespace) -> int:
+    """Show or set one tenant's limits (empty: the server's default, 0: unlimited)."""
+    from sqlalchemy import select
+
+    from app.db import session_scope
+    from app.dbmodels import Tenant
+    from app.limits import effective, stored_bytes
+
+    settings = get_settings()
+    with session_scope() as db:
+        tenant = db.scalar(select(Tenant).where(Tenant.name == args.tenant))
+        if tenant is None:
+            print(f"no tenant named {args.tenant!r}", file=sys.stderr)
+            return 1
+        for field in ("max_concurrent_jobs", "max_stored_bytes", "requests_per_minute"):
+            value = getattr(args, field)
+            if value is not None:
+                setattr(tenant, field, None if value < 0 else value)
+        rows = [("max_concurrent_jobs", tenant.max_concurrent_jobs, settings.max_concurrent_jobs),
+                ("max_stored_bytes", tenant.max_stored_bytes, settings.max_stored_bytes),
+                ("requests_per_minute", tenant.requests_per_minute, settings.rate_limit_per_minute)]
+        for field, own, default in rows:
+            value = effective(own, default)
+            origin = "tenant" if own is not None else "server default"
+            print(f"{field}: {value or 'unlimited'} ({origin})")
+        print(f"stored_bytes: {stored_bytes(db, tenant.id)}")
     return 0
 
 
@@ -525,11 +568,22 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="create a key for a tenant (created if new) and print it")
     create.add_argument("--tenant", required=True)
+    create.add_argument("--scopes", default="read,write,admin", help="comma-separated: read,write,admin (default all)")
+    create.add_argument("--expires-in-days", type=float, help="the key stops working after this many days")
     create.set_defaults(func=cmd_keys_create)
     revoke = keys.add_parser("revoke", help="revoke a key by its id (or the key itself)")
     revoke.add_argument("key")
     revoke.set_defaults(func=cmd_keys_revoke)
     keys.add_parser("list", help="list keys (never the secrets)").set_defaults(func=cmd_keys_list)
+
+    tenants = sub.add_parser("tenants", help="tenant limits").add_subparsers(dest="tenants_command", required=True)
+    limits = tenants.add_parser("limits", help="show or set a tenant's limits (-1: back to the server default, "
+                                "0: unlimited)")
+    limits.add_argument("tenant")
+    limits.add_argument("--max-concurrent-jobs", type=int, help="queued + running jobs at once")
+    limits.add_argument("--max-stored-bytes", type=int, help="bytes of models and datasets")
+    limits.add_argument("--requests-per-minute", type=int, help="per API key")
+    limits.set_defaults(func=cmd_tenants_limits)
 
     _add_client_commands(sub)
     return parser

@@ -4,12 +4,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
-from app.auth.service import authenticate
+from app.audit.service import Actor
+from app.auth.service import authenticate_key, check_scope, required_scope
 from app.db import get_sessionmaker
-from app.dbmodels import Tenant
+from app.dbmodels import ApiKey, Tenant
+from app.limits import check_rate
 from app.settings import Settings, get_settings
 from app.store import ArtifactStore, get_store
 
@@ -25,12 +27,30 @@ def db_session() -> Iterator[Session]:
 
 
 DbSession = Annotated[Session, Depends(db_session)]
+AppSettings = Annotated[Settings, Depends(get_settings)]
 
 
-def current_tenant(db: DbSession, authorization: Annotated[str | None, Header()] = None) -> Tenant:
-    return authenticate(db=db, authorization=authorization)
+def current_key(request: Request, db: DbSession, settings: AppSettings,
+                authorization: Annotated[str | None, Header()] = None) -> ApiKey:
+    """The request's key: valid now (looked up on every request), with the scope the route needs, within its
+    rate limit. On the parent /v1 router, so every route gets it; FastAPI runs it once per request."""
+    key = authenticate_key(db=db, authorization=authorization)
+    check_scope(key, required_scope(request.method, request.scope.get("route")))
+    check_rate(key, settings)
+    return key
+
+
+CurrentKey = Annotated[ApiKey, Depends(current_key)]
+
+
+def current_tenant(key: CurrentKey) -> Tenant:
+    return key.tenant
+
+
+def current_actor(request: Request, key: CurrentKey) -> Actor:
+    return Actor(tenant_id=key.tenant_id, key_id=key.id, client_ip=request.client.host if request.client else None)
 
 
 Caller = Annotated[Tenant, Depends(current_tenant)]
-AppSettings = Annotated[Settings, Depends(get_settings)]
+CallerActor = Annotated[Actor, Depends(current_actor)]
 Store = Annotated[ArtifactStore, Depends(get_store)]

@@ -39,8 +39,22 @@ class Unauthorized(ModelPressError):
     status, code, title = 401, "unauthorized", "Missing or invalid API key"
 
 
+class Forbidden(ModelPressError):
+    status, code, title = 403, "forbidden", "Forbidden"
+
+
+class InsufficientScope(Forbidden):
+    """The key is valid but lacks the scope (read, write, admin) the route needs."""
+
+    code, title = "insufficient_scope", "Insufficient scope"
+
+
 class NotFound(ModelPressError):
     status, code, title = 404, "not_found", "Not found"
+
+
+class ApiKeyNotFound(NotFound):
+    code = "api_key_not_found"
 
 
 class ModelNotFound(NotFound):
@@ -141,6 +155,24 @@ class WebhookUrlUnresolvable(Unprocessable):
 
 class PayloadTooLarge(ModelPressError):
     status, code, title = 413, "payload_too_large", "Payload too large"
+
+
+class TooManyRequests(ModelPressError):
+    """429; `retry_after_s` in the problem becomes the Retry-After header."""
+
+    status, code, title = 429, "rate_limited", "Too many requests"
+
+
+class QuotaExceeded(TooManyRequests):
+    """The tenant has as many queued and running jobs as it may."""
+
+    code, title = "quota_exceeded", "Quota exceeded"
+
+
+class StorageQuotaExceeded(TooManyRequests):
+    """The upload would take the tenant's models and datasets past its stored-bytes quota."""
+
+    code, title = "storage_quota_exceeded", "Storage quota exceeded"
 
 
 class UnsupportedMediaType(ModelPressError):

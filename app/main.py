@@ -10,9 +10,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.audit.routes import router as audit_router
+from app.auth.routes import router as keys_router
 from app.datasets.routes import router as datasets_router
 from app.db import get_sessionmaker
-from app.deps import current_tenant
+from app.deps import current_key
 from app.errors import ModelPressError
 from app.jobs.routes import router as jobs_router
 from app.metrics import install as install_metrics
@@ -51,7 +53,9 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(ModelPressError)
     async def _domain_error(request: Request, exc: ModelPressError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        if "retry_after_s" in exc.extra:  # 429s (rate limit, quotas) say when to come back
+            headers["Retry-After"] = str(exc.extra["retry_after_s"])
         return JSONResponse(exc.problem(request.url.path), status_code=exc.status, media_type=PROBLEM, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -74,8 +78,9 @@ def create_app() -> FastAPI:
         return _problem(500, "internal_error", "Internal error", "an unexpected error occurred; it has been logged",
                         request.url.path)
 
-    # Authentication sits on the parent router, so a new /v1 route cannot forget it.
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(current_tenant)])
+    # Authentication, the scope check and the rate limit sit on the parent router, so a new /v1 route
+    # cannot forget them.
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(current_key)])
     v1.include_router(models_router)
     v1.include_router(datasets_router)
     v1.include_router(jobs_router)
@@ -83,6 +88,8 @@ def create_app() -> FastAPI:
     v1.include_router(methods_router)
     v1.include_router(recipes_router)
     v1.include_router(webhooks_router)
+    v1.include_router(keys_router)
+    v1.include_router(audit_router)
     app.include_router(v1)
     mount_ui(app)  # the dashboard under /ui (static, no key needed to load it)
     install_metrics(app)  # GET /metrics (Prometheus, outside /v1) and the HTTP latency middleware

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False
     # A failing webhook delivery is retried with exponential backoff for at most this long after its first attempt.
     webhook_retry_window_s: int = Field(default=3600, ge=0)
+    # Server-wide defaults for each tenant's limits (a tenant's own value, when set, wins; 0: unlimited).
+    # Requests per minute per API key (token bucket; shared through Redis when the broker is Redis).
+    rate_limit_per_minute: int = Field(default=0, ge=0)
+    # Queued + running jobs per tenant, and bytes of models + datasets stored per tenant.
+    max_concurrent_jobs: int = Field(default=100, ge=0)
+    max_stored_bytes: int = Field(default=1024**4, ge=0)
+    # Retry-After (seconds) of a 429 quota_exceeded at job submission.
+    quota_retry_after_s: int = Field(default=30, ge=1)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
 

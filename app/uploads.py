@@ -6,13 +6,14 @@ store's tmp folder, and the size cap is enforced as bytes arrive.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from app.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from app.errors import ModelPressError, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
 MAX_FORM_FIELD_BYTES = 64 * 1024
 
@@ -26,18 +27,38 @@ class Received:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-def _check_declared_length(request: Request, max_bytes: int) -> None:
+@dataclass(frozen=True)
+class Quota:
+    """What the tenant may still store, and the error (given the upload's size so far) past it."""
+
+    left_bytes: int
+    error: Callable[[int], Exception]
+
+
+def _size_check(max_bytes: int, quota: Quota | None) -> Callable[[int], None]:
+    def check(size: int) -> None:
+        if quota is not None and size > quota.left_bytes:
+            raise quota.error(size)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"upload exceeds the {max_bytes} byte limit", limit_bytes=max_bytes)
+    return check
+
+
+async def receive_file(request: Request, *, dest: Path, max_bytes: int, quota: Quota | None = None) -> Received:
+    """Stream the request's file to dest. Accepts multipart (field `file`) or a raw body with X-Filename.
+
+    The size cap and the tenant's storage quota are checked against Content-Length first (nothing is read
+    when it is too large), then as bytes arrive.
+    """
+    check = _size_check(max_bytes, quota)
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"upload of {declared} bytes exceeds the {max_bytes} byte limit", limit_bytes=max_bytes)
-
-
-async def receive_file(request: Request, *, dest: Path, max_bytes: int) -> Received:
-    """Stream the request's file to dest. Accepts multipart (field `file`) or a raw body with X-Filename."""
-    _check_declared_length(request, max_bytes)
+    if declared and declared.isdigit():
+        # A multipart body is a little larger than its file: a cap reached by the framing alone is still
+        # caught while streaming.
+        check(int(declared))
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        return await _receive_multipart(request, dest=dest, max_bytes=max_bytes)
+        return await _receive_multipart(request, dest=dest, check=check)
     if content_type.startswith("application/octet-stream"):
         filename = request.headers.get("x-filename", "").strip()
         if not filename:
@@ -46,8 +67,7 @@ async def receive_file(request: Request, *, dest: Path, max_bytes: int) -> Recei
         with open(dest, "wb") as fh:
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > max_bytes:
-                    raise PayloadTooLarge(f"upload exceeds the {max_bytes} byte limit", limit_bytes=max_bytes)
+                check(size)
                 digest.update(chunk)
                 fh.write(chunk)
         return Received(dest, filename, digest.hexdigest(), size)
@@ -56,7 +76,7 @@ async def receive_file(request: Request, *, dest: Path, max_bytes: int) -> Recei
     )
 
 
-async def _receive_multipart(request: Request, *, dest: Path, max_bytes: int) -> Received:
+async def _receive_multipart(request: Request, *, dest: Path, check: Callable[[int], None]) -> Received:
     _, params = parse_options_header(request.headers["content-type"])
     boundary = params.get(b"boundary")
     if not boundary:
@@ -100,8 +120,7 @@ async def _receive_multipart(request: Request, *, dest: Path, max_bytes: int) ->
         chunk = data[start:end]
         if state["name"] == "file":
             sizes["file"] += len(chunk)
-            if sizes["file"] > max_bytes:
-                raise PayloadTooLarge(f"upload exceeds the {max_bytes} byte limit", limit_bytes=max_bytes)
+            check(sizes["file"])
             digest.update(chunk)
             out.write(chunk)
         else:
@@ -129,7 +148,7 @@ async def _receive_multipart(request: Request, *, dest: Path, max_bytes: int) ->
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
-    except (PayloadTooLarge, Unprocessable):
+    except (PayloadTooLarge, Unprocessable, ModelPressError):
         raise
     except Exception as exc:  # the parser's own errors: a malformed body
         raise Unprocessable(f"malformed multipart body: {exc}", code="invalid_multipart") from exc

@@ -205,3 +205,38 @@ def use_database(kind: str, monkeypatch):
 def database(request, data_dir, monkeypatch):
     """The test runs twice: on the data folder's SQLite and on a fresh PostgreSQL database."""
     yield from use_database(request.param, monkeypatch)
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_or_skip() -> None:
+    """The machine's Redis answers, or the test skips (fails under CI=true, where it must run)."""
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL, socket_timeout=3).ping()
+    except Exception as exc:
+        if IN_CI:
+            pytest.fail(f"Redis at 127.0.0.1:6379 unreachable: {exc} (CI=true: integration tests must run)")
+        pytest.skip(f"Redis at 127.0.0.1:6379 unreachable: {exc}")
+
+
+@pytest.fixture
+def redis_prefix(monkeypatch) -> Iterator[str]:
+    """Point the broker at the machine's Redis under a key prefix of this test's own; its keys go afterwards
+    (the machine's Redis is never flushed)."""
+    import uuid
+
+    import redis
+
+    redis_or_skip()
+    prefix = f"mptest-{uuid.uuid4().hex[:8]}-"
+    monkeypatch.setenv("MODELPRESS_BROKER_URL", REDIS_URL)
+    monkeypatch.setenv("MODELPRESS_QUEUE_PREFIX", prefix)
+    clear_caches()
+    yield prefix
+    clear_caches()
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)

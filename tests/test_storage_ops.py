@@ -14,10 +14,9 @@ from sqlalchemy import select
 from app.db import session_scope
 from app.dbmodels import Artifact, Blob, Job, Tenant, utcnow
 from app.settings import get_settings
-from tests.conftest import IN_CI, clear_caches, store_files
+from tests.conftest import REDIS_URL, clear_caches, redis_or_skip, store_files
 from tests.stack import free_port
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 FAST = {"batch_sizes": [1], "warmup": 1, "iterations": 3}
 
 
@@ -321,14 +320,9 @@ def test_metrics_token_and_switch(data_dir, monkeypatch):
 
 
 def test_queue_depth_reads_redis_lists_every_priority(data_dir, monkeypatch):
-    try:
-        import redis
+    redis_or_skip()
+    import redis
 
-        redis.Redis.from_url(REDIS_URL, socket_timeout=3).ping()
-    except Exception as exc:
-        if IN_CI:
-            pytest.fail(f"Redis at 127.0.0.1:6379 unreachable: {exc} (CI=true: integration tests must run)")
-        pytest.skip(f"Redis at 127.0.0.1:6379 unreachable: {exc}")
     from app.metrics import queue_depths
     from app.queue import get_celery
 

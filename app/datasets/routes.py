@@ -8,7 +8,8 @@ from fastapi.responses import FileResponse
 
 from app.datasets import service
 from app.datasets.schemas import DatasetPage, DatasetPublic
-from app.deps import AppSettings, Caller, DbSession, Store
+from app.deps import AppSettings, Caller, CallerActor, DbSession, Store
+from app.limits import upload_quota
 from app.uploads import receive_file
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -16,11 +17,15 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 @router.post("", status_code=201, response_model=DatasetPublic,
              summary="Upload a dataset (.npz or .safetensors): arrays named after the model's inputs, plus labels")
-async def upload_dataset(request: Request, db: DbSession, caller: Caller, store: Store, settings: AppSettings):
+async def upload_dataset(request: Request, db: DbSession, caller: Caller, actor: CallerActor, store: Store,
+                         settings: AppSettings):
+    quota = upload_quota(db, caller, settings)
+    db.rollback()  # no transaction stays open while the body streams in
     with store.workdir() as workdir:
-        received = await receive_file(request, dest=workdir / "upload", max_bytes=settings.max_upload_bytes)
+        received = await receive_file(request, dest=workdir / "upload", max_bytes=settings.max_upload_bytes,
+                                      quota=quota)
         dataset = await run_in_threadpool(
-            service.create_from_upload, db=db, store=store, settings=settings, tenant_id=caller.id, received=received
+            service.create_from_upload, db=db, store=store, settings=settings, actor=actor, received=received
         )
     return DatasetPublic.model_validate(dataset)
 
@@ -50,6 +55,6 @@ def download_dataset(dataset_id: str, db: DbSession, caller: Caller, store: Stor
 
 
 @router.delete("/{dataset_id}", status_code=204)
-def delete_dataset(dataset_id: str, db: DbSession, caller: Caller, store: Store):
-    service.delete(db=db, store=store, tenant_id=caller.id, dataset_id=dataset_id)
+def delete_dataset(dataset_id: str, db: DbSession, actor: CallerActor, store: Store):
+    service.delete(db=db, store=store, actor=actor, dataset_id=dataset_id)
     return Response(status_code=204)

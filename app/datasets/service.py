@@ -6,25 +6,34 @@ from pathlib import Path
 from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session
 
+from app.audit import service as audit
+from app.audit.service import Actor
 from app.blobs import keep_upload, release_blob
 from app.common import get_owned_or_404, newest_first_page
 from app.datasets.files import format_for, inspect_dataset, load_arrays
 from app.dbmodels import ACTIVE_STATUSES, Dataset, Job, JobDataset
 from app.errors import DatasetInUse, DatasetNotFound
+from app.limits import check_upload_fits
 from app.settings import Settings
 from app.store import LocalStore
 from app.uploads import Received
 
 
 def create_from_upload(
-    *, db: Session, store: LocalStore, settings: Settings, tenant_id: str, received: Received
+    *, db: Session, store: LocalStore, settings: Settings, actor: Actor, received: Received
 ) -> Dataset:
     """Validate a spooled upload with the workers' own loader, then record it. Nothing is kept when anything fails."""
     fmt = format_for(received.filename)
     inspection = inspect_dataset(load_arrays(received.path, fmt, max_unpacked_bytes=settings.max_unpacked_bytes))
     name = (received.fields.get("name") or Path(received.filename).name)[:255]
-    return keep_upload(db=db, store=store, received=received, make_row=lambda sha, size: Dataset(
-        tenant_id=tenant_id, name=name, format=fmt, sha256=sha, size_bytes=size, inspection=inspection))
+    check_upload_fits(db, actor.tenant_id, settings, received.size_bytes)
+    return keep_upload(
+        db=db, store=store, received=received,
+        make_row=lambda sha, size: Dataset(tenant_id=actor.tenant_id, name=name, format=fmt, sha256=sha,
+                                           size_bytes=size, inspection=inspection),
+        before_commit=lambda dataset: audit.record(db, actor, "dataset.upload", object_type="dataset",
+                                                   object_id=dataset.id, name=name, sha256=dataset.sha256,
+                                                   size_bytes=dataset.size_bytes))
 
 
 def get(*, db: Session, tenant_id: str, dataset_id: str) -> Dataset:
@@ -41,9 +50,9 @@ def list_page(*, db: Session, tenant_id: str, limit: int, cursor: str | None) ->
     return newest_first_page(db, query, Dataset, limit=limit, cursor=cursor)
 
 
-def delete(*, db: Session, store: LocalStore, tenant_id: str, dataset_id: str) -> None:
+def delete(*, db: Session, store: LocalStore, actor: Actor, dataset_id: str) -> None:
     """Delete a dataset no queued or running job uses (409 otherwise); free its blob when nothing else uses it."""
-    dataset = get_for_job(db=db, tenant_id=tenant_id, dataset_id=dataset_id)
+    dataset = get_for_job(db=db, tenant_id=actor.tenant_id, dataset_id=dataset_id)
     active = db.scalar(
         select(func.count(distinct(JobDataset.job_id)))
         .select_from(JobDataset)
@@ -53,6 +62,7 @@ def delete(*, db: Session, store: LocalStore, tenant_id: str, dataset_id: str) -
     if active:
         raise DatasetInUse(f"dataset {dataset.id} is used by {active} queued or running job(s); cancel them or wait")
     sha = dataset.sha256
+    audit.record(db, actor, "dataset.delete", object_type="dataset", object_id=dataset.id, name=dataset.name)
     db.delete(dataset)  # the database drops its job_datasets links of finished jobs (ON DELETE CASCADE)
     db.commit()
     release_blob(db=db, store=store, sha256=sha)

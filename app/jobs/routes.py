@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
-from app.deps import AppSettings, Caller, DbSession, Store
+from app.deps import AppSettings, Caller, CallerActor, DbSession, Store
 from app.downloads import blob_response
 from app.jobs import service, sse
 from app.jobs.schemas import ArtifactPublic, JobCreate, JobEventPublic, JobPage, JobPublic
@@ -14,6 +14,8 @@ from app.jobs.state import to_public
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
+# Event ids are BIGINTs; a larger cursor is a 422, not a database error.
+MAX_EVENT_ID = 2**63 - 1
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -31,13 +33,11 @@ def create_job(
     spec: JobCreate,
     request: Request,
     db: DbSession,
-    caller: Caller,
+    actor: CallerActor,
     settings: AppSettings,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ):
-    job, _created = service.create(
-        db=db, settings=settings, tenant_id=caller.id, spec=spec, idempotency_key=idempotency_key
-    )
+    job, _created = service.create(db=db, settings=settings, actor=actor, spec=spec, idempotency_key=idempotency_key)
     return _job_response(job, request, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
@@ -59,8 +59,8 @@ def get_job(job_id: str, request: Request, db: DbSession, caller: Caller):
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
-def cancel_job(job_id: str, request: Request, db: DbSession, caller: Caller):
-    return _job_response(service.cancel(db=db, tenant_id=caller.id, job_id=job_id), request, status_code=202)
+def cancel_job(job_id: str, request: Request, db: DbSession, actor: CallerActor):
+    return _job_response(service.cancel(db=db, actor=actor, job_id=job_id), request, status_code=202)
 
 
 @router.get("/{job_id}/events", response_model=list[JobEventPublic],
@@ -71,8 +71,8 @@ def job_events(
     request: Request,
     db: DbSession,
     caller: Caller,
-    after: Annotated[int, Query(ge=0)] = 0,
-    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+    after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID)] = 0,
+    last_event_id: Annotated[int | None, Header(ge=0, le=MAX_EVENT_ID)] = None,
 ):
     after = max(after, last_event_id or 0)
     if sse.wants_stream(request.headers.get("accept")):

@@ -13,7 +13,9 @@ from sqlalchemy.orm import Session
 from app.common import at_field, get_owned_or_404, newest_first_page
 from app.datasets import service as datasets_service
 from app.datasets.files import check_against_model
-from app.dbmodels import TERMINAL_STATUSES, Artifact, Job, JobDataset, JobEvent, JobModel, Model
+from app.audit import service as audit
+from app.audit.service import Actor
+from app.dbmodels import TERMINAL_STATUSES, Artifact, AuditEntry, Job, JobDataset, JobEvent, JobModel, Model, Tenant
 from app.errors import (
     ArtifactExpired,
     ArtifactNotFound,
@@ -29,6 +31,7 @@ from app.errors import (
 )
 from app.jobs.schemas import JobCreate, StepSpec
 from app.jobs.state import set_status
+from app.limits import check_concurrent_jobs
 from app.queue import enqueue_job
 from app.settings import Settings
 from app.webhooks import service as webhooks
@@ -133,14 +136,17 @@ def request_hash(spec: JobCreate) -> str:
 
 
 def create(
-    *, db: Session, settings: Settings, tenant_id: str, spec: JobCreate, idempotency_key: str | None
+    *, db: Session, settings: Settings, actor: Actor, spec: JobCreate, idempotency_key: str | None
 ) -> tuple[Job, bool]:
     """Returns (job, created). A repeated Idempotency-Key returns the first job."""
+    tenant_id = actor.tenant_id
     digest = request_hash(spec)
     if idempotency_key:
         existing = _by_idempotency_key(db, tenant_id, idempotency_key)
         if existing is not None:
             return _same_request_or_error(existing, digest), False
+    # The tenant row stays locked until commit: two submissions cannot both take its last job slot.
+    check_concurrent_jobs(db, db.get(Tenant, tenant_id, with_for_update=True), settings)
     # Locked until commit: a concurrent delete cannot drop the model from under the new job.
     model = get_owned_or_404(db, Model, tenant_id=tenant_id, object_id=spec.model_id, error=ModelNotFound, lock=True)
     steps = validate_steps(spec)
@@ -173,6 +179,8 @@ def create(
     for role, other in others:
         db.add(JobModel(job_id=job.id, model_id=other.id, role=role))
     set_status(db, job, "queued", message="waiting for a worker")
+    audit.record(db, actor, "job.submit", object_type="job", object_id=job.id, model_id=model.id,
+                 steps=[step["method"] for step in steps])
     db.commit()
     # Enqueue after commit: the row exists before the message does.
     try:
@@ -181,6 +189,7 @@ def create(
         log.exception("could not enqueue job %s", job.id)
         db.execute(delete(JobDataset).where(JobDataset.job_id == job.id))
         db.execute(delete(JobModel).where(JobModel.job_id == job.id))
+        db.execute(delete(AuditEntry).where(AuditEntry.object_type == "job", AuditEntry.object_id == job.id))
         db.delete(job)
         db.commit()
         raise ServiceUnavailable(f"the job queue is unreachable, nothing was created; retry later ({exc})",
@@ -214,8 +223,8 @@ def list_page(
     return newest_first_page(db, query, Job, limit=limit, cursor=cursor)
 
 
-def cancel(*, db: Session, tenant_id: str, job_id: str) -> Job:
-    job = get_owned_or_404(db, Job, tenant_id=tenant_id, object_id=job_id, error=JobNotFound, lock=True)
+def cancel(*, db: Session, actor: Actor, job_id: str) -> Job:
+    job = get_owned_or_404(db, Job, tenant_id=actor.tenant_id, object_id=job_id, error=JobNotFound, lock=True)
     if job.status in TERMINAL_STATUSES:
         raise JobNotCancellable(f"job {job.id} has already {job.status}")
     if job.status == "queued":
@@ -225,6 +234,7 @@ def cancel(*, db: Session, tenant_id: str, job_id: str) -> Job:
         # A running job stops at its next step boundary; the worker marks it cancelled.
         job.cancel_requested = True
         set_status(db, job, job.status, message="cancellation requested; stopping at the next step boundary")
+    audit.record(db, actor, "job.cancel", object_type="job", object_id=job.id, status=job.status)
     db.commit()
     return job
 

@@ -13,7 +13,7 @@ router = APIRouter(tags=["measurements"])
 
 Metric = Annotated[str | None, Query(max_length=64, description="Only this metric, e.g. p50_ms")]
 Provider = Annotated[str | None, Query(max_length=64, description="Only this execution provider")]
-BatchSize = Annotated[int | None, Query(ge=1, description="Only this batch size")]
+BatchSize = Annotated[int | None, Query(ge=1, le=2**31 - 1, description="Only this batch size")]
 
 
 @router.get("/jobs/{job_id}/measurements", response_model=JobMeasurements,

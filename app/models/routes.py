@@ -6,8 +6,9 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from app.deps import AppSettings, Caller, DbSession, Store
+from app.deps import AppSettings, Caller, CallerActor, DbSession, Store
 from app.downloads import blob_response
+from app.limits import upload_quota
 from app.models import service
 from app.models.schemas import ModelPage, ModelPublic
 from app.uploads import receive_file
@@ -16,12 +17,16 @@ router = APIRouter(prefix="/models", tags=["models"])
 
 
 @router.post("", status_code=201, response_model=ModelPublic, summary="Upload an ONNX model (.onnx or .zip)")
-async def upload_model(request: Request, db: DbSession, caller: Caller, store: Store, settings: AppSettings):
+async def upload_model(request: Request, db: DbSession, caller: Caller, actor: CallerActor, store: Store,
+                       settings: AppSettings):
+    quota = upload_quota(db, caller, settings)
+    db.rollback()  # no transaction stays open while the body streams in
     with store.workdir() as workdir:
-        received = await receive_file(request, dest=workdir / "upload", max_bytes=settings.max_upload_bytes)
+        received = await receive_file(request, dest=workdir / "upload", max_bytes=settings.max_upload_bytes,
+                                      quota=quota)
         model = await run_in_threadpool(
             service.create_from_upload,
-            db=db, store=store, settings=settings, tenant_id=caller.id, received=received, workdir=workdir,
+            db=db, store=store, settings=settings, actor=actor, received=received, workdir=workdir,
         )
     return ModelPublic.model_validate(model)
 
@@ -50,6 +55,6 @@ def download_model(model_id: str, request: Request, db: DbSession, caller: Calle
 
 
 @router.delete("/{model_id}", status_code=204)
-def delete_model(model_id: str, db: DbSession, caller: Caller, store: Store):
-    service.delete(db=db, store=store, tenant_id=caller.id, model_id=model_id)
+def delete_model(model_id: str, db: DbSession, actor: CallerActor, store: Store):
+    service.delete(db=db, store=store, actor=actor, model_id=model_id)
     return Response(status_code=204)

@@ -3,7 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.deps import Caller, DbSession
+from app.auth.service import needs_scope
+from app.deps import Caller, CallerActor, DbSession
 from app.jobs import service as jobs_service
 from app.webhooks import service
 from app.webhooks.schemas import WebhookDeliveryPublic, WebhookSecretCreated
@@ -12,9 +13,10 @@ router = APIRouter(tags=["webhooks"])
 
 
 @router.post("/webhook-secret", status_code=201, response_model=WebhookSecretCreated,
-             summary="Create or rotate the tenant's webhook signing secret (shown once)")
-def create_webhook_secret(db: DbSession, caller: Caller):
-    secret = service.rotate_secret(db=db, tenant_id=caller.id)
+             openapi_extra=needs_scope("admin"),
+             summary="Create or rotate the tenant's webhook signing secret (shown once; admin keys)")
+def create_webhook_secret(db: DbSession, caller: Caller, actor: CallerActor):
+    secret = service.rotate_secret(db=db, tenant_id=caller.id, actor=actor)
     body = WebhookSecretCreated(secret=secret).model_dump()
     return JSONResponse(body, status_code=201, headers={"Cache-Control": "no-store"})
 

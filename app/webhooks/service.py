@@ -14,6 +14,8 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.audit import service as audit
+from app.audit.service import Actor
 from app.dbmodels import Job, Tenant, WebhookDelivery
 from app.errors import WebhookSecretMissing
 from app.settings import Settings, get_settings
@@ -33,11 +35,14 @@ _PENDING = "modelpress_webhooks"
 _last_progress: dict[str, float] = {}
 
 
-def rotate_secret(*, db: Session, tenant_id: str) -> str:
+def rotate_secret(*, db: Session, tenant_id: str, actor: Actor) -> str:
     """A new signing secret for the tenant (the old one stops working); returned once, never shown again."""
     secret = "whsec_" + secrets.token_urlsafe(32)
     tenant = db.get(Tenant, tenant_id, with_for_update=True)
+    rotated = tenant.webhook_secret is not None
     tenant.webhook_secret = secret
+    audit.record(db, actor, "webhook_secret.rotate" if rotated else "webhook_secret.create", object_type="tenant",
+                 object_id=tenant_id)
     db.commit()
     return secret
 
