@@ -33,6 +33,9 @@ MAX_NPY_HEADER_BYTES = 10_000
 # Members this small may compress extremely well (all zeros) without being a bomb.
 RATIO_FLOOR_BYTES = 1 << 20
 MAX_COMPRESSION_RATIO = 200.0
+# A pickle (protocol 2 to 5) opens with PROTO and its version; a zip never does. (A safetensors
+# header length may begin with the same two bytes, so only .npz files are sniffed for it.)
+PICKLE_PREFIXES = tuple(bytes([0x80, version]) for version in range(2, 6))
 # bool, signed and unsigned integers, floats: what ONNX models take as inputs.
 NUMERIC_KINDS = "biuf"
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
@@ -68,6 +71,13 @@ def load_arrays(path: Path, fmt: str, *, max_unpacked_bytes: int | None = None) 
     BF16 safetensors arrays come back as float32.
     """
     if fmt == "npz":
+        with path.open("rb") as fh:
+            if fh.read(2) in PICKLE_PREFIXES:
+                raise InvalidDataset(
+                    "not a readable .npz archive of arrays: the file is a Python pickle, and ModelPress never "
+                    "unpickles uploads, because unpickling runs code. Save the arrays with numpy.savez (numeric "
+                    "arrays, no Python objects) or as safetensors"
+                )
         cap = get_settings().max_unpacked_bytes if max_unpacked_bytes is None else max_unpacked_bytes
         return _load_npz(path, cap)
     if fmt == "safetensors":

@@ -3,13 +3,17 @@
 An upload is either one `.onnx` file or a `.zip` holding one `.onnx` plus the
 external-data files it names. Nothing here executes anything from the upload:
 ONNX is a protobuf read by the `onnx` package (no pickle), and a zip is unpacked
-member by member with every path, link, size and ratio checked first.
+member by member with every path, link, size and ratio checked first. A parsed
+model is then held to what the workers can load safely: bounded size and
+subgraph nesting, external data inside its own folder, and only ops that ONNX
+Runtime runs without a custom-op library.
 
 This module is imported by the API process: it may use `onnx` but never
 onnxruntime or torch.
 """
 from __future__ import annotations
 
+import mmap
 import shutil
 import stat
 import zipfile
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from app.errors import InvalidModel, UnsafeArchive
+from app.errors import InvalidModel, PayloadTooLarge, UnsafeArchive
 
 ZIP_MAGIC = b"PK\x03\x04"
 COPY_CHUNK = 1 << 20
@@ -26,6 +30,17 @@ COPY_CHUNK = 1 << 20
 IGNORED_PREFIXES = ("__MACOSX/",)
 # A member this small may compress extremely well without being a bomb.
 RATIO_FLOOR_BYTES = 1 << 20
+# A pickle (protocol 2 to 5) opens with PROTO and its version; no ONNX protobuf starts that way.
+PICKLE_PREFIXES = tuple(bytes([0x80, version]) for version in range(2, 6))
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Domains ONNX Runtime runs without a custom-op library: the ONNX ones and its built-in contrib ops.
+STANDARD_DOMAINS = ("", "ai.onnx.ml")
+RUNTIME_DOMAINS = ("com.microsoft",)
+# A refusal lists this many unsupported ops at most; a hostile file may hold thousands.
+MAX_LISTED_OPS = 50
+# Fields the nesting scan of an unparsable file reads at most (about a second of Python), so that
+# padding a file with millions of fields cannot make the refusal slow.
+WIRE_SCAN_FIELDS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -33,6 +48,11 @@ class Limits:
     max_unpacked_bytes: int = 8 << 30
     max_zip_members: int = 1000
     max_compression_ratio: float = 200.0
+    # protobuf cannot encode a message of 2 GiB or more; a bigger model keeps its weights as external data.
+    max_model_proto_bytes: int = (2 << 30) - 1
+    # If/Loop/Scan bodies nested inside each other. protobuf stops parsing near 32 levels; staying well
+    # below keeps the checker, shape inference and ONNX Runtime (all recursive) far from their limits.
+    max_graph_depth: int = 16
 
 
 # --- entry points -----------------------------------------------------------------------------
@@ -40,23 +60,25 @@ class Limits:
 def validate_upload(path: Path, *, filename: str, workdir: Path, limits: Limits) -> tuple[str, dict[str, Any]]:
     """Check a spooled upload; return its format ("onnx" or "onnx-zip") and its inspection.
 
-    Raises InvalidModel or UnsafeArchive; leaves nothing behind but files under `workdir`,
-    which the caller removes.
+    Raises InvalidModel, UnsafeArchive or PayloadTooLarge; leaves nothing behind but files
+    under `workdir`, which the caller removes.
     """
-    if _looks_like_zip(path, filename):
-        model_path = _extract_zip(path, workdir, limits)
-        return "onnx-zip", _check_and_inspect(model_path, packed=True)
     suffix = PurePosixPath(filename).suffix.lower()
+    if suffix in PICKLE_SUFFIXES or _starts_with_pickle(path):
+        raise InvalidModel(_pickle_refusal(filename))
+    if _looks_like_zip(path, filename):
+        model_path = _extract_zip(path, workdir, limits, filename=filename)
+        return "onnx-zip", _check_and_inspect(model_path, packed=True, limits=limits)
     if suffix != ".onnx":
         raise InvalidModel(f"'{filename}' is neither a .onnx file nor a .zip holding one")
-    return "onnx", _check_and_inspect(path, packed=False)
+    return "onnx", _check_and_inspect(path, packed=False, limits=limits)
 
 
 def materialize(blob_path: Path, fmt: str, dest_dir: Path, limits: Limits) -> Path:
     """Lay a stored model out in `dest_dir` as a loadable .onnx file (plus its data files)."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx-zip":
-        return _extract_zip(blob_path, dest_dir, limits)
+        return _extract_zip(blob_path, dest_dir, limits, filename=blob_path.name)
     if fmt != "onnx":
         raise InvalidModel(f"unknown stored model format {fmt!r}")
     target = dest_dir / "model.onnx"
@@ -73,19 +95,41 @@ def _looks_like_zip(path: Path, filename: str) -> bool:
         return f.read(4) == ZIP_MAGIC
 
 
-def _check_and_inspect(path: Path, *, packed: bool) -> dict[str, Any]:
+def _starts_with_pickle(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(2) in PICKLE_PREFIXES
+
+
+def _pickle_refusal(filename: str) -> str:
+    return (
+        f"'{filename}' is a PyTorch checkpoint or Python pickle; ModelPress never unpickles uploads, because "
+        "unpickling runs code. Export the model to ONNX (torch.onnx.export) and upload the .onnx file, "
+        "or a .zip holding it with its external data"
+    )
+
+
+def _check_and_inspect(path: Path, *, packed: bool, limits: Limits) -> dict[str, Any]:
     import onnx
     from google.protobuf.message import DecodeError
 
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise InvalidModel("the model file is empty")
+    _check_proto_size(size, limits)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError, OSError) as exc:
+        # The parser gives up on deep nesting with the same error as on corrupt bytes: tell them apart.
+        limit = limits.max_graph_depth
+        if isinstance(exc, DecodeError) and _wire_graph_depth(path, stop_above=limit) > limit:
+            raise _too_deep(limits) from None
         raise InvalidModel(f"not an ONNX model: the file does not parse as an ONNX protobuf ({_short(exc)})") from None
     if not model.HasField("graph") or model.ir_version <= 0 or len(model.graph.node) == 0:
         raise InvalidModel("not an ONNX model: no graph, no nodes or no IR version in the file")
+    if _graph_depth(model) > limits.max_graph_depth:
+        raise _too_deep(limits)
 
+    _check_external_locations(model)
     locations = _external_locations(model)
     if locations and not packed:
         names = ", ".join(sorted(locations)[:5])
@@ -94,6 +138,7 @@ def _check_and_inspect(path: Path, *, packed: bool) -> dict[str, Any]:
         )
     if locations:
         _check_external_files(model, path.parent)
+    _check_ops(model)
 
     try:
         onnx.checker.check_model(str(path))
@@ -222,6 +267,7 @@ def _op_name(node) -> str:
 
 
 def _subgraphs(graph) -> Iterator:
+    """The graphs held by the attributes of a graph's (or a function's) nodes, one level down."""
     import onnx
 
     for node in graph.node:
@@ -233,9 +279,179 @@ def _subgraphs(graph) -> Iterator:
 
 
 def _all_graphs(graph) -> Iterator:
-    yield graph
-    for sub in _subgraphs(graph):
-        yield from _all_graphs(sub)
+    """A graph and every subgraph under it; a loop, not recursion, whatever the nesting."""
+    pending = [graph]
+    while pending:
+        current = pending.pop()
+        yield current
+        pending.extend(reversed(list(_subgraphs(current))))
+
+
+def _top_bodies(model) -> Iterator:
+    """Every node list ONNX Runtime or the onnx loader may read, before descending into subgraphs:
+    the main graph, the model-local functions, and the training graphs."""
+    yield model.graph
+    yield from model.functions
+    for info in model.training_info:
+        yield info.initialization
+        yield info.algorithm
+
+
+def _graph_depth(model) -> int:
+    """How deep subgraphs nest inside each other (0: no If/Loop/Scan body at all)."""
+    deepest = 0
+    pending = [(body, 0) for body in _top_bodies(model)]
+    while pending:
+        body, depth = pending.pop()
+        deepest = max(deepest, depth)
+        pending.extend((sub, depth + 1) for sub in _subgraphs(body))
+    return deepest
+
+
+# Field numbers (onnx.proto) on every path from a ModelProto down to a nested graph, by message kind.
+_NESTING_FIELDS: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 20: "training", 25: "function"},  # graph, training_info, functions
+    "training": {1: "graph", 2: "graph"},  # initialization, algorithm
+    "function": {7: "node"},
+    "graph": {1: "node"},
+    "node": {5: "attribute"},
+    "attribute": {6: "graph", 11: "graph"},  # g, graphs
+}
+
+
+def _wire_graph_depth(path: Path, *, stop_above: int) -> int:
+    """Subgraph nesting of a serialized ModelProto, read from the wire format depth first, with a loop.
+
+    Only used once the parser has refused the bytes. Stops as soon as the nesting passes
+    `stop_above`, after WIRE_SCAN_FIELDS fields, or where the bytes stop being protobuf,
+    and returns the nesting found so far.
+    """
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        deepest, budget = 0, WIRE_SCAN_FIELDS
+        # Frames of (message kind, next field offset, end offset, graph depth); the last one is read.
+        frames = [("model", 0, len(data), -1)]
+        try:
+            while frames and budget > 0:
+                kind, pos, end, depth = frames.pop()
+                if pos >= end:
+                    continue
+                budget -= 1
+                tag, pos = _read_varint(data, pos)
+                field, wire_type = tag >> 3, tag & 7
+                if field == 0 or wire_type not in (0, 1, 2, 5):
+                    break  # no field 0, and onnx.proto uses no groups: not protobuf
+                if wire_type == 0:
+                    _, pos = _read_varint(data, pos)
+                    child = None
+                elif wire_type == 2:
+                    length, pos = _read_varint(data, pos)
+                    child = (pos, pos + length) if field in _NESTING_FIELDS[kind] and pos + length <= end else None
+                    pos += length
+                else:
+                    pos += 8 if wire_type == 1 else 4
+                    child = None
+                frames.append((kind, pos, end, depth))
+                if child:
+                    child_kind = _NESTING_FIELDS[kind][field]
+                    child_depth = depth + 1 if child_kind in ("graph", "function") else depth
+                    if child_depth > deepest:
+                        deepest = child_depth
+                        if deepest > stop_above:
+                            break
+                    frames.append((child_kind, *child, child_depth))
+        except IndexError:
+            pass  # a varint ran past the end of the file
+        return deepest
+
+
+def _read_varint(data: mmap.mmap, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80 or shift > 63:
+            return value, pos
+        shift += 7
+
+
+def _too_deep(limits: Limits) -> InvalidModel:
+    return InvalidModel(
+        f"the model nests subgraphs (If/Loop/Scan bodies inside each other) more than {limits.max_graph_depth} "
+        f"levels deep; at most {limits.max_graph_depth} are accepted",
+        code="model_too_deep", max_graph_depth=limits.max_graph_depth,
+    )
+
+
+def _check_proto_size(size: int, limits: Limits) -> None:
+    if size > limits.max_model_proto_bytes:
+        raise PayloadTooLarge(
+            f"the .onnx file is {size} bytes; one ONNX protobuf holds at most {limits.max_model_proto_bytes}. "
+            "Save the weights as external data (onnx.save_model(..., save_as_external_data=True)) and upload "
+            "a .zip holding the .onnx and its data files",
+            code="model_too_large", limit_bytes=limits.max_model_proto_bytes,
+        )
+
+
+def _check_ops(model) -> None:
+    """Every node must be an op ONNX Runtime runs out of the box, or a model-local function.
+
+    ModelProto carries no kernels: an op of another domain needs a custom-op library, which
+    ModelPress never loads. A standard op must exist in the opset the model imports.
+    """
+    import onnx
+
+    local_functions = {(f.domain, f.name, f.overload) for f in model.functions}
+    model_opsets = _opsets(model.opset_import)
+    custom: set[tuple[str, str]] = set()
+    undefined: set[tuple[str, str, int]] = set()
+    defined: set[tuple[str, str, int]] = set()
+    for body in _top_bodies(model):
+        opsets = {**model_opsets, **_opsets(getattr(body, "opset_import", ()))}
+        for graph in _all_graphs(body):
+            for node in graph.node:
+                domain = "" if node.domain == "ai.onnx" else node.domain
+                if (node.domain, node.op_type, node.overload) in local_functions or domain in RUNTIME_DOMAINS:
+                    continue
+                if domain not in STANDARD_DOMAINS:
+                    custom.add((domain, node.op_type))
+                    continue
+                version = opsets.get(domain)
+                key = (domain or "ai.onnx", node.op_type, version)
+                if version is None or key in defined:
+                    continue  # no opset import for the domain: the checker says so
+                try:
+                    onnx.defs.get_schema(node.op_type, version, domain)
+                    defined.add(key)
+                except onnx.defs.SchemaError:
+                    undefined.add(key)
+    if custom:
+        ops = sorted(custom)
+        domains = ", ".join(sorted({domain for domain, _ in ops}))
+        raise InvalidModel(
+            f"the model uses ops of custom domains ({domains}): {_listing(f'{d}.{op}' for d, op in ops)}. "
+            "ModelPress loads no custom-op libraries: a model may use the ONNX domains (ai.onnx, ai.onnx.ml) "
+            "and ONNX Runtime's built-in com.microsoft ops; export it without custom ops",
+            code="unsupported_op", unsupported_ops=[{"domain": d, "op_type": op} for d, op in ops[:MAX_LISTED_OPS]],
+        )
+    if undefined:
+        ops = sorted(undefined)
+        raise InvalidModel(
+            "the model uses ops its ONNX opset does not define, which ONNX Runtime cannot run: "
+            + _listing(f"{op} ({d} opset {v})" for d, op, v in ops),
+            code="unsupported_op",
+            unsupported_ops=[{"domain": d, "op_type": op, "opset": v} for d, op, v in ops[:MAX_LISTED_OPS]],
+        )
+
+
+def _listing(names: Iterator[str], shown: int = 10) -> str:
+    names = list(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _opsets(opset_import) -> dict[str, int]:
+    return {("" if o.domain == "ai.onnx" else o.domain): o.version for o in opset_import}
 
 
 def _all_nodes(graph) -> Iterator:
@@ -249,27 +465,54 @@ def _all_initializers(graph) -> Iterator:
 
 
 def _all_tensors(model) -> Iterator:
+    """Every TensorProto in the model, wherever one may sit: any of them may name external data,
+    and the onnx loader reads an attribute's tensor whatever type the attribute declares."""
+    for body in _top_bodies(model):
+        for g in _all_graphs(body):
+            yield from getattr(g, "initializer", ())
+            for sparse in getattr(g, "sparse_initializer", ()):
+                yield from (sparse.values, sparse.indices)
+            for node in g.node:
+                for attr in node.attribute:
+                    if attr.HasField("t"):
+                        yield attr.t
+                    yield from attr.tensors
+                    sparse_tensors = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+                    for sparse in [*sparse_tensors, *attr.sparse_tensors]:
+                        yield from (sparse.values, sparse.indices)
+
+
+def _external_tensors(model) -> Iterator:
     import onnx
 
-    for g in _all_graphs(model.graph):
-        yield from g.initializer
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    yield from attr.tensors
+    return (t for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL)
 
 
 def _external_locations(model) -> dict[str, list]:
-    import onnx
-
     found: dict[str, list] = {}
-    for tensor in _all_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in tensor.external_data}
-            found.setdefault(info.get("location", ""), []).append(info)
+    for tensor in _external_tensors(model):
+        info = {e.key: e.value for e in tensor.external_data}
+        found.setdefault(info.get("location", ""), []).append(info)
     return found
+
+
+def _check_external_locations(model) -> None:
+    """No external-data reference may point outside the model's folder, in a single file or an archive.
+
+    Checked on the names alone, before any file is opened, so nothing outside is ever read.
+    """
+    for tensor in _external_tensors(model):
+        locations = [e.value for e in tensor.external_data if e.key == "location"]
+        if len(locations) != 1:
+            # Readers disagree on which of several locations wins; one reading could escape.
+            raise UnsafeArchive(
+                f"tensor {tensor.name[:80]!r} names {len(locations)} external data locations; exactly one is needed"
+            )
+        location = locations[0]
+        rel = PurePosixPath(location.replace("\\", "/"))
+        if (not rel.parts or "\x00" in location or rel.is_absolute() or ".." in rel.parts
+                or ":" in rel.parts[0]):
+            raise UnsafeArchive(f"external data location {location[:200]!r} points outside the archive")
 
 
 def _check_external_files(model, model_dir: Path) -> None:
@@ -277,8 +520,6 @@ def _check_external_files(model, model_dir: Path) -> None:
     root = model_dir.resolve()
     for location, entries in _external_locations(model).items():
         rel = PurePosixPath(location.replace("\\", "/"))
-        if not location or rel.is_absolute() or ".." in rel.parts:
-            raise UnsafeArchive(f"external data location {location!r} points outside the archive")
         target = (root / rel).resolve()
         if not target.is_relative_to(root):
             raise UnsafeArchive(f"external data location {location!r} points outside the archive")
@@ -296,7 +537,7 @@ def _check_external_files(model, model_dir: Path) -> None:
 
 # --- zip archives -----------------------------------------------------------------------------
 
-def _extract_zip(path: Path, dest: Path, limits: Limits) -> Path:
+def _extract_zip(path: Path, dest: Path, limits: Limits, *, filename: str) -> Path:
     """Unpack a zip upload into `dest` after checking every member; return the .onnx inside."""
     try:
         archive = zipfile.ZipFile(path)
@@ -305,11 +546,15 @@ def _extract_zip(path: Path, dest: Path, limits: Limits) -> Path:
     with archive:
         members = _safe_members(archive, limits)
         models = [m for m in members if m.filename.lower().endswith(".onnx")]
+        if not models and any(m.filename.lower().endswith(".pkl") for m in members):
+            # torch.save writes a zip around `data.pkl`: a checkpoint, whatever the upload is named.
+            raise InvalidModel(_pickle_refusal(filename))
         if not models:
             raise InvalidModel("the zip archive holds no .onnx file")
         if len(models) > 1:
             names = ", ".join(m.filename for m in models[:5])
             raise InvalidModel(f"the zip archive holds {len(models)} .onnx files ({names}); upload one model per archive")
+        _check_proto_size(models[0].file_size, limits)
         dest.mkdir(parents=True, exist_ok=True)
         root = dest.resolve()
         written = 0
