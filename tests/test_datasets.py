@@ -368,3 +368,29 @@ def test_check_against_model_on_real_inspections(client, alice, mlp_onnx):
     model = client.post("/v1/models", files={"file": ("m.onnx", mlp_onnx)}, headers=alice).json()
     dataset = upload(client, alice, npz_bytes(**mlp_data(6))).json()
     check_against_model(dataset["inspection"], model["inspection"], "calibration")
+
+
+def test_the_apis_bounded_memory_check_sees_what_the_workers_loader_sees(tmp_path):
+    """read_specs (the API: headers and checksums, no arrays kept) and load_arrays (the workers) agree on what
+    a file holds, and both refuse a member whose bytes were changed after zipping."""
+    from app.datasets.files import inspect_dataset, load_arrays, read_specs
+
+    arrays = {"features": np.arange(40, dtype=">f4").reshape(10, 4), "mask": np.ones((10, 2), np.bool_),
+              "labels": np.arange(10, dtype=np.int64)}
+    bf16 = safetensors_bytes({"x": ("BF16", [2, 2], b"\x80\x3f" * 4), "labels": ("I64", [2], b"\0" * 16)})
+    for name, data, fmt in [("d.npz", npz_bytes(**arrays), "npz"), ("d.safetensors", bf16, "safetensors")]:
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert inspect_dataset(read_specs(path, fmt, max_unpacked_bytes=1 << 30)) == inspect_dataset(
+            load_arrays(path, fmt, max_unpacked_bytes=1 << 30))
+    # One byte of the array data flipped inside a stored (uncompressed) member: the CRC no longer holds.
+    data = bytearray(npz_bytes(features=np.zeros((256, 4), np.float32)))
+    data[data.index(b"\0" * 64) + 32] ^= 0xFF
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(bytes(data))
+    from app.errors import InvalidDataset
+
+    for check in (lambda: read_specs(corrupt, "npz", max_unpacked_bytes=1 << 30),
+                  lambda: load_arrays(corrupt, "npz", max_unpacked_bytes=1 << 30)):
+        with pytest.raises(InvalidDataset, match="not a readable .npz"):
+            check()

@@ -175,3 +175,35 @@ def test_real_old_exports_validate(tmp_path, rel):
     assert fmt == "onnx"
     assert len(inspection["inputs"]) == 1, "weights listed as graph inputs are not model inputs"
     assert any("graph inputs" in w for w in inspection["warnings"])
+
+
+STREAM_ALWAYS, STREAM_NEVER = Limits(stream_above_bytes=0), Limits(stream_above_bytes=1 << 62)
+
+
+@pytest.mark.parametrize("source", ["mlp", "mnist-cnn/opt-mnist.onnx", "ultraface-rfb320/version-RFB-320.onnx",
+                                    "yolox-nano/yolox_nano.onnx"])
+def test_a_large_single_file_is_checked_through_a_streamed_copy_with_the_same_verdict(tmp_path, source):
+    """Above stream_above_bytes a single .onnx is checked without parsing its weights (app.models.onnx_wire);
+    the inspection is the one the plain check gives, on exports from several tools."""
+    path = write(tmp_path, "m.onnx", mlp_onnx_bytes()) if source == "mlp" else shared_model(source)
+    streamed = check(path, tmp_path / "a", filename="m.onnx", limits=STREAM_ALWAYS)
+    plain = check(path, tmp_path / "b", filename="m.onnx", limits=STREAM_NEVER)
+    assert streamed == plain
+    assert (tmp_path / "a" / "work" / "streamed" / "weights.bin").stat().st_size > 0  # the weights went out
+
+
+def test_the_streamed_check_refuses_a_tensor_whose_data_does_not_fit_its_shape(tmp_path):
+    import onnx
+
+    model = onnx.load_from_string(mlp_onnx_bytes())
+    weight = model.graph.initializer[0]
+    weight.raw_data = weight.raw_data[:-4]  # one float short
+    path = write(tmp_path, "short.onnx", model.SerializeToString())
+    with pytest.raises(InvalidModel, match="needs"):
+        check(path, tmp_path, limits=STREAM_ALWAYS)
+
+
+def test_the_streamed_check_leaves_what_it_cannot_walk_to_the_plain_check(tmp_path):
+    path = write(tmp_path, "garbage.onnx", b"\x0a\xff\xff\xff\xff\x0f" + b"\0" * 100)  # a length past the end
+    with pytest.raises(InvalidModel, match="does not parse"):
+        check(path, tmp_path, limits=STREAM_ALWAYS)

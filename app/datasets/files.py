@@ -14,6 +14,7 @@ import json
 import math
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -25,6 +26,8 @@ from app.settings import get_settings
 FORMATS = {".npz": "npz", ".safetensors": "safetensors"}
 LABELS = "labels"
 MAX_ARRAYS = 1024
+# Validation reads array data in chunks of this size, so the API's memory does not grow with an upload.
+STREAM_CHUNK = 1 << 20
 MAX_NAME_CHARS = 256
 MAX_NDIM = 32
 # A few hundred bytes describe one array; this leaves room for MAX_ARRAYS of them.
@@ -71,13 +74,7 @@ def load_arrays(path: Path, fmt: str, *, max_unpacked_bytes: int | None = None) 
     BF16 safetensors arrays come back as float32.
     """
     if fmt == "npz":
-        with path.open("rb") as fh:
-            if fh.read(2) in PICKLE_PREFIXES:
-                raise InvalidDataset(
-                    "not a readable .npz archive of arrays: the file is a Python pickle, and ModelPress never "
-                    "unpickles uploads, because unpickling runs code. Save the arrays with numpy.savez (numeric "
-                    "arrays, no Python objects) or as safetensors"
-                )
+        _refuse_pickle(path)
         cap = get_settings().max_unpacked_bytes if max_unpacked_bytes is None else max_unpacked_bytes
         return _load_npz(path, cap)
     if fmt == "safetensors":
@@ -85,7 +82,48 @@ def load_arrays(path: Path, fmt: str, *, max_unpacked_bytes: int | None = None) 
     raise InvalidDataset(f"unknown dataset format {fmt!r}")
 
 
-def inspect_dataset(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ArraySpec:
+    """What inspection needs of an array, without its data: its dtype and shape."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def read_specs(path: Path, fmt: str, *, max_unpacked_bytes: int) -> dict[str, ArraySpec]:
+    """Check a dataset file as thoroughly as load_arrays does, with memory that does not grow with the file:
+    every header is checked and every .npz member is read through to its checksum, a chunk at a time, but no
+    array is kept. The API validates uploads with this; the workers load the arrays with load_arrays."""
+    if fmt == "npz":
+        _refuse_pickle(path)
+        return _npz_specs(path, max_unpacked_bytes)
+    if fmt == "safetensors":
+        with path.open("rb") as fh:
+            entries = _safetensors_entries(fh, path.stat().st_size)
+        # BF16 arrays are loaded as float32, so that is what a model input must expect.
+        return {name: ArraySpec(np.dtype(np.float32) if code == "BF16" else SAFETENSORS_DTYPES[code].newbyteorder("="),
+                                shape) for name, (code, shape, _begin, _end) in entries.items()}
+    raise InvalidDataset(f"unknown dataset format {fmt!r}")
+
+
+def _refuse_pickle(path: Path) -> None:
+    with path.open("rb") as fh:
+        if fh.read(2) in PICKLE_PREFIXES:
+            raise InvalidDataset(
+                "not a readable .npz archive of arrays: the file is a Python pickle, and ModelPress never "
+                "unpickles uploads, because unpickling runs code. Save the arrays with numpy.savez (numeric "
+                "arrays, no Python objects) or as safetensors"
+            )
+
+
+def inspect_dataset(arrays: dict[str, np.ndarray] | dict[str, ArraySpec]) -> dict[str, Any]:
     """Check the dataset rules and describe the arrays: names, dtypes, shapes, sample count, labels."""
     if not arrays:
         raise InvalidDataset("the dataset holds no arrays")
@@ -192,6 +230,23 @@ def _load_npz(path: Path, max_unpacked_bytes: int) -> dict[str, np.ndarray]:
         raise InvalidDataset(f"not a readable .npz archive of arrays ({_short(exc)})") from None
 
 
+def _npz_specs(path: Path, max_unpacked_bytes: int) -> dict[str, ArraySpec]:
+    specs = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in _npz_members(archive, max_unpacked_bytes):
+                with archive.open(info) as member:
+                    dtype, shape = _check_npy_header(info, member)
+                    while member.read(STREAM_CHUNK):  # to the end: zipfile checks the CRC there
+                        pass
+                specs[info.filename[: -len(".npy")]] = ArraySpec(dtype, tuple(shape))
+    except InvalidDataset:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
+        raise InvalidDataset(f"not a readable .npz archive of arrays ({_short(exc)})") from None
+    return specs
+
+
 def _npz_members(archive: zipfile.ZipFile, max_unpacked_bytes: int) -> list[zipfile.ZipInfo]:
     """Check the zip directory before anything is inflated: names, count, encryption, sizes, ratios."""
     infos = archive.infolist()
@@ -222,7 +277,7 @@ def _npz_members(archive: zipfile.ZipFile, max_unpacked_bytes: int) -> list[zipf
     return infos
 
 
-def _check_npy_header(info: zipfile.ZipInfo, member: Any) -> None:
+def _check_npy_header(info: zipfile.ZipInfo, member: Any) -> tuple[np.dtype, tuple[int, ...]]:
     """Refuse object dtypes, and headers whose shape disagrees with the member's declared size.
 
     np.load allocates an array from the header's shape before it reads the data, so the
@@ -239,40 +294,16 @@ def _check_npy_header(info: zipfile.ZipInfo, member: Any) -> None:
     _check_dtype(name, dtype)
     if member.tell() + math.prod(shape) * dtype.itemsize != info.file_size:
         raise InvalidDataset(f"array {name!r}: its header's shape {list(shape)} does not match its stored size")
+    return dtype.newbyteorder("="), shape
 
 
 # --- safetensors ----------------------------------------------------------------------------
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Parse the header (8-byte little-endian length + JSON), check every entry, then read the arrays."""
-    file_size = path.stat().st_size
+    """Check the header and every entry (_safetensors_entries), then read the arrays."""
     with path.open("rb") as fh:
-        prefix = fh.read(8)
-        if len(prefix) < 8:
-            raise InvalidDataset("not a safetensors file: shorter than its 8-byte header length")
-        header_len = int.from_bytes(prefix, "little")
-        if header_len > MAX_SAFETENSORS_HEADER_BYTES:
-            raise InvalidDataset(
-                f"safetensors header of {header_len} bytes exceeds the {MAX_SAFETENSORS_HEADER_BYTES} byte cap"
-            )
-        if 8 + header_len > file_size:
-            raise InvalidDataset(f"safetensors header of {header_len} bytes runs past the end of the file")
-        try:
-            header = json.loads(fh.read(header_len).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise InvalidDataset(f"safetensors header is not valid JSON ({_short(exc)})") from None
-        if not isinstance(header, dict):
-            raise InvalidDataset("safetensors header is not a JSON object")
-        header.pop("__metadata__", None)
-        if len(header) > MAX_ARRAYS:
-            raise InvalidDataset(f"the file holds {len(header)} arrays; at most {MAX_ARRAYS} are accepted")
-        data_start = 8 + header_len
-        entries = {name: _safetensors_entry(name, spec, file_size - data_start) for name, spec in header.items()}
-        previous_end, previous_name = 0, None
-        for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
-            if begin < previous_end:
-                raise InvalidDataset(f"safetensors arrays {previous_name!r} and {name!r} overlap")
-            previous_end, previous_name = end, name
+        entries = _safetensors_entries(fh, path.stat().st_size)
+        data_start = fh.tell()
         arrays = {}
         for name, (dtype_code, shape, begin, end) in entries.items():
             fh.seek(data_start + begin)
@@ -284,6 +315,37 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
             # Native byte order, so the arrays compare and compute like any other numpy array.
             arrays[name] = flat.astype(flat.dtype.newbyteorder("="), copy=False).reshape(shape)
     return arrays
+
+
+def _safetensors_entries(fh, file_size: int) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Parse the header (8-byte little-endian length + JSON) and check every entry; leaves `fh` at the data."""
+    prefix = fh.read(8)
+    if len(prefix) < 8:
+        raise InvalidDataset("not a safetensors file: shorter than its 8-byte header length")
+    header_len = int.from_bytes(prefix, "little")
+    if header_len > MAX_SAFETENSORS_HEADER_BYTES:
+        raise InvalidDataset(
+            f"safetensors header of {header_len} bytes exceeds the {MAX_SAFETENSORS_HEADER_BYTES} byte cap"
+        )
+    if 8 + header_len > file_size:
+        raise InvalidDataset(f"safetensors header of {header_len} bytes runs past the end of the file")
+    try:
+        header = json.loads(fh.read(header_len).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidDataset(f"safetensors header is not valid JSON ({_short(exc)})") from None
+    if not isinstance(header, dict):
+        raise InvalidDataset("safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    if len(header) > MAX_ARRAYS:
+        raise InvalidDataset(f"the file holds {len(header)} arrays; at most {MAX_ARRAYS} are accepted")
+    data_start = 8 + header_len
+    entries = {name: _safetensors_entry(name, spec, file_size - data_start) for name, spec in header.items()}
+    previous_end, previous_name = 0, None
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin < previous_end:
+            raise InvalidDataset(f"safetensors arrays {previous_name!r} and {name!r} overlap")
+        previous_end, previous_name = end, name
+    return entries
 
 
 def _safetensors_entry(name: str, spec: Any, data_len: int) -> tuple[str, tuple[int, ...], int, int]:

@@ -10,7 +10,7 @@ from app.audit import service as audit
 from app.audit.service import Actor
 from app.blobs import keep_upload, release_blob
 from app.common import get_owned_or_404, newest_first_page
-from app.datasets.files import format_for, inspect_dataset, load_arrays
+from app.datasets.files import format_for, inspect_dataset, read_specs
 from app.dbmodels import ACTIVE_STATUSES, Dataset, Job, JobDataset
 from app.errors import DatasetInUse, DatasetNotFound
 from app.limits import check_upload_fits
@@ -22,9 +22,10 @@ from app.uploads import Received
 def create_from_upload(
     *, db: Session, store: LocalStore, settings: Settings, actor: Actor, received: Received
 ) -> Dataset:
-    """Validate a spooled upload with the workers' own loader, then record it. Nothing is kept when anything fails."""
+    """Validate a spooled upload (every check of the workers' loader, in bounded memory), then record it.
+    Nothing is kept when anything fails."""
     fmt = format_for(received.filename)
-    inspection = inspect_dataset(load_arrays(received.path, fmt, max_unpacked_bytes=settings.max_unpacked_bytes))
+    inspection = inspect_dataset(read_specs(received.path, fmt, max_unpacked_bytes=settings.max_unpacked_bytes))
     name = (received.fields.get("name") or Path(received.filename).name)[:255]
     check_upload_fits(db, actor.tenant_id, settings, received.size_bytes)
     return keep_upload(

@@ -50,6 +50,8 @@ class Limits:
     max_compression_ratio: float = 200.0
     # protobuf cannot encode a message of 2 GiB or more; a bigger model keeps its weights as external data.
     max_model_proto_bytes: int = (2 << 30) - 1
+    # A single .onnx this large is checked through a copy with its weights moved out, not parsed whole.
+    stream_above_bytes: int = 64 << 20
     # If/Loop/Scan bodies nested inside each other. protobuf stops parsing near 32 levels; staying well
     # below keeps the checker, shape inference and ONNX Runtime (all recursive) far from their limits.
     max_graph_depth: int = 16
@@ -71,7 +73,29 @@ def validate_upload(path: Path, *, filename: str, workdir: Path, limits: Limits)
         return "onnx-zip", _check_and_inspect(model_path, packed=True, limits=limits)
     if suffix != ".onnx":
         raise InvalidModel(f"'{filename}' is neither a .onnx file nor a .zip holding one")
+    if path.stat().st_size >= limits.stream_above_bytes:
+        inspection = _inspect_streamed(path, workdir, limits)
+        if inspection is not None:
+            return "onnx", inspection
     return "onnx", _check_and_inspect(path, packed=False, limits=limits)
+
+
+def _inspect_streamed(path: Path, workdir: Path, limits: Limits) -> dict[str, Any] | None:
+    """A large single file checked through a copy with its weights moved out (app.models.onnx_wire), so the
+    API's memory does not grow with the model. None: the walk could not follow the file; check it plainly."""
+    from app.models.onnx_wire import WireError, externalize
+
+    _check_proto_size(path.stat().st_size, limits)
+    try:
+        small = externalize(path, workdir / "streamed")
+    except WireError:
+        return None
+    except ValueError as exc:
+        raise InvalidModel(f"the model is inconsistent: {exc}") from None
+    inspection = _check_and_inspect(small, packed=True, limits=limits)
+    # What the user sent is one file with its weights inside, as stored and as the workers load it.
+    inspection["external_data"] = False
+    return inspection
 
 
 def materialize(blob_path: Path, fmt: str, dest_dir: Path, limits: Limits) -> Path:
