@@ -113,7 +113,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     uvicorn.run("app.main:app", host=args.host or settings.api_host, port=args.port or settings.api_port,
-                log_level=args.log_level)
+                log_level=args.log_level, workers=args.workers, access_log=args.access_log)
     return 0
 
 
@@ -130,6 +130,8 @@ def worker_argv(queues: str, concurrency: int, loglevel: str) -> list[str]:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     argv = worker_argv(args.queues, args.concurrency, args.loglevel)
+    if args.beat:
+        argv += ["--beat", "--schedule", str(get_settings().data_path / "celerybeat-schedule")]
     os.execv(argv[0], argv)
     return 0  # pragma: no cover
 
@@ -555,12 +557,17 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--host")
     api.add_argument("--port", type=int)
     api.add_argument("--log-level", default="info")
+    api.add_argument("--workers", type=int, default=1, help="API processes (uvicorn workers); about one per core")
+    api.add_argument("--no-access-log", dest="access_log", action="store_false",
+                     help="no line per request (GET /metrics has the request latencies)")
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="start a Celery worker")
     worker.add_argument("--queues", default="gpu,cpu", help="comma-separated: gpu,cpu")
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument("--loglevel", default="info")
+    worker.add_argument("--beat", action="store_true",
+                        help="also run Celery beat (recovery sweep, retention); exactly one process of a deployment may")
     worker.set_defaults(func=cmd_worker)
 
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)

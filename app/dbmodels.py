@@ -173,6 +173,9 @@ class Job(Base):
     expired_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     # Last sign of life from the worker running the job; a reaper requeues jobs whose heartbeat is too old.
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # The process running the current attempt ("host:pid"), so a redelivered message can tell a dead
+    # attempt (its process gone) from a live one (a duplicate message).
+    worker_id: Mapped[str | None] = mapped_column(String(255), default=None)
 
 
 class JobDataset(Base):

@@ -24,6 +24,7 @@ from app.methods_api.routes import router as methods_router
 from app.models.routes import router as models_router
 from app.ui import mount_ui
 from app.queue import broker_reachable, get_celery
+from app.store import get_store
 from app.webhooks.routes import router as webhooks_router
 
 log = logging.getLogger("modelpress.api")
@@ -40,6 +41,10 @@ def _problem(status: int, code: str, title: str, detail: str, instance: str, **e
 async def _lifespan(app: FastAPI):
     # Configuring Celery creates the embedded broker's folders, so /readyz is true from the first request.
     get_celery()
+    # What an earlier API process left when it died mid-upload (folders of live processes are locked).
+    removed = get_store().clean_tmp()
+    if removed:
+        log.warning("removed %d leftover upload/work folder(s) of stopped processes from tmp/", len(removed))
     yield
 
 

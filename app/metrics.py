@@ -37,12 +37,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 
+from app.queue import QUEUES
 from app.settings import Settings, get_settings
 
 log = logging.getLogger("modelpress.metrics")
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-QUEUES = ("cpu", "gpu")
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 JOB_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)

@@ -5,6 +5,7 @@ A message carries only a job id; Postgres (or SQLite) holds the job's state.
 from __future__ import annotations
 
 import functools
+import json
 
 from celery import Celery
 
@@ -70,3 +71,73 @@ def broker_reachable() -> tuple[bool, str]:
         return True, "broker reachable"
     except Exception as exc:  # any failure means not ready
         return False, f"broker unreachable: {exc}"
+
+
+QUEUES = ("cpu", "gpu")
+
+
+def _job_id_of(payload: dict) -> str | None:
+    """The job id a kombu message (as the Redis and filesystem transports store it) carries, if it runs one."""
+    import base64
+
+    headers = payload.get("headers") or {}
+    if headers.get("task") != RUN_JOB_TASK:
+        return None
+    body = payload.get("body", "")
+    try:
+        if (payload.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0]) if args else None
+    except (ValueError, TypeError, IndexError, KeyError):
+        return None
+
+
+def queued_job_ids(settings: Settings) -> set[str] | None:
+    """Ids of the jobs whose message waits in the broker or is held, unacknowledged, by a worker.
+
+    None when this broker cannot be looked into (then nothing can be said to be missing). A job `queued` in the
+    database but absent here has lost its message (a Redis restart or flush) and must be sent again.
+    """
+    ids: set[str] = set()
+    names = [settings.queue_name(queue) for queue in QUEUES]
+    if settings.celery_broker_url.startswith("filesystem"):
+        folder = settings.broker_folder / "queue"
+        wanted = {f"{name}.msg" for name in names}
+        for entry in folder.iterdir() if folder.is_dir() else []:
+            if entry.name.partition(".")[2] not in wanted:
+                continue
+            try:
+                job_id = _job_id_of(json.loads(entry.read_text()))
+            except (OSError, ValueError):  # consumed while we looked, or half written
+                continue
+            if job_id:
+                ids.add(job_id)
+        return ids
+    with get_celery().connection_for_read() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+        channel = conn.default_channel
+        client = getattr(channel, "client", None)
+        if conn.transport.driver_type != "redis" or client is None:
+            return None
+        keys = [channel._q_for_pri(name, pri) for name in names for pri in channel.priority_steps]
+        with client.pipeline() as pipe:
+            for key in keys:
+                pipe.lrange(key, 0, -1)
+            pipe.hvals(channel.unacked_key)
+            *waiting, unacked = pipe.execute()
+    for raw in (item for batch in waiting for item in batch):
+        try:
+            job_id = _job_id_of(json.loads(raw))
+        except ValueError:
+            continue
+        if job_id:
+            ids.add(job_id)
+    for raw in unacked:  # [message, exchange, routing key] of each delivered, unacknowledged message
+        try:
+            job_id = _job_id_of(json.loads(raw)[0])
+        except (ValueError, IndexError, TypeError):
+            continue
+        if job_id:
+            ids.add(job_id)
+    return ids

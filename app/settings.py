@@ -60,8 +60,33 @@ class Settings(BaseSettings):
     max_stored_bytes: int = Field(default=1024**4, ge=0)
     # Retry-After (seconds) of a 429 quota_exceeded at job submission.
     quota_retry_after_s: int = Field(default=30, ge=1)
+    # Each job runs in a child process of the worker with these limits (issue 9): memory (RLIMIT_DATA: the
+    # heap and anonymous mappings; 0: 80% of the host's memory, -1: none), CPU seconds per process (0: none),
+    # wall-clock seconds for the whole job, and its network ("none": a fresh network namespace where the OS
+    # allows it, so a hostile model reaches nothing; "host": the worker's own).
+    job_memory_limit_bytes: int = Field(default=0, ge=-1)
+    # Off only to debug (or for tests that register methods in their own process): no limits then.
+    job_isolated: bool = True
+    job_cpu_time_limit_s: int = Field(default=24 * 3600, ge=0)
+    job_timeout_s: int = Field(default=5 * 3600, ge=1)
+    job_network: Literal["none", "host"] = "none"
+    # Recovery: a running job's worker writes a heartbeat this often; a job whose heartbeat is older than the
+    # timeout is requeued by the reaper (Celery beat, every reaper_interval_s) up to job_max_attempts
+    # attempts in all, then failed with worker_lost. Queued jobs without a message in the broker (Redis
+    # restarted or flushed) are enqueued again once they have waited requeue_grace_s.
+    heartbeat_interval_s: float = Field(default=10.0, gt=0)
+    heartbeat_timeout_s: float = Field(default=120.0, gt=0)
+    job_max_attempts: int = Field(default=3, ge=1)
+    reaper_interval_s: float = Field(default=30.0, ge=1)
+    requeue_grace_s: float = Field(default=30.0, ge=0)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+
+    @model_validator(mode="after")
+    def _recovery_timings_fit(self) -> "Settings":
+        if self.heartbeat_timeout_s < 2 * self.heartbeat_interval_s:
+            raise ValueError("MODELPRESS_HEARTBEAT_TIMEOUT_S must be at least twice MODELPRESS_HEARTBEAT_INTERVAL_S")
+        return self
 
     @model_validator(mode="after")
     def _production_needs_servers(self) -> "Settings":

@@ -15,11 +15,13 @@ sha256 before anyone sees it. Streams (downloads over HTTP, with ranges) use `op
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,27 +48,62 @@ def check_sha256(sha256: str) -> str:
 
 
 class _ScratchSpace:
-    """tmp/ on local disk, shared by both backends: uploads being received and job work folders."""
+    """tmp/ on local disk, shared by both backends: uploads being received and job work folders.
+
+    Every folder handed out holds an exclusive flock on its `.lock` for as long as it is in use, so that a
+    process starting up (an API restarted mid-upload, a worker after a crash) removes what dead processes left
+    and never a folder another live process is still writing (API processes and workers share tmp/).
+    """
 
     root: Path
     tmp: Path
+    LOCK = ".lock"
+    # A folder this young may be between its creation and its lock.
+    FRESH_S = 60.0
 
     @contextmanager
     def workdir(self) -> Iterator[Path]:
         """A private scratch folder under tmp/, removed afterwards whatever happens."""
         path = Path(tempfile.mkdtemp(prefix="work-", dir=self.tmp))
+        lock = open(path / self.LOCK, "wb")
         try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             yield path
         finally:
+            lock.close()
             shutil.rmtree(path, ignore_errors=True)
 
-    def clean_tmp(self) -> None:
-        """Remove leftovers of interrupted uploads (called at start-up)."""
+    def clean_tmp(self) -> list[str]:
+        """Remove what interrupted uploads and jobs left (called at start-up). Returns the names removed."""
+        removed = []
+        now = time.time()
         for child in self.tmp.iterdir():
-            if child.is_dir():
+            try:
+                fresh = now - child.lstat().st_mtime < self.FRESH_S
+            except FileNotFoundError:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                if not self._abandoned(child, fresh):
+                    continue
                 shutil.rmtree(child, ignore_errors=True)
+            elif fresh:
+                continue
             else:
                 child.unlink(missing_ok=True)
+            removed.append(child.name)
+        return removed
+
+    def _abandoned(self, folder: Path, fresh: bool) -> bool:
+        try:
+            lock = open(folder / self.LOCK, "rb")
+        except FileNotFoundError:
+            return not fresh
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # a live process holds it
+            return True
 
 
 class LocalStore(_ScratchSpace):

@@ -1,6 +1,7 @@
 """Shared fixtures: an isolated embedded deployment per test (SQLite + filesystem broker + store)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -13,6 +14,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = ROOT.parent / "shared" / "models"
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    # item.rep_call: fixtures that print their processes' logs when the test itself failed.
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
 
 
 def clear_caches() -> None:
@@ -176,29 +185,45 @@ def postgres_or_skip() -> None:
         pytest.skip(f"PostgreSQL at 127.0.0.1:5432 unreachable: {exc}")
 
 
+@contextlib.contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new, empty database on the machine's PostgreSQL (its SQLAlchemy URL), dropped afterwards."""
+    postgres_or_skip()
+    import uuid
+
+    import psycopg
+
+    name = f"mp_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    """For tests that start processes: the URL of a fresh database (they migrate it themselves)."""
+    with fresh_postgres_database() as url:
+        yield url
+
+
 def use_database(kind: str, monkeypatch):
     """Generator for a fixture: the data folder's SQLite ("sqlite"), or a fresh PostgreSQL database,
     migrated to head and dropped afterwards ("postgresql"). Yields the kind."""
     if kind == "sqlite":
         yield "sqlite"
         return
-    postgres_or_skip()
-    import uuid
-
-    import psycopg
-
     from app.migrate import upgrade
 
-    name = f"mp_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    monkeypatch.setenv("MODELPRESS_DATABASE_URL", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
-    clear_caches()
-    upgrade()
-    yield "postgresql"
-    clear_caches()
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database() as url:
+        monkeypatch.setenv("MODELPRESS_DATABASE_URL", url)
+        clear_caches()
+        upgrade()
+        yield "postgresql"
+        clear_caches()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

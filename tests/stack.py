@@ -92,3 +92,44 @@ def wait_for_job(http: httpx.Client, job_id: str, timeout: float = 240) -> dict:
             return job
         time.sleep(0.3)
     raise TimeoutError(f"job {job_id} not finished after {timeout}s (seen {seen_statuses})")
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port (tests that restart or flush Redis never touch the
+    machine's): no persistence, so a restart loses every message, as a crashed production Redis can."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.folder = folder
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        import redis
+
+        log = open(self.folder / f"redis-{self.port}.log", "a")
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.folder)], stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis.from_url(self.url, socket_timeout=1).ping()
+                return self
+            except redis.RedisError:
+                time.sleep(0.1)
+        raise TimeoutError(f"redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_timeout=3)

@@ -27,8 +27,8 @@ def test_compose_file_validates_and_describes_the_deployment():
     services = config["services"]
     # Services behind a compose profile start only when asked for (`--profile monitoring`).
     optional = {name: service["profiles"] for name, service in services.items() if service.get("profiles")}
-    assert set(services) - set(optional) == {"postgres", "redis", "migrate", "api", "worker"}
-    assert optional == {"flower": ["monitoring"], "beat": ["retention"]}
+    assert set(services) - set(optional) == {"postgres", "redis", "migrate", "api", "worker", "beat"}
+    assert optional == {"flower": ["monitoring"]}
     assert services["beat"]["command"][:4] == ["celery", "-A", "workers.celery_app", "beat"]
     assert services["migrate"]["command"] == ["modelpress", "migrate"]
     assert services["migrate"]["restart"] == "no"

@@ -17,13 +17,11 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import IN_CI, SHARED_MODELS, digits_classifier, mlp_onnx_bytes
+from tests.conftest import REDIS_URL, SHARED_MODELS, digits_classifier, mlp_onnx_bytes, redis_or_skip
 from tests.stack import BIN, base_env, free_port, logs, modelpress, processes, wait_for_job, wait_ready
 
 pytestmark = pytest.mark.integration
 
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def run_onnx(model_bytes: bytes, feeds: dict) -> list[np.ndarray]:
@@ -285,39 +283,6 @@ def test_embedded_default_make_run_path(tmp_path):
 
 # --- production: PostgreSQL + Redis + real worker ------------------------------------------------
 
-def _reachable_or_skip() -> None:
-    problems = []
-    try:
-        import psycopg
-
-        psycopg.connect(PG_ADMIN_URL, connect_timeout=3).close()
-    except Exception as exc:
-        problems.append(f"PostgreSQL at 127.0.0.1:5432 unreachable: {exc}")
-    try:
-        import redis
-
-        redis.Redis.from_url(REDIS_URL, socket_timeout=3).ping()
-    except Exception as exc:
-        problems.append(f"Redis at 127.0.0.1:6379 unreachable: {exc}")
-    if problems:
-        if IN_CI:
-            pytest.fail("; ".join(problems) + " (CI=true: integration tests must run)")
-        pytest.skip("; ".join(problems))
-
-
-@pytest.fixture
-def postgres_database():
-    _reachable_or_skip()
-    import psycopg
-
-    name = f"mp_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture
 def queue_prefix():
     prefix = f"mptest-{uuid.uuid4().hex[:8]}-"
@@ -331,6 +296,7 @@ def queue_prefix():
 
 
 def test_production_postgres_redis_worker(tmp_path, postgres_database, queue_prefix):
+    redis_or_skip()
     data_dir = tmp_path / "data"
     env = base_env(data_dir, MODELPRESS_MODE="production", MODELPRESS_DATABASE_URL=postgres_database,
                    MODELPRESS_BROKER_URL=REDIS_URL, MODELPRESS_QUEUE_PREFIX=queue_prefix)

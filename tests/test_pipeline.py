@@ -32,8 +32,13 @@ def submit(client, alice, mlp_onnx):
 
 
 @pytest.fixture
-def test_method():
-    """Register a method for the duration of one test."""
+def test_method(monkeypatch):
+    """Register a method for the duration of one test. It lives in this process only, so the job runs here
+    too (MODELPRESS_JOB_ISOLATED=false); every other test runs jobs in their fenced process."""
+    from app.settings import get_settings
+
+    monkeypatch.setenv("MODELPRESS_JOB_ISOLATED", "false")
+    get_settings.cache_clear()
     added = []
 
     def _register(method_id: str, fn) -> None:
@@ -43,6 +48,7 @@ def test_method():
     yield _register
     for method_id in added:
         methods.REGISTRY.pop(method_id, None)
+    get_settings.cache_clear()
 
 
 def job_row(job_id: str) -> Job:

@@ -1,131 +1,161 @@
-"""The pipeline runner: one job = load the model, run its steps, measure, store the results.
+"""A job's life in the worker: claim it, run it in a fenced process of its own, store what that process
+sends, and finish it.
 
-Postgres (or SQLite) holds the job's state; this module is the only writer while a
-job runs. Running it twice for one job id yields one result: a finished job is left
-alone, and a job found `running` (its worker died) is started over cleanly.
+Postgres (or SQLite) holds the job's state; the worker process is its only writer while the job runs. The job's
+steps and measurements run in a child process (workers.job_process, limits in workers.sandbox) that has no
+database, broker or network; it sends progress and artifacts on a pipe, which this process writes down, with a
+heartbeat every `heartbeat_interval_s`. A child that exhausts its limits fails its job (`resource_limit`) and
+the worker goes on with the next one.
+
+Running it twice for one job id yields one result: a finished job is left alone; a job found `running` is
+started over only when its previous attempt is dead (its process gone, or its heartbeat stale), and a
+duplicate message for a live attempt is dropped. Every write of an attempt checks that the job is still that
+attempt's (`Attempt.owned`): one the reaper has requeued (workers.recovery) cannot overwrite its successor.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
+from app.blobs import release_blob
 from app.db import session_scope
 from app.dbmodels import (
     TERMINAL_STATUSES, Artifact, Blob, Dataset, Job, JobDataset, JobModel, Measurement, Model, utcnow,
 )
 from app.errors import JobFailed, ModelPressError
 from app.jobs.state import add_event, set_status
-from app.models.onnx_files import materialize
-from app.blobs import release_blob
-from app.models.service import limits
-from app.settings import get_settings
-from app.store import LocalStore, get_store
-from workers import methods
+from app.settings import Settings, get_settings
+from app.store import ArtifactStore, get_store
+from workers.job_process import OUTPUT, REQUEST, RESULT, STOP
+from workers.sandbox import JobLimits, describe, how_it_ended, looks_out_of_memory, output_tail
 
 log = logging.getLogger("modelpress.worker")
-
-# Share of the progress bar each phase owns.
-PREPARE, STEPS, MEASURE = 0.05, 0.40, 0.50
+MAX_MESSAGE_BYTES = 1 << 20
 
 
-class Cancelled(Exception):
-    pass
+class Superseded(Exception):
+    """This attempt is no longer the job's: the reaper requeued it, or another attempt claimed it."""
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
-class Run:
+class Claim:
+    attempt: int
+    model_sha: str
+    model_format: str
+    spec: dict
+    datasets: dict[str, tuple[str, str, str]]  # id -> (sha256, format, name)
+    models: dict[str, tuple[str, str]]  # id -> (sha256, format)
+
+
+@dataclass
+class Attempt:
+    """One attempt at a job, as the worker supervises it."""
+
     job_id: str
-    store: LocalStore
-    last_progress_write: float = 0.0
-    last_cancel_check: float = 0.0
+    number: int
+    store: ArtifactStore
+    folder: Path
     artifacts: list[dict[str, Any]] = field(default_factory=list)
-    # dataset id -> (sha256, format, name) of every dataset the job names
-    datasets: dict[str, tuple[str, str, str]] = field(default_factory=dict)
-    # model id -> (sha256, format) of every other model the job names (a distillation student)
-    models: dict[str, tuple[str, str]] = field(default_factory=dict)
-    _loaded: dict[str, Any] = field(default_factory=dict)
-    _unpacked: dict[str, Path] = field(default_factory=dict)
 
-    def dataset(self, dataset_id: str):
-        """The named dataset, loaded once per job (a workers.datasets.Dataset)."""
-        from workers.datasets import load
+    def owned(self, db) -> Job:
+        """The job row, locked, if it is still this attempt's; else Superseded."""
+        job = db.get(Job, self.job_id, with_for_update=True)
+        if job is None or job.attempts != self.number or job.status != "running":
+            raise Superseded(f"job {self.job_id} is no longer attempt {self.number}'s"
+                             + (f" (it is {job.status}, attempt {job.attempts})" if job is not None else ""))
+        return job
 
-        if dataset_id not in self._loaded:
-            if dataset_id not in self.datasets:
-                raise JobFailed(f"dataset {dataset_id} was deleted before the job ran", code="dataset_not_found")
-            sha, fmt, name = self.datasets[dataset_id]
-            self._loaded[dataset_id] = load(self.store.local_path(sha), fmt, name=name)
-        return self._loaded[dataset_id]
-
-    def model(self, model_id: str, workdir: Path) -> Path:
-        """Another model the job names, unpacked once per job (its ONNX path)."""
-        if model_id not in self._unpacked:
-            if model_id not in self.models:
-                raise JobFailed(f"model {model_id} was deleted before the job ran", code="model_not_found")
-            sha, fmt = self.models[model_id]
-            self._unpacked[model_id] = materialize(self.store.local_path(sha), fmt, workdir / "models" / model_id,
-                                                   limits(get_settings()))
-        return self._unpacked[model_id]
-
-    def progress(self, value: float, stage: str, message: str, *, force: bool = False) -> None:
-        """Record progress; throttled to a few writes per second unless forced."""
-        now = time.monotonic()
-        if not force and now - self.last_progress_write < 0.5:
-            return
-        self.last_progress_write = now
+    def progress(self, value: float, stage: str, message: str) -> None:
         with session_scope() as db:
-            job = db.get(Job, self.job_id)
-            job.progress = max(job.progress, min(value, 0.99))
-            job.stage, job.message, job.updated_at = stage, message, utcnow()
+            job = self.owned(db)
+            job.progress = max(job.progress, min(float(value), 0.99))
+            job.stage, job.message = str(stage)[:64], str(message)
+            job.updated_at = job.heartbeat_at = utcnow()
             add_event(db, job, kind="progress")
 
-    def cancel_requested(self) -> bool:
+    def heartbeat(self, *, beat: bool = True) -> bool:
+        """Write the heartbeat (when `beat`); returns whether cancellation was requested. Superseded when the
+        job is no longer this attempt's."""
         with session_scope() as db:
-            return bool(db.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+            owned = (Job.id == self.job_id, Job.attempts == self.number, Job.status == "running")
+            if beat:
+                if db.execute(update(Job).where(*owned).values(heartbeat_at=utcnow())).rowcount != 1:
+                    raise Superseded(f"job {self.job_id} is no longer attempt {self.number}'s")
+                return bool(db.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+            cancel = db.scalar(select(Job.cancel_requested).where(*owned))
+            if cancel is None:
+                raise Superseded(f"job {self.job_id} is no longer attempt {self.number}'s")
+            return bool(cancel)
 
-    def cancel_requested_throttled(self) -> bool:
-        """cancel_requested, asked of the database at most once a second (for loops inside a step)."""
-        now = time.monotonic()
-        if now - self.last_cancel_check < 1.0:
-            return False
-        self.last_cancel_check = now
-        return self.cancel_requested()
-
-    def check_cancel(self) -> None:
-        if self.cancel_requested():
-            raise Cancelled()
+    def store_artifact(self, message: dict) -> None:
+        """Store a file the job's process finished, after checking it is one of the job's own files."""
+        path = Path(str(message.get("path", "")))
+        name = str(message.get("name", ""))
+        inside = path.resolve().is_relative_to(self.folder.resolve())
+        if not inside or path.is_symlink() or not path.is_file() or not name or "/" in name or len(name) > 255:
+            raise JobFailed(f"the job's process named an artifact {name!r} at {path} that is not one of its own "
+                            "files; nothing of it was stored", code="internal_error")
+        sha, size, _ = self.store.put(path, keep_source=True)
+        if sha != message.get("sha256"):
+            raise JobFailed(f"artifact {name} changed while it was being stored", code="internal_error")
+        with session_scope() as db:
+            self.owned(db)
+            if db.get(Blob, sha) is None:
+                db.add(Blob(sha256=sha, size_bytes=size))
+                db.flush()  # the artifact row references the blob row
+            db.add(Artifact(job_id=self.job_id, name=name, kind=str(message.get("kind", "model"))[:32], sha256=sha,
+                            size_bytes=size, content_type=str(message.get("content_type", ""))[:100]))
+        self.artifacts.append({"name": name, "sha256": sha, "size_bytes": size})
 
 
 def run_job(job_id: str) -> None:
+    settings = get_settings()
     store = get_store()
-    claimed = _claim(job_id, store)
-    if claimed is None:
+    claim = _claim(job_id, store, settings)
+    if claim is None:
         return
-    model_sha, model_format, spec, datasets, models = claimed
-    run = Run(job_id=job_id, store=store, datasets=datasets, models=models)
     try:
-        with store.workdir() as workdir:
-            report, summary, rows = _execute(run, workdir, model_sha, model_format, spec)
-        _succeed(run, report, summary, rows)
-    except Cancelled:
-        _finish(job_id, "cancelled", message="cancelled at a step boundary")
+        with store.workdir() as folder:
+            attempt = Attempt(job_id=job_id, number=claim.attempt, store=store, folder=folder)
+            result = _supervise(attempt, claim, settings)
+            if result["status"] == "succeeded":
+                _succeed(attempt, result)
+            elif result["status"] == "cancelled":
+                _finish(job_id, "cancelled", message="cancelled at a step boundary", attempt=claim.attempt)
+            else:
+                log.info("job %s failed: %s", job_id, result.get("message"))
+                _finish(job_id, "failed", code=str(result.get("code") or "internal_error"),
+                        message=str(result.get("message") or "the job failed"), attempt=claim.attempt)
+    except Superseded as exc:
+        log.warning("job %s: attempt %d stopped: %s", job_id, claim.attempt, exc)
     except ModelPressError as exc:
         log.info("job %s failed: %s", job_id, exc.message)
-        _finish(job_id, "failed", code=exc.code, message=exc.message)
+        _finish(job_id, "failed", code=exc.code, message=exc.message, attempt=claim.attempt)
     except Exception as exc:  # a bug or an environment problem: say what happened, keep the trace in the log
         log.error("job %s crashed:\n%s", job_id, traceback.format_exc())
-        _finish(job_id, "failed", code="internal_error", message=f"{type(exc).__name__}: {exc}")
+        _finish(job_id, "failed", code="internal_error", message=f"{type(exc).__name__}: {exc}",
+                attempt=claim.attempt)
 
 
-def _claim(job_id: str, store: LocalStore) -> tuple[str, str, dict, dict, dict] | None:
+def _claim(job_id: str, store: ArtifactStore, settings: Settings) -> Claim | None:
     with session_scope() as db:
         job = db.get(Job, job_id, with_for_update=True)
         if job is None:
@@ -139,12 +169,30 @@ def _claim(job_id: str, store: LocalStore) -> tuple[str, str, dict, dict, dict] 
             set_status(db, job, "cancelled", message="cancelled before it started")
             return None
         retry = job.status == "running"
-        if retry:
-            # The previous attempt died mid-job: drop what it left, then start over.
+        if retry and _alive(job, settings):
+            log.info("job %s is running in %s (attempt %d); duplicate message dropped", job_id, job.worker_id,
+                     job.attempts)
+            return None
+        if job.attempts >= settings.job_max_attempts:
+            job.error_code, job.stage = "worker_lost", "failed"
+            job.error_message = (f"the job's worker was lost {job.attempts} time(s) (killed, or the machine went "
+                                 f"away); it is not tried again (MODELPRESS_JOB_MAX_ATTEMPTS={settings.job_max_attempts})")
+            set_status(db, job, "failed", message=job.error_message)
+            return None
+        # The claim itself: only one of two racing workers moves attempts on (SQLite has no row locks).
+        seen = job.attempts
+        won = db.execute(update(Job).where(Job.id == job.id, Job.attempts == seen).values(attempts=seen + 1))
+        if won.rowcount != 1:
+            log.info("job %s was claimed by another worker at the same time", job_id)
+            return None
+        db.refresh(job)
+        if seen:
+            # An earlier attempt died mid-job: drop what it left, then start over.
             _drop_outputs(db, store, job.id)
-        job.attempts += 1
         job.progress, job.stage, job.error_code, job.error_message = 0.0, "preparing", None, None
-        set_status(db, job, "running", message=f"attempt {job.attempts}: started" + (" again after a lost worker" if retry else ""))
+        job.worker_id, job.heartbeat_at = worker_id(), utcnow()
+        again = " again after a lost worker" if seen else ""
+        set_status(db, job, "running", message=f"attempt {job.attempts}: started{again}")
         model = db.get(Model, job.model_id) if job.model_id else None
         if model is None:
             job.error_code, job.error_message = "model_not_found", "the job's model was deleted before the job ran"
@@ -158,11 +206,30 @@ def _claim(job_id: str, store: LocalStore) -> tuple[str, str, dict, dict, dict] 
             select(Model.id, Model.sha256, Model.format)
             .join(JobModel, JobModel.model_id == Model.id).where(JobModel.job_id == job.id)
         ).all()
-        return (model.sha256, model.format, dict(job.spec), {row[0]: tuple(row[1:]) for row in linked},
-                {row[0]: tuple(row[1:]) for row in others})
+        return Claim(attempt=job.attempts, model_sha=model.sha256, model_format=model.format, spec=dict(job.spec),
+                     datasets={row[0]: tuple(row[1:]) for row in linked},
+                     models={row[0]: tuple(row[1:]) for row in others})
 
 
-def _drop_outputs(db, store: LocalStore, job_id: str) -> None:
+def _alive(job: Job, settings: Settings) -> bool:
+    """Whether the attempt a `running` job records may still be running somewhere."""
+    if job.heartbeat_at is None or (utcnow() - job.heartbeat_at).total_seconds() > settings.heartbeat_timeout_s:
+        return False
+    host, _, pid = (job.worker_id or "").rpartition(":")
+    if host != socket.gethostname():
+        return True  # another machine's process: its heartbeat says it is alive
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False  # this very process is here again, so the attempt it ran has ended
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _drop_outputs(db, store: ArtifactStore, job_id: str) -> None:
     shas = list(db.scalars(select(Artifact.sha256).where(Artifact.job_id == job_id)))
     db.execute(delete(Artifact).where(Artifact.job_id == job_id))
     db.execute(delete(Measurement).where(Measurement.job_id == job_id))
@@ -171,221 +238,197 @@ def _drop_outputs(db, store: LocalStore, job_id: str) -> None:
         release_blob(db=db, store=store, sha256=sha)
 
 
-def _execute(run: Run, workdir: Path, model_sha: str, model_format: str, spec: dict):
-    settings = get_settings()
-    run.progress(0.01, "loading", "unpacking the uploaded model", force=True)
-    original = materialize(run.store.local_path(model_sha), model_format, workdir / "input", limits(settings))
-    steps_report = []
-    step_paths: list[Path] = []
-    current = original
-    steps = spec["steps"]
-    for index, step in enumerate(steps, start=1):
-        run.check_cancel()
-        method = methods.get(step["method"])
-        base = PREPARE + STEPS * (index - 1) / len(steps)
-        run.progress(base, f"step {index}/{len(steps)}", f"running {method.id}", force=True)
-        params = method.params_model.model_validate(step["params"])
-        out_dir = workdir / f"step-{index}"
-        out_dir.mkdir()
-        started = time.perf_counter()
+def _supervise(attempt: Attempt, claim: Claim, settings: Settings) -> dict:
+    """Run the job's process to its end; returns its result (see workers.job_process)."""
+    limits = JobLimits.from_settings(settings)
+    folder, store = attempt.folder, attempt.store
+    request = {
+        "job_id": attempt.job_id, "attempt": attempt.number, "parent_pid": os.getpid(), "limits": limits.to_json(),
+        "spec": claim.spec, "model": {"path": str(store.local_path(claim.model_sha)), "format": claim.model_format},
+        "datasets": {i: [str(store.local_path(sha)), fmt, name] for i, (sha, fmt, name) in claim.datasets.items()},
+        "models": {i: [str(store.local_path(sha)), fmt] for i, (sha, fmt) in claim.models.items()},
+    }
+    lines: queue.Queue[bytes | None] = queue.Queue()
+    if not settings.job_isolated:
+        return _run_in_this_process(attempt, request, settings, limits, lines)
+    (folder / REQUEST).write_text(json.dumps(request))
+    attempt.progress(0.01, "preparing", f"starting the job's process ({describe(limits)})")
+    read_fd, write_fd = os.pipe()
+    reply_read, reply_write = os.pipe()
+    with open(folder / OUTPUT, "wb") as output:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "workers.job_process", str(folder), str(write_fd), str(reply_read)],
+            pass_fds=(write_fd, reply_read), stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            cwd=folder, env=_child_env(), start_new_session=True)
+    os.close(write_fd)
+    os.close(reply_read)
+    replies = os.fdopen(reply_write, "w", buffering=1)
+
+    def read() -> None:
+        with os.fdopen(read_fd, "rb") as pipe:
+            for raw in pipe:
+                lines.put(raw[:MAX_MESSAGE_BYTES])
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True, name=f"job-{attempt.job_id[:8]}").start()
+
+    def reply(answer: str) -> None:
         try:
-            step_datasets = {name: run.dataset(value) for name in method.dataset_params
-                             if (value := step["params"].get(name))}
-            step_models = {name: run.model(value, workdir) for name in method.model_params
-                           if (value := step["params"].get(name))}
-            ctx = methods.StepContext(
-                calibration=step_datasets.get("calibration_dataset_id"), datasets=step_datasets, seed=index,
-                progress=lambda fraction, message, milestone=False, base=base, index=index: run.progress(
-                    base + STEPS / len(steps) * fraction, f"step {index}/{len(steps)}", message, force=milestone),
-                cancelled=run.cancel_requested_throttled, models=step_models,
-            )
-            # ONNX Runtime's tools drop temp files in the working directory (sym_shape_infer_temp.onnx
-            # and its external data): keep them inside the job's folder.
-            with contextlib.chdir(out_dir):
-                output = method.run(current, params, out_dir, ctx)
-        except ModelPressError as exc:
-            exc.message = f"step {index} ({method.id}) failed: {exc.message}"
-            raise
-        except Exception as exc:
-            raise JobFailed(f"step {index} ({method.id}) failed: {type(exc).__name__}: {exc}", code="step_failed") from exc
-        duration = time.perf_counter() - started
-        name = "model.onnx" if index == len(steps) else f"step-{index}-{method.id}.onnx"
-        artifact = _store_artifact(run, output.model_path, name=name, kind="model", content_type="application/octet-stream")
-        for suffix, path in output.packed.items():
-            _store_artifact(run, path, name=name + suffix, kind="packed-model", content_type="application/zstd"
-                            if suffix == ".zst" else "application/octet-stream")
-        steps_report.append({
-            "index": index, "method": method.id, "version": method.version, "params": step["params"],
-            "duration_s": round(duration, 3), "details": output.details, "artifact": artifact,
-        })
-        current = output.model_path
-        step_paths.append(current)
+            replies.write(answer + "\n")
+        except BrokenPipeError:  # it died meanwhile; its end is seen below
+            pass
 
-    run.check_cancel()
-    evaluate = spec["evaluate"]
-    # Every step's model is measured against the original, so the report shows the trajectory; the last
-    # step's measurement is the job's result.
-    rows: list[dict] = []
-    trajectory = []
-    for position, (entry, path) in enumerate(zip(steps_report, step_paths)):
-        last = position == len(steps) - 1
-        share = (position / len(steps), (position + 1) / len(steps))
-        what = "the result" if last else f"step {entry['index']}'s model ({entry['method']})"
-        run.progress(PREPARE + STEPS + MEASURE * share[0], "measuring",
-                     f"measuring the original and {what} side by side", force=True)
-        measured_step = _measure(run, settings, evaluate, original, path, share)
-        # Raw per-call times go to an artifact of their own; the report and the job row keep the statistics.
-        samples_path = workdir / ("latency-samples.json" if last else f"step-{entry['index']}-latency-samples.json")
-        samples_path.write_text(json.dumps(measured_step.pop("samples", {})))
-        samples = _store_artifact(run, samples_path, name=samples_path.name, kind="samples",
-                                  content_type="application/json")
-        measured_step["latency"]["samples_artifact"] = samples["name"]
-        environment = measured_step.get("environment")
-        step_rows = [r | {"environment": environment} for r in measured_step.pop("measurements", [])]
-        if last:
-            measured = measured_step
-            rows += step_rows
-        else:
-            rows += [r | {"model": f"step-{entry['index']}", "sha256": entry["artifact"]["sha256"]}
-                     for r in step_rows if r["model"] == "result"]
-        trajectory.append(_trajectory_entry(entry, _summary(measured_step, [])))
-    summary = _summary(measured, steps_report)
-    if len(trajectory) > 1:
-        summary["trajectory"] = trajectory
-    report = {
-        "job_id": run.job_id,
-        "steps": steps_report,
-        "evaluate": evaluate,
-        "measurement": measured,
-        "summary": summary,
-    }
-    run.progress(0.97, "storing", "storing the report", force=True)
-    report_path = workdir / "report.json"
-    report["artifacts"] = run.artifacts + [{"name": "report.json", "kind": "report"}]
-    report_path.write_text(json.dumps(report, indent=2, default=str))
-    _store_artifact(run, report_path, name="report.json", kind="report", content_type="application/json")
-    return report, summary, rows
-
-
-def _measure(run: Run, settings, evaluate: dict, original: Path, candidate: Path, share: tuple[float, float]) -> dict:
-    from workers.measure import Stopped, measure_pair
-    from workers.measure.isolated import measure_isolated
-
-    def on_progress(fraction: float, message: str) -> None:
-        run.progress(PREPARE + STEPS + MEASURE * (share[0] + (share[1] - share[0]) * fraction), "measuring", message)
-
-    options = dict(
-        batch_sizes=evaluate["batch_sizes"], warmup=evaluate["warmup"], iterations=evaluate["iterations"],
-        providers=evaluate.get("providers"), threads=settings.measure_threads or None, on_progress=on_progress,
-        should_stop=run.cancel_requested_throttled,
-        dataset=run.dataset(evaluate["eval_dataset_id"]) if evaluate.get("eval_dataset_id") else None,
-        dataset_max_samples=evaluate.get("eval_max_samples"), include_io=bool(evaluate.get("include_io")),
-        energy_estimate_tdp_watts=evaluate.get("tdp_watts") if evaluate.get("energy_estimate") else None,
-    )
     try:
-        if settings.measure_isolated:
-            return measure_isolated(original, candidate, timeout_s=settings.measure_timeout_s, **options)
-        return measure_pair(original, candidate, **options)
-    except Stopped:
-        raise Cancelled() from None
+        timed_out = _follow(attempt, lines, settings, limits, reply=reply, kill=lambda: _kill_group(child))
+        if not timed_out:
+            try:  # it closed its end of the pipe: it is exiting
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        _kill_group(child)  # whatever is left of it (a measuring process it started)
+        try:
+            replies.close()
+        except BrokenPipeError:
+            pass
+    return _outcome(child.returncode, folder, limits, timed_out)
 
 
-def _trajectory_entry(step: dict, summary: dict) -> dict:
-    """One step's model against the original, in the summary's terms (size, p50, accuracy or fidelity)."""
-    accuracy = summary.get("accuracy") or {}
-    return {
-        "step": step["index"], "method": step["method"], "artifact": step["artifact"]["name"],
-        "size_bytes": summary.get("compressed_size_bytes"), "size_ratio": summary.get("size_ratio"),
-        "latency_p50_ms": {b: v["compressed"] for b, v in summary.get("latency_p50_ms", {}).items()},
-        "speedup": summary.get("speedup"),
-        "top1": accuracy.get("compressed_top1"), "top1_drop_points": accuracy.get("top1_drop_points"),
-        "cosine": (summary.get("fidelity") or {}).get("cosine_similarity"),
-    }
+def _run_in_this_process(attempt: Attempt, request: dict, settings: Settings, limits: JobLimits,
+                         lines: queue.Queue) -> dict:
+    """MODELPRESS_JOB_ISOLATED=false (debugging, tests that register methods in-process): the same run in a
+    thread of this process, with no limits and no fence around it."""
+    from workers.job_process import run
+
+    outcome: dict = {}
+    answers: queue.Queue[str] = queue.Queue()
+
+    def send(message: dict) -> None:
+        lines.put(json.dumps(message).encode())
+
+    def ask_cancelled() -> bool:
+        send({"type": "checkpoint"})
+        return answers.get() != "go"
+
+    def work() -> None:
+        try:
+            outcome.update(run(attempt.folder, request, {"isolated": False}, limits, send, ask_cancelled))
+        finally:
+            lines.put(None)
+
+    thread = threading.Thread(target=work, daemon=True, name=f"job-{attempt.job_id[:8]}")
+    thread.start()
+    if _follow(attempt, lines, settings, limits, reply=answers.put, kill=lambda: None):
+        return _outcome(0, attempt.folder, limits, True)
+    thread.join()
+    return outcome
 
 
-def _summary(measured: dict, steps_report: list[dict]) -> dict:
-    size = measured.get("size", {})
-    latency = measured.get("latency", {})
-    fidelity = measured.get("fidelity", {})
-    per_batch = latency.get("batch_sizes", [])
-    top1 = [o.get("top1_agreement") for o in fidelity.get("outputs", []) if o.get("top1_agreement") is not None]
-    return {
-        "original_size_bytes": size.get("baseline", {}).get("file_bytes"),
-        "compressed_size_bytes": size.get("result", {}).get("file_bytes"),
-        "size_ratio": size.get("ratio"),
-        "latency_p50_ms": {
-            str(b["batch_size"]): {"original": b["baseline"]["p50_ms"], "compressed": b["result"]["p50_ms"]}
-            for b in per_batch
-        },
-        "latency_p50_ratio": {str(b["batch_size"]): b["p50_ratio"] for b in per_batch},
-        "speedup": {str(b["batch_size"]): b["speedup"] for b in per_batch},
-        # "1.83x (1.79-1.88)": the ratio of medians and its 95% bootstrap interval over the paired rounds.
-        "speedup_ci": {str(b["batch_size"]): b["speedup_text"] for b in per_batch if "speedup_text" in b},
-        "noisy_batch_sizes": [b["batch_size"] for b in per_batch if b.get("noisy")],
-        "provider": latency.get("provider"),
-        "providers": {p["provider"]: ({str(b["batch_size"]): b["speedup_text"] for b in p["latency"]["batch_sizes"]}
-                                      if p["available"] else {"unavailable": p["reason"]})
-                      for p in measured.get("providers", [])},
-        "cold_start_ms": {role: {"load": c["load_ms"], "first_run": c["first_run_ms"]}
-                          for role, c in (measured.get("cold_start") or {}).items() if isinstance(c, dict)},
-        "energy_j_per_inference": (measured.get("energy") or {}).get("value"),
-        "energy_note": (measured.get("energy") or {}).get("reason"),
-        "fidelity": {
-            "cosine_similarity": fidelity.get("cosine_similarity"),
-            "max_abs_diff": fidelity.get("max_abs_diff"),
-            "top1_agreement": min(top1) if top1 else None,
-        },
-        "skipped_batch_sizes": latency.get("skipped", []),
-        # What a step warns about (a slower int8 kernel, zeros that dense runtimes do not skip) is as
-        # much a result as the figures.
-        "notes": measured.get("notes", []) + [
-            f"step {s['index']} ({s['method']}): {warning}"
-            for s in steps_report for warning in s["details"].get("warnings", [])
-        ],
-        "steps": [s["method"] for s in steps_report],
-    } | _dataset_summary(measured.get("dataset"))
+def _kill_group(child: subprocess.Popen) -> None:
+    """The job's process and whatever it started (its measuring processes)."""
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    child.wait()
 
 
-def _dataset_summary(on: dict | None) -> dict:
-    """With an eval dataset, fidelity is taken on it and accuracy is shown; random-input fidelity moves aside."""
-    if not on:
-        return {"fidelity_on": "synthetic random inputs (no eval dataset)", "accuracy": None}
-    fid = on["fidelity"]
-    acc = on["accuracy"]
-    return {
-        "fidelity_on": f"dataset {on['dataset'] or ''}".strip() + f" ({on['samples']} samples)",
-        "fidelity": {
-            "cosine_similarity": fid["mean_cosine"], "worst_cosine": fid["worst_cosine"],
-            "max_abs_diff": fid["max_abs_diff"], "top1_agreement": fid["top1_agreement"],
-        },
-        "accuracy": None if acc is None else {
-            "samples": acc["samples"],
-            "original_top1": acc["original"]["top1"], "compressed_top1": acc["compressed"]["top1"],
-            "top1_drop_points": acc["top1_drop_points"],
-            "original_top5": acc["original"]["top5"], "compressed_top5": acc["compressed"]["top5"],
-        },
-        "accuracy_note": on["accuracy_note"],
-    }
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The project root must be importable in the child even where the package is not installed.
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
-def _store_artifact(run: Run, path: Path, *, name: str, kind: str, content_type: str) -> dict:
-    # The step's output stays where it is: the next step and the measurement read it.
-    sha, size, _ = run.store.put(path, keep_source=True)
+def _follow(attempt: Attempt, lines: queue.Queue, settings: Settings, limits: JobLimits, *, reply, kill) -> bool:
+    """Relay the job's messages until it is done; heartbeat and cancellation on the way.
+
+    Returns whether the job was stopped for running past its wall-clock limit."""
+    deadline = time.monotonic() + limits.wall_clock_s
+    next_beat = next_look = 0.0
+    stop_sent = False
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                line = b""
+            if line is None:
+                return False
+            if line.strip():
+                _relay(attempt, line, reply)
+            now = time.monotonic()
+            # Cancellation is looked for every second, the heartbeat written every heartbeat_interval_s.
+            if now >= next_look:
+                beat = now >= next_beat
+                next_look = now + min(1.0, settings.heartbeat_interval_s)
+                if beat:
+                    next_beat = now + settings.heartbeat_interval_s
+                if attempt.heartbeat(beat=beat) and not stop_sent:
+                    (attempt.folder / STOP).touch()  # the job stops at its next check
+                    stop_sent = True
+            if now > deadline:
+                kill()
+                return True
+    except BaseException:
+        kill()
+        raise
+
+
+def _relay(attempt: Attempt, line: bytes, reply) -> None:
+    try:
+        message = json.loads(line)
+    except ValueError:
+        log.warning("job %s: unreadable message from its process: %r", attempt.job_id, line[:200])
+        return
+    kind = message.get("type") if isinstance(message, dict) else None
+    if kind == "progress":
+        attempt.progress(message.get("value", 0.0), message.get("stage", ""), message.get("message", ""))
+    elif kind == "artifact":
+        attempt.store_artifact(message)
+    elif kind == "checkpoint":
+        reply("stop" if attempt.heartbeat(beat=False) else "go")
+
+
+def _outcome(returncode: int, folder: Path, limits: JobLimits, timed_out: bool) -> dict:
+    result_file = folder / RESULT
+    if timed_out:
+        return {"status": "failed", "code": "resource_limit",
+                "message": f"the job ran longer than its wall-clock limit of {limits.wall_clock_s} s "
+                           "(MODELPRESS_JOB_TIMEOUT_S) and was stopped"}
+    if returncode == 0 and result_file.is_file():
+        try:
+            result = json.loads(result_file.read_text())
+        except ValueError:
+            result = None
+        if isinstance(result, dict) and result.get("status") in ("succeeded", "failed", "cancelled"):
+            return result
+    tail = output_tail(folder / OUTPUT)
+    said = (": " + " | ".join(tail))[:1500] if tail else ""
+    if returncode == -signal.SIGXCPU:
+        return {"status": "failed", "code": "resource_limit",
+                "message": f"the job used more than its CPU-time limit of {limits.cpu_time_s} s per process "
+                           "(MODELPRESS_JOB_CPU_TIME_LIMIT_S) and was stopped"}
+    if returncode == -signal.SIGKILL:
+        return {"status": "failed", "code": "resource_limit",
+                "message": "the job's process was killed (SIGKILL), which on a worker usually means the machine ran "
+                           "out of memory" + said}
+    if limits.memory_bytes and looks_out_of_memory(" ".join(tail)):
+        return {"status": "failed", "code": "resource_limit",
+                "message": f"the job ran out of memory: it may use {limits.memory_bytes / 2**30:.1f} GiB "
+                           "(MODELPRESS_JOB_MEMORY_LIMIT_BYTES)" + said}
+    how = how_it_ended(returncode) + ("" if returncode < 0 else " without a result")
+    return {"status": "failed", "code": "job_process_crashed", "message": f"the job's process {how}{said}"}
+
+
+def _succeed(attempt: Attempt, result: dict) -> None:
+    report, summary, rows = result["report"], result["summary"], result["rows"]
     with session_scope() as db:
-        if db.get(Blob, sha) is None:
-            db.add(Blob(sha256=sha, size_bytes=size))
-            db.flush()  # the artifact row references the blob row
-        db.add(Artifact(job_id=run.job_id, name=name, kind=kind, sha256=sha, size_bytes=size, content_type=content_type))
-    record = {"name": name, "kind": kind, "sha256": sha, "size_bytes": size}
-    run.artifacts.append(record)
-    return record
-
-
-def _succeed(run: Run, report: dict, summary: dict, rows: list[dict]) -> None:
-    with session_scope() as db:
-        job = db.get(Job, run.job_id, with_for_update=True)
+        job = attempt.owned(db)
         model = db.get(Model, job.model_id) if job.model_id else None
-        result_sha = next((a["sha256"] for a in run.artifacts if a["name"] == "model.onnx"), None)
+        result_sha = next((a["sha256"] for a in attempt.artifacts if a["name"] == "model.onnx"), None)
         environment_ids = _store_environments(db, rows)
         for row, environment_id in zip(rows, environment_ids):
             db.add(Measurement(
@@ -446,10 +489,13 @@ def _headline(summary: dict) -> str:
     return "done: " + ", ".join(parts) if parts else "done"
 
 
-def _finish(job_id: str, status: str, *, code: str | None = None, message: str) -> None:
+def _finish(job_id: str, status: str, *, code: str | None = None, message: str, attempt: int | None = None) -> None:
     with session_scope() as db:
         job = db.get(Job, job_id, with_for_update=True)
         if job is None or job.status in TERMINAL_STATUSES:
+            return
+        if attempt is not None and (job.attempts != attempt or job.status != "running"):
+            log.warning("job %s: attempt %d no longer owns it; not marking it %s", job_id, attempt, status)
             return
         if code:
             job.error_code, job.error_message = code, message

@@ -1,10 +1,19 @@
 """Celery tasks. A task takes a job id, opens its own session and is idempotent."""
 from __future__ import annotations
 
+import logging
+import threading
+
+from celery.signals import worker_ready
+
 from app.queue import RUN_JOB_TASK
 from app.retention import EXPIRE_ARTIFACTS_TASK, run_retention
+from app.store import get_store
 from workers.celery_app import celery
 from workers.pipeline import run_job as _run_job
+from workers.recovery import REAP_JOBS_TASK, reap
+
+log = logging.getLogger("modelpress.worker")
 
 
 @celery.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -16,3 +25,23 @@ def run_job(job_id: str) -> None:
 def expire_artifacts() -> int:
     """Retention (scheduled by Celery beat): idempotent, so a duplicate or late run does no harm."""
     return run_retention()
+
+
+@celery.task(name=REAP_JOBS_TASK, ignore_result=True)
+def reap_jobs() -> dict:
+    """Recovery sweep (Celery beat): requeue jobs of lost workers, re-send jobs whose message was lost."""
+    return reap()
+
+
+@worker_ready.connect
+def _sweep_at_startup(**_kwargs) -> None:
+    # A worker that starts (after a crash, a Redis restart, a deploy) looks for lost jobs at once rather
+    # than at beat's next tick; in a thread, so that it starts consuming meanwhile.
+    def sweep() -> None:
+        try:
+            get_store().clean_tmp()  # work folders of jobs whose worker died (live ones are locked)
+            reap()
+        except Exception:
+            log.exception("recovery sweep at start-up failed")
+
+    threading.Thread(target=sweep, name="recovery-at-startup", daemon=True).start()

@@ -1,4 +1,4 @@
-"""issue 9: job heartbeats, key scopes and expiry, tenant limits, audit log
+"""issue 9: job heartbeats and owners, key scopes and expiry, tenant limits, audit log
 
 Revision ID: 0006
 Revises: 0005
@@ -39,6 +39,7 @@ def upgrade() -> None:
 
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.add_column(sa.Column('heartbeat_at', app.dbmodels.UTCDateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column('worker_id', sa.String(length=255), nullable=True))
 
     with op.batch_alter_table('tenants', schema=None) as batch_op:
         batch_op.add_column(sa.Column('max_concurrent_jobs', sa.Integer(), nullable=True))
@@ -54,6 +55,7 @@ def downgrade() -> None:
         batch_op.drop_column('max_concurrent_jobs')
 
     with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_column('worker_id')
         batch_op.drop_column('heartbeat_at')
 
     with op.batch_alter_table('api_keys', schema=None) as batch_op:

@@ -1,4 +1,4 @@
-"""The measuring process started by workers.measure.isolated: `python -m workers.measure.child <folder>`.
+"""The measuring process started by workers.measure.isolated: `python -m workers.measure.child <folder> <parent pid>`.
 
 It pins itself to the cores it was given before loading ONNX Runtime (whose threads then inherit them),
 measures, and writes result.json into the folder: the report (exit 0), or the failure (exit 3), or exits 4
@@ -14,7 +14,10 @@ from pathlib import Path
 from workers.measure.isolated import DATASET, EXIT_FAILED, EXIT_STOPPED, REQUEST, RESULT, STOP
 
 
-def main(folder: Path) -> int:
+def main(folder: Path, parent_pid: int) -> int:
+    from workers.sandbox import die_with_parent
+
+    die_with_parent(parent_pid)  # a measurement outlives neither its job nor its worker
     request = json.loads((folder / REQUEST).read_text())
     pinned: list[int] = []
     if request["cores"]:
@@ -61,4 +64,4 @@ def main(folder: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1])))
+    sys.exit(main(Path(sys.argv[1]), int(sys.argv[2])))

@@ -1,7 +1,7 @@
 """measure_pair in a fresh process of its own, pinned to cores, so one job's figures do not depend on what the
 worker did before (its heap, its threads, its imported libraries, a previous job's sessions).
 
-The worker writes the request into a private folder, starts `python -m workers.measure.child <folder>`
+The worker writes the request into a private folder, starts `python -m workers.measure.child <folder> <parent pid>`
 and reads its progress lines; the child pins itself to one logical CPU per physical core it may use (as many
 as the measurement's threads), measures, and writes the report into the folder. A stop request is a file the
 child looks for at every round boundary. A child that dies (killed, out of memory, a crash inside ONNX
@@ -29,6 +29,7 @@ import numpy as np
 from app.errors import MeasurementFailed
 from workers.measure import Stopped
 from workers.measure.environment import default_threads, pick_cores
+from workers.sandbox import how_it_ended, output_tail
 
 REQUEST, RESULT, STOP, DATASET = "request.json", "result.json", "stop", "dataset.npz"
 EXIT_FAILED, EXIT_STOPPED = 3, 4
@@ -63,7 +64,7 @@ def measure_isolated(
         (folder / REQUEST).write_text(json.dumps(request))
         errors = folder / "stderr.txt"
         with open(errors, "wb") as stderr:
-            child = subprocess.Popen([sys.executable, "-m", "workers.measure.child", str(folder)],
+            child = subprocess.Popen([sys.executable, "-m", "workers.measure.child", str(folder), str(os.getpid())],
                                      stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
                                      cwd=folder, env=_child_env())
         try:
@@ -125,14 +126,8 @@ def _outcome(returncode: int, folder: Path, errors: Path) -> dict[str, Any]:
     if returncode == EXIT_FAILED and result_file.exists():
         failed = json.loads(result_file.read_text())
         raise MeasurementFailed(failed["message"], code=failed.get("code") or "measurement_failed")
-    if returncode < 0:
-        try:
-            how = f"was killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            how = f"was killed by signal {-returncode}"
-    else:
-        how = f"exited with status {returncode}"
-    tail = [line for line in errors.read_text(errors="replace").splitlines() if line.strip()][-5:]
+    how = how_it_ended(returncode)
+    tail = output_tail(errors)
     hint = " (SIGKILL usually means the machine ran out of memory)" if returncode == -signal.SIGKILL else ""
     raise MeasurementFailed(f"the measuring process {how}{hint}" + (": " + " | ".join(tail) if tail else ""),
                             code="measurement_crashed")

@@ -1,0 +1,297 @@
+"""One job's steps, measurements and report, as the job's own process runs them (workers.job_process).
+
+Nothing here touches the database, the broker or the artifact store: the process may have no network at all
+(workers.sandbox). It reads the job's inputs from local files the worker laid out, and tells the worker what
+happens through `JobRun.send`: progress, and each artifact as soon as it is written (the worker stores it at
+once, so a step that fails later keeps the models of the steps before it downloadable).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.errors import JobFailed, ModelPressError
+from app.models.onnx_files import materialize
+from app.models.service import limits
+from app.settings import get_settings
+from app.store import file_sha256
+from workers import methods
+
+# Share of the progress bar each phase owns.
+PREPARE, STEPS, MEASURE = 0.05, 0.40, 0.50
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class JobRun:
+    """The job as its process sees it: where its inputs lie, and the line back to the worker."""
+
+    job_id: str
+    folder: Path
+    send: Callable[[dict], None]
+    stop_file: Path
+    # dataset id -> (path, format, name) and model id -> (path, format) of every input the job names
+    datasets: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    models: dict[str, tuple[str, str]] = field(default_factory=dict)
+    sandbox: dict[str, Any] = field(default_factory=dict)
+    # Asks the worker, and waits for its answer, whether the job was cancelled (at step boundaries).
+    ask_cancelled: Callable[[], bool] | None = None
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    last_progress_write: float = 0.0
+    _loaded: dict[str, Any] = field(default_factory=dict)
+    _unpacked: dict[str, Path] = field(default_factory=dict)
+
+    def dataset(self, dataset_id: str):
+        """The named dataset, loaded once per job (a workers.datasets.Dataset)."""
+        from workers.datasets import load
+
+        if dataset_id not in self._loaded:
+            if dataset_id not in self.datasets:
+                raise JobFailed(f"dataset {dataset_id} was deleted before the job ran", code="dataset_not_found")
+            path, fmt, name = self.datasets[dataset_id]
+            self._loaded[dataset_id] = load(Path(path), fmt, name=name)
+        return self._loaded[dataset_id]
+
+    def model(self, model_id: str, workdir: Path) -> Path:
+        """Another model the job names, unpacked once per job (its ONNX path)."""
+        if model_id not in self._unpacked:
+            if model_id not in self.models:
+                raise JobFailed(f"model {model_id} was deleted before the job ran", code="model_not_found")
+            path, fmt = self.models[model_id]
+            self._unpacked[model_id] = materialize(Path(path), fmt, workdir / "models" / model_id,
+                                                   limits(get_settings()))
+        return self._unpacked[model_id]
+
+    def progress(self, value: float, stage: str, message: str, *, force: bool = False) -> None:
+        """Report progress; throttled to a few messages per second unless forced."""
+        now = time.monotonic()
+        if not force and now - self.last_progress_write < 0.5:
+            return
+        self.last_progress_write = now
+        self.send({"type": "progress", "value": value, "stage": stage, "message": message})
+
+    def cancel_requested(self) -> bool:
+        return self.stop_file.exists()
+
+    # A file check is cheap: no throttle needed inside a step's loops.
+    cancel_requested_throttled = cancel_requested
+
+    def check_cancel(self) -> None:
+        """At a step boundary: stop if the job was cancelled, as the database says now (the stop file may lag
+        the cancellation by up to a second)."""
+        if self.cancel_requested() or (self.ask_cancelled is not None and self.ask_cancelled()):
+            raise Cancelled()
+
+    def store_artifact(self, path: Path, *, name: str, kind: str, content_type: str) -> dict:
+        """Hand a finished file to the worker, which stores it now; it stays where it is (the next step and
+        the measurement read it)."""
+        record = {"name": name, "kind": kind, "sha256": file_sha256(path), "size_bytes": path.stat().st_size}
+        self.send({"type": "artifact", "path": str(path), "content_type": content_type, **record})
+        self.artifacts.append(record)
+        return record
+
+
+def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spec: dict):
+    settings = get_settings()
+    run.progress(0.01, "loading", "unpacking the uploaded model", force=True)
+    original = materialize(model_path, model_format, workdir / "input", limits(settings))
+    steps_report = []
+    step_paths: list[Path] = []
+    current = original
+    steps = spec["steps"]
+    for index, step in enumerate(steps, start=1):
+        run.check_cancel()
+        method = methods.get(step["method"])
+        base = PREPARE + STEPS * (index - 1) / len(steps)
+        run.progress(base, f"step {index}/{len(steps)}", f"running {method.id}", force=True)
+        params = method.params_model.model_validate(step["params"])
+        out_dir = workdir / f"step-{index}"
+        out_dir.mkdir()
+        started = time.perf_counter()
+        try:
+            step_datasets = {name: run.dataset(value) for name in method.dataset_params
+                             if (value := step["params"].get(name))}
+            step_models = {name: run.model(value, workdir) for name in method.model_params
+                           if (value := step["params"].get(name))}
+            ctx = methods.StepContext(
+                calibration=step_datasets.get("calibration_dataset_id"), datasets=step_datasets, seed=index,
+                progress=lambda fraction, message, milestone=False, base=base, index=index: run.progress(
+                    base + STEPS / len(steps) * fraction, f"step {index}/{len(steps)}", message, force=milestone),
+                cancelled=run.cancel_requested_throttled, models=step_models,
+            )
+            # ONNX Runtime's tools drop temp files in the working directory (sym_shape_infer_temp.onnx
+            # and its external data): keep them inside the job's folder.
+            with contextlib.chdir(out_dir):
+                output = method.run(current, params, out_dir, ctx)
+        except ModelPressError as exc:
+            exc.message = f"step {index} ({method.id}) failed: {exc.message}"
+            raise
+        except Exception as exc:
+            raise JobFailed(f"step {index} ({method.id}) failed: {type(exc).__name__}: {exc}", code="step_failed") from exc
+        duration = time.perf_counter() - started
+        name = "model.onnx" if index == len(steps) else f"step-{index}-{method.id}.onnx"
+        artifact = run.store_artifact(output.model_path, name=name, kind="model", content_type="application/octet-stream")
+        for suffix, path in output.packed.items():
+            run.store_artifact(path, name=name + suffix, kind="packed-model", content_type="application/zstd"
+                            if suffix == ".zst" else "application/octet-stream")
+        steps_report.append({
+            "index": index, "method": method.id, "version": method.version, "params": step["params"],
+            "duration_s": round(duration, 3), "details": output.details, "artifact": artifact,
+        })
+        current = output.model_path
+        step_paths.append(current)
+
+    run.check_cancel()
+    evaluate = spec["evaluate"]
+    # Every step's model is measured against the original, so the report shows the trajectory; the last
+    # step's measurement is the job's result.
+    rows: list[dict] = []
+    trajectory = []
+    for position, (entry, path) in enumerate(zip(steps_report, step_paths)):
+        last = position == len(steps) - 1
+        share = (position / len(steps), (position + 1) / len(steps))
+        what = "the result" if last else f"step {entry['index']}'s model ({entry['method']})"
+        run.progress(PREPARE + STEPS + MEASURE * share[0], "measuring",
+                     f"measuring the original and {what} side by side", force=True)
+        measured_step = _measure(run, settings, evaluate, original, path, share)
+        # Raw per-call times go to an artifact of their own; the report and the job row keep the statistics.
+        samples_path = workdir / ("latency-samples.json" if last else f"step-{entry['index']}-latency-samples.json")
+        samples_path.write_text(json.dumps(measured_step.pop("samples", {})))
+        samples = run.store_artifact(samples_path, name=samples_path.name, kind="samples",
+                                  content_type="application/json")
+        measured_step["latency"]["samples_artifact"] = samples["name"]
+        environment = measured_step.get("environment")
+        step_rows = [r | {"environment": environment} for r in measured_step.pop("measurements", [])]
+        if last:
+            measured = measured_step
+            rows += step_rows
+        else:
+            rows += [r | {"model": f"step-{entry['index']}", "sha256": entry["artifact"]["sha256"]}
+                     for r in step_rows if r["model"] == "result"]
+        trajectory.append(_trajectory_entry(entry, _summary(measured_step, [])))
+    summary = _summary(measured, steps_report)
+    if len(trajectory) > 1:
+        summary["trajectory"] = trajectory
+    report = {
+        "job_id": run.job_id,
+        "sandbox": run.sandbox,
+        "steps": steps_report,
+        "evaluate": evaluate,
+        "measurement": measured,
+        "summary": summary,
+    }
+    run.progress(0.97, "storing", "storing the report", force=True)
+    report_path = workdir / "report.json"
+    report["artifacts"] = run.artifacts + [{"name": "report.json", "kind": "report"}]
+    report_path.write_text(json.dumps(report, indent=2, default=str))
+    run.store_artifact(report_path, name="report.json", kind="report", content_type="application/json")
+    return report, summary, rows
+
+
+def _measure(run: JobRun, settings, evaluate: dict, original: Path, candidate: Path, share: tuple[float, float]) -> dict:
+    from workers.measure import Stopped, measure_pair
+    from workers.measure.isolated import measure_isolated
+
+    def on_progress(fraction: float, message: str) -> None:
+        run.progress(PREPARE + STEPS + MEASURE * (share[0] + (share[1] - share[0]) * fraction), "measuring", message)
+
+    options = dict(
+        batch_sizes=evaluate["batch_sizes"], warmup=evaluate["warmup"], iterations=evaluate["iterations"],
+        providers=evaluate.get("providers"), threads=settings.measure_threads or None, on_progress=on_progress,
+        should_stop=run.cancel_requested_throttled,
+        dataset=run.dataset(evaluate["eval_dataset_id"]) if evaluate.get("eval_dataset_id") else None,
+        dataset_max_samples=evaluate.get("eval_max_samples"), include_io=bool(evaluate.get("include_io")),
+        energy_estimate_tdp_watts=evaluate.get("tdp_watts") if evaluate.get("energy_estimate") else None,
+    )
+    try:
+        if settings.measure_isolated:
+            return measure_isolated(original, candidate, timeout_s=settings.measure_timeout_s, **options)
+        return measure_pair(original, candidate, **options)
+    except Stopped:
+        raise Cancelled() from None
+
+
+def _trajectory_entry(step: dict, summary: dict) -> dict:
+    """One step's model against the original, in the summary's terms (size, p50, accuracy or fidelity)."""
+    accuracy = summary.get("accuracy") or {}
+    return {
+        "step": step["index"], "method": step["method"], "artifact": step["artifact"]["name"],
+        "size_bytes": summary.get("compressed_size_bytes"), "size_ratio": summary.get("size_ratio"),
+        "latency_p50_ms": {b: v["compressed"] for b, v in summary.get("latency_p50_ms", {}).items()},
+        "speedup": summary.get("speedup"),
+        "top1": accuracy.get("compressed_top1"), "top1_drop_points": accuracy.get("top1_drop_points"),
+        "cosine": (summary.get("fidelity") or {}).get("cosine_similarity"),
+    }
+
+
+def _summary(measured: dict, steps_report: list[dict]) -> dict:
+    size = measured.get("size", {})
+    latency = measured.get("latency", {})
+    fidelity = measured.get("fidelity", {})
+    per_batch = latency.get("batch_sizes", [])
+    top1 = [o.get("top1_agreement") for o in fidelity.get("outputs", []) if o.get("top1_agreement") is not None]
+    return {
+        "original_size_bytes": size.get("baseline", {}).get("file_bytes"),
+        "compressed_size_bytes": size.get("result", {}).get("file_bytes"),
+        "size_ratio": size.get("ratio"),
+        "latency_p50_ms": {
+            str(b["batch_size"]): {"original": b["baseline"]["p50_ms"], "compressed": b["result"]["p50_ms"]}
+            for b in per_batch
+        },
+        "latency_p50_ratio": {str(b["batch_size"]): b["p50_ratio"] for b in per_batch},
+        "speedup": {str(b["batch_size"]): b["speedup"] for b in per_batch},
+        # "1.83x (1.79-1.88)": the ratio of medians and its 95% bootstrap interval over the paired rounds.
+        "speedup_ci": {str(b["batch_size"]): b["speedup_text"] for b in per_batch if "speedup_text" in b},
+        "noisy_batch_sizes": [b["batch_size"] for b in per_batch if b.get("noisy")],
+        "provider": latency.get("provider"),
+        "providers": {p["provider"]: ({str(b["batch_size"]): b["speedup_text"] for b in p["latency"]["batch_sizes"]}
+                                      if p["available"] else {"unavailable": p["reason"]})
+                      for p in measured.get("providers", [])},
+        "cold_start_ms": {role: {"load": c["load_ms"], "first_run": c["first_run_ms"]}
+                          for role, c in (measured.get("cold_start") or {}).items() if isinstance(c, dict)},
+        "energy_j_per_inference": (measured.get("energy") or {}).get("value"),
+        "energy_note": (measured.get("energy") or {}).get("reason"),
+        "fidelity": {
+            "cosine_similarity": fidelity.get("cosine_similarity"),
+            "max_abs_diff": fidelity.get("max_abs_diff"),
+            "top1_agreement": min(top1) if top1 else None,
+        },
+        "skipped_batch_sizes": latency.get("skipped", []),
+        # What a step warns about (a slower int8 kernel, zeros that dense runtimes do not skip) is as
+        # much a result as the figures.
+        "notes": measured.get("notes", []) + [
+            f"step {s['index']} ({s['method']}): {warning}"
+            for s in steps_report for warning in s["details"].get("warnings", [])
+        ],
+        "steps": [s["method"] for s in steps_report],
+    } | _dataset_summary(measured.get("dataset"))
+
+
+def _dataset_summary(on: dict | None) -> dict:
+    """With an eval dataset, fidelity is taken on it and accuracy is shown; random-input fidelity moves aside."""
+    if not on:
+        return {"fidelity_on": "synthetic random inputs (no eval dataset)", "accuracy": None}
+    fid = on["fidelity"]
+    acc = on["accuracy"]
+    return {
+        "fidelity_on": f"dataset {on['dataset'] or ''}".strip() + f" ({on['samples']} samples)",
+        "fidelity": {
+            "cosine_similarity": fid["mean_cosine"], "worst_cosine": fid["worst_cosine"],
+            "max_abs_diff": fid["max_abs_diff"], "top1_agreement": fid["top1_agreement"],
+        },
+        "accuracy": None if acc is None else {
+            "samples": acc["samples"],
+            "original_top1": acc["original"]["top1"], "compressed_top1": acc["compressed"]["top1"],
+            "top1_drop_points": acc["top1_drop_points"],
+            "original_top5": acc["original"]["top5"], "compressed_top5": acc["compressed"]["top5"],
+        },
+        "accuracy_note": on["accuracy_note"],
+    }
