@@ -30,7 +30,7 @@ services:
 test: install services
 	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory kernels; \
 	else echo "nvcc not found: not building the CUDA kernels (kernels/ uses its PyTorch references)"; fi
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The benchmarks (they append to bench/RESULTS.md); they need the bench extra and ../shared/models (the
 # rows of a missing model are skipped).

@@ -11,6 +11,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import get_settings
 
+# Every process that writes through these sessions (API, workers, CLI) tells the API processes' read caches
+# what changed: the notification hooks live in app.readcache and are registered by importing it.
+import app.readcache  # noqa: E402,F401
+
 
 def make_engine(url: str, **kwargs) -> Engine:
     if url.startswith("sqlite"):
@@ -40,6 +44,12 @@ def get_engine() -> Engine:
 @functools.lru_cache
 def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
+
+
+@functools.lru_cache
+def get_read_sessionmaker() -> sessionmaker[Session]:
+    """Sessions for requests that only read: autocommit, so no BEGIN/ROLLBACK round trips."""
+    return sessionmaker(bind=get_engine().execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.dbmodels import ACTIVE_STATUSES, ApiKey, Dataset, Job, Model, Tenant
+from app.dbmodels import ACTIVE_STATUSES, Dataset, Job, Model, Tenant
 from app.errors import QuotaExceeded, StorageQuotaExceeded, TooManyRequests
 from app.settings import Settings
 from app.uploads import Quota
@@ -79,7 +79,12 @@ def _wait_s(bucket: str, per_minute: int, settings: Settings) -> float:
         return 0.0
 
 
-def check_rate(key: ApiKey, settings: Settings) -> None:
+def rate_limited(key, settings: Settings) -> bool:
+    return effective(key.tenant.requests_per_minute, settings.rate_limit_per_minute) > 0
+
+
+def check_rate(key, settings: Settings) -> None:
+    """`key`: an app.readcache.KeyView."""
     per_minute = effective(key.tenant.requests_per_minute, settings.rate_limit_per_minute)
     if per_minute <= 0:
         return
@@ -108,7 +113,7 @@ def stored_bytes(db: Session, tenant_id: str) -> int:
                              .where(table.tenant_id == tenant_id)) or 0) for table in (Model, Dataset))
 
 
-def upload_quota(db: Session, tenant: Tenant, settings: Settings, *, adding: int = 0) -> Quota | None:
+def upload_quota(db: Session, tenant, settings: Settings, *, adding: int = 0) -> Quota | None:
     """What the tenant may still upload (None: unlimited). A 429 when not even `adding` more bytes fit."""
     limit = effective(tenant.max_stored_bytes, settings.max_stored_bytes)
     if limit <= 0:

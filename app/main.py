@@ -24,6 +24,8 @@ from app.methods_api.routes import router as methods_router
 from app.models.routes import router as models_router
 from app.ui import mount_ui
 from app.queue import broker_reachable, get_celery
+from app.readcache import get_cache, start_listener
+from app.settings import get_settings
 from app.store import get_store
 from app.webhooks.routes import router as webhooks_router
 
@@ -45,7 +47,12 @@ async def _lifespan(app: FastAPI):
     removed = get_store().clean_tmp()
     if removed:
         log.warning("removed %d leftover upload/work folder(s) of stopped processes from tmp/", len(removed))
+    # Keys and job views are cached per process, invalidated by PostgreSQL's notifications (app.readcache).
+    listener = start_listener(get_settings().sqlalchemy_url)
     yield
+    if listener is not None:
+        listener.stopping.set()
+        get_cache().reset(enabled=False)
 
 
 def create_app() -> FastAPI:

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     job_cpu_time_limit_s: int = Field(default=24 * 3600, ge=0)
     job_timeout_s: int = Field(default=5 * 3600, ge=1)
     job_network: Literal["none", "host"] = "none"
+    # CPU priority of a job's process (nice, 0-19): on a machine the API shares, polls stay fast while jobs
+    # run. Latency figures are ratios of interleaved rounds, so a lower priority costs them noise, not bias.
+    job_nice: int = Field(default=10, ge=0, le=19)
     # Recovery: a running job's worker writes a heartbeat this often; a job whose heartbeat is older than the
     # timeout is requeued by the reaper (Celery beat, every reaper_interval_s) up to job_max_attempts
     # attempts in all, then failed with worker_lost. Queued jobs without a message in the broker (Redis

@@ -25,14 +25,17 @@ def pytest_runtest_makereport(item, call):
 
 
 def clear_caches() -> None:
-    from app.db import get_engine, get_sessionmaker
+    from app.db import get_engine, get_read_sessionmaker, get_sessionmaker
     from app.queue import get_celery
     from app.settings import get_settings
 
     if get_engine.cache_info().currsize:
         get_engine().dispose()
-    for cached in (get_settings, get_engine, get_sessionmaker, get_celery):
+    for cached in (get_settings, get_engine, get_sessionmaker, get_read_sessionmaker, get_celery):
         cached.cache_clear()
+    from app.readcache import get_cache
+
+    get_cache().reset(enabled=False)
 
 
 @pytest.fixture

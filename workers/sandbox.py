@@ -13,6 +13,7 @@ the child's failure is the job's failure (`resource_limit`) and the worker takes
 - Network: a fresh network namespace (unshare CLONE_NEWNET; as root, else inside a new user namespace) holds
   only a downed loopback, so nothing the job runs can reach the database, the broker, S3 or the internet.
   Where the OS refuses both, the job runs with the host's network and its report says so.
+- CPU priority: `job_nice` (10), so that an API on the same machine answers polls while jobs run.
 - PR_SET_PDEATHSIG: a child whose worker died (SIGKILL included) is killed too, never left running.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ class JobLimits:
     cpu_time_s: int | None
     wall_clock_s: int
     network: str  # "none" | "host"
+    nice: int = 0
 
     @classmethod
     def from_settings(cls, settings) -> "JobLimits":
@@ -46,7 +48,7 @@ class JobLimits:
         if memory == 0:
             memory = int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
         return cls(memory_bytes=memory if memory > 0 else None, cpu_time_s=settings.job_cpu_time_limit_s or None,
-                   wall_clock_s=settings.job_timeout_s, network=settings.job_network)
+                   wall_clock_s=settings.job_timeout_s, network=settings.job_network, nice=settings.job_nice)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +82,8 @@ def apply_in_child(limits: JobLimits, parent_pid: int) -> dict[str, Any]:
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_time_s, limits.cpu_time_s + 5))
         applied["cpu_time_s"] = limits.cpu_time_s
     applied["wall_clock_s"] = limits.wall_clock_s
+    if limits.nice:
+        applied["nice"] = os.nice(limits.nice)  # the measuring processes it starts inherit it
     applied["network"] = _isolate_network(libc) if limits.network == "none" else "host (MODELPRESS_JOB_NETWORK=host)"
     return applied
 

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from app.auth import service
 from app.auth.schemas import KeyCreate, KeyCreated, KeyPage, KeyPublic
 from app.deps import Caller, CallerActor, DbSession
+from app.readcache import KEYS, get_cache
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 ADMIN = service.needs_scope("admin")
@@ -42,4 +43,5 @@ def list_keys(db: DbSession, caller: Caller, limit: Annotated[int, Query(ge=1, l
 def revoke_key(key_id: str, db: DbSession, caller: Caller, actor: CallerActor):
     key = service.revoke_key(db=db, key_id_or_plaintext=key_id, tenant_id=caller.id, actor=actor)
     db.commit()
+    get_cache().drop(KEYS, key.key_hash)  # this process at once; the others when the notification comes
     return KeyPublic.model_validate(key)

@@ -18,6 +18,7 @@ from app.audit.service import Actor
 from app.common import newest_first_page
 from app.dbmodels import ApiKey, Tenant, utcnow
 from app.errors import ApiKeyNotFound, InsufficientScope, Unauthorized, Unprocessable
+from app.readcache import KeyView, TenantView
 
 # The operator at the command line (`modelpress keys ...`): no key, no address.
 OPERATOR = Actor(tenant_id=None)
@@ -107,28 +108,44 @@ def list_page(*, db: Session, tenant_id: str, limit: int, cursor: str | None) ->
                              cursor=cursor)
 
 
-def authenticate_key(*, db: Session, authorization: str | None) -> ApiKey:
-    """The valid (known, unrevoked, unexpired) key of a `Bearer` header, read from the database now."""
+def bearer_hash(authorization: str | None) -> str:
+    """The lookup hash of the key in a `Bearer` header (no database involved)."""
     if not authorization:
         raise Unauthorized("send 'Authorization: Bearer <API key>'; `modelpress keys create --tenant NAME` makes one")
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("the Authorization header must be 'Bearer <API key>'")
-    key = db.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token)))
+    return hash_key(token)
+
+
+def load_key(*, db: Session, key_hash: str) -> KeyView:
+    """The known, unrevoked key with this hash, read from the database now, as a snapshot."""
+    key = db.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
     if key is None or key.revoked_at is not None:
         raise Unauthorized("the API key is not valid or has been revoked", code="invalid_api_key")
+    return KeyView.of(key)
+
+
+def check_expiry(key: KeyView) -> None:
+    """Checked on every request, cached key or not."""
     if key.expires_at is not None and key.expires_at <= utcnow():
         raise Unauthorized(f"the API key expired at {key.expires_at.isoformat()}; ask an admin for a new one",
                            code="api_key_expired", expired_at=key.expires_at.isoformat())
+
+
+def authenticate_key(*, db: Session, authorization: str | None) -> KeyView:
+    """The valid (known, unrevoked, unexpired) key of a `Bearer` header, read from the database now."""
+    key = load_key(db=db, key_hash=bearer_hash(authorization))
+    check_expiry(key)
     return key
 
 
-def authenticate(*, db: Session, authorization: str | None) -> Tenant:
+def authenticate(*, db: Session, authorization: str | None) -> TenantView:
     return authenticate_key(db=db, authorization=authorization).tenant
 
 
-def check_scope(key: ApiKey, scope: str) -> None:
+def check_scope(key: KeyView, scope: str) -> None:
     if scope not in (key.scopes or []):
         raise InsufficientScope(
             f"this API key lacks the '{scope}' scope this request needs (it has: {', '.join(key.scopes or []) or 'none'})",

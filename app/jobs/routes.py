@@ -4,6 +4,7 @@ import hashlib
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from app.deps import AppSettings, Caller, CallerActor, DbSession, Store
@@ -11,6 +12,7 @@ from app.downloads import blob_response
 from app.jobs import service, sse
 from app.jobs.schemas import ArtifactPublic, JobCreate, JobEventPublic, JobPage, JobPublic
 from app.jobs.state import to_public
+from app.readcache import JOBS, JobView, get_cache
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -19,13 +21,20 @@ MAX_EVENT_ID = 2**63 - 1
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
+def job_view(job) -> JobView:
+    body = to_public(job).model_dump_json().encode()
+    return JobView(tenant_id=job.tenant_id, body=body, etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"')
+
+
 def _job_response(job, request: Request, status_code: int = 200, headers: dict | None = None) -> Response:
-    body = to_public(job).model_dump_json()
-    etag = '"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'
-    headers = {"ETag": etag, "Cache-Control": "no-cache", **(headers or {})}
-    if status_code == 200 and etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
+    return _view_response(job_view(job), request, status_code, headers)
+
+
+def _view_response(view: JobView, request: Request, status_code: int = 200, headers: dict | None = None) -> Response:
+    headers = {"ETag": view.etag, "Cache-Control": "no-cache", **(headers or {})}
+    if status_code == 200 and view.etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
         return Response(status_code=304, headers=headers)
-    return Response(content=body, status_code=status_code, media_type="application/json", headers=headers)
+    return Response(content=view.body, status_code=status_code, media_type="application/json", headers=headers)
 
 
 @router.post("", status_code=202, response_model=JobPublic, summary="Submit a compression job")
@@ -54,8 +63,15 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={304: {"description": "Not modified (ETag)"}})
-def get_job(job_id: str, request: Request, db: DbSession, caller: Caller):
-    return _job_response(service.get(db=db, tenant_id=caller.id, job_id=job_id), request)
+async def get_job(job_id: str, request: Request, db: DbSession, caller: Caller):
+    # The polling route: served from this process's read cache while no notification says the job changed.
+    cache = get_cache()
+    view = cache.get(JOBS, job_id)
+    if view is None or view.tenant_id != caller.id:
+        ticket = cache.ticket(JOBS, job_id)
+        view = await run_in_threadpool(lambda: job_view(service.get(db=db, tenant_id=caller.id, job_id=job_id)))
+        cache.put(JOBS, job_id, view, ticket)
+    return _view_response(view, request)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
