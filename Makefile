@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python bench/prune.py
 	$(BIN)/python bench/distill.py
 	$(BIN)/python bench/measure.py
+	$(BIN)/python bench/load.py --api-workers 1,2
 
 # The CUDA kernels (kernels/csrc) as one shared library, called through ctypes; needs only nvcc, not a GPU.
 # sm_80 and sm_90 machine code plus compute_90 PTX that newer GPUs compile when they load it. One object per

@@ -30,6 +30,12 @@ def make_engine(url: str, **kwargs) -> Engine:
             cur.close()
 
         return engine
+    settings = get_settings()
+    kwargs.setdefault("pool_size", settings.db_pool_size)
+    kwargs.setdefault("max_overflow", settings.db_max_overflow)
+    if kwargs.get("poolclass") is not None:
+        kwargs.pop("pool_size")
+        kwargs.pop("max_overflow")
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 

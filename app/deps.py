@@ -56,9 +56,7 @@ async def current_key(request: Request, db: DbSession, settings: AppSettings,
     cache = get_cache()
     key = cache.get(KEYS, key_hash)
     if key is None:
-        ticket = cache.ticket(KEYS, key_hash)
-        key = await run_in_threadpool(load_key, db=db, key_hash=key_hash)
-        cache.put(KEYS, key_hash, key, ticket)
+        key = await cache.fetch(KEYS, key_hash, lambda: load_key(db=db, key_hash=key_hash))
     check_expiry(key)
     check_scope(key, required_scope(request.method, request.scope.get("route")))
     if rate_limited(key, settings):

@@ -17,12 +17,14 @@ Only PostgreSQL deployments cache (SQLite has no notifications); the embedded de
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +78,7 @@ class JobView:
 
 class ReadCache:
     def __init__(self) -> None:
+        self._inflight: dict[tuple, asyncio.Future] = {}
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
         self._generations: dict[tuple[str, str], int] = {}
@@ -112,6 +115,31 @@ class ReadCache:
             self._entries.move_to_end((kind, ident))
             while len(self._entries) > MAX_ENTRIES:
                 self._entries.popitem(last=False)
+
+    async def fetch(self, kind: str, ident: str, load: Callable[[], Any], *, scope: str = "") -> Any:
+        """The cached value, or `load()` run in a worker thread and stored. Concurrent misses of one entry
+        (every poller, right after the job moved) share one load instead of each reading the database;
+        `scope` keeps callers that must not share a result apart (a tenant's polls from another's)."""
+        from starlette.concurrency import run_in_threadpool
+
+        flight = (kind, ident, scope)
+        running = self._inflight.get(flight)
+        if running is not None:
+            return await asyncio.shield(running)
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())  # no "never retrieved"
+        self._inflight[flight] = future
+        try:
+            ticket = self.ticket(kind, ident)
+            value = await run_in_threadpool(load)
+            self.put(kind, ident, value, ticket)
+            future.set_result(value)
+            return value
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            del self._inflight[flight]
 
     # --- invalidation -----------------------------------------------------------------------------------
 

@@ -17,6 +17,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".modelpress")
     # Empty: SQLite file in data_dir. Production: postgresql+psycopg://...
     database_url: str = ""
+    # PostgreSQL connections each process keeps (and may add under load): the API's request threads share them.
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=20, ge=0)
     # Empty: kombu filesystem transport in data_dir. Production: redis://...
     broker_url: str = ""
     # Queue a job goes to unless it asks for another; queue names get this prefix

@@ -4,7 +4,6 @@ import hashlib
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from app.deps import AppSettings, Caller, CallerActor, DbSession, Store
@@ -68,9 +67,8 @@ async def get_job(job_id: str, request: Request, db: DbSession, caller: Caller):
     cache = get_cache()
     view = cache.get(JOBS, job_id)
     if view is None or view.tenant_id != caller.id:
-        ticket = cache.ticket(JOBS, job_id)
-        view = await run_in_threadpool(lambda: job_view(service.get(db=db, tenant_id=caller.id, job_id=job_id)))
-        cache.put(JOBS, job_id, view, ticket)
+        view = await cache.fetch(JOBS, job_id, scope=caller.id,
+                                 load=lambda: job_view(service.get(db=db, tenant_id=caller.id, job_id=job_id)))
     return _view_response(view, request)
 
 
