@@ -19,7 +19,6 @@ memory before. Goals: at least 1,000 polls/s with p99 under 50 ms and no errors;
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results import publish  # noqa: E402
+from tests.stack import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -59,14 +59,6 @@ end
 
 def sh(*argv: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(list(argv), env=env, cwd=ROOT, check=True, capture_output=True, text=True, **kwargs)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ensure_wrk() -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pytest
 
 from app.dbmodels import AuditEntry, Blob, Job, Model
 from tests.conftest import make_key, row_count, store_files, tmp_leftovers

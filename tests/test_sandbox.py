@@ -6,7 +6,6 @@ worker around them; tests/test_faults.py does the same on the real stack.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -16,13 +15,12 @@ import pytest
 from sqlalchemy import select
 
 from app.db import session_scope
-from app.dbmodels import Artifact, Job
-from tests.conftest import ROOT, clear_caches, mlp_onnx_bytes
+from app.dbmodels import Artifact
+from tests.conftest import ROOT, mlp_onnx_bytes
 from workers.pipeline import run_job
 
 
 def onnx_bytes(nodes, inputs, outputs, initializers=(), domains=()) -> bytes:
-    import onnx
     from onnx import helper
 
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
