@@ -161,12 +161,10 @@ def local_api_key() -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     """Embedded default: migrate, make sure there is a key, start the API and one worker."""
     from app.migrate import upgrade
-    from app.store import get_store
 
     settings = get_settings()
     settings.data_path.mkdir(parents=True, exist_ok=True)
-    upgrade()
-    get_store().clean_tmp()
+    upgrade()  # (the API and the worker each clean store/tmp as they start)
     key = local_api_key()
     host, port = args.host or settings.api_host, args.port or settings.api_port
     env = {**os.environ, "MODELPRESS_DATA_DIR": str(settings.data_path)}

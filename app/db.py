@@ -30,12 +30,9 @@ def make_engine(url: str, **kwargs) -> Engine:
             cur.close()
 
         return engine
-    settings = get_settings()
-    kwargs.setdefault("pool_size", settings.db_pool_size)
-    kwargs.setdefault("max_overflow", settings.db_max_overflow)
-    if kwargs.get("poolclass") is not None:
-        kwargs.pop("pool_size")
-        kwargs.pop("max_overflow")
+    if "poolclass" not in kwargs:  # (the migrations' NullPool keeps no connections)
+        settings = get_settings()
+        kwargs.update(pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 

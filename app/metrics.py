@@ -37,7 +37,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 
-from app.queue import QUEUES
+from app.queue import QUEUES, redis_list_keys
 from app.settings import Settings, get_settings
 
 log = logging.getLogger("modelpress.metrics")
@@ -176,8 +176,7 @@ def queue_depths(settings: Settings) -> dict[str, int]:
         if conn.transport.driver_type == "redis" and client is not None:
             # Celery's Redis transport keeps a list per queue and priority step: LLEN of each.
             with client.pipeline() as pipe:
-                keys = {queue: [channel._q_for_pri(name, pri) for pri in channel.priority_steps]
-                        for queue, name in names.items()}
+                keys = {queue: redis_list_keys(channel, name) for queue, name in names.items()}
                 for queue_keys in keys.values():
                     for key in queue_keys:
                         pipe.llen(key)

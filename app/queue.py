@@ -76,6 +76,11 @@ def broker_reachable() -> tuple[bool, str]:
 QUEUES = ("cpu", "gpu")
 
 
+def redis_list_keys(channel, name: str) -> list[str]:
+    """The Redis lists Celery's transport keeps for one queue: one per priority step."""
+    return [channel._q_for_pri(name, pri) for pri in channel.priority_steps]  # noqa: SLF001
+
+
 def _job_id_of(payload: dict) -> str | None:
     """The job id a kombu message (as the Redis and filesystem transports store it) carries, if it runs one."""
     import base64
@@ -120,7 +125,7 @@ def queued_job_ids(settings: Settings) -> set[str] | None:
         client = getattr(channel, "client", None)
         if conn.transport.driver_type != "redis" or client is None:
             return None
-        keys = [channel._q_for_pri(name, pri) for name in names for pri in channel.priority_steps]
+        keys = [key for name in names for key in redis_list_keys(channel, name)]
         with client.pipeline() as pipe:
             for key in keys:
                 pipe.lrange(key, 0, -1)

@@ -55,7 +55,6 @@ class KeyView:
 
     id: str
     tenant_id: str
-    key_hash: str
     scopes: tuple[str, ...]
     expires_at: dt.datetime | None
     tenant: TenantView
@@ -63,7 +62,7 @@ class KeyView:
     @classmethod
     def of(cls, key) -> "KeyView":
         t = key.tenant
-        return cls(id=key.id, tenant_id=key.tenant_id, key_hash=key.key_hash, scopes=tuple(key.scopes or ()),
+        return cls(id=key.id, tenant_id=key.tenant_id, scopes=tuple(key.scopes or ()),
                    expires_at=key.expires_at,
                    tenant=TenantView(id=t.id, name=t.name, max_concurrent_jobs=t.max_concurrent_jobs,
                                      max_stored_bytes=t.max_stored_bytes, requests_per_minute=t.requests_per_minute))

@@ -148,7 +148,7 @@ async def _receive_multipart(request: Request, *, dest: Path, check: Callable[[i
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
-    except (PayloadTooLarge, Unprocessable, ModelPressError):
+    except ModelPressError:  # ours: the size cap, the quota, a malformed part
         raise
     except Exception as exc:  # the parser's own errors: a malformed body
         raise Unprocessable(f"malformed multipart body: {exc}", code="invalid_multipart") from exc

@@ -52,11 +52,11 @@ def test_cli_keys_create_list_revoke(data_dir, capsys):
     out = capsys.readouterr().out
     key = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("api key:"))
     key_id = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("key id:"))
-    from app.auth.service import authenticate
+    from app.auth.service import authenticate_key
     from app.db import session_scope
 
     with session_scope() as db:
-        assert authenticate(db=db, authorization=f"Bearer {key}").name == "acme"
+        assert authenticate_key(db=db, authorization=f"Bearer {key}").tenant.name == "acme"
     assert main(["keys", "list"]) == 0
     listed = capsys.readouterr().out
     assert key_id in listed and key not in listed  # secrets are never listed
@@ -67,7 +67,7 @@ def test_cli_keys_create_list_revoke(data_dir, capsys):
     from app.errors import Unauthorized
 
     with session_scope() as db, pytest.raises(Unauthorized):
-        authenticate(db=db, authorization=f"Bearer {key}")
+        authenticate_key(db=db, authorization=f"Bearer {key}")
 
 
 def test_production_mode_refuses_embedded_defaults(monkeypatch):

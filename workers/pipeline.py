@@ -113,8 +113,11 @@ class Attempt:
         if not inside or path.is_symlink() or not path.is_file() or not name or "/" in name or len(name) > 255:
             raise JobFailed(f"the job's process named an artifact {name!r} at {path} that is not one of its own "
                             "files; nothing of it was stored", code="internal_error")
-        sha, size, _ = self.store.put(path, keep_source=True)
+        sha, size, created = self.store.put(path, keep_source=True)
         if sha != message.get("sha256"):
+            if created:
+                with session_scope() as db:
+                    release_blob(db=db, store=self.store, sha256=sha)
             raise JobFailed(f"artifact {name} changed while it was being stored", code="internal_error")
         with session_scope() as db:
             self.owned(db)

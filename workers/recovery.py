@@ -44,15 +44,18 @@ def reap(settings: Settings | None = None, *, now: dt.datetime | None = None) ->
     settings = settings or get_settings()
     now = now or utcnow()
     outcome = {"requeued": [], "failed": [], "resent": []}
+    requeued = []
     for job_id in _stale_running(now, settings):
-        verdict = _requeue_or_fail(job_id, now, settings)
+        verdict, queue = _requeue_or_fail(job_id, now, settings)
         if verdict:
             outcome[verdict].append(job_id)
+        if verdict == "requeued":
+            requeued.append((job_id, queue))
     outcome["resent"] = _resend_lost_messages(now, settings)
     if any(outcome.values()):
         log.warning("recovery: %s", {k: len(v) for k, v in outcome.items()})
-    for job_id in outcome["requeued"]:
-        _send(job_id)
+    for job_id, queue in requeued:  # after their commit: the row is queued before the message exists
+        _send(job_id, queue)
     return outcome
 
 
@@ -63,30 +66,31 @@ def _stale_running(now: dt.datetime, settings: Settings) -> list[str]:
         return list(db.scalars(select(Job.id).where(Job.status == "running", last_sign < cutoff).order_by(Job.id)))
 
 
-def _requeue_or_fail(job_id: str, now: dt.datetime, settings: Settings) -> str | None:
+def _requeue_or_fail(job_id: str, now: dt.datetime, settings: Settings) -> tuple[str | None, str | None]:
+    """("requeued", its queue), ("failed", None), or (None, None) when the job moved on meanwhile."""
     cutoff = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
     with session_scope() as db:
         job = db.get(Job, job_id, with_for_update=True)
         last = job.heartbeat_at or job.started_at or job.updated_at if job else None
         if job is None or job.status != "running" or last is None or last >= cutoff:
-            return None  # it finished, or beat, since we looked
+            return None, None  # it finished, or beat, since we looked
         silent = f"its worker ({job.worker_id or 'unknown'}) stopped sending heartbeats {(now - last).total_seconds():.0f} s ago"
         if job.attempts >= settings.job_max_attempts:
             job.error_code, job.stage = "worker_lost", "failed"
             job.error_message = (f"attempt {job.attempts} of {settings.job_max_attempts} was lost: {silent}; "
                                  "the job is not tried again (MODELPRESS_JOB_MAX_ATTEMPTS)")
             set_status(db, job, "failed", message=job.error_message)
-            return "failed"
+            return "failed", None
         job.stage, job.worker_id, job.heartbeat_at = "queued", None, None
         set_status(db, job, "queued", message=f"requeued after attempt {job.attempts}: {silent}")
-        return "requeued"
+        return "requeued", job.queue
 
 
 def _resend_lost_messages(now: dt.datetime, settings: Settings) -> list[str]:
     cutoff = now - dt.timedelta(seconds=settings.requeue_grace_s)
     with session_scope() as db:
-        waiting = list(db.scalars(select(Job.id).where(Job.status == "queued", Job.updated_at < cutoff)
-                                  .order_by(Job.created_at)))
+        waiting = db.execute(select(Job.id, Job.queue).where(Job.status == "queued", Job.updated_at < cutoff)
+                             .order_by(Job.created_at)).all()
     if not waiting:
         return []
     try:
@@ -97,7 +101,7 @@ def _resend_lost_messages(now: dt.datetime, settings: Settings) -> list[str]:
     if in_broker is None:
         return []
     resent = []
-    for job_id in waiting:
+    for job_id, queue in waiting:
         if job_id in in_broker:
             continue
         with session_scope() as db:
@@ -107,14 +111,12 @@ def _resend_lost_messages(now: dt.datetime, settings: Settings) -> list[str]:
             job.updated_at = utcnow()  # it waits requeue_grace_s again before it can be taken for lost
             add_event(db, job, kind="state", message="sent to the queue again: its message was no longer in the "
                                                      "broker (restarted or flushed)")
-        if _send(job_id):
+        if _send(job_id, queue):
             resent.append(job_id)
     return resent
 
 
-def _send(job_id: str) -> bool:
-    with session_scope() as db:
-        queue = db.scalar(select(Job.queue).where(Job.id == job_id))
+def _send(job_id: str, queue: str) -> bool:
     try:
         enqueue_job(job_id, queue)
         return True

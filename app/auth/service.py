@@ -1,7 +1,8 @@
 """API keys: random tokens, stored as sha256, each belonging to one tenant, with scopes and an optional expiry.
 
-Every request looks its key up again (nothing is cached beyond the request), so a revoked or expired key
-stops working on the next request.
+A request's key is read from the database, or from the API process's read cache (app.readcache), which a
+revocation empties at once in the revoking process and within a notification's delivery in the others; expiry
+is checked on every request.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from app.audit.service import Actor
 from app.common import newest_first_page
 from app.dbmodels import ApiKey, Tenant, utcnow
 from app.errors import ApiKeyNotFound, InsufficientScope, Unauthorized, Unprocessable
-from app.readcache import KeyView, TenantView
+from app.readcache import KeyView
 
 # The operator at the command line (`modelpress keys ...`): no key, no address.
 OPERATOR = Actor(tenant_id=None)
@@ -141,12 +142,8 @@ def authenticate_key(*, db: Session, authorization: str | None) -> KeyView:
     return key
 
 
-def authenticate(*, db: Session, authorization: str | None) -> TenantView:
-    return authenticate_key(db=db, authorization=authorization).tenant
-
-
 def check_scope(key: KeyView, scope: str) -> None:
-    if scope not in (key.scopes or []):
+    if scope not in key.scopes:
         raise InsufficientScope(
-            f"this API key lacks the '{scope}' scope this request needs (it has: {', '.join(key.scopes or []) or 'none'})",
-            required_scope=scope, key_scopes=list(key.scopes or []))
+            f"this API key lacks the '{scope}' scope this request needs (it has: {', '.join(key.scopes) or 'none'})",
+            required_scope=scope, key_scopes=list(key.scopes))
