@@ -19,15 +19,19 @@ Row = TypeVar("Row")
 
 
 def keep_upload(*, db: Session, store: LocalStore, received: Received, make_row: Callable[[str, int], Row],
+                check: Callable[[], object] | None = None,
                 before_commit: Callable[[Row], object] | None = None) -> Row:
-    """Store a validated upload's bytes (once per content) and commit the row make_row(sha256, size) builds
-    (before_commit(row) runs in the same transaction, once the row has its id: the audit entry).
+    """Store a validated upload's bytes (once per content) and commit the row make_row(sha256, size) builds.
+    check() runs once the bytes are stored, in the transaction (the quota, under its lock); before_commit(row)
+    runs in it too, once the row has its id (the audit entry).
 
     When anything fails, nothing is kept: the transaction is rolled back and a file this call
     created is deleted unless another row points at it.
     """
     sha, size, created_file = store.put(received.path, received.sha256)
     try:
+        if check is not None:
+            check()
         if db.get(Blob, sha) is None:
             db.add(Blob(sha256=sha, size_bytes=size))
             db.flush()  # the new row references the blob row

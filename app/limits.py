@@ -121,10 +121,10 @@ def upload_quota(db: Session, tenant, settings: Settings, *, adding: int = 0) ->
     used = stored_bytes(db, tenant.id)
 
     def error(size: int) -> StorageQuotaExceeded:
+        adds = f" and this upload adds {size}" if size else ""
         return StorageQuotaExceeded(
-            f"the tenant stores {used} bytes of models and datasets and this upload adds {size}; its quota is "
-            f"{limit} bytes: delete some and retry", retry_after_s=settings.quota_retry_after_s, limit_bytes=limit,
-            used_bytes=used)
+            f"the tenant stores {used} bytes of models and datasets{adds}; its quota is {limit} bytes: delete "
+            "some and retry", retry_after_s=settings.quota_retry_after_s, limit_bytes=limit, used_bytes=used)
 
     if used + max(adding, 1) > limit:
         raise error(adding)
@@ -132,7 +132,8 @@ def upload_quota(db: Session, tenant, settings: Settings, *, adding: int = 0) ->
 
 
 def check_upload_fits(db: Session, tenant_id: str, settings: Settings, size: int) -> None:
-    """Once the upload is received: it still fits, with the tenant row locked until the commit that keeps it
-    (two concurrent uploads cannot both take the last bytes)."""
+    """Once the upload is stored: it still fits, with the tenant row locked until the commit that keeps it
+    (two concurrent uploads cannot both take the last bytes; app.blobs.keep_upload calls it after the blob is
+    in place, so the lock is not held while the bytes travel)."""
     tenant = db.get(Tenant, tenant_id, with_for_update=True)
     upload_quota(db, tenant, settings, adding=size)

@@ -16,6 +16,16 @@ from starlette.requests import Request
 from app.errors import ModelPressError, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
 MAX_FORM_FIELD_BYTES = 64 * 1024
+# What a multipart body may hold besides its file (boundaries, part headers, a few form fields).
+MULTIPART_SLACK_BYTES = 4 * MAX_FORM_FIELD_BYTES
+# A pickle (protocol 2 to 5) opens with PROTO and its version; no ONNX protobuf, zip or safetensors header does.
+PICKLE_PREFIXES = tuple(bytes([0x80, version]) for version in range(2, 6))
+
+
+def starts_with_pickle(path: Path) -> bool:
+    """Whether a received file is a Python pickle (which the server never loads)."""
+    with path.open("rb") as fh:
+        return fh.read(2) in PICKLE_PREFIXES
 
 
 @dataclass
@@ -37,10 +47,11 @@ class Quota:
 
 def _size_check(max_bytes: int, quota: Quota | None) -> Callable[[int], None]:
     def check(size: int) -> None:
-        if quota is not None and size > quota.left_bytes:
-            raise quota.error(size)
+        # The cap first: a file too large for the server is a 413, not a 429 that retrying would not mend.
         if size > max_bytes:
             raise PayloadTooLarge(f"upload exceeds the {max_bytes} byte limit", limit_bytes=max_bytes)
+        if quota is not None and size > quota.left_bytes:
+            raise quota.error(size)
     return check
 
 
@@ -51,12 +62,13 @@ async def receive_file(request: Request, *, dest: Path, max_bytes: int, quota: Q
     when it is too large), then as bytes arrive.
     """
     check = _size_check(max_bytes, quota)
+    content_type = request.headers.get("content-type", "")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit():
-        # A multipart body is a little larger than its file: a cap reached by the framing alone is still
-        # caught while streaming.
-        check(int(declared))
-    content_type = request.headers.get("content-type", "")
+        # A multipart body is its file plus framing and small fields: only what must be file counts here, so a
+        # file that fits is never refused for its framing (the stream is checked byte by byte anyway).
+        slack = MULTIPART_SLACK_BYTES if content_type.startswith("multipart/form-data") else 0
+        check(max(int(declared) - slack, 0))
     if content_type.startswith("multipart/form-data"):
         return await _receive_multipart(request, dest=dest, check=check)
     if content_type.startswith("application/octet-stream"):

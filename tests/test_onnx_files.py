@@ -6,6 +6,7 @@ import stat
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from app.errors import InvalidModel, UnsafeArchive
@@ -185,11 +186,13 @@ STREAM_ALWAYS, STREAM_NEVER = Limits(stream_above_bytes=0), Limits(stream_above_
 def test_a_large_single_file_is_checked_through_a_streamed_copy_with_the_same_verdict(tmp_path, source):
     """Above stream_above_bytes a single .onnx is checked without parsing its weights (app.models.onnx_wire);
     the inspection is the one the plain check gives, on exports from several tools."""
-    path = write(tmp_path, "m.onnx", mlp_onnx_bytes()) if source == "mlp" else shared_model(source)
+    path = write(tmp_path, "m.onnx", mlp_onnx_bytes() if source == "mlp" else shared_model(source).read_bytes())
     streamed = check(path, tmp_path / "a", filename="m.onnx", limits=STREAM_ALWAYS)
     plain = check(path, tmp_path / "b", filename="m.onnx", limits=STREAM_NEVER)
     assert streamed == plain
-    assert (tmp_path / "a" / "work" / "streamed" / "weights.bin").stat().st_size > 0  # the weights went out
+    # The copy beside the upload is small: its weights point into the upload itself, nothing was copied.
+    copies = list(path.parent.glob(".modelpress-check-*.onnx"))
+    assert len(copies) == 1 and copies[0].stat().st_size < path.stat().st_size
 
 
 def test_the_streamed_check_refuses_a_tensor_whose_data_does_not_fit_its_shape(tmp_path):
@@ -203,7 +206,40 @@ def test_the_streamed_check_refuses_a_tensor_whose_data_does_not_fit_its_shape(t
         check(path, tmp_path, limits=STREAM_ALWAYS)
 
 
-def test_the_streamed_check_leaves_what_it_cannot_walk_to_the_plain_check(tmp_path):
-    path = write(tmp_path, "garbage.onnx", b"\x0a\xff\xff\xff\xff\x0f" + b"\0" * 100)  # a length past the end
-    with pytest.raises(InvalidModel, match="does not parse"):
+def test_what_the_streamed_check_cannot_walk_in_bounds_is_refused_not_parsed_whole(tmp_path, monkeypatch):
+    import onnx
+
+    def parse_whole(*args, **kwargs):
+        raise AssertionError("a large model was parsed whole")
+
+    monkeypatch.setattr(onnx, "load", parse_whole)  # the plain check's first step
+    garbage = write(tmp_path, "garbage.onnx", b"\x0a\xff\xff\xff\xff\x0f" + b"\0" * 100)  # a length past the end
+    with pytest.raises(InvalidModel, match="cannot be checked without reading all"):
+        check(garbage, tmp_path, limits=STREAM_ALWAYS)
+    # Weights kept outside raw_data (float_data) beyond what the copy may hold: refused, with what to do.
+    model = onnx.load_from_string(mlp_onnx_bytes())  # (the real loader: the patch replaced onnx.load only)
+    weight = model.graph.initializer[0]
+    weight.float_data.extend(np.frombuffer(weight.raw_data, np.float32).tolist())
+    weight.ClearField("raw_data")
+    bulky = write(tmp_path, "floats.onnx", model.SerializeToString())
+    with pytest.raises(InvalidModel, match="outside initializers' raw_data.*upload it as a .zip"):
+        check(bulky, tmp_path / "b", limits=Limits(stream_above_bytes=0, stream_copy_max_bytes=16 << 10))
+
+
+def test_a_large_single_file_naming_external_data_anywhere_is_refused(tmp_path):
+    """The streamed copy moves only initializers; external data a Constant names is still the upload's own,
+    which a single file may not have (before the fix it passed, checked as if it came in an archive)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load_from_string(mlp_onnx_bytes())
+    tensor = helper.make_tensor("c", onnx.TensorProto.FLOAT, [1], [0.0])
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.float_data[:]
+    for key, value in (("location", ".modelpress-weights-x.bin"), ("offset", "0"), ("length", "4")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    model.graph.node.append(helper.make_node("Constant", [], ["unused"], value=tensor))
+    path = write(tmp_path, "sneaky.onnx", model.SerializeToString())
+    with pytest.raises(InvalidModel, match="external data"):
         check(path, tmp_path, limits=STREAM_ALWAYS)

@@ -5,8 +5,9 @@ directory and every `.npy` header were checked) or a safetensors file (parsed
 here, no extra dependency). Either way it is a set of named numeric arrays whose
 first axis is the sample axis, plus an optional integer `labels` array.
 
-The API uses this module to validate uploads and the workers use it to load
-stored datasets (workers/datasets.py), so both read a file the same way.
+The API validates uploads with `read_specs` (every check, in bounded memory: headers, and each member read
+through to its checksum) and the workers load stored datasets with `load_arrays` (workers/datasets.py): the
+same checks on the same files.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import DatasetMismatch, InvalidDataset
+from app.uploads import starts_with_pickle
 from app.settings import get_settings
 
 FORMATS = {".npz": "npz", ".safetensors": "safetensors"}
@@ -36,9 +38,7 @@ MAX_NPY_HEADER_BYTES = 10_000
 # Members this small may compress extremely well (all zeros) without being a bomb.
 RATIO_FLOOR_BYTES = 1 << 20
 MAX_COMPRESSION_RATIO = 200.0
-# A pickle (protocol 2 to 5) opens with PROTO and its version; a zip never does. (A safetensors
-# header length may begin with the same two bytes, so only .npz files are sniffed for it.)
-PICKLE_PREFIXES = tuple(bytes([0x80, version]) for version in range(2, 6))
+# (Only .npz files are sniffed for pickles: a safetensors header length may begin with the same two bytes.)
 # bool, signed and unsigned integers, floats: what ONNX models take as inputs.
 NUMERIC_KINDS = "biuf"
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
@@ -114,13 +114,12 @@ def read_specs(path: Path, fmt: str, *, max_unpacked_bytes: int) -> dict[str, Ar
 
 
 def _refuse_pickle(path: Path) -> None:
-    with path.open("rb") as fh:
-        if fh.read(2) in PICKLE_PREFIXES:
-            raise InvalidDataset(
-                "not a readable .npz archive of arrays: the file is a Python pickle, and ModelPress never "
-                "unpickles uploads, because unpickling runs code. Save the arrays with numpy.savez (numeric "
-                "arrays, no Python objects) or as safetensors"
-            )
+    if starts_with_pickle(path):
+        raise InvalidDataset(
+            "not a readable .npz archive of arrays: the file is a Python pickle, and ModelPress never "
+            "unpickles uploads, because unpickling runs code. Save the arrays with numpy.savez (numeric "
+            "arrays, no Python objects) or as safetensors"
+        )
 
 
 def inspect_dataset(arrays: dict[str, np.ndarray] | dict[str, ArraySpec]) -> dict[str, Any]:

@@ -27,9 +27,9 @@ def create_from_upload(
     fmt = format_for(received.filename)
     inspection = inspect_dataset(read_specs(received.path, fmt, max_unpacked_bytes=settings.max_unpacked_bytes))
     name = (received.fields.get("name") or Path(received.filename).name)[:255]
-    check_upload_fits(db, actor.tenant_id, settings, received.size_bytes)
     return keep_upload(
         db=db, store=store, received=received,
+        check=lambda: check_upload_fits(db, actor.tenant_id, settings, received.size_bytes),
         make_row=lambda sha, size: Dataset(tenant_id=actor.tenant_id, name=name, format=fmt, sha256=sha,
                                            size_bytes=size, inspection=inspection),
         before_commit=lambda dataset: audit.record(db, actor, "dataset.upload", object_type="dataset",

@@ -13,7 +13,6 @@ onnxruntime or torch.
 """
 from __future__ import annotations
 
-import mmap
 import shutil
 import stat
 import zipfile
@@ -23,6 +22,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from app.errors import InvalidModel, PayloadTooLarge, UnsafeArchive
+from app.models.onnx_wire import graph_depth
+from app.uploads import starts_with_pickle
 
 ZIP_MAGIC = b"PK\x03\x04"
 COPY_CHUNK = 1 << 20
@@ -30,8 +31,7 @@ COPY_CHUNK = 1 << 20
 IGNORED_PREFIXES = ("__MACOSX/",)
 # A member this small may compress extremely well without being a bomb.
 RATIO_FLOOR_BYTES = 1 << 20
-# A pickle (protocol 2 to 5) opens with PROTO and its version; no ONNX protobuf starts that way.
-PICKLE_PREFIXES = tuple(bytes([0x80, version]) for version in range(2, 6))
+# What PyTorch checkpoints and pickles are called (their bytes are caught by app.uploads.starts_with_pickle).
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Domains ONNX Runtime runs without a custom-op library: the ONNX ones and its built-in contrib ops.
 STANDARD_DOMAINS = ("", "ai.onnx.ml")
@@ -50,8 +50,11 @@ class Limits:
     max_compression_ratio: float = 200.0
     # protobuf cannot encode a message of 2 GiB or more; a bigger model keeps its weights as external data.
     max_model_proto_bytes: int = (2 << 30) - 1
-    # A single .onnx this large is checked through a copy with its weights moved out, not parsed whole.
+    # A model this large is checked through a copy with its weights pointing into the file, not parsed whole;
+    # the copy may hold this much (the rest of the model) and the walk read this many protobuf fields.
     stream_above_bytes: int = 64 << 20
+    stream_copy_max_bytes: int = 64 << 20
+    stream_max_fields: int = 10_000_000
     # If/Loop/Scan bodies nested inside each other. protobuf stops parsing near 32 levels; staying well
     # below keeps the checker, shape inference and ONNX Runtime (all recursive) far from their limits.
     max_graph_depth: int = 16
@@ -66,36 +69,38 @@ def validate_upload(path: Path, *, filename: str, workdir: Path, limits: Limits)
     under `workdir`, which the caller removes.
     """
     suffix = PurePosixPath(filename).suffix.lower()
-    if suffix in PICKLE_SUFFIXES or _starts_with_pickle(path):
+    if suffix in PICKLE_SUFFIXES or starts_with_pickle(path):
         raise InvalidModel(_pickle_refusal(filename))
     if _looks_like_zip(path, filename):
         model_path = _extract_zip(path, workdir, limits, filename=filename)
-        return "onnx-zip", _check_and_inspect(model_path, packed=True, limits=limits)
+        return "onnx-zip", _inspect(model_path, packed=True, limits=limits)
     if suffix != ".onnx":
         raise InvalidModel(f"'{filename}' is neither a .onnx file nor a .zip holding one")
-    if path.stat().st_size >= limits.stream_above_bytes:
-        inspection = _inspect_streamed(path, workdir, limits)
-        if inspection is not None:
-            return "onnx", inspection
-    return "onnx", _check_and_inspect(path, packed=False, limits=limits)
+    return "onnx", _inspect(path, packed=False, limits=limits)
 
 
-def _inspect_streamed(path: Path, workdir: Path, limits: Limits) -> dict[str, Any] | None:
-    """A large single file checked through a copy with its weights moved out (app.models.onnx_wire), so the
-    API's memory does not grow with the model. None: the walk could not follow the file; check it plainly."""
-    from app.models.onnx_wire import WireError, externalize
+def _inspect(path: Path, *, packed: bool, limits: Limits) -> dict[str, Any]:
+    """Check and describe a model. One of `stream_above_bytes` or more is checked through a small copy beside it
+    whose weights point into the file itself (app.models.onnx_wire; beside it, an archive's own external data
+    resolves too), so the API's memory does not grow with the model."""
+    from app.models.onnx_wire import ExternalDataInFile, WireError, externalize
 
-    _check_proto_size(path.stat().st_size, limits)
+    size = path.stat().st_size
+    if size < limits.stream_above_bytes:
+        return _check_and_inspect(path, packed=packed, limits=limits)
+    _check_proto_size(size, limits)
     try:
-        small = externalize(path, workdir / "streamed")
-    except WireError:
-        return None
+        small = externalize(path, keep_external=packed, max_copy_bytes=limits.stream_copy_max_bytes,
+                            max_fields=limits.stream_max_fields)
+    except ExternalDataInFile:
+        raise _external_in_single_file(["(named by its initializers)"]) from None
+    except WireError as exc:
+        raise InvalidModel(f"the model cannot be checked without reading all {size >> 20} MiB of it into memory "
+                           f"({exc}); upload it as a .zip holding the .onnx with its weights as external data "
+                           "(onnx.save_model(..., save_as_external_data=True))") from None
     except ValueError as exc:
         raise InvalidModel(f"the model is inconsistent: {exc}") from None
-    inspection = _check_and_inspect(small, packed=True, limits=limits)
-    # What the user sent is one file with its weights inside, as stored and as the workers load it.
-    inspection["external_data"] = False
-    return inspection
+    return _check_and_inspect(small.model, packed=packed, limits=limits, streamed=small)
 
 
 def materialize(blob_path: Path, fmt: str, dest_dir: Path, limits: Limits) -> Path:
@@ -119,11 +124,6 @@ def _looks_like_zip(path: Path, filename: str) -> bool:
         return f.read(4) == ZIP_MAGIC
 
 
-def _starts_with_pickle(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(2) in PICKLE_PREFIXES
-
-
 def _pickle_refusal(filename: str) -> str:
     return (
         f"'{filename}' is a PyTorch checkpoint or Python pickle; ModelPress never unpickles uploads, because "
@@ -132,7 +132,9 @@ def _pickle_refusal(filename: str) -> str:
     )
 
 
-def _check_and_inspect(path: Path, *, packed: bool, limits: Limits) -> dict[str, Any]:
+def _check_and_inspect(path: Path, *, packed: bool, limits: Limits, streamed=None) -> dict[str, Any]:
+    """`streamed`: the app.models.onnx_wire.Externalized whose copy `path` is (its tensors point into the upload
+    under `streamed.weights`; the rest of the model is the user's, checked as it stands)."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -145,7 +147,7 @@ def _check_and_inspect(path: Path, *, packed: bool, limits: Limits) -> dict[str,
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError, OSError) as exc:
         # The parser gives up on deep nesting with the same error as on corrupt bytes: tell them apart.
         limit = limits.max_graph_depth
-        if isinstance(exc, DecodeError) and _wire_graph_depth(path, stop_above=limit) > limit:
+        if isinstance(exc, DecodeError) and graph_depth(path, stop_above=limit, max_fields=WIRE_SCAN_FIELDS) > limit:
             raise _too_deep(limits) from None
         raise InvalidModel(f"not an ONNX model: the file does not parse as an ONNX protobuf ({_short(exc)})") from None
     if not model.HasField("graph") or model.ir_version <= 0 or len(model.graph.node) == 0:
@@ -155,12 +157,13 @@ def _check_and_inspect(path: Path, *, packed: bool, limits: Limits) -> dict[str,
 
     _check_external_locations(model)
     locations = _external_locations(model)
+    ours = locations.pop(streamed.weights, []) if streamed is not None else []
+    if len(ours) != (streamed.moved if streamed is not None else 0):
+        # Only the initializers the copy moved may name its file: anything else is the upload naming it.
+        raise UnsafeArchive(f"tensors of the model name the external data location {streamed.weights!r}")
     if locations and not packed:
-        names = ", ".join(sorted(locations)[:5])
-        raise InvalidModel(
-            f"the model keeps weights in external data files ({names}); upload a .zip holding the .onnx and those files"
-        )
-    if locations:
+        raise _external_in_single_file(sorted(locations))
+    if locations or ours:
         _check_external_files(model, path.parent)
     _check_ops(model)
 
@@ -184,7 +187,15 @@ def _check_and_inspect(path: Path, *, packed: bool, limits: Limits) -> dict[str,
 
     inspection = _describe(model)
     inspection["warnings"] = warnings + inspection["warnings"]
+    # The user's own external data only: a streamed copy's references are this check's, not the model's.
+    inspection["external_data"] = bool(locations)
     return inspection
+
+
+def _external_in_single_file(names: list[str]) -> InvalidModel:
+    return InvalidModel(
+        f"the model keeps weights in external data files ({', '.join(names[:5])}); upload a .zip holding the .onnx "
+        "and those files")
 
 
 def _describe(model) -> dict[str, Any]:
@@ -332,73 +343,6 @@ def _graph_depth(model) -> int:
     return deepest
 
 
-# Field numbers (onnx.proto) on every path from a ModelProto down to a nested graph, by message kind.
-_NESTING_FIELDS: dict[str, dict[int, str]] = {
-    "model": {7: "graph", 20: "training", 25: "function"},  # graph, training_info, functions
-    "training": {1: "graph", 2: "graph"},  # initialization, algorithm
-    "function": {7: "node"},
-    "graph": {1: "node"},
-    "node": {5: "attribute"},
-    "attribute": {6: "graph", 11: "graph"},  # g, graphs
-}
-
-
-def _wire_graph_depth(path: Path, *, stop_above: int) -> int:
-    """Subgraph nesting of a serialized ModelProto, read from the wire format depth first, with a loop.
-
-    Only used once the parser has refused the bytes. Stops as soon as the nesting passes
-    `stop_above`, after WIRE_SCAN_FIELDS fields, or where the bytes stop being protobuf,
-    and returns the nesting found so far.
-    """
-    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        deepest, budget = 0, WIRE_SCAN_FIELDS
-        # Frames of (message kind, next field offset, end offset, graph depth); the last one is read.
-        frames = [("model", 0, len(data), -1)]
-        try:
-            while frames and budget > 0:
-                kind, pos, end, depth = frames.pop()
-                if pos >= end:
-                    continue
-                budget -= 1
-                tag, pos = _read_varint(data, pos)
-                field, wire_type = tag >> 3, tag & 7
-                if field == 0 or wire_type not in (0, 1, 2, 5):
-                    break  # no field 0, and onnx.proto uses no groups: not protobuf
-                if wire_type == 0:
-                    _, pos = _read_varint(data, pos)
-                    child = None
-                elif wire_type == 2:
-                    length, pos = _read_varint(data, pos)
-                    child = (pos, pos + length) if field in _NESTING_FIELDS[kind] and pos + length <= end else None
-                    pos += length
-                else:
-                    pos += 8 if wire_type == 1 else 4
-                    child = None
-                frames.append((kind, pos, end, depth))
-                if child:
-                    child_kind = _NESTING_FIELDS[kind][field]
-                    child_depth = depth + 1 if child_kind in ("graph", "function") else depth
-                    if child_depth > deepest:
-                        deepest = child_depth
-                        if deepest > stop_above:
-                            break
-                    frames.append((child_kind, *child, child_depth))
-        except IndexError:
-            pass  # a varint ran past the end of the file
-        return deepest
-
-
-def _read_varint(data: mmap.mmap, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80 or shift > 63:
-            return value, pos
-        shift += 7
-
-
 def _too_deep(limits: Limits) -> InvalidModel:
     return InvalidModel(
         f"the model nests subgraphs (If/Loop/Scan bodies inside each other) more than {limits.max_graph_depth} "
@@ -534,9 +478,10 @@ def _check_external_locations(model) -> None:
             )
         location = locations[0]
         rel = PurePosixPath(location.replace("\\", "/"))
-        if (not rel.parts or "\x00" in location or rel.is_absolute() or ".." in rel.parts
+        # "*": ONNX Runtime reads `*/_ORT_MEM_ADDR_/*` as "the offset is a memory address".
+        if (not rel.parts or "\x00" in location or "*" in location or rel.is_absolute() or ".." in rel.parts
                 or ":" in rel.parts[0]):
-            raise UnsafeArchive(f"external data location {location[:200]!r} points outside the archive")
+            raise UnsafeArchive(f"external data location {location[:200]!r} points outside the upload")
 
 
 def _check_external_files(model, model_dir: Path) -> None:
@@ -546,9 +491,9 @@ def _check_external_files(model, model_dir: Path) -> None:
         rel = PurePosixPath(location.replace("\\", "/"))
         target = (root / rel).resolve()
         if not target.is_relative_to(root):
-            raise UnsafeArchive(f"external data location {location!r} points outside the archive")
+            raise UnsafeArchive(f"external data location {location!r} points outside the upload")
         if not target.is_file():
-            raise InvalidModel(f"the model names external data file {location!r}, which the archive does not hold")
+            raise InvalidModel(f"the model names external data file {location!r}, which the upload does not hold")
         size = target.stat().st_size
         for info in entries:
             try:

@@ -31,9 +31,9 @@ def create_from_upload(
         received.path, filename=received.filename, workdir=workdir / "check", limits=limits(settings)
     )
     name = (received.fields.get("name") or Path(received.filename).name)[:255]
-    check_upload_fits(db, actor.tenant_id, settings, received.size_bytes)
     return keep_upload(
         db=db, store=store, received=received,
+        check=lambda: check_upload_fits(db, actor.tenant_id, settings, received.size_bytes),
         make_row=lambda sha, size: Model(tenant_id=actor.tenant_id, name=name, format=fmt, sha256=sha,
                                          size_bytes=size, inspection=inspection),
         before_commit=lambda model: audit.record(db, actor, "model.upload", object_type="model", object_id=model.id,
