@@ -243,3 +243,22 @@ def test_a_large_single_file_naming_external_data_anywhere_is_refused(tmp_path):
     path = write(tmp_path, "sneaky.onnx", model.SerializeToString())
     with pytest.raises(InvalidModel, match="external data"):
         check(path, tmp_path, limits=STREAM_ALWAYS)
+
+
+def test_a_large_model_in_a_zip_is_checked_streamed_with_its_own_external_data(tmp_path):
+    """In an archive, some weights may be external data of the user's and some inline: the streamed copy keeps
+    the former, points the latter into the .onnx, and reaches the plain check's verdict."""
+    import onnx
+
+    model = onnx.load_from_string(mlp_onnx_bytes())
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    # The first weight goes to external data; the rest stay inline in the .onnx.
+    onnx.external_data_helper.set_external_data(model.graph.initializer[0], location="net.onnx.data")
+    onnx.save_model(model, folder / "net.onnx")  # writes the external tensor's bytes to net.onnx.data
+    archive = make_zip(tmp_path, {"net.onnx": (folder / "net.onnx").read_bytes(),
+                                  "net.onnx.data": (folder / "net.onnx.data").read_bytes()})
+    streamed = check(archive, tmp_path / "a", limits=STREAM_ALWAYS)
+    plain = check(archive, tmp_path / "b", limits=STREAM_NEVER)
+    assert streamed == plain and streamed[1]["external_data"] is True
+    assert list((tmp_path / "a" / "work").glob(".modelpress-check-*.onnx"))  # it did go the streamed way
