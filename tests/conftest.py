@@ -1,11 +1,14 @@
 """Shared fixtures: an isolated embedded deployment per test (SQLite + filesystem broker + store)."""
 from __future__ import annotations
 
+import base64
 import contextlib
+import datetime as dt
 import functools
 import io
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +67,14 @@ def client(data_dir: Path):
         yield test_client
 
 
-def make_key(tenant: str) -> str:
-    from app.auth.service import create_key
+def make_key(tenant: str, scopes: Iterable[str] | None = None, expires_at: dt.datetime | None = None) -> str:
+    """A new key of `tenant` (created if new), as the CLI makes one; returns its plaintext. Without scopes: all."""
+    from app.auth.service import ALL_SCOPES, create_key
     from app.db import session_scope
 
     with session_scope() as db:
-        _, plaintext = create_key(db=db, tenant_name=tenant)
+        _, plaintext = create_key(db=db, tenant_name=tenant, scopes=ALL_SCOPES if scopes is None else scopes,
+                                  expires_at=expires_at)
     return plaintext
 
 
@@ -107,6 +112,32 @@ def mlp_onnx() -> bytes:
     return mlp_onnx_bytes()
 
 
+def onnx_bytes(nodes, inputs, outputs, initializers=(), domains=()) -> bytes:
+    """A model of these nodes (opset 17, plus version 1 of each of `domains`), serialized."""
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    opsets = [helper.make_opsetid("", 17)] + [helper.make_opsetid(d, 1) for d in domains]
+    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
+def memory_hog_onnx(side: int = 20000) -> bytes:
+    """y = x @ W + sum(ones(side, side)): a valid, small file whose run needs side^2 * 4 bytes (1.6 GB)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["xw"]),
+        helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                         value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
+        helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+        helper.make_node("Add", ["xw", "total"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.ones((4, 4), np.float32), "W"),
+             numpy_helper.from_array(np.array([side, side], np.int64), "shape")]
+    return onnx_bytes(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], inits)
+
+
 def shared_model(relative: str) -> Path:
     path = SHARED_MODELS / relative
     if not path.is_file():
@@ -117,6 +148,25 @@ def shared_model(relative: str) -> Path:
 def store_files(data_dir: Path) -> list[Path]:
     blobs = data_dir / "store" / "blobs"
     return sorted(p for p in blobs.rglob("*") if p.is_file()) if blobs.exists() else []
+
+
+def queued_messages(data_dir: Path) -> list[dict]:
+    """Messages in the embedded filesystem broker: each carries only the job id."""
+    folder = data_dir / "broker" / "queue"
+    bodies = []
+    for path in sorted(folder.glob("*.msg")):
+        message = json.loads(path.read_text())
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body).decode()
+        bodies.append({"task": message["headers"]["task"], "args": json.loads(body)[0]})
+    return bodies
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # np.savez pickles object arrays: the bad-input tests rely on that
+    return buf.getvalue()
 
 
 def tmp_leftovers(data_dir: Path) -> list[Path]:
@@ -176,13 +226,25 @@ def digits_classifier(kind: str = "mlp") -> tuple[bytes, np.ndarray, np.ndarray]
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
-def postgres_or_skip() -> None:
-    """The machine's PostgreSQL answers, or the test skips (fails under CI=true, where it must run)."""
+def _postgres_error() -> Exception | None:
     try:
         import psycopg
 
         psycopg.connect(PG_ADMIN_URL, connect_timeout=3).close()
     except Exception as exc:
+        return exc
+    return None
+
+
+def postgres_reachable() -> bool:
+    """Whether the machine's PostgreSQL answers."""
+    return _postgres_error() is None
+
+
+def postgres_or_skip() -> None:
+    """The machine's PostgreSQL answers, or the test skips (fails under CI=true, where it must run)."""
+    exc = _postgres_error()
+    if exc is not None:
         if IN_CI:
             pytest.fail(f"PostgreSQL at 127.0.0.1:5432 unreachable: {exc} (CI=true: integration tests must run)")
         pytest.skip(f"PostgreSQL at 127.0.0.1:5432 unreachable: {exc}")

@@ -1,6 +1,7 @@
 """Real processes for end-to-end tests: the API (uvicorn) and a Celery worker, driven over HTTP."""
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import subprocess
@@ -19,6 +20,63 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_until(check, timeout: float, every: float = 0.2):
+    """`check()`'s first true value, tried every `every` s; TimeoutError once `timeout` s have passed without one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting after {timeout} s")
+        time.sleep(every)
+
+
+JOB_PROCESS_MARKERS = ("workers.job_process", "workers.measure.child")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@contextmanager
+def adopting_orphans():
+    """While it lasts, this process is the child subreaper of everything it starts: a process whose parent
+    dies (a job's process whose worker was killed, say) is re-parented here instead of to init, so that
+    `job_processes` still sees it. (Adopted processes are never waited for: once dead they stay zombies, without
+    a command line, which `job_processes` does not count, until this process ends.)"""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield
+    finally:
+        prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def job_processes() -> list[str]:
+    """Command lines of the job processes (workers.job_process) and measuring processes (workers.measure.child)
+    descended from this test process: its workers' leftovers, never another test run's on the same machine."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # it ended meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
+        parents[int(stat.parent.name)] = int(text[text.rindex(")") + 2:].split()[1])
+    descendants, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - descendants
+        descendants |= frontier
+    found = []
+    for pid in sorted(descendants):
+        try:
+            raw = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            continue
+        cmdline = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+        if any(marker in cmdline for marker in JOB_PROCESS_MARKERS):
+            found.append(f"{pid} {cmdline}")
+    return found
 
 
 def modelpress(*args: str, env: dict, **kwargs) -> subprocess.CompletedProcess:
@@ -102,6 +160,7 @@ class RedisServer:
         self.port = free_port()
         self.folder = folder
         self.proc: subprocess.Popen | None = None
+        self.log = None
 
     @property
     def url(self) -> str:
@@ -110,9 +169,9 @@ class RedisServer:
     def start(self) -> "RedisServer":
         import redis
 
-        log = open(self.folder / f"redis-{self.port}.log", "a")
+        self.log = open(self.folder / f"redis-{self.port}.log", "a")
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.folder)], stdout=log,
+                                      "--appendonly", "no", "--dir", str(self.folder)], stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -128,6 +187,9 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
     def client(self):
         import redis

@@ -1,12 +1,10 @@
 """Rate limits per key, quotas per tenant (429 + Retry-After, nothing stored), and the audit log."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
 from app.dbmodels import AuditEntry, Blob, Job, Model
-from tests.conftest import make_key, row_count, store_files, tmp_leftovers
+from tests.conftest import REDIS_URL, make_key, npz_bytes, row_count, store_files, tmp_leftovers
 
 
 def set_limits(tenant: str, **limits) -> None:
@@ -19,12 +17,6 @@ def set_limits(tenant: str, **limits) -> None:
         row = db.scalar(select(Tenant).where(Tenant.name == tenant))
         for name, value in limits.items():
             setattr(row, name, value)
-
-
-def npz(**arrays) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 def job_spec(model_id: str) -> dict:
@@ -55,6 +47,12 @@ def test_rate_limit_is_shared_through_redis_by_every_api_process(data_dir, redis
     from tests.conftest import clear_caches
 
     clear_caches()
+
+    def no_memory_bucket():
+        raise AssertionError("the rate limit used this process's memory, not Redis")
+
+    # Only Redis may answer: this process's own bucket (the embedded default's) would give the same statuses.
+    monkeypatch.setattr("app.limits._memory", no_memory_bucket)
     headers = {"Authorization": f"Bearer {make_key('alice')}"}
     with TestClient(create_app()) as first, TestClient(create_app()) as second:
         statuses = [(first if i % 2 else second).get("/v1/models", headers=headers).status_code for i in range(6)]
@@ -62,7 +60,7 @@ def test_rate_limit_is_shared_through_redis_by_every_api_process(data_dir, redis
     assert statuses == [200, 200, 200, 200, 429, 429]
     import redis
 
-    keys = list(redis.Redis.from_url("redis://127.0.0.1:6379/0").scan_iter(match=f"{redis_prefix}modelpress:ratelimit:*"))
+    keys = list(redis.Redis.from_url(REDIS_URL).scan_iter(match=f"{redis_prefix}modelpress:ratelimit:*"))
     assert len(keys) == 1
 
 
@@ -94,7 +92,7 @@ def test_storage_quota_is_429_and_keeps_nothing(client, alice, data_dir, mlp_onn
     streamed = client.post("/v1/models", content=iter([other[:4096], other[4096:]]),
                            headers={**alice, "Content-Type": "application/octet-stream", "X-Filename": "other.onnx"})
     assert "content-length" not in streamed.request.headers
-    declared = client.post("/v1/datasets", files={"file": ("d.npz", npz(features=np.zeros((64, 64), np.float32)))},
+    declared = client.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(features=np.zeros((64, 64), np.float32)))},
                            headers=alice)
     for resp in (streamed, declared):
         assert resp.status_code == 429, resp.text
@@ -113,7 +111,7 @@ def test_audit_log_records_who_did_what_and_only_for_its_tenant(client, mlp_onnx
     created = client.post("/v1/keys", json={"scopes": ["read", "write"]}, headers=admin).json()
     writer = {"Authorization": f"Bearer {created['key']}"}
     model = client.post("/v1/models", files={"file": ("m.onnx", mlp_onnx)}, headers=writer).json()
-    dataset = client.post("/v1/datasets", files={"file": ("d.npz", npz(features=np.zeros((4, 64), np.float32)))},
+    dataset = client.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(features=np.zeros((4, 64), np.float32)))},
                           headers=writer).json()
     job = client.post("/v1/jobs", json=job_spec(model["id"]), headers=writer).json()
     client.post(f"/v1/jobs/{job['id']}/cancel", headers=writer)

@@ -7,10 +7,15 @@ test_datasets.py; this file covers what an attacker tries next.
 """
 from __future__ import annotations
 
+import builtins
+import contextlib
+import ctypes
 import dataclasses
 import io
+import os
 import pickle
 import stat
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -20,9 +25,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from app.dbmodels import Blob, Dataset, Model
-from tests.conftest import mlp_onnx_bytes, row_count, store_files, tmp_leftovers
-
-PASSWD_FIRST_FIELD = "root:"
+from tests.conftest import mlp_onnx_bytes, npz_bytes, row_count, store_files, tmp_leftovers
 
 
 class WritesMarker:
@@ -90,33 +93,153 @@ def with_external_location(tmp_path: Path, location: str) -> tuple[bytes, bytes]
     return model.SerializeToString(), (tmp_path / "net.onnx.data").read_bytes()
 
 
-@pytest.mark.parametrize("location", ["/etc/passwd", "../../etc/passwd", "net.onnx.data\x00/../../etc/passwd"])
+IN_OPEN, IN_ACCESS = 0x20, 0x1
+
+
+@contextlib.contextmanager
+def opens_of(target: Path):
+    """Every open of `target` while the block runs, as a list that fills: `open`, `io.open` and `os.open` in
+    this process (the API runs here, behind the TestClient; paths resolved, symbolic links followed), and,
+    where the kernel offers inotify, any open or read of the file by anything (ONNX's and ONNX Runtime's C++
+    readers, other processes) once the block ends."""
+    target_path = os.path.realpath(target)
+    opened: list[str] = []
+
+    def note(how: str, file, dir_fd=None) -> None:
+        if isinstance(file, int):
+            return
+        try:
+            path = os.fsdecode(os.fspath(file))
+            if dir_fd is not None and not os.path.isabs(path):
+                path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+            resolved = os.path.realpath(path)
+        except (TypeError, ValueError, OSError):  # not a path, or one no open could take (a NUL byte)
+            return
+        if resolved == target_path:
+            opened.append(f"{how}({file!r})")
+
+    real_open, real_io_open, real_os_open = builtins.open, io.open, os.open
+
+    def recording_open(file, *args, **kwargs):
+        note("open", file)
+        return real_open(file, *args, **kwargs)
+
+    def recording_io_open(file, *args, **kwargs):
+        note("io.open", file)
+        return real_io_open(file, *args, **kwargs)
+
+    def recording_os_open(path, flags, mode=0o777, *, dir_fd=None):
+        note("os.open", path, dir_fd)
+        return real_os_open(path, flags, mode, dir_fd=dir_fd)
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if watch >= 0 and libc.inotify_add_watch(watch, os.fsencode(target_path), IN_OPEN | IN_ACCESS) < 0:
+        os.close(watch)
+        watch = -1
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(builtins, "open", recording_open)
+            mp.setattr(io, "open", recording_io_open)
+            mp.setattr(os, "open", recording_os_open)
+            yield opened
+    finally:
+        if watch >= 0:
+            try:
+                if os.read(watch, 4096):
+                    opened.append("opened or read, as the kernel saw it (inotify)")
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(watch)
+
+
+def kernel_watch_available(path: Path) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if watch < 0:
+        return False
+    try:
+        return libc.inotify_add_watch(watch, os.fsencode(path), IN_OPEN | IN_ACCESS) >= 0
+    finally:
+        os.close(watch)
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Path:
+    """A file outside any upload that the attacks below aim at: the MLP's real weights, so that a server that
+    did follow the reference would load the model, not fail on it."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    _graph, data = with_external_location(tmp_path, "net.onnx.data")
+    path = folder / "weights.bin"
+    path.write_bytes(data)
+    return path
+
+
+def test_the_open_recorder_sees_every_way_in(sentinel, tmp_path):
+    """Guard for the tests below: each way of opening the sentinel is recorded; opening another file is not."""
+    (tmp_path / "link").symlink_to(sentinel)
+    folder_fd = os.open(sentinel.parent, os.O_RDONLY)
+    ways = {
+        "open": lambda: open(sentinel, "rb").close(),
+        "io.open": lambda: io.open(str(sentinel), "rb").close(),
+        "Path.read_bytes": sentinel.read_bytes,
+        "os.open": lambda: os.close(os.open(sentinel, os.O_RDONLY)),
+        "os.open with dir_fd": lambda: os.close(os.open(sentinel.name, os.O_RDONLY, dir_fd=folder_fd)),
+        "a symbolic link to it": (tmp_path / "link").read_bytes,
+        "numpy": lambda: np.fromfile(sentinel, dtype=np.uint8),
+    }
+    if kernel_watch_available(sentinel):
+        ways["another process"] = lambda: subprocess.run(["cat", str(sentinel)], check=True, capture_output=True)
+    try:
+        for name, way in ways.items():
+            with opens_of(sentinel) as opened:
+                way()
+            assert opened, name
+        with opens_of(sentinel) as opened:
+            (tmp_path / "other").write_bytes(b"x")
+            (tmp_path / "other").read_bytes()
+        assert opened == []
+    finally:
+        os.close(folder_fd)
+
+
+def outside_location(kind: str, target: Path) -> str:
+    climb = "../" * 40 + str(target).lstrip("/")  # from any folder the upload may be unpacked in
+    return {"absolute": str(target), "dot-dot": climb, "nul-then-dot-dot": f"net.onnx.data\x00/{climb}"}[kind]
+
+
+@pytest.mark.parametrize("location", ["absolute", "dot-dot", "nul-then-dot-dot"])
 @pytest.mark.parametrize("packaging", ["single-onnx", "zip-with-data"])
-def test_external_data_outside_the_model_is_refused_unread(client, alice, data_dir, tmp_path, location, packaging):
-    graph, data = with_external_location(tmp_path, location)
+def test_external_data_outside_the_model_is_refused_unread(client, alice, data_dir, tmp_path, sentinel, location,
+                                                           packaging):
+    graph, data = with_external_location(tmp_path, outside_location(location, sentinel))
     upload = (graph, "net.onnx") if packaging == "single-onnx" else (
         zip_bytes({"net.onnx": graph, "net.onnx.data": data}), "net.zip")
-    resp = upload_model(client, alice, *upload)
+    with opens_of(sentinel) as opened:
+        resp = upload_model(client, alice, *upload)
     body = assert_refused(resp, data_dir, 422, "unsafe_archive")
     assert "outside" in body["message"]
-    assert PASSWD_FIRST_FIELD not in resp.text
+    assert opened == []  # refused on the name alone: the file it names was never opened
 
 
-def test_external_data_member_that_is_a_symlink_is_refused_unread(client, alice, data_dir, tmp_path):
+def test_external_data_member_that_is_a_symlink_is_refused_unread(client, alice, data_dir, tmp_path, sentinel):
     graph, _ = with_external_location(tmp_path, "net.onnx.data")
-    archive = zip_bytes({"net.onnx": graph}, symlinks={"net.onnx.data": "/etc/passwd"})
-    resp = upload_model(client, alice, archive, "net.zip")
+    archive = zip_bytes({"net.onnx": graph}, symlinks={"net.onnx.data": str(sentinel)})
+    with opens_of(sentinel) as opened:
+        resp = upload_model(client, alice, archive, "net.zip")
     body = assert_refused(resp, data_dir, 422, "unsafe_archive")
     assert "symbolic link" in body["message"]
-    assert PASSWD_FIRST_FIELD not in resp.text
+    assert opened == []
 
 
-def test_external_data_in_a_model_local_function_is_checked_too(client, alice, data_dir):
+def test_external_data_in_a_model_local_function_is_checked_too(client, alice, data_dir, sentinel):
     """A Constant inside a function body is a tensor the loader reads like any initializer."""
     value = helper.make_tensor("k", TensorProto.FLOAT, [1], [1.0])
     value.ClearField("float_data")
     value.data_location = TensorProto.EXTERNAL
-    for key, text in (("location", "/etc/passwd"), ("offset", "0"), ("length", "4")):
+    for key, text in (("location", str(sentinel)), ("offset", "0"), ("length", "4")):
         entry = value.external_data.add()
         entry.key, entry.value = key, text
     body = [helper.make_node("Constant", [], ["k"], value=value), helper.make_node("Add", ["a", "k"], ["b"])]
@@ -126,8 +249,10 @@ def test_external_data_in_a_model_local_function_is_checked_too(client, alice, d
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     model = helper.make_model(graph, functions=[function],
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local.fns", 1)])
-    resp = upload_model(client, alice, model.SerializeToString(), "fn.onnx")
+    with opens_of(sentinel) as opened:
+        resp = upload_model(client, alice, model.SerializeToString(), "fn.onnx")
     assert_refused(resp, data_dir, 422, "unsafe_archive")
+    assert opened == []
 
 
 # --- 2. a protobuf over the size one ONNX file can hold -----------------------------------------
@@ -253,7 +378,7 @@ def test_the_pickle_payloads_are_live(tmp_path):
         marker = tmp_path / f"torch-legacy-{legacy}"
         torch.load(io.BytesIO(torch_checkpoint(WritesMarker(marker), legacy=legacy)), weights_only=False)
         assert marker.exists()
-    np.load(io.BytesIO(npz_of(features=np.array([WritesMarker(tmp_path / "npz")], dtype=object))),
+    np.load(io.BytesIO(npz_bytes(features=np.array([WritesMarker(tmp_path / "npz")], dtype=object))),
             allow_pickle=True)["features"]
     assert (tmp_path / "plain").exists() and (tmp_path / "npz").exists()
 
@@ -274,16 +399,10 @@ def test_pickled_model_is_refused_without_unpickling(client, alice, data_dir, ma
     assert not marker.exists()
 
 
-def npz_of(**arrays) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)  # pickles object arrays into the archive, as an attacker's file would
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("build", [
     pytest.param(lambda m: pickle.dumps({"features": WritesMarker(m)}), id="pickle-named-npz"),
-    pytest.param(lambda m: npz_of(features=np.array([WritesMarker(m)], dtype=object)), id="object-array-npz"),
-    pytest.param(lambda m: pickle.dumps(WritesMarker(m)) + npz_of(features=np.zeros((2, 4), np.float32)),
+    pytest.param(lambda m: npz_bytes(features=np.array([WritesMarker(m)], dtype=object)), id="object-array-npz"),
+    pytest.param(lambda m: pickle.dumps(WritesMarker(m)) + npz_bytes(features=np.zeros((2, 4), np.float32)),
                  id="pickle-with-npz-appended"),
 ])
 def test_pickled_dataset_is_refused_without_unpickling(client, alice, data_dir, marker, build):
