@@ -119,6 +119,9 @@ class Model(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     inspection: Mapped[dict[str, Any]]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # A model converted to ONNX by the worker (a Hugging Face folder, a Keras model) points at its upload.
+    source_model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"), index=True,
+                                                        default=None)
 
 
 class Dataset(Base):
@@ -149,6 +152,8 @@ class Job(Base):
     model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"), index=True)
     name: Mapped[str | None] = mapped_column(String(255))
     spec: Mapped[dict[str, Any]]
+    # "compress" (steps + measurements) or "convert" (an upload in another format exported to ONNX: workers/convert)
+    kind: Mapped[str] = mapped_column(String(16), default="compress", server_default="compress")
     queue: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default="queued")
     progress: Mapped[float] = mapped_column(Float, default=0.0)

@@ -127,6 +127,42 @@ class DatasetMismatch(Unprocessable):
     code, title = "dataset_mismatch", "Dataset does not match the model"
 
 
+class RemoteCodeRefused(Unprocessable):
+    """A model folder that would need its own Python code to load (`auto_map` in config.json, *.py files)."""
+
+    code, title = "remote_code_refused", "Remote code refused"
+
+
+class PickleRefused(Unprocessable):
+    """A model folder holding pickled weights or state (`pytorch_model.bin`, *.pt, training_args.bin, ...)."""
+
+    code, title = "pickle_refused", "Pickled files refused"
+
+
+class UnsupportedArchitecture(Unprocessable):
+    """A Hugging Face folder whose `model_type` ModelPress does not convert; `supported` lists those it does."""
+
+    code, title = "unsupported_architecture", "Unsupported architecture"
+
+
+class ConversionPending(Conflict):
+    """A job or dataset names a model whose conversion to ONNX has not finished yet."""
+
+    code = "conversion_pending"
+
+
+class ConversionFailed(Unprocessable):
+    """A job or dataset names a model whose conversion to ONNX failed; the message carries the reason."""
+
+    code, title = "conversion_failed", "Conversion failed"
+
+
+class TokenizerMissing(Unprocessable):
+    """A texts dataset for a model that has no tokenizer."""
+
+    code, title = "tokenizer_missing", "The model has no tokenizer"
+
+
 class InvalidParams(Unprocessable):
     code, title = "invalid_params", "Invalid job specification"
 
@@ -137,6 +173,12 @@ class UnknownMethod(Unprocessable):
 
 class IdempotencyKeyReused(Unprocessable):
     code, title = "idempotency_key_reused", "Idempotency key reused with another request"
+
+
+class InvalidInputShape(Unprocessable):
+    """evaluate.input_shapes that break its rules or contradict the model's inputs (names the input and axis)."""
+
+    code, title = "invalid_input_shape", "Invalid input shape"
 
 
 class WebhookSecretMissing(Unprocessable):
@@ -195,3 +237,9 @@ class StepFailed(JobFailed):
 
 class MeasurementFailed(JobFailed):
     code = "measurement_failed"
+
+
+class InputShapeRequired(JobFailed):
+    """The model does not run at the sizes guessed for its dynamic dims; the user must give them."""
+
+    code = "input_shape_required"
