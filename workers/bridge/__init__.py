@@ -20,14 +20,15 @@ import onnx
 import torch
 
 from app.errors import StepFailed
+from workers.bridge.batching import SampleSplit, agnostic_batch, check_batching, fixed_batch, for_training
 from workers.bridge.check import figures, require_match, run_module, run_onnx, sample_count
 from workers.bridge.errors import ConversionMismatch, UnsupportedOp
 from workers.bridge.loader import onnx2torch
 from workers.bridge.rewrites import default_opset, node_label, prepare
 from workers.bridge.trainable import make_trainable
 
-__all__ = ["Bridged", "ConversionMismatch", "UnsupportedOp", "compare", "example_feeds", "module_name", "to_onnx",
-           "to_torch"]
+__all__ = ["Bridged", "ConversionMismatch", "SampleSplit", "UnsupportedOp", "compare", "example_feeds", "for_training",
+           "module_name", "to_onnx", "to_torch"]
 
 CHECK_SAMPLES = 8          # dataset samples the conversion checks run on
 EXPORT_OPSET_FLOOR, EXPORT_OPSET_CAP = 13, 17
@@ -47,6 +48,14 @@ class Bridged:
     # Not in the first draft of the API; defaulted so that code constructing Bridged keeps working.
     output_shapes: dict[str, Shape] = field(default_factory=dict)   # declared, for to_onnx's dynamic axes
     vocabularies: dict[str, int] = field(default_factory=dict)      # input -> rows of the table it indexes
+    # How training feeds a model exported with a fixed batch (workers.bridge.batching); JSON-able.
+    batch: dict[str, Any] = field(default_factory=lambda: {"fixed": None, "feeding": "mini_batches"})
+    output_dtypes: dict[str, np.dtype] = field(default_factory=dict)
+
+    @property
+    def micro_batch(self) -> int | None:
+        """Samples per forward pass the module takes: None for any number, else its fixed batch."""
+        return self.batch["fixed"] if self.batch.get("feeding") == "fixed_batch_at_a_time" else None
 
 
 def to_torch(model_path: Path, *, sample: dict[str, np.ndarray] | None = None) -> Bridged:
@@ -66,6 +75,8 @@ def to_torch(model_path: Path, *, sample: dict[str, np.ndarray] | None = None) -
     initializers = {t.name for t in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in initializers]
     prepared = prepare(model)
+    batch = fixed_batch({v.name: _declared_shape(v) for v in inputs})
+    rewrites = agnostic_batch(prepared.model, batch) if batch is not None else []
     module = _convert(prepared.model)
     notes = prepared.notes + make_trainable(module)
     module.eval()
@@ -80,6 +91,7 @@ def to_torch(model_path: Path, *, sample: dict[str, np.ndarray] | None = None) -
         check={},
         notes=notes,
         output_shapes={v.name: _declared_shape(v) for v in model.graph.output},
+        output_dtypes={v.name: _declared_dtype(v) for v in model.graph.output},
         vocabularies={k: v for k, v in gather_vocabularies(model).items() if k in {i.name for i in inputs}},
     )
     del model, prepared
@@ -88,6 +100,8 @@ def to_torch(model_path: Path, *, sample: dict[str, np.ndarray] | None = None) -
     produced = run_module(module, bridged.input_names, feeds)
     bridged.check = figures(reference, produced, bridged.output_names, inputs=kind, samples=sample_count(feeds))
     require_match(bridged.check, "the converted PyTorch module")
+    if batch is not None:
+        bridged.batch = _batching(bridged, batch, rewrites, feeds, produced)
     return bridged
 
 
@@ -133,7 +147,7 @@ def to_onnx(module: torch.nn.Module, bridged: Bridged, dst: Path, *,
     check = figures(reference, exported, bridged.output_names, inputs=kind, samples=sample_count(feeds))
     require_match(check, "the exported ONNX model")
     return {"opset": opset, "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in dynamic_axes.items()},
-            "check": check}
+            "check": check, "contract": _keeps_contract(dst, bridged)}
 
 
 def compare(original_path: Path, candidate: Path | torch.nn.Module, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -289,6 +303,63 @@ def _sample_feeds(bridged: Bridged, sample: dict[str, np.ndarray]) -> list[dict[
         raise StepFailed(f"the sample holds {available} samples; the model takes a fixed batch of {step}")
     return [{n: np.ascontiguousarray(np.asarray(sample[n][start:start + step]).astype(bridged.input_dtypes[n]))
              for n in bridged.input_names} for start in range(0, count, step)]
+
+
+def _batching(bridged: Bridged, batch: int, rewrites: list[dict[str, Any]], feeds: list[dict[str, np.ndarray]],
+              produced: list[list[np.ndarray]]) -> dict[str, Any]:
+    """How training feeds a model declared at a fixed batch: mini-batches when the (rewritten) module gives
+    the same outputs on stacked samples as on each fixed batch, else the fixed batch at a time."""
+    if len(feeds) < 2:  # one fixed batch of samples: stack a second, generated one
+        extra = example_feeds(bridged, seed=1)
+        feeds = [*feeds, extra]
+        produced = [*produced, *run_module(bridged.module, bridged.input_names, [extra])]
+    stacked = check_batching(bridged.module, bridged.input_names, bridged.output_names, feeds, produced)
+    record: dict[str, Any] = {"fixed": batch, "rewrites": rewrites, "stacked_check": stacked}
+    if stacked["batched"]:
+        record["feeding"] = "mini_batches"
+        record["how"] = (f"the model declares a fixed batch of {batch}; "
+                         + (f"{len(rewrites)} constant shape(s) holding it rewritten to follow the batch "
+                            f"({', '.join(r['node'] for r in rewrites)}), and " if rewrites else "")
+                         + f"the module gives the same outputs on {stacked['stacked_samples']} stacked samples: "
+                         "trained on mini-batches")
+    else:
+        record["feeding"] = "fixed_batch_at_a_time"
+        record["how"] = (f"the model declares a fixed batch of {batch} and its module does not take other batch "
+                         f"sizes ({stacked['error']}): trained {batch} sample(s) per forward pass, outputs "
+                         "joined over each mini-batch (one backward, as gradient accumulation), batch norms on "
+                         "their running statistics")
+    return record
+
+
+def _keeps_contract(dst: Path, bridged: Bridged) -> dict[str, Any]:
+    """The export takes and gives what the original did: names, element types, and every fixed dim (a batch
+    of 1 declared by the original stays 1). Anything else is refused: the service could not compare them."""
+    written = onnx.load(str(dst), load_external_data=False)
+    initializers = {t.name for t in written.graph.initializer}
+    got_in = {v.name: v for v in written.graph.input if v.name not in initializers}
+    got_out = {v.name: v for v in written.graph.output}
+    problems = []
+    if list(got_in) != bridged.input_names:
+        problems.append(f"inputs {list(got_in)} instead of {bridged.input_names}")
+    if list(got_out) != bridged.output_names:
+        problems.append(f"outputs {list(got_out)} instead of {bridged.output_names}")
+    wanted = [(n, bridged.input_shapes.get(n), bridged.input_dtypes.get(n), got_in.get(n)) for n in bridged.input_names]
+    wanted += [(n, bridged.output_shapes.get(n), bridged.output_dtypes.get(n), got_out.get(n))
+               for n in bridged.output_names]
+    for name, shape, dtype, value in wanted:
+        if value is None:
+            continue
+        if dtype is not None and _declared_dtype(value) != dtype:
+            problems.append(f"'{name}' is {_declared_dtype(value)} instead of {dtype}")
+        now = _declared_shape(value)
+        if shape and now and (len(now) != len(shape) or any(
+                isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(shape, now))):
+            problems.append(f"'{name}' has shape {now} instead of {shape}")
+    if problems:
+        raise StepFailed("the exported model does not keep the original's inputs and outputs: " + "; ".join(problems),
+                         code="export_failed")
+    return {"kept": True, "inputs": {n: [d if d is not None else "?" for d in bridged.input_shapes[n]]
+                                     for n in bridged.input_names}}
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

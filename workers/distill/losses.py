@@ -72,9 +72,11 @@ class OnnxRuntimeTeacher:
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         device = inputs[0].device if inputs else torch.device("cpu")
+        from workers.bridge.batching import run_in_batches
+
         feeds = {name: np.ascontiguousarray(t.detach().cpu().numpy().astype(self.input_types[name], copy=False))
                  for name, t in zip(self.input_names, inputs)}
-        produced = self.session.run(self.output_names, feeds)
+        produced = run_in_batches(self.session, feeds, self.output_names)  # at the model's fixed batch, if any
         return tuple(torch.from_numpy(np.asarray(p, dtype=np.float32)).to(device) for p in produced)
 
 

@@ -139,10 +139,19 @@ def run(input_path: Path, params: DistillParams, out_dir: Path, ctx: StepContext
     if params.hint_weight:
         hints = _hints(teacher, student, details, params)
         loss = hints.wrap(loss, params.hint_weight)
+    # Models exported at a fixed batch that no rewrite frees are fed that batch at a time (workers.bridge.batching);
+    # a teacher in ONNX Runtime splits its inputs itself.
+    details["batch"] = {"student": student_bridged.batch}
+    if teacher_bridged is not None:
+        details["batch"]["teacher"] = teacher_bridged.batch
+        teacher_fed = bridge.for_training(teacher, teacher_bridged.micro_batch)
+    else:
+        teacher_fed = teacher
     try:
         details["training"] = finetune(
-            student, train=train, eval=eval_data, input_names=student_bridged.input_names,
-            teacher=_in_order(teacher, student_bridged.input_names, details["teacher"]["input_names"]),
+            bridge.for_training(student, student_bridged.micro_batch), train=train, eval=eval_data,
+            input_names=student_bridged.input_names,
+            teacher=_in_order(teacher_fed, student_bridged.input_names, details["teacher"]["input_names"]),
             loss=loss, epochs=epochs, lr=params.lr, batch_size=params.batch_size, weight_decay=params.weight_decay,
             patience=params.patience, on_epoch=on_epoch, should_stop=ctx.should_stop, seed=ctx.seed,
         )
@@ -198,7 +207,8 @@ def _width_student(teacher_bridged, sample: dict[str, np.ndarray], details: dict
     from workers.pruning import prune_channels
 
     student = teacher_bridged.module          # the teacher is a copy of its own
-    example = tuple(torch.from_numpy(np.ascontiguousarray(sample[n][:2].astype(teacher_bridged.input_dtypes[n])))
+    count = teacher_bridged.micro_batch or 2  # Torch-Pruning's trace: a fixed-batch module takes its batch only
+    example = tuple(torch.from_numpy(np.ascontiguousarray(sample[n][:count].astype(teacher_bridged.input_dtypes[n])))
                     for n in teacher_bridged.input_names)
     ctx.report(0.08, f"removing {params.width_ratio:.0%} of every layer's channels")
     details["student"] = {"kind": "width", "how": f"the teacher with {params.width_ratio:.0%} of every prunable "
@@ -336,6 +346,7 @@ def _check_student(teacher_path: Path, student_path: Path, sample: dict[str, np.
     """The student must take the teacher's inputs and give as many outputs of the same shapes."""
     import numpy as np
 
+    from workers.bridge.batching import run_in_batches
     from workers.bridge.check import session
 
     teacher, student = session(teacher_path), session(student_path)
@@ -352,8 +363,8 @@ def _check_student(teacher_path: Path, student_path: Path, sample: dict[str, np.
                      for n in wanted if taken[n] != wanted[n]]
     if not problems:
         feeds = {n: np.ascontiguousarray(sample[n][:2]) for n in wanted}
-        expected = [np.shape(o) for o in teacher.run(None, feeds)]
-        produced = [np.shape(o) for o in student.run(None, feeds)]
+        expected = [np.shape(o) for o in run_in_batches(teacher, feeds)]
+        produced = [np.shape(o) for o in run_in_batches(student, feeds)]
         if len(expected) != len(produced):
             problems.append(f"the teacher gives {len(expected)} outputs and the student {len(produced)}")
         else:
@@ -388,6 +399,7 @@ def _evaluate(teacher_path: Path, student_path: Path, data, role: str) -> dict[s
     per-sample cosine to the teacher over all outputs."""
     import numpy as np
 
+    from workers.bridge.batching import run_in_batches
     from workers.bridge.check import session
 
     runners = [session(teacher_path), session(student_path)]
@@ -397,7 +409,7 @@ def _evaluate(teacher_path: Path, student_path: Path, data, role: str) -> dict[s
         outputs = []
         for runner, inputs in zip(runners, names):
             feeds = {n: np.ascontiguousarray(data.inputs[n][start:start + EVAL_BATCH]) for n in inputs}
-            outputs.append(runner.run(None, feeds))
+            outputs.append(run_in_batches(runner, feeds))  # at the model's fixed batch, if it has one
         if data.labels is not None:
             labels = np.asarray(data.labels[start:start + EVAL_BATCH])
             for index, produced in enumerate(outputs):

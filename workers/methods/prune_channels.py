@@ -102,9 +102,12 @@ def _taylor_batches(rnd, ctx: StepContext, params: PruneChannelsParams):
 
     train = ctx.datasets["train_dataset_id"].take(max(params.batch_size * 4, 256))
     names, dtypes = rnd.bridged.input_names, rnd.bridged.input_dtypes
+    size = rnd.bridged.micro_batch or params.batch_size  # a fixed-batch module takes its batch only
 
     def batches():
-        for feeds, labels in train.batches(params.batch_size):
+        for feeds, labels in train.batches(size):
+            if len(feeds[names[0]]) < size and rnd.bridged.micro_batch:
+                break
             inputs = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n].astype(dtypes[n], copy=False)))
                            for n in names)
             yield inputs, None if labels is None else torch.from_numpy(labels.astype(np.int64))

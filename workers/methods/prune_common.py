@@ -78,7 +78,10 @@ def convert(input_path: Path, ctx: StepContext) -> Round:
     real = sample is not None
     if sample is None:
         sample = bridge.example_feeds(bridged, batch=2, seed=ctx.seed)
-    example = tuple(torch.from_numpy(_cast(sample[name], bridged.input_dtypes[name])) for name in bridged.input_names)
+    # Torch-Pruning traces the module on these: a module that runs only at its fixed batch gets that many.
+    count = bridged.micro_batch or len(next(iter(sample.values()), []))
+    example = tuple(torch.from_numpy(_cast(sample[name][:count], bridged.input_dtypes[name]))
+                    for name in bridged.input_names)
     module = bridged.module
     teacher = None
     if "train_dataset_id" in ctx.datasets:  # only fine-tuning needs the unpruned model
@@ -88,6 +91,7 @@ def convert(input_path: Path, ctx: StepContext) -> Round:
     details = {
         "conversion": {"check": bridged.check, "notes": bridged.notes,
                        "seconds": round(time.perf_counter() - started, 3)},
+        "batch": bridged.batch,
     }
     return Round(bridged=bridged, module=module, teacher=teacher, example=example,
                  sample=sample if real else None, details=details)
@@ -102,6 +106,7 @@ def _cast(array, dtype):
 def fine_tune(rnd: Round, params: FineTuneParams, ctx: StepContext, *, start: float, end: float,
               masks: Any = None, sparsity_schedule: Callable[[int], float] | None = None) -> dict[str, Any]:
     """Fine-tune rnd.module on the step's training data (progress between `start` and `end`), or say why not."""
+    from workers import bridge
     from workers.pruning import finetune
 
     train = ctx.datasets.get("train_dataset_id")
@@ -118,8 +123,11 @@ def fine_tune(rnd: Round, params: FineTuneParams, ctx: StepContext, *, start: fl
                    milestone=True)
 
     # The unpruned module teaches when the data has no labels, and is the reference of the cosine metric.
+    micro = rnd.bridged.micro_batch
+    teacher = None if rnd.teacher is None else bridge.for_training(rnd.teacher, micro)
     return finetune(
-        rnd.module, train=train, eval=eval_data, input_names=rnd.bridged.input_names, teacher=rnd.teacher,
+        bridge.for_training(rnd.module, micro), train=train, eval=eval_data, input_names=rnd.bridged.input_names,
+        teacher=teacher,
         epochs=epochs, lr=params.lr, batch_size=params.batch_size, weight_decay=params.weight_decay,
         patience=params.patience, masks=masks, sparsity_schedule=sparsity_schedule, on_epoch=on_epoch,
         should_stop=ctx.should_stop, seed=ctx.seed,
