@@ -139,6 +139,18 @@ class PickleRefused(Unprocessable):
     code, title = "pickle_refused", "Pickled files refused"
 
 
+class UnsafeLayerRefused(Unprocessable):
+    """A Keras model with a Lambda layer or another serialized Python function (Keras safe_mode refuses it)."""
+
+    code, title = "unsafe_layer_refused", "Layer with Python code refused"
+
+
+class CustomObjectRefused(Unprocessable):
+    """A Keras model using a class or function that is not a Keras built-in: loading it needs the user's code."""
+
+    code, title = "custom_object_refused", "Custom Keras object refused"
+
+
 class UnsupportedArchitecture(Unprocessable):
     """A Hugging Face folder whose `model_type` ModelPress does not convert; `supported` lists those it does."""
 

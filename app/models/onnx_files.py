@@ -62,8 +62,10 @@ class Limits:
 
 # --- entry points -----------------------------------------------------------------------------
 
-def validate_upload(path: Path, *, filename: str, workdir: Path, limits: Limits) -> tuple[str, dict[str, Any]]:
-    """Check a spooled upload; return its format ("onnx" or "onnx-zip") and its inspection.
+def validate_upload(path: Path, *, filename: str, workdir: Path, limits: Limits,
+                    task: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Check a spooled upload; return its format ("onnx", "onnx-zip", or "hf-zip" for a transformers folder that
+    the worker converts: app.huggingface; `task` overrides the task its config implies) and its inspection.
 
     Raises InvalidModel, UnsafeArchive or PayloadTooLarge; leaves nothing behind but files
     under `workdir`, which the caller removes.
@@ -71,7 +73,17 @@ def validate_upload(path: Path, *, filename: str, workdir: Path, limits: Limits)
     suffix = PurePosixPath(filename).suffix.lower()
     if suffix in PICKLE_SUFFIXES or starts_with_pickle(path):
         raise InvalidModel(_pickle_refusal(filename))
+    # Keras models (converted to ONNX by a worker): a .keras file, or a zip holding a TF SavedModel folder.
+    from app import keras_files
+
+    if suffix == keras_files.KERAS_SUFFIX:
+        return keras_files.KERAS, keras_files.inspect_keras(path, limits=limits)
+    if _looks_like_zip(path, filename) and keras_files.holds_savedmodel(path):
+        return keras_files.SAVEDMODEL_ZIP, keras_files.inspect_savedmodel_zip(path, workdir=workdir, limits=limits)
     if _looks_like_zip(path, filename):
+        hf = _hf_folder(path, limits, task=task)
+        if hf is not None:
+            return hf
         model_path = _extract_zip(path, workdir, limits, filename=filename)
         return "onnx-zip", _inspect(model_path, packed=True, limits=limits)
     if suffix != ".onnx":
@@ -122,6 +134,22 @@ def _looks_like_zip(path: Path, filename: str) -> bool:
         return True
     with path.open("rb") as f:
         return f.read(4) == ZIP_MAGIC
+
+
+def _hf_folder(path: Path, limits: Limits, *, task: str | None) -> tuple[str, dict[str, Any]] | None:
+    """("hf-zip", inspection) for a zip holding a transformers folder (config.json, no .onnx); None otherwise.
+    Read in place, member by member: nothing is unpacked."""
+    from app import huggingface
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return None  # _extract_zip says what is wrong with it
+    with archive:
+        if not huggingface.looks_like_hf_folder(archive):
+            return None
+        members = _safe_members(archive, limits)
+        return huggingface.FORMAT, huggingface.inspect_folder(archive, members, task=task)
 
 
 def _pickle_refusal(filename: str) -> str:
@@ -513,7 +541,7 @@ def _extract_zip(path: Path, dest: Path, limits: Limits, *, filename: str) -> Pa
     except (zipfile.BadZipFile, OSError) as exc:
         raise InvalidModel(f"not a valid zip archive ({_short(exc)})") from None
     with archive:
-        members = _safe_members(archive, limits)
+        members = safe_members(archive, limits)
         models = [m for m in members if m.filename.lower().endswith(".onnx")]
         if not models and any(m.filename.lower().endswith(".pkl") for m in members):
             # torch.save writes a zip around `data.pkl`: a checkpoint, whatever the upload is named.
@@ -524,29 +552,34 @@ def _extract_zip(path: Path, dest: Path, limits: Limits, *, filename: str) -> Pa
             names = ", ".join(m.filename for m in models[:5])
             raise InvalidModel(f"the zip archive holds {len(models)} .onnx files ({names}); upload one model per archive")
         _check_proto_size(models[0].file_size, limits)
-        dest.mkdir(parents=True, exist_ok=True)
-        root = dest.resolve()
-        written = 0
-        for member in members:
-            target = (root / member.filename).resolve()
-            if not target.is_relative_to(root):
-                raise UnsafeArchive(f"zip member {member.filename!r} would land outside the archive folder")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with archive.open(member) as src, target.open("wb") as out:
-                    while chunk := src.read(COPY_CHUNK):
-                        written += len(chunk)
-                        if written > limits.max_unpacked_bytes:
-                            raise UnsafeArchive(
-                                f"the archive unpacks to more than {limits.max_unpacked_bytes} bytes"
-                            )
-                        out.write(chunk)
-            except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
-                raise InvalidModel(f"zip member {member.filename!r} cannot be read ({_short(exc)})") from None
-        return root / models[0].filename
+        return unpack_members(archive, members, dest, limits) / models[0].filename
 
 
-def _safe_members(archive: zipfile.ZipFile, limits: Limits) -> list[zipfile.ZipInfo]:
+def unpack_members(archive: zipfile.ZipFile, members: list[zipfile.ZipInfo], dest: Path, limits: Limits) -> Path:
+    """Write members checked by `safe_members` under `dest`, counting what they inflate to; return `dest` resolved."""
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    written = 0
+    for member in members:
+        target = (root / member.filename).resolve()
+        if not target.is_relative_to(root):
+            raise UnsafeArchive(f"zip member {member.filename!r} would land outside the archive folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with archive.open(member) as src, target.open("wb") as out:
+                while chunk := src.read(COPY_CHUNK):
+                    written += len(chunk)
+                    if written > limits.max_unpacked_bytes:
+                        raise UnsafeArchive(
+                            f"the archive unpacks to more than {limits.max_unpacked_bytes} bytes"
+                        )
+                    out.write(chunk)
+        except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
+            raise InvalidModel(f"zip member {member.filename!r} cannot be read ({_short(exc)})") from None
+    return root
+
+
+def safe_members(archive: zipfile.ZipFile, limits: Limits) -> list[zipfile.ZipInfo]:
     infos = archive.infolist()
     if len(infos) > limits.max_zip_members:
         raise UnsafeArchive(f"the archive holds {len(infos)} members; at most {limits.max_zip_members} are accepted")
