@@ -148,7 +148,7 @@ def _hf_folder(path: Path, limits: Limits, *, task: str | None) -> tuple[str, di
     with archive:
         if not huggingface.looks_like_hf_folder(archive):
             return None
-        members = _safe_members(archive, limits)
+        members = safe_members(archive, limits)
         return huggingface.FORMAT, huggingface.inspect_folder(archive, members, task=task)
 
 
