@@ -46,6 +46,16 @@ class EvaluateSpec(Strict):
     tdp_watts: float | None = Field(
         default=None, gt=0, le=5000, description="Thermal design power of the measuring CPU, for energy_estimate."
     )
+    input_shapes: dict[str, list[int | None] | dict[str, int]] | None = Field(
+        default=None,
+        description="Sizes of the model's dynamic dims for latency, memory, fidelity and random calibration: "
+        'input name -> one size per axis (e.g. {"x": [1, 3, 48, 320]}), and/or "dims": symbolic dim name -> size '
+        '(e.g. {"dims": {"H": 48}}). A symbolic axis 0 is the batch axis and follows batch_sizes (give any value '
+        "or null there). What is not given comes from the job's datasets' samples, else is guessed; the report "
+        "says which. Checked against the model at submit (422 invalid_input_shape).",
+        examples=[{"x": [1, 3, 48, 320]}, {"dims": {"H": 48, "W": 320}}],
+        max_length=256,
+    )
 
     @field_validator("batch_sizes")
     @classmethod
@@ -136,6 +146,8 @@ class JobPublic(BaseModel):
     steps: list[dict[str, Any]]
     recipe: dict[str, Any] | None = None
     evaluate: dict[str, Any]
+    # "compress", or "convert": an upload in another format exported to ONNX (queued at upload)
+    kind: str = "compress"
     queue: str
     attempts: int
     created_at: dt.datetime

@@ -21,6 +21,7 @@ from app.errors import (
     ArtifactNotFound,
     Conflict,
     IdempotencyKeyReused,
+    InvalidInputShape,
     InvalidParams,
     JobNotCancellable,
     JobNotFound,
@@ -29,8 +30,11 @@ from app.errors import (
     ServiceUnavailable,
     UnknownMethod,
 )
+from app.input_shapes import ShapeError
+from app.input_shapes import check_against_model as check_shapes_against_model
 from app.jobs.schemas import JobCreate, StepSpec
 from app.jobs.state import set_status
+from app.models import service as models_service
 from app.limits import check_concurrent_jobs
 from app.queue import enqueue_job
 from app.settings import Settings
@@ -73,6 +77,16 @@ def validate_steps(spec: JobCreate) -> list[dict]:
             ) from None
         steps.append({"method": method.id, "version": method.version, "params": params.model_dump(mode="json")})
     return steps
+
+
+def check_input_shapes(spec: JobCreate, model: Model) -> None:
+    """evaluate.input_shapes must fit the model's inputs (names, ranks, fixed sizes, dim names, positive sizes);
+    422 invalid_input_shape naming the input and axis otherwise."""
+    try:
+        check_shapes_against_model(spec.evaluate.input_shapes, (model.inspection or {}).get("inputs") or [])
+    except ShapeError as exc:
+        raise InvalidInputShape(f"evaluate.input_shapes: {exc.message}", field="evaluate.input_shapes",
+                                **exc.where) from None
 
 
 def dataset_links(db: Session, tenant_id: str, model: Model, spec: JobCreate, steps: list[dict]) -> list[tuple]:
@@ -149,7 +163,10 @@ def create(
     check_concurrent_jobs(db, db.get(Tenant, tenant_id, with_for_update=True), settings)
     # Locked until commit: a concurrent delete cannot drop the model from under the new job.
     model = get_owned_or_404(db, Model, tenant_id=tenant_id, object_id=spec.model_id, error=ModelNotFound, lock=True)
+    # An upload in another format (a Hugging Face folder) runs as the ONNX model the worker converted it to.
+    model = models_service.converted_for_use(db=db, model=model, lock=True)
     steps = validate_steps(spec)
+    check_input_shapes(spec, model)
     links = dataset_links(db, tenant_id, model, spec, steps)
     others = model_links(db, tenant_id, model, steps)
     if spec.webhook_url:

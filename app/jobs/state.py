@@ -42,7 +42,7 @@ def to_public(job: Job) -> JobPublic:
     return JobPublic(
         id=job.id, name=job.name, model_id=job.model_id, status=job.status, progress=round(job.progress, 4),
         stage=job.stage, message=job.message, steps=job.spec.get("steps", []), recipe=job.spec.get("recipe"),
-        evaluate=job.spec.get("evaluate", {}),
+        evaluate=job.spec.get("evaluate", {}), kind=job.kind or "compress",
         queue=job.queue, attempts=job.attempts, created_at=job.created_at, started_at=job.started_at,
         finished_at=job.finished_at, expired_at=job.expired_at,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,

@@ -152,6 +152,23 @@ def _hf_folder(path: Path, limits: Limits, *, task: str | None) -> tuple[str, di
         return huggingface.FORMAT, huggingface.inspect_folder(archive, members, task=task)
 
 
+def unpack_hf_folder(path: Path, dest: Path, limits: Limits, *, task: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Unpack a stored Hugging Face folder zip into `dest` after the upload's checks, run again here (the worker
+    trusts nothing it did not check); return the folder holding config.json and its inspection."""
+    from app import huggingface
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InvalidModel(f"not a valid zip archive ({_short(exc)})") from None
+    with archive:
+        members = safe_members(archive, limits)
+        inspection = huggingface.inspect_folder(archive, members, task=task)
+        root = unpack_members(archive, members, dest, limits)
+        config = next(m.filename for m in members if PurePosixPath(m.filename).name == huggingface.CONFIG)
+        return (root / config).parent, inspection
+
+
 def _pickle_refusal(filename: str) -> str:
     return (
         f"'{filename}' is a PyTorch checkpoint or Python pickle; ModelPress never unpickles uploads, because "

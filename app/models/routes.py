@@ -16,7 +16,8 @@ from app.uploads import receive_file
 router = APIRouter(prefix="/models", tags=["models"])
 
 
-@router.post("", status_code=201, response_model=ModelPublic, summary="Upload an ONNX model (.onnx or .zip)")
+@router.post("", status_code=201, response_model=ModelPublic,
+             summary="Upload a model: .onnx, a .zip holding one, or a .zip of a Hugging Face folder (converted)")
 async def upload_model(request: Request, db: DbSession, caller: Caller, actor: CallerActor, store: Store,
                        settings: AppSettings):
     quota = upload_quota(db, caller, settings)
@@ -28,7 +29,7 @@ async def upload_model(request: Request, db: DbSession, caller: Caller, actor: C
             service.create_from_upload,
             db=db, store=store, settings=settings, actor=actor, received=received, workdir=workdir,
         )
-    return ModelPublic.model_validate(model)
+    return service.public(db=db, model=model)
 
 
 @router.get("", response_model=ModelPage)
@@ -36,12 +37,12 @@ def list_models(
     db: DbSession, caller: Caller, limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None
 ):
     items, next_cursor = service.list_page(db=db, tenant_id=caller.id, limit=limit, cursor=cursor)
-    return ModelPage(items=[ModelPublic.model_validate(m) for m in items], next_cursor=next_cursor)
+    return ModelPage(items=[service.public(db=db, model=m) for m in items], next_cursor=next_cursor)
 
 
 @router.get("/{model_id}", response_model=ModelPublic)
 def get_model(model_id: str, db: DbSession, caller: Caller):
-    return ModelPublic.model_validate(service.get(db=db, tenant_id=caller.id, model_id=model_id))
+    return service.public(db=db, model=service.get(db=db, tenant_id=caller.id, model_id=model_id))
 
 
 @router.get("/{model_id}/download", response_class=FileResponse)
@@ -49,7 +50,7 @@ def download_model(model_id: str, request: Request, db: DbSession, caller: Calle
     model = service.get(db=db, tenant_id=caller.id, model_id=model_id)
     return blob_response(
         request, store=store, sha256=model.sha256, size=model.size_bytes,
-        media_type="application/zip" if model.format == "onnx-zip" else "application/octet-stream",
+        media_type="application/octet-stream" if model.format == "onnx" else "application/zip",
         filename=service.download_filename(model),
     )
 

@@ -19,8 +19,20 @@ class UploadPublic(BaseModel):
     inspection: dict[str, Any]
 
 
+class ConversionPublic(BaseModel):
+    """A non-ONNX upload's conversion to ONNX (a Hugging Face folder): its job and, once done, the ONNX model."""
+
+    status: str  # queued | running | succeeded | failed | cancelled
+    job_id: str | None
+    converted_model_id: str | None
+    error: dict[str, Any] | None
+
+
 class ModelPublic(UploadPublic):
-    pass
+    # Set on a model the worker converted from an upload (the upload's id).
+    source_model_id: str | None = None
+    # Set on an upload the worker converts (format hf-zip); jobs on it use the converted model.
+    conversion: ConversionPublic | None = None
 
 
 class ModelPage(BaseModel):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
@@ -11,12 +13,21 @@ from app.audit.service import Actor
 from app.blobs import keep_upload, release_blob
 from app.common import get_owned_or_404, newest_first_page
 from app.dbmodels import ACTIVE_STATUSES, Job, JobModel, Model
-from app.errors import ModelInUse, ModelNotFound
+from app.errors import ConversionFailed, ConversionPending, ModelInUse, ModelNotFound
+from app.huggingface import check_task_field
 from app.limits import check_upload_fits
 from app.models.onnx_files import Limits, validate_upload
+from app.models.schemas import ConversionPublic, ModelPublic
+from app.jobs.state import set_status
+from app.queue import enqueue_job
 from app.settings import Settings
 from app.store import LocalStore
 from app.uploads import Received
+
+
+log = logging.getLogger(__name__)
+# Formats the workers run as they are; any other stored format is converted to one of these first.
+ONNX_FORMATS = ("onnx", "onnx-zip")
 
 
 def limits(settings: Settings) -> Limits:
@@ -26,18 +37,87 @@ def limits(settings: Settings) -> Limits:
 def create_from_upload(
     *, db: Session, store: LocalStore, settings: Settings, actor: Actor, received: Received, workdir: Path
 ) -> Model:
-    """Validate a spooled upload, then record it. Nothing is kept when anything fails."""
+    """Validate a spooled upload, then record it. Nothing is kept when anything fails.
+
+    A model in another framework's format (a Hugging Face folder) gets a conversion job in the same
+    transaction, enqueued after commit (workers/convert)."""
+    task = check_task_field(received.fields.get("task"))
     fmt, inspection = validate_upload(
-        received.path, filename=received.filename, workdir=workdir / "check", limits=limits(settings)
+        received.path, filename=received.filename, workdir=workdir / "check", limits=limits(settings), task=task
     )
     name = (received.fields.get("name") or Path(received.filename).name)[:255]
-    return keep_upload(
+    conversion: list[Job] = []
+
+    def before_commit(model: Model) -> None:
+        audit.record(db, actor, "model.upload", object_type="model", object_id=model.id,
+                     name=name, sha256=model.sha256, size_bytes=model.size_bytes)
+        if fmt not in ONNX_FORMATS:
+            conversion.append(_queue_conversion(db, settings, model, task=inspection.get("task")))
+
+    model = keep_upload(
         db=db, store=store, received=received,
         check=lambda: check_upload_fits(db, actor.tenant_id, settings, received.size_bytes),
         make_row=lambda sha, size: Model(tenant_id=actor.tenant_id, name=name, format=fmt, sha256=sha,
                                          size_bytes=size, inspection=inspection),
-        before_commit=lambda model: audit.record(db, actor, "model.upload", object_type="model", object_id=model.id,
-                                                 name=name, sha256=model.sha256, size_bytes=model.size_bytes))
+        before_commit=before_commit)
+    for job in conversion:
+        # Enqueue after commit. A lost message is not lost work: the reaper re-sends queued jobs (workers.recovery).
+        try:
+            enqueue_job(job.id, job.queue)
+        except Exception:
+            log.exception("could not enqueue conversion job %s; the reaper will re-send it", job.id)
+    return model
+
+
+def _queue_conversion(db: Session, settings: Settings, model: Model, *, task: str | None) -> Job:
+    job = Job(tenant_id=model.tenant_id, model_id=model.id, kind="convert", name=f"convert {model.name}"[:255],
+              queue=settings.default_queue, spec={"convert": {"format": model.format, "task": task}},
+              status="queued", progress=0.0, stage="queued")
+    db.add(job)
+    db.flush()
+    set_status(db, job, "queued", message="conversion to ONNX waiting for a worker")
+    return job
+
+
+def public(*, db: Session, model: Model) -> ModelPublic:
+    state = conversion(db=db, model=model)
+    return ModelPublic.model_validate(model).model_copy(
+        update={"conversion": ConversionPublic.model_validate(state) if state else None})
+
+
+def conversion(*, db: Session, model: Model) -> dict | None:
+    """The conversion of an upload in another format: its job's state and, once done, the ONNX model's id."""
+    if model.format in ONNX_FORMATS:
+        return None
+    job = db.scalar(select(Job).where(Job.model_id == model.id, Job.kind == "convert")
+                    .order_by(Job.created_at.desc(), Job.id.desc()).limit(1))
+    converted = db.scalar(select(Model.id).where(Model.source_model_id == model.id)
+                          .order_by(Model.created_at.desc()).limit(1))
+    if job is None:
+        return {"status": "succeeded" if converted else "unknown", "job_id": None, "converted_model_id": converted,
+                "error": None}
+    return {"status": job.status, "job_id": job.id, "converted_model_id": converted,
+            "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None}
+
+
+def converted_for_use(*, db: Session, model: Model, lock: bool = False) -> Model:
+    """The ONNX model to use for `model`: itself, or, for an upload in another format, its conversion.
+
+    409 conversion_pending while the conversion runs; 422 conversion_failed (with the reason) when it failed."""
+    state = conversion(db=db, model=model)
+    if state is None:
+        return model
+    if state["converted_model_id"]:
+        query = select(Model).where(Model.id == state["converted_model_id"])
+        return db.scalar(query.with_for_update() if lock else query)
+    if state["status"] in ACTIVE_STATUSES:
+        raise ConversionPending(f"model {model.id} is being converted to ONNX (job {state['job_id']}, "
+                                f"{state['status']}); retry when GET /v1/models/{model.id} shows its conversion "
+                                "succeeded", job_id=state["job_id"])
+    error = state["error"] or {}
+    raise ConversionFailed(f"model {model.id} could not be converted to ONNX: "
+                           f"{error.get('message') or 'its conversion ' + state['status']}",
+                           job_id=state["job_id"], reason_code=error.get("code"))
 
 
 def get(*, db: Session, tenant_id: str, model_id: str) -> Model:
@@ -68,6 +148,6 @@ def delete(*, db: Session, store: LocalStore, actor: Actor, model_id: str) -> No
 
 
 def download_filename(model: Model) -> str:
-    suffix = ".zip" if model.format == "onnx-zip" else ".onnx"
+    suffix = ".onnx" if model.format == "onnx" else ".zip"
     stem = Path(model.name).name
     return stem if stem.endswith(suffix) else f"{Path(stem).stem or 'model'}{suffix}"
