@@ -51,10 +51,11 @@ def prepare(input_path: Path, out_dir: Path, *, gemm_to_matmul: bool = True) -> 
             f"named {named} unnamed or duplicate-named node(s) as <op_type>_<index> so they can be excluded by name"
         )
 
-    folded, kept = fold_constants(model.graph)
+    folded, kept, folded_inside = fold_constants_everywhere(model.graph)
     if folded:
         notes.append(
             f"folded {folded} Constant node(s) into initializers (the quantizer only quantizes initializer weights)"
+            + (f"; {folded_inside} of them inside If/Loop/Scan subgraphs" if folded_inside else "")
         )
     if kept:
         notes.append(f"kept {kept} Constant node(s) as they are (sparse or string values, or graph outputs)")
@@ -85,7 +86,7 @@ def prepare(input_path: Path, out_dir: Path, *, gemm_to_matmul: bool = True) -> 
     rewritten: list[str] = []
     if gemm_to_matmul:
         model = onnx.load(str(current))
-        rewritten, skipped = rewrite_gemm_as_matmul(model.graph)
+        rewritten, skipped = rewrite_gemm_everywhere(model.graph)
         if rewritten:
             notes.append(
                 f"rewrote {len(rewritten)} Gemm node(s) with constant weights as MatMul + Add "
@@ -106,15 +107,26 @@ def prepare(input_path: Path, out_dir: Path, *, gemm_to_matmul: bool = True) -> 
 # --- graph edits on a loaded ModelProto ------------------------------------------------------------
 
 def name_nodes(graph: onnx.GraphProto) -> int:
-    """Give every top-level node a unique name; returns how many were renamed."""
+    """Give every node a unique name, subgraph (If/Loop/Scan body) nodes included; returns how many were renamed.
+
+    A top-level node is named <op_type>_<index>; a node inside a subgraph <owner>/<attribute>/<op_type>_<index>
+    (owner: the If/Loop/Scan node's name), the index being its position in its own graph.
+    """
+    taken = {node.name for node in all_nodes(graph) if node.name}
     seen: set[str] = set()
-    taken = {node.name for node in graph.node if node.name}
+    renamed = _name_graph_nodes(graph, "", seen, taken)
+    for owner, attribute, subgraph in subgraph_sites(graph):
+        renamed += _name_graph_nodes(subgraph, f"{owner.name}/{attribute}/", seen, taken)
+    return renamed
+
+
+def _name_graph_nodes(graph: onnx.GraphProto, prefix: str, seen: set[str], taken: set[str]) -> int:
     renamed = 0
     for index, node in enumerate(graph.node):
         if node.name and node.name not in seen:
             seen.add(node.name)
             continue
-        base = f"{node.op_type}_{index}"
+        base = f"{prefix}{node.op_type}_{index}"
         name, suffix = base, 1
         while name in taken or name in seen:
             name, suffix = f"{base}_{suffix}", suffix + 1
@@ -125,8 +137,84 @@ def name_nodes(graph: onnx.GraphProto) -> int:
     return renamed
 
 
+# --- subgraphs (If branches, Loop and Scan bodies) -----------------------------------------------------
+
+def subgraph_sites(graph: onnx.GraphProto):
+    """(owner node, attribute name, subgraph) for every subgraph at any depth, outer ones first.
+
+    The owner of a nested subgraph is yielded before it is descended into, so its name (once name_nodes ran)
+    is known; the objects are live views: edit nodes in place, never rebuild an owner's node list while walking.
+    """
+    import onnx
+
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else \
+                list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
+            for sub in subs:
+                yield node, attr.name, sub
+                yield from subgraph_sites(sub)
+
+
+def all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    return [graph, *(sub for _, _, sub in subgraph_sites(graph))]
+
+
+def all_nodes(graph: onnx.GraphProto):
+    for each in all_graphs(graph):
+        yield from each.node
+
+
+def all_initializers(graph: onnx.GraphProto):
+    for each in all_graphs(graph):
+        yield from each.initializer
+
+
+def nodes_with_scope(graph: onnx.GraphProto, site: tuple | None = None, outer: dict | None = None):
+    """(site, node, visible initializers) for every node at any depth. site: None for the main graph, else
+    (owner node, attribute name) of the subgraph the node sits in; visible: its graph's initializers and
+    those of the graphs enclosing it (a subgraph may read an outer weight)."""
+    visible = {**(outer or {}), **{init.name: init for init in graph.initializer}}
+    for node in graph.node:
+        yield site, node, visible
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from nodes_with_scope(sub, (node, attr.name), visible)
+
+
+def site_label(site: tuple) -> dict[str, str]:
+    owner, attribute = site
+    return {"node": owner.name, "op_type": owner.op_type, "attribute": attribute}
+
+
+def _graphs_bottom_up(graph: onnx.GraphProto):
+    """Every graph, each subgraph before the graph that holds it: an edit that rebuilds a graph's node list
+    (which detaches the node objects a walk holds) then comes after the edits inside its subgraphs."""
+    import onnx
+
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs_bottom_up(attr.g)
+            for sub in attr.graphs:
+                yield from _graphs_bottom_up(sub)
+    yield graph
+
+
+def subgraph_summary(graph: onnx.GraphProto, op_types) -> list[dict]:
+    """Each subgraph holding nodes of `op_types` (at its own level): owner node, op type, attribute, counts."""
+    wanted = set(op_types)
+    found = []
+    for owner, attribute, sub in subgraph_sites(graph):
+        counts = Counter(node.op_type for node in sub.node if node.op_type in wanted)
+        if counts:
+            found.append({"node": owner.name, "op_type": owner.op_type, "attribute": attribute,
+                          "ops": dict(sorted(counts.items()))})
+    return found
+
+
 def fold_constants(graph: onnx.GraphProto) -> tuple[int, int]:
-    """Move top-level Constant nodes' values into initializers. Returns (folded, kept)."""
+    """Move this graph's Constant nodes' values into its initializers. Returns (folded, kept)."""
     graph_outputs = {o.name for o in graph.output}
     nodes, folded, kept = [], 0, 0
     for node in graph.node:
@@ -143,6 +231,16 @@ def fold_constants(graph: onnx.GraphProto) -> tuple[int, int]:
         del graph.node[:]
         graph.node.extend(nodes)
     return folded, kept
+
+
+def fold_constants_everywhere(graph: onnx.GraphProto) -> tuple[int, int, int]:
+    """fold_constants in the graph and in every subgraph. Returns (folded, kept, folded inside subgraphs)."""
+    folded = kept = inside = 0
+    for each in _graphs_bottom_up(graph):
+        done, left = fold_constants(each)
+        folded, kept = folded + done, kept + left
+        inside += done if each is not graph else 0
+    return folded, kept, inside
 
 
 def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
@@ -226,15 +324,45 @@ def _raise_ir_version(model: onnx.ModelProto) -> None:
         model.ir_version = needed
 
 
-def rewrite_gemm_as_matmul(graph: onnx.GraphProto) -> tuple[list[str], int]:
+def rewrite_gemm_everywhere(graph: onnx.GraphProto) -> tuple[list[str], int]:
+    """rewrite_gemm_as_matmul in the graph and in every subgraph; a Gemm inside a subgraph may read its weight
+    from an enclosing graph (a new, transposed weight then lives in the subgraph). Returns (rewritten, skipped)."""
+    tensor_names = {name for each in all_graphs(graph) for name in _all_tensor_names(each)}
+    orphans: set[str] = set()
+    rewritten: list[str] = []
+    skipped = 0
+
+    def rewrite(each, outer: dict) -> None:
+        nonlocal skipped
+        done, left = rewrite_gemm_as_matmul(each, outer=outer, tensor_names=tensor_names, orphans=orphans)
+        rewritten.extend(done)
+        skipped += left
+        # Descends after the rewrite: the node list was rebuilt, and only its new objects are live.
+        scope = {**outer, **{init.name: init for init in each.initializer}}
+        for node in each.node:
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    rewrite(sub, scope)
+
+    rewrite(graph, {})
+    if orphans:
+        for each in _graphs_bottom_up(graph):
+            _drop_unused_initializers(each, orphans)
+    return rewritten, skipped
+
+
+def rewrite_gemm_as_matmul(graph: onnx.GraphProto, *, outer: dict | None = None, tensor_names: set[str] | None = None,
+                           orphans: set[str] | None = None) -> tuple[list[str], int]:
     """Gemm(A, B, C) with constant float32 B and transA=0 -> MatMul(A, alpha*B') [+ Add(beta*C)].
 
-    The MatMul keeps the Gemm's name. Returns (names of rewritten nodes, count left alone).
+    The MatMul keeps the Gemm's name. `outer`: initializers of the enclosing graphs (for a subgraph). When
+    `orphans` is given, weights the rewrite may leave unused are added to it for the caller to drop; else they
+    are dropped here. Returns (names of rewritten nodes, count left alone).
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    initializers = {init.name: init for init in graph.initializer}
-    tensor_names = _all_tensor_names(graph)
+    initializers = {**(outer or {}), **{init.name: init for init in graph.initializer}}
+    tensor_names = _all_tensor_names(graph) if tensor_names is None else tensor_names
     orphan_candidates: set[str] = set()
     nodes, rewritten, skipped = [], [], 0
 
@@ -285,7 +413,10 @@ def rewrite_gemm_as_matmul(graph: onnx.GraphProto) -> tuple[list[str], int]:
     if rewritten:
         del graph.node[:]
         graph.node.extend(nodes)
-        _drop_unused_initializers(graph, orphan_candidates)
+        if orphans is None:
+            _drop_unused_initializers(graph, orphan_candidates)
+        else:
+            orphans |= orphan_candidates
     return rewritten, skipped
 
 
@@ -372,7 +503,8 @@ def load_in_ort(model: str | bytes) -> None:
 
 
 def op_counts(graph: onnx.GraphProto) -> Counter[str]:
-    return Counter(node.op_type for node in graph.node)
+    """Nodes per op type, in the graph and in its subgraphs (If/Loop/Scan bodies)."""
+    return Counter(node.op_type for node in all_nodes(graph))
 
 
 def short_error(exc: BaseException, limit: int = 200) -> str:

@@ -39,6 +39,20 @@ TRACKED_OPS = frozenset({
     "MatMulInteger", "MatMulIntegerToFloat", "QAttention", "QEmbedLayerNormalization",
 })
 
+# Weighted float ops whose fate inside If/Loop/Scan subgraphs (and, for recurrent ones, anywhere) the report names.
+REPORTED_OPS = ("Conv", "Gemm", "LSTM", "MatMul")
+# Recurrent ops ONNX Runtime has no integer kernel for: they stay float whatever op_types says.
+UNQUANTIZED_RECURRENT = {
+    "GRU": "ONNX Runtime has no int8 GRU kernel: its dynamic quantization turns LSTM into DynamicQuantizeLSTM but "
+           "has no quantized form of GRU, so GRU weights stay float32",
+    "RNN": "ONNX Runtime has no int8 kernel for the plain RNN op, so its weights stay float32",
+}
+# Integer ops the dynamic quantizer writes in place of the float ones.
+DYNAMIC_INTEGER_OPS = frozenset({
+    "ConvInteger", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+    "QAttention",
+})
+
 INTEGER_OPS = frozenset({
     "ConvInteger", "MatMulInteger", "Gather", "QAttention", "DynamicQuantizeLSTM", "QEmbedLayerNormalization",
 })
@@ -124,16 +138,19 @@ def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: St
     warnings: list[str] = []
     try:
         prepared = onnx_prep.prepare(input_path, prep_dir, gemm_to_matmul="Gemm" in requested)
-        present = {node.name for node in onnx.load(str(prepared.path), load_external_data=False).graph.node}
+        present = {node.name for node in
+                   onnx_prep.all_nodes(onnx.load(str(prepared.path), load_external_data=False).graph)}
         gone = [name for name in params.nodes_to_exclude if name not in present]
         fusion = _fuse(prepared.path, prep_dir, params, requested,
-                       keep_nodes=[name for name in params.nodes_to_exclude if name in present])
+                       keep_nodes=[name for name in params.nodes_to_exclude if name in present],
+                       shapes=ctx.input_shapes if ctx else None)
         warnings += fusion.warnings
         to_quantize = fusion.path or prepared.path
         if fusion.path is not None:
             requested = requested | {"Attention"}  # the fused Q/K/V MatMuls
         graph = onnx.load(str(to_quantize), load_external_data=False).graph
         before = onnx_prep.op_counts(graph)  # what the quantizer is given, after pre-processing
+        has_subgraphs = any(True for _ in onnx_prep.subgraph_sites(graph))
         if gone:
             warnings.append(
                 f"pre-processing fused or removed node(s) {', '.join(map(repr, gone[:5]))}; "
@@ -153,6 +170,10 @@ def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: St
             raise _nothing_to_quantize(source.graph, requested, params.nodes_to_exclude)
         # ONNX shape inference cannot type the outputs of ORT's contrib ops (Attention): say they are float.
         extra_options = {"DefaultTensorType": onnx.TensorProto.FLOAT} if fusion.path is not None else {}
+        if has_subgraphs:
+            # ORT's quantizer then quantizes If/Loop/Scan bodies too; it reads weights inside them only from
+            # initializers, which is why prepare() folded the subgraphs' Constant nodes first.
+            extra_options["EnableSubgraph"] = True
         try:
             quantize_dynamic(
                 to_quantize, output,
@@ -184,6 +205,8 @@ def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: St
             f"per_channel: {len(per_tensor)} of {len(weights)} weights were quantized per tensor; ONNX Runtime's "
             f"dynamic quantization does not quantize {', '.join(ops) or 'their'} weights per channel"
         )
+    subgraphs, recurrent, left_notes = _inside_report(result.graph, requested, excluded, depthwise)
+    warnings += left_notes
     if after["ConvInteger"]:
         warnings.append(CONV_INTEGER_WARNING)
     if chosen_type == "int8" and not params.reduce_range and not cpu_has_vnni():
@@ -196,6 +219,8 @@ def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: St
         "weights_quantized": len(weights),
         "weights_per_channel": sum(1 for per_channel, _ in weights.values() if per_channel),
         "depthwise_conv_kept_float": len(depthwise),
+        "subgraphs": subgraphs,
+        "recurrent": recurrent,
         "weight_type": chosen_type,
         "weight_type_reason": type_reason,
         "activation_type": "uint8, quantized at run time",
@@ -205,27 +230,95 @@ def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: St
 
 
 def _fuse(prepared: Path, work_dir: Path, params: Int8DynamicParams, requested: set[str], *,
-          keep_nodes: list[str]):
+          keep_nodes: list[str], shapes=None):
     from workers.methods import transformer_fusion
 
     if params.fuse_transformer == "off":
         return transformer_fusion.Fusion(None, {"applied": False, "reason": "fuse_transformer is off"})
     if "MatMul" not in requested:
         return transformer_fusion.Fusion(None, {"applied": False, "reason": "op_types leaves MatMul out"})
-    return transformer_fusion.fuse(prepared, work_dir, keep_nodes=keep_nodes)
+    return transformer_fusion.fuse(prepared, work_dir, keep_nodes=keep_nodes, shapes=shapes)
+
+
+def _inside_report(graph, requested: set[str], excluded: list[str], depthwise: list[str]):
+    """What became of the weighted ops inside If/Loop/Scan subgraphs, and of recurrent ops anywhere.
+
+    Returns (per subgraph: owner, attribute, integer ops written, float ops left with why; per recurrent op
+    type: count, quantized, reason; warnings naming what stayed float). Read from the quantized graph.
+    """
+    from collections import Counter
+
+    from workers.methods.onnx_prep import nodes_with_scope, site_label
+
+    reported = set(REPORTED_OPS) & requested
+    depthwise_set, excluded_set = set(depthwise), set(excluded)
+    sites: dict[tuple[str, str], dict] = {}  # by (owner name, attribute): name_nodes made owner names unique
+    recurrent: dict[str, dict] = {}
+    left_warnings: list[str] = []
+    for site, node, visible in nodes_with_scope(graph):
+        if node.op_type in ("LSTM", "DynamicQuantizeLSTM", *UNQUANTIZED_RECURRENT):
+            kind = "LSTM" if node.op_type == "DynamicQuantizeLSTM" else node.op_type
+            entry = recurrent.setdefault(kind, {"count": 0, "quantized": 0, "left_float": []})
+            entry["count"] += 1
+            if node.op_type == "DynamicQuantizeLSTM":
+                entry["quantized"] += 1
+            else:
+                entry["left_float"].append(node.name)
+                if kind in UNQUANTIZED_RECURRENT:
+                    entry["reason"] = UNQUANTIZED_RECURRENT[kind]
+        if site is None:
+            continue
+        entry = sites.setdefault((site[0].name, site[1]),
+                                 {**site_label(site), "quantized": Counter(), "left_float": []})
+        if node.op_type in DYNAMIC_INTEGER_OPS:
+            entry["quantized"][node.op_type] += 1
+        elif node.op_type in reported or node.op_type in UNQUANTIZED_RECURRENT:
+            entry["left_float"].append({"node": node.name, "op_type": node.op_type,
+                                        "reason": _float_reason(node, visible, depthwise_set, excluded_set)})
+    subgraphs = [{**entry, "quantized": dict(sorted(entry["quantized"].items()))}
+                 for entry in sites.values() if entry["quantized"] or entry["left_float"]]
+    for entry in subgraphs:
+        for left in entry["left_float"][:5]:
+            left_warnings.append(
+                f"{left['op_type']} node {left['node']!r} inside the {entry['attribute']} of {entry['op_type']} "
+                f"node {entry['node']!r} stays float: {left['reason']}")
+    for kind, entry in recurrent.items():
+        if kind in UNQUANTIZED_RECURRENT and entry["left_float"]:
+            left_warnings.append(f"{entry['count']} {kind} node(s) ({', '.join(map(repr, entry['left_float'][:5]))}) "
+                                 f"stay float: {UNQUANTIZED_RECURRENT[kind]}")
+    return subgraphs, recurrent, list(dict.fromkeys(left_warnings))
+
+
+def _float_reason(node, visible: dict, depthwise: set[str], excluded: set[str]) -> str:
+    if node.op_type in UNQUANTIZED_RECURRENT:
+        return UNQUANTIZED_RECURRENT[node.op_type]
+    if node.name in depthwise:
+        return "a depthwise/grouped Conv, kept float (keep_depthwise_conv_float)"
+    if node.name in excluded:
+        return "named in nodes_to_exclude"
+    weights = node.input[1:3] if node.op_type == "LSTM" else node.input[1:2]
+    runtime = [name for name in weights if name and name not in visible]
+    if runtime:
+        return (f"its weight {runtime[0]!r} is computed at run time, not a constant; ONNX Runtime quantizes "
+                "constant weights only")
+    if node.op_type == "LSTM" and any(len(visible[name].dims) != 3 for name in weights if name):
+        return "its W/R weights are not 3-D, which ONNX Runtime's DynamicQuantizeLSTM needs"
+    return "left float by ONNX Runtime's quantizer (its input types could not be inferred inside the subgraph)"
 
 
 def _quantized_weights(graph) -> dict[str, tuple[bool, set[str]]]:
     """Quantized weight initializers -> (quantized per channel?, op types that read them)."""
     import onnx
 
-    scales = {init.name: init for init in graph.initializer}
+    from workers.methods.onnx_prep import all_initializers, all_nodes
+
+    scales = {init.name: init for init in all_initializers(graph)}
     consumers: dict[str, set[str]] = {}
-    for node in graph.node:
+    for node in all_nodes(graph):
         for name in node.input:
             consumers.setdefault(name, set()).add(node.op_type)
     weights = {}
-    for init in graph.initializer:
+    for init in all_initializers(graph):
         if init.name.endswith("_quantized") and init.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
             scale = scales.get(init.name.removesuffix("_quantized") + "_scale")
             per_channel = scale is not None and len(scale.dims) > 0 and max(scale.dims) > 1
@@ -234,12 +327,14 @@ def _quantized_weights(graph) -> dict[str, tuple[bool, set[str]]]:
 
 
 def _check_excluded_nodes(names: list[str], graph, requested: set[str]) -> None:
-    known = [node.name for node in graph.node]
+    from workers.methods.onnx_prep import all_nodes
+
+    known = [node.name for node in all_nodes(graph)]
     known_set = set(known)
     missing = [name for name in names if name not in known_set]
     if not missing:
         return
-    quantizable = [node.name for node in graph.node if node.op_type in requested]
+    quantizable = [node.name for node in all_nodes(graph) if node.op_type in requested]
     examples = (quantizable or known)[:5]
     hints = []
     for name in missing[:3]:
@@ -261,9 +356,11 @@ def _weight_type(graph, params: Int8DynamicParams, requested: set[str], excluded
         return params.weight_type, "as requested"
     import numpy as np
 
-    sizes = {init.name: int(np.prod(init.dims)) if init.dims else 1 for init in graph.initializer}
+    from workers.methods.onnx_prep import all_initializers, all_nodes
+
+    sizes = {init.name: int(np.prod(init.dims)) if init.dims else 1 for init in all_initializers(graph)}
     conv = matmul = 0
-    for node in graph.node:
+    for node in all_nodes(graph):
         if node.name in excluded or node.op_type not in requested | {"MatMul"} or len(node.input) < 2:
             continue
         weight = sizes.get(node.input[1], 0)
@@ -291,8 +388,10 @@ def cpu_has_vnni() -> bool:
 
 def _grouped_convs(graph) -> list[str]:
     """Names of Conv nodes with group > 1 (depthwise and grouped convolutions)."""
+    from workers.methods.onnx_prep import all_nodes
+
     names = []
-    for node in graph.node:
+    for node in all_nodes(graph):
         if node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute):
             names.append(node.name)
     return names
@@ -306,16 +405,22 @@ def _nodes_to_quantize(graph, requested: set[str], gemm_rewritten: list[str]) ->
     """
     if "Gemm" not in requested or "MatMul" in requested:
         return None
+    from workers.methods.onnx_prep import all_nodes
+
     from_gemm = set(gemm_rewritten)
-    return [node.name for node in graph.node if node.name in from_gemm or node.op_type in requested]
+    return [node.name for node in all_nodes(graph) if node.name in from_gemm or node.op_type in requested]
 
 
 def _nothing_to_quantize(graph, requested: set[str], excluded: list[str]) -> StepFailed:
-    present = sorted({node.op_type for node in graph.node})
+    from workers.methods.onnx_prep import all_nodes
+
+    present = sorted({node.op_type for node in all_nodes(graph)})
+    recurrent = [f"; {UNQUANTIZED_RECURRENT[op]}" for op in present if op in UNQUANTIZED_RECURRENT]
     return StepFailed(
         f"nothing to quantize: no {', '.join(sorted(requested))} node with constant float weights was found"
         + (f" once {len(excluded)} excluded node(s) were left out" if excluded else "")
-        + f" (the graph has {', '.join(present[:15])}{'...' if len(present) > 15 else ''})",
+        + f" (the graph has {', '.join(present[:15])}{'...' if len(present) > 15 else ''})"
+        + "".join(recurrent),
         code="nothing_to_quantize",
     )
 
