@@ -56,6 +56,8 @@ def run(folder: Path, request: dict, sandbox: dict, limits, send, ask_cancelled=
     workdir = folder / "work"
     workdir.mkdir(exist_ok=True)
     try:
+        if request.get("kind") == "convert":  # an upload in another format exported to ONNX (workers/convert)
+            from workers.convert.job import execute_conversion as execute
         report, summary, rows = execute(job, workdir, Path(request["model"]["path"]), request["model"]["format"],
                                         request["spec"])
         return {"status": "succeeded", "report": report, "summary": summary, "rows": rows}

@@ -63,6 +63,7 @@ class Claim:
     spec: dict
     datasets: dict[str, tuple[str, str, str]]  # id -> (sha256, format, name)
     models: dict[str, tuple[str, str]]  # id -> (sha256, format)
+    kind: str = "compress"  # or "convert" (workers/convert)
 
 
 @dataclass
@@ -211,7 +212,7 @@ def _claim(job_id: str, store: ArtifactStore, settings: Settings) -> Claim | Non
         ).all()
         return Claim(attempt=job.attempts, model_sha=model.sha256, model_format=model.format, spec=dict(job.spec),
                      datasets={row[0]: tuple(row[1:]) for row in linked},
-                     models={row[0]: tuple(row[1:]) for row in others})
+                     models={row[0]: tuple(row[1:]) for row in others}, kind=job.kind or "compress")
 
 
 def _alive(job: Job, settings: Settings) -> bool:
@@ -247,7 +248,7 @@ def _supervise(attempt: Attempt, claim: Claim, settings: Settings) -> dict:
     folder, store = attempt.folder, attempt.store
     request = {
         "job_id": attempt.job_id, "attempt": attempt.number, "parent_pid": os.getpid(), "limits": limits.to_json(),
-        "spec": claim.spec, "model": {"path": str(store.local_path(claim.model_sha)), "format": claim.model_format},
+        "kind": claim.kind, "spec": claim.spec, "model": {"path": str(store.local_path(claim.model_sha)), "format": claim.model_format},
         "datasets": {i: [str(store.local_path(sha)), fmt, name] for i, (sha, fmt, name) in claim.datasets.items()},
         "models": {i: [str(store.local_path(sha)), fmt] for i, (sha, fmt) in claim.models.items()},
     }
@@ -431,6 +432,8 @@ def _succeed(attempt: Attempt, result: dict) -> None:
     with session_scope() as db:
         job = attempt.owned(db)
         model = db.get(Model, job.model_id) if job.model_id else None
+        if job.kind == "convert":
+            _store_converted(db, job, model, attempt, report)
         result_sha = next((a["sha256"] for a in attempt.artifacts if a["name"] == "model.onnx"), None)
         environment_ids = _store_environments(db, rows)
         for row, environment_id in zip(rows, environment_ids):
@@ -443,6 +446,21 @@ def _succeed(attempt: Attempt, result: dict) -> None:
             ))
         job.report, job.summary, job.stage = report, summary, "done"
         set_status(db, job, "succeeded", message=_headline(summary))
+
+
+def _store_converted(db, job: Job, source: Model | None, attempt: Attempt, report: dict) -> None:
+    """A conversion's export becomes a model like an upload, linked to its source (in the job's own transaction:
+    a retried attempt cannot leave two)."""
+    converted = report["converted"]
+    artifact = next((a for a in attempt.artifacts if a["name"] == converted["artifact"]), None)
+    if source is None or artifact is None:
+        raise JobFailed("the conversion finished without its model artifact, or its upload was deleted",
+                        code="internal_error")
+    stem = Path(source.name).stem or "model"
+    suffix = ".zip" if converted["format"] == "onnx-zip" else ".onnx"
+    db.add(Model(tenant_id=job.tenant_id, name=f"{stem}{suffix}"[:255], format=converted["format"],
+                 sha256=artifact["sha256"], size_bytes=artifact["size_bytes"], inspection=converted["inspection"],
+                 source_model_id=source.id))
 
 
 def _store_environments(db, rows: list[dict]) -> list[str | None]:
