@@ -107,6 +107,18 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
     step_paths: list[Path] = []
     current = original
     steps = spec["steps"]
+    input_shapes = _input_shapes(run, spec)
+    from workers.measure.inputs import check_original_runs
+
+    run.progress(0.03, "loading", "checking that the model runs at the job's input shapes", force=True)
+    check_original_runs(original, input_shapes)  # input_shape_required now, not after the steps
+    from workers.intake import normalize
+
+    run.progress(0.04, "loading", "normalizing the model for the methods (opset, Constant weights, shapes)",
+                 force=True)
+    # The steps take the normalized model; the measurement still compares the upload itself with the result.
+    intake = normalize(original, batch=min(spec["evaluate"].get("batch_sizes") or [1]), input_shapes=input_shapes)
+    current = intake.path
     for index, step in enumerate(steps, start=1):
         run.check_cancel()
         method = methods.get(step["method"])
@@ -125,7 +137,7 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
                 calibration=step_datasets.get("calibration_dataset_id"), datasets=step_datasets, seed=index,
                 progress=lambda fraction, message, milestone=False, base=base, index=index: run.progress(
                     base + STEPS / len(steps) * fraction, f"step {index}/{len(steps)}", message, force=milestone),
-                cancelled=run.cancel_requested_throttled, models=step_models,
+                cancelled=run.cancel_requested_throttled, models=step_models, input_shapes=input_shapes,
             )
             # ONNX Runtime's tools drop temp files in the working directory (sym_shape_infer_temp.onnx
             # and its external data): keep them inside the job's folder.
@@ -161,7 +173,7 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
         what = "the result" if last else f"step {entry['index']}'s model ({entry['method']})"
         run.progress(PREPARE + STEPS + MEASURE * share[0], "measuring",
                      f"measuring the original and {what} side by side", force=True)
-        measured_step = _measure(run, settings, evaluate, original, path, share)
+        measured_step = _measure(run, settings, evaluate, original, path, share, input_shapes)
         # Raw per-call times go to an artifact of their own; the report and the job row keep the statistics.
         samples_path = workdir / ("latency-samples.json" if last else f"step-{entry['index']}-latency-samples.json")
         samples_path.write_text(json.dumps(measured_step.pop("samples", {})))
@@ -178,11 +190,13 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
                      for r in step_rows if r["model"] == "result"]
         trajectory.append(_trajectory_entry(entry, _summary(measured_step, [])))
     summary = _summary(measured, steps_report)
+    summary["notes"] = [intake.note()] + summary["notes"]
     if len(trajectory) > 1:
         summary["trajectory"] = trajectory
     report = {
         "job_id": run.job_id,
         "sandbox": run.sandbox,
+        "intake": intake.record,
         "steps": steps_report,
         "evaluate": evaluate,
         "measurement": measured,
@@ -196,7 +210,18 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
     return report, summary, rows
 
 
-def _measure(run: JobRun, settings, evaluate: dict, original: Path, candidate: Path, share: tuple[float, float]) -> dict:
+def _input_shapes(run: JobRun, spec: dict):
+    """evaluate.input_shapes, then the sample shapes of the job's datasets: the eval dataset's, then each step's."""
+    from workers.measure.inputs import job_input_shapes
+
+    evaluate = spec["evaluate"]
+    ids = [evaluate.get("eval_dataset_id")] + [step["params"].get(name) for step in spec["steps"]
+                                               for name in methods.get(step["method"]).dataset_params]
+    return job_input_shapes(evaluate.get("input_shapes"), [run.dataset(i) for i in dict.fromkeys(ids) if i])
+
+
+def _measure(run: JobRun, settings, evaluate: dict, original: Path, candidate: Path, share: tuple[float, float],
+             input_shapes=None) -> dict:
     from workers.measure import Stopped, measure_pair
     from workers.measure.isolated import measure_isolated
 
@@ -210,6 +235,7 @@ def _measure(run: JobRun, settings, evaluate: dict, original: Path, candidate: P
         dataset=run.dataset(evaluate["eval_dataset_id"]) if evaluate.get("eval_dataset_id") else None,
         dataset_max_samples=evaluate.get("eval_max_samples"), include_io=bool(evaluate.get("include_io")),
         energy_estimate_tdp_watts=evaluate.get("tdp_watts") if evaluate.get("energy_estimate") else None,
+        input_shapes=input_shapes,
     )
     try:
         if settings.measure_isolated:
@@ -272,6 +298,9 @@ def _summary(measured: dict, steps_report: list[dict]) -> dict:
             for s in steps_report for warning in s["details"].get("warnings", [])
         ],
         "steps": [s["method"] for s in steps_report],
+        # What was measured (at the smallest batch size) and where each size came from, per axis.
+        "input_shapes": measured.get("input_shapes"),
+        "input_shapes_source": measured.get("input_shapes_source"),
     } | _dataset_summary(measured.get("dataset"))
 
 

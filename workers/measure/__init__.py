@@ -85,6 +85,7 @@ def measure_pair(
     dataset_max_samples: int | None = None,
     include_io: bool = False,
     energy_estimate_tdp_watts: float | None = None,
+    input_shapes: Any = None,
 ) -> dict[str, Any]:
     """Size, latency, fidelity, energy and memory of `result` against `baseline`.
 
@@ -95,8 +96,11 @@ def measure_pair(
     first provider that starts. With a `dataset` (workers.datasets.Dataset), both models also run over its
     samples: accuracy against its labels, fidelity on its inputs. include_io: on a GPU provider, count the
     copies of inputs and outputs between host and device in each call. energy_estimate_tdp_watts: where no
-    counter is readable, add an estimate from this TDP, labelled as one. Raises MeasurementFailed when the
-    models cannot be loaded, run or compared, Stopped when should_stop() says so.
+    counter is readable, add an estimate from this TDP, labelled as one. input_shapes (app.input_shapes.InputShapes
+    or its to_json() form): the sizes of the models' dynamic dims, before any guess; the report's
+    `input_shapes` and `input_shapes_source` say what was measured and where each size came from. Raises MeasurementFailed when the
+    models cannot be loaded, run or compared (InputShapeRequired when the original does not run at guessed
+    sizes), Stopped when should_stop() says so.
 
     The per-call times are in report["samples"] (nanoseconds, per provider, batch size, model and round):
     they belong in an artifact, not in the job row.
@@ -148,7 +152,7 @@ def measure_pair(
     primary = running[0]
     sessions = primary["sessions"]
 
-    plan = plan_inputs(sessions, structures)
+    plan = plan_inputs(sessions, structures, shapes=input_shapes, probe=False)  # _check_runs runs them
     del structures  # the parsed protobufs can be as large as the weights
     notes += plan.notes
     output_pairs, output_notes = pair_outputs(sessions["baseline"], sessions["result"])
@@ -235,6 +239,9 @@ def measure_pair(
     report = {
         "environment": describe(provider=first["provider"], threads=threads),
         "inputs": [i.describe() for i in plan.inputs],
+        # The shapes at the smallest batch size measured; per batch size in latency.batch_sizes[].input_shapes.
+        "input_shapes": plan.shapes(working[0]),
+        "input_shapes_source": plan.sources(),
         "size": size,
         "latency": first["latency"],
         "cold_start": first["cold_start"],
@@ -295,6 +302,7 @@ def _check_runs(sessions, plan: InputPlan, to_measure: list[int], seed: int, ski
     """One untimed call per model and batch size; a batch size either model cannot run is skipped. Also
     gives each model's first call's time (its cold start), at the first batch size that runs."""
     working, failures, first_ms = [], [], {}
+    original_failed: list[tuple[int, Exception]] = []
     for batch in to_measure:
         checkpoint()
         feeds = plan.feeds(batch, np.random.default_rng([seed, 1, batch]))
@@ -305,13 +313,18 @@ def _check_runs(sessions, plan: InputPlan, to_measure: list[int], seed: int, ski
                 first_ms.setdefault(role, (time.perf_counter() - clock) * 1000)
             except Exception as exc:
                 reason = f"{ROLE_NAMES[role]} fails to run at batch {batch}: {ort_error_text(exc)}"
+                if role == "baseline":
+                    original_failed.append((batch, exc))
                 failures.append(reason)
                 skipped.append({"batch_size": batch, "reason": reason})
                 break
         else:
             working.append(batch)
     if not working:
-        raise MeasurementFailed("; ".join(failures))
+        # The original runs at no batch size: where the plan chose sizes for its dynamic dims, say so.
+        shape_failure = plan.shape_failure(original_failed[0][1], original_failed[0][0]) if len(
+            original_failed) == len(to_measure) else None
+        raise shape_failure or MeasurementFailed("; ".join(failures))
     skipped.sort(key=lambda s: s["batch_size"])
     return working, first_ms
 

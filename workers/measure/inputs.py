@@ -1,8 +1,10 @@
 """Synthetic inputs built from the models' own input specs, identical for both models of a pair.
 
-Axis 0, when symbolic, is the batch axis. Other symbolic axes get a size guessed
-from their name (sequence-like: 128, spatial: 224, else 1) and every guess is
-reported. Values follow the input's role as its name suggests: token ids stay
+Axis 0, when symbolic, is the batch axis. Other symbolic axes take the size the
+job gives (evaluate.input_shapes) or its datasets' samples hold (app.input_shapes);
+only what nothing fills gets a size guessed from its name (sequence-like: 128,
+spatial: 224, else 1), and every guess is reported. A model that does not run at
+a guessed size fails with input_shape_required, naming the dims to give. Values follow the input's role as its name suggests: token ids stay
 inside the vocabulary of the embedding they index, masks are ones, token types
 zeros, floats standard normal.
 """
@@ -10,11 +12,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from app.errors import MeasurementFailed
+from app.errors import InputShapeRequired, JobFailed, MeasurementFailed
+from app.input_shapes import BATCH, DECLARED, GUESSED, HOW_TO_GIVE, InputShapes, ShapeError, resolve, shape_text
 
 ROLES = ("baseline", "result")
 ORT_DTYPES = {
@@ -27,6 +31,7 @@ SEQUENCE_DIM = re.compile(r"seq|len|token|time|step|frame|word|position", re.IGN
 SPATIAL_DIM = re.compile(r"height|width|^h$|^w$|^img|image|pixel|spatial", re.IGNORECASE)
 SEQUENCE_SIZE, SPATIAL_SIZE, OTHER_SIZE = 128, 224, 1
 TOKEN_ID_HIGH = 100
+ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
 @dataclass
@@ -37,6 +42,7 @@ class PlannedInput:
     dims: list[int | None]              # resolved sizes; None marks the batch axis
     kind: str                           # normal | ids | binary | bytes | ones | zeros | positions
     high: int = 2                       # exclusive upper bound for integer kinds
+    sources: list[str] = field(default_factory=list)  # per axis, where its size came from (app.input_shapes)
 
     def shape(self, batch: int) -> list[int]:
         return [batch if d is None else d for d in self.dims]
@@ -66,7 +72,7 @@ class PlannedInput:
             "positions": "0, 1, 2, ... along the last axis (positions)",
         }[self.kind]
         entry = {"name": self.name, "dtype": self.dtypes["baseline"].name, "declared_shape": self.declared["baseline"],
-                 "values": text}
+                 "shape": self.dims, "shape_sources": self.sources, "values": text}
         if self.dtypes["result"] != self.dtypes["baseline"]:
             entry["result_dtype"] = self.dtypes["result"].name
         if self.declared["result"] != self.declared["baseline"]:
@@ -80,9 +86,56 @@ class InputPlan:
     fixed_batch: int | None = None      # the only batch size the models accept, if any
     fixed_reason: str | None = None
     notes: list[str] = field(default_factory=list)
+    guessed: list[dict[str, Any]] = field(default_factory=list)  # {input, axis, dim, size} of each guessed axis
 
     def shapes(self, batch: int) -> dict[str, list[int]]:
         return {i.name: i.shape(batch) for i in self.inputs}
+
+    def sources(self) -> dict[str, list[str]]:
+        """Per input, per axis: given by the user / from dataset X / declared by the model / batch size / guessed."""
+        return {i.name: list(i.sources) for i in self.inputs}
+
+    @property
+    def chosen(self) -> bool:
+        """Whether any size was given, taken from a dataset or guessed (not all fixed by the model)."""
+        return any(source not in (DECLARED, BATCH) for i in self.inputs for source in i.sources)
+
+    def shape_failure(self, exc: BaseException, batch: int, *, model: str = "the original model") -> JobFailed | None:
+        """The error for `model` failing to run on this plan's inputs at `batch`, where the sizes this plan chose
+        may be to blame: input_shape_required when some were guessed (naming them and how to give them),
+        invalid_input_shape when all came from the user or a dataset. None when the model fixes every size."""
+        said = _short_reason(exc)
+        if self.guessed:
+            dims = "; ".join(f"input '{g['input']}' axis {g['axis']}" + (f" ('{g['dim']}')" if g["dim"] else "")
+                             + f" = {g['size']}" for g in self.guessed)
+            inputs = {g["input"] for g in self.guessed}
+            return InputShapeRequired(
+                f"{model} does not run at the sizes guessed for its dynamic dims ({dims}); {HOW_TO_GIVE}. "
+                f"Shapes tried: {self._shapes_text(batch, inputs)}. ONNX Runtime said: {said}",
+                guessed=self.guessed)
+        if self.chosen:
+            return JobFailed(f"{model} does not run at the input shapes given for it "
+                             f"({self._shapes_text(batch, {i.name for i in self.inputs})}): {said}",
+                             code="invalid_input_shape", shapes=self.shapes(batch), sources=self.sources())
+        return None
+
+    def check_runs(self, session: Any, *, model: str) -> None:
+        """Where this plan chose sizes, run `session` (the baseline's) once at the smallest batch; raise
+        shape_failure's error if it does not run."""
+        if not self.chosen:
+            return
+        batch = self.fixed_batch or 1
+        try:
+            session.run(None, self.feeds(batch, np.random.default_rng(0))["baseline"])
+        except Exception as exc:
+            failure = self.shape_failure(exc, batch, model=model)
+            if failure is not None:
+                raise failure from None
+
+    def _shapes_text(self, batch: int, names: set[str]) -> str:
+        return ", ".join(f"'{i.name}' {shape_text(i.shape(batch))} (" + ", ".join(
+            f"axis {axis}: {source}" for axis, source in enumerate(i.sources) if source not in (DECLARED, BATCH))
+            + ")" for i in self.inputs if i.name in names)
 
     def feeds(self, batch: int, rng: np.random.Generator) -> dict[str, dict[str, np.ndarray]]:
         """One draw of values, cast to each model's declared dtype: both models see the same numbers."""
@@ -162,7 +215,17 @@ def _guess(dim_name: str | None, *, axis: int, rank: int, kind: str) -> int:
     return OTHER_SIZE
 
 
-def plan_inputs(sessions: dict[str, Any], structures: dict[str, Any]) -> InputPlan:
+def plan_inputs(sessions: dict[str, Any], structures: dict[str, Any], *,
+                shapes: InputShapes | dict[str, Any] | None = None, probe: bool = True) -> InputPlan:
+    """Inputs for both models of a pair (the same session twice for one model).
+
+    shapes: the job's input shapes (StepContext.input_shapes; see app.input_shapes): what the user gave and
+    the shapes of the job's datasets' samples fill the model's dynamic dims before anything is guessed.
+    probe: where a dim is not fixed by the model, run the baseline session once on the plan's inputs (when
+    it has `run`), so a model that cannot run at the guessed or given sizes fails here with
+    input_shape_required / invalid_input_shape rather than with ONNX Runtime's text later.
+    """
+    shapes = InputShapes.coerce(shapes)
     specs = {role: {i.name: i for i in sessions[role].get_inputs()} for role in ROLES}
     base_names, result_names = list(specs["baseline"]), list(specs["result"])
     if set(base_names) != set(result_names):
@@ -188,25 +251,33 @@ def plan_inputs(sessions: dict[str, Any], structures: dict[str, Any]) -> InputPl
         planned.append((item, _merge_dims(name, declared)))
 
     plan = InputPlan(inputs=[p for p, _ in planned], notes=notes)
+    try:
+        resolved = resolve({item.name: merged for item, merged in planned}, shapes, strict=False)
+    except ShapeError as exc:
+        raise JobFailed(f"the input shapes do not fit the model: {exc.message}", code="invalid_input_shape",
+                        **exc.where) from None
     batched = any(merged and not isinstance(merged[0], int) for _, merged in planned)
     if not batched:
         _fix_batch(plan, planned)
     guessed: dict[tuple[str, str | None, int], int] = {}
     for item, merged in planned:
-        for axis, dim in enumerate(merged):
-            if isinstance(dim, int):
-                item.dims.append(dim)
-            elif axis == 0 and batched:
-                item.dims.append(None)
-            else:
-                size = _guess(dim, axis=axis, rank=len(merged), kind=item.kind)
-                item.dims.append(size)
-                key = (item.name, dim, axis)
-                if key not in guessed:
-                    guessed[key] = size
-                    label = f"'{dim}'" if dim else "unnamed"
-                    plan.notes.append(f"input '{item.name}' axis {axis} ({label}) has no fixed size; "
-                                      f"measured with {size}")
+        for axis, found in enumerate(resolved[item.name]):
+            if found.source != GUESSED:
+                item.dims.append(found.size)
+                item.sources.append(found.source)
+                continue
+            size = _guess(found.dim, axis=axis, rank=len(merged), kind=item.kind)
+            item.dims.append(size)
+            item.sources.append(GUESSED)
+            plan.guessed.append({"input": item.name, "axis": axis, "dim": found.dim, "size": size})
+            key = (item.name, found.dim, axis)
+            if key not in guessed:
+                guessed[key] = size
+                label = f"'{found.dim}'" if found.dim else "unnamed"
+                plan.notes.append(f"input '{item.name}' axis {axis} ({label}) has no fixed size; "
+                                  f"measured with {size} (a guess: give it in evaluate.input_shapes)")
+    if probe and hasattr(sessions["baseline"], "run"):
+        plan.check_runs(sessions["baseline"], model="the model")
     return plan
 
 
@@ -229,8 +300,57 @@ def _fix_batch(plan: InputPlan, planned: list[tuple[PlannedInput, list[int | str
     shape = base if isinstance(base[0], int) else res
     plan.fixed_batch = size
     plan.fixed_reason = (f"input '{item.name}' has a fixed batch dimension of {size}{where} "
-                         f"(shape {_shape_text(shape)})")
+                         f"(shape {shape_text(shape)})")
 
 
-def _shape_text(shape: list[Any]) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+def _short_reason(exc: BaseException, limit: int = 300) -> str:
+    """ONNX Runtime's reason, on one line and shortened: its text goes after ours, as a detail."""
+    text = ORT_PREFIX.sub("", " ".join(str(exc).split())) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def job_input_shapes(given: dict[str, Any] | None, datasets: list[Any]) -> InputShapes:
+    """A job's input shapes: evaluate.input_shapes, then the sample shapes of the datasets it names
+    (workers.datasets.Dataset, in order: the eval dataset first, then the steps'), for what the user left out."""
+    try:
+        shapes = InputShapes.parse(given)
+    except ShapeError as exc:  # checked at submit; a job row written otherwise still fails with the code
+        raise JobFailed(f"evaluate.input_shapes: {exc.message}", code="invalid_input_shape", **exc.where) from None
+    for dataset in datasets:
+        shapes = shapes.with_dataset(dataset.name, {name: array.shape for name, array in dataset.inputs.items()})
+    return shapes
+
+
+PREFLIGHT_MAX_BYTES = 2 * 1024**3
+
+
+def check_original_runs(model_path: Path, shapes: InputShapes) -> InputPlan | None:
+    """Before any step: where the model leaves a non-batch dim open, run it once on the inputs the job will
+    use, so a model that needs its shapes given fails at once (input_shape_required, invalid_input_shape), not
+    after its steps. Returns the plan, or None where nothing was checked: every size is fixed, the model is too
+    large to load twice, or it does not load or take generated inputs (the steps and the measurement say why)."""
+    import onnx
+    import onnxruntime as ort
+
+    from workers.measure.size import model_size
+
+    structure = onnx.load(str(model_path), load_external_data=False)
+    open_dims = any(not dim.HasField("dim_value")
+                    for value in structure.graph.input for dim in value.type.tensor_type.shape.dim[1:])
+    if not open_dims or model_size(model_path, structure)["file_bytes"] > PREFLIGHT_MAX_BYTES:
+        return None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        plan = plan_inputs({"baseline": session, "result": session}, {"baseline": structure, "result": structure},
+                           shapes=shapes, probe=False)
+    except MeasurementFailed:
+        return None
+    except JobFailed:
+        raise
+    except Exception:
+        return None
+    plan.check_runs(session, model="the uploaded model")
+    return plan

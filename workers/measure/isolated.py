@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import MeasurementFailed
+from app.input_shapes import InputShapes
 from workers.measure import Stopped
 from workers.measure.environment import default_threads, pick_cores
 from workers.sandbox import how_it_ended, output_tail
@@ -51,6 +52,8 @@ def measure_isolated(
     report["environment"]["process"] saying how it was run."""
     threads = int(threads) if threads else default_threads()
     cores = pick_cores(threads) if pin else []
+    if options.get("input_shapes") is not None:  # the request travels as JSON
+        options["input_shapes"] = InputShapes.coerce(options["input_shapes"]).to_json()
     with tempfile.TemporaryDirectory(prefix="modelpress-measure-") as folder_name:
         folder = Path(folder_name)
         request = {"baseline": str(Path(baseline).resolve()), "result": str(Path(result).resolve()),

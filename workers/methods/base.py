@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from app.input_shapes import InputShapes
+
 
 class MethodParams(BaseModel):
     """Base of every method's params; unknown fields are refused, not ignored."""
@@ -53,6 +55,9 @@ class StepContext:
     cancelled: Callable[[], bool] | None = None
     # Each of the method's `model_params` that the step sets -> that uploaded model, unpacked (an ONNX path).
     models: dict[str, Path] = field(default_factory=dict)
+    # The job's input shapes (evaluate.input_shapes, then its datasets' sample shapes): pass them to
+    # plan_inputs(..., shapes=ctx.input_shapes) wherever the step generates inputs.
+    input_shapes: InputShapes = field(default_factory=InputShapes)
 
     def report(self, fraction: float, message: str, *, milestone: bool = False) -> None:
         """Progress within the step; a milestone (an epoch's figures) is always recorded as an event,

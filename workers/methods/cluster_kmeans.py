@@ -168,7 +168,7 @@ def run(input_path: Path, params: ClusterParams, out_dir: Path, ctx: StepContext
     onnx.save(model, str(dst))
     onnx.checker.check_model(str(dst))
     ctx.report(0.85, "checking the clustered model against its input")
-    check = _check(input_path, dst)
+    check = _check(input_path, dst, ctx.input_shapes)
     if check["cosine"] < params.min_cosine:
         raise StepFailed(
             f"clustering to {params.clusters} values per layer moved the outputs too far: cosine {check['cosine']:.4f} "
@@ -189,7 +189,7 @@ def run(input_path: Path, params: ClusterParams, out_dir: Path, ctx: StepContext
     return StepOutput(model_path=dst, details=details, packed=packed)
 
 
-def _check(original: Path, clustered: Path) -> dict[str, Any]:
+def _check(original: Path, clustered: Path, shapes=None) -> dict[str, Any]:
     """Per-output cosine and max abs diff of the clustered model against its input, on generated inputs."""
     import numpy as np
     import onnx
@@ -200,7 +200,7 @@ def _check(original: Path, clustered: Path) -> dict[str, Any]:
     paths = {"baseline": original, "result": clustered}
     sessions = {role: session(path) for role, path in paths.items()}
     structures = {role: onnx.load(str(path), load_external_data=False) for role, path in paths.items()}
-    plan = plan_inputs(sessions, structures)
+    plan = plan_inputs(sessions, structures, shapes=shapes)
     feeds = [plan.feeds(plan.fixed_batch or 2, np.random.default_rng(0))["baseline"]]
     names = [o.name for o in sessions["baseline"].get_outputs()]
     return figures(run_onnx(original, feeds, names), run_onnx(clustered, feeds, names), names,

@@ -147,14 +147,14 @@ def _build_and_judge(index: int, method, scheme: str, excluded: list[str], input
         step_params = method.params_model.model_validate(raw)
         built = method.run(input_path, step_params, workdir,
                            StepContext(calibration=calibration, datasets={"calibration_dataset_id": calibration},
-                                       seed=ctx.seed))
+                                       seed=ctx.seed, input_shapes=ctx.input_shapes))
     except ModelPressError as exc:
         entry.update(status="not_applicable", code=exc.code, reason=exc.message)
         return entry
     try:
         measured = measure_pair(input_path, built.model_path, batch_sizes=[params.latency_batch_size],
                                 warmup=max(3, params.latency_iterations // 10), iterations=params.latency_iterations,
-                                dataset=evaluation)
+                                dataset=evaluation, input_shapes=ctx.input_shapes)
     except ModelPressError as exc:
         entry.update(status="failed_to_measure", code=exc.code, reason=exc.message)
         return entry

@@ -104,7 +104,7 @@ def convert(input_path: Path, params: Fp16Params, out_dir: Path, ctx: StepContex
             raise StepFailed(f"float16 conversion failed: {onnx_prep.short_error(exc, 400)}",
                              code="conversion_failed") from exc
         onnx.save(converted, str(output))
-        error, overflow = _load_and_run(input_path, output)
+        error, overflow = _load_and_run(input_path, output, shapes=ctx.input_shapes)
         if error is None:
             break
         culprit = _culprit(error)
@@ -205,7 +205,7 @@ def _always_float_inputs(float16, model) -> dict[str, list[int]]:
     return inputs
 
 
-def _load_and_run(original: Path, converted: Path) -> tuple[str | None, list[str]]:
+def _load_and_run(original: Path, converted: Path, *, shapes=None) -> tuple[str | None, list[str]]:
     """Load the converted model on CPU and run it once on generated inputs.
 
     Returns (the error text or None, names of outputs that overflowed to inf/NaN where the original's did not).
@@ -231,7 +231,7 @@ def _load_and_run(original: Path, converted: Path) -> tuple[str | None, list[str
     structures = {"baseline": onnx.load(str(original), load_external_data=False),
                   "result": onnx.load(str(converted), load_external_data=False)}
     try:
-        plan = plan_inputs({"baseline": baseline, "result": result}, structures)
+        plan = plan_inputs({"baseline": baseline, "result": result}, structures, shapes=shapes)
     except MeasurementFailed:
         return None, []  # inputs this service cannot generate: loading is the check it gets
     feeds = plan.feeds(plan.fixed_batch or 1, np.random.default_rng(0))

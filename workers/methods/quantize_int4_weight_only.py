@@ -36,6 +36,10 @@ from workers.methods.quantize_int8_dynamic import NodeName, _check_excluded_node
 # weights carry float zero points, which the CPU MatMulNBits kernel refuses.
 SUPPORTED_BITS = {"rtn": (2, 4, 8), "hqq": (2, 4), "gptq": (4,)}
 MATRIX_OPS = ("MatMul", "Gemm")
+GPTQ_SUBGRAPH_REASON = (
+    "it sits inside an If/Loop/Scan body: GPTQ needs each layer's inputs recorded on calibration data, which "
+    "ONNX Runtime's GPTQ cannot do inside subgraphs; algorithm rtn or hqq quantizes it"
+)
 
 DatasetId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
@@ -143,7 +147,7 @@ def quantize(input_path: Path, params: Int4WeightOnlyParams, out_dir: Path,
         ctx.report(0.02, "preparing the model (Gemm -> MatMul + Add)")
         prepared = onnx_prep.prepare(input_path, prep_dir, gemm_to_matmul=True)
         model = onnx.load(str(prepared.path))
-        present = {node.name for node in model.graph.node}
+        present = {node.name for node in onnx_prep.all_nodes(model.graph)}
         gone = [name for name in params.nodes_to_exclude if name not in present]
         if gone:
             warnings.append(f"pre-processing fused or removed node(s) {', '.join(map(repr, gone[:5]))}; "
@@ -159,14 +163,15 @@ def quantize(input_path: Path, params: Int4WeightOnlyParams, out_dir: Path,
             from workers.methods.quantize_int8_static import CalibrationReader, calibration_source
 
             data = calibration_source(prepared.path, ctx.calibration, samples=params.calibration_samples,
-                                      seed=ctx.seed, allow_random=False)
+                                      seed=ctx.seed, allow_random=False, shapes=ctx.input_shapes)
             reader = CalibrationReader(data)
             notes.extend(data.notes)
             ctx.report(0.1, f"running GPTQ on {data.samples} sample(s) of {data.described}")
         else:
             ctx.report(0.1, f"quantizing {len(candidates)} weight matrix(es) to {params.bits} bits "
                        f"({params.algorithm})")
-        result = _run_quantizer(model, params, reader, [m["node"] for m in matrices if m["reason"] == "excluded"])
+        result = _run_quantizer(model, params, reader, [m["node"] for m in matrices
+                                                        if m["reason"] in ("excluded", GPTQ_SUBGRAPH_REASON)])
         del model
         if params.accuracy_level:
             _set_accuracy_level(result.graph, params.accuracy_level)
@@ -176,8 +181,9 @@ def quantize(input_path: Path, params: Int4WeightOnlyParams, out_dir: Path,
 
     ctx.report(0.9, "checking the quantized model")
     _check_loads_with_same_io(source, output)
-    remaining = {node.name for node in result.graph.node if node.op_type in MATRIX_OPS}
-    nbits_nodes = [node for node in result.graph.node if node.op_type == "MatMulNBits"]
+    result_nodes = list(onnx_prep.all_nodes(result.graph))
+    remaining = {node.name for node in result_nodes if node.op_type in MATRIX_OPS}
+    nbits_nodes = [node for node in result_nodes if node.op_type == "MatMulNBits"]
     quantized, left = [], []
     for matrix in matrices:
         if matrix["reason"] is None and matrix["node"] in remaining:
@@ -185,7 +191,7 @@ def quantize(input_path: Path, params: Int4WeightOnlyParams, out_dir: Path,
         (left if matrix["reason"] else quantized).append(matrix)
     if not nbits_nodes:
         raise _nothing_to_quantize(source.graph, matrices)
-    gathered = sum(1 for node in result.graph.node if node.op_type == "GatherBlockQuantized")
+    gathered = sum(1 for node in result_nodes if node.op_type == "GatherBlockQuantized")
     if tables and not embeddings_apply(params):
         notes.append(f"{tables} embedding table(s) stay float: embeddings are quantized with rtn at 4 bits only"
                      if params.quantize_embeddings else f"{tables} embedding table(s) stay float (quantize_embeddings "
@@ -198,7 +204,7 @@ def quantize(input_path: Path, params: Int4WeightOnlyParams, out_dir: Path,
                      "ONNX Runtime padded their last block")
     if params.bits == 2:
         warnings.append("2-bit weights are very lossy; check the fidelity figures before using the result")
-    conv = sum(1 for node in result.graph.node if node.op_type in ("Conv", "ConvTranspose"))
+    conv = sum(1 for node in result_nodes if node.op_type in ("Conv", "ConvTranspose"))
     if conv:
         notes.append(f"{conv} Conv layer(s) stay float: weight-only MatMulNBits quantization covers MatMul only")
     warnings.append(
@@ -219,6 +225,7 @@ def quantize(input_path: Path, params: Int4WeightOnlyParams, out_dir: Path,
         "quantized": [{"node": m["node"], "shape": m["shape"]} for m in quantized],
         "left_float": [{"node": m["node"], "op_type": m["op_type"], "shape": m["shape"], "reason": m["reason"]}
                        for m in left],
+        "subgraphs": _by_subgraph(matrices),
         "gemm_rewritten_as_matmul": len(prepared.gemm_rewritten),
         "notes": notes,
         "warnings": warnings,
@@ -228,12 +235,16 @@ def quantize(input_path: Path, params: Int4WeightOnlyParams, out_dir: Path,
 
 def _matrices(graph, params: Int4WeightOnlyParams) -> list[dict[str, Any]]:
     """Every MatMul/Gemm with what it multiplies by, and why it will stay float (reason None: to quantize)."""
-    initializers = {init.name: list(init.dims) for init in graph.initializer}
+    from workers.methods.onnx_prep import nodes_with_scope, site_label
+
     excluded = set(params.nodes_to_exclude)
     found = []
-    for node in graph.node:
+    # A MatMul inside an If/Loop/Scan body may read its weight from an enclosing graph; ORT's quantizer
+    # walks the bodies with the same scoping.
+    for site, node, visible in nodes_with_scope(graph):
         if node.op_type not in MATRIX_OPS or node.domain not in ("", "ai.onnx"):
             continue
+        initializers = {name: list(init.dims) for name, init in visible.items()}
         weight = node.input[1] if len(node.input) > 1 else ""
         shape = initializers.get(weight)
         if node.op_type == "Gemm":
@@ -250,10 +261,29 @@ def _matrices(graph, params: Int4WeightOnlyParams) -> list[dict[str, Any]]:
             reason = f"its weight is a batch of matrices {shape}; MatMulNBits takes one 2-D weight"
         elif len(shape) > 2 and params.algorithm == "gptq":
             reason = f"its weight has shape {shape}; ONNX Runtime's GPTQ quantizes 2-D weights only"
+        elif site is not None and params.algorithm == "gptq":
+            reason = GPTQ_SUBGRAPH_REASON
         else:
             reason = None
-        found.append({"node": node.name, "op_type": node.op_type, "shape": shape, "reason": reason})
+        found.append({"node": node.name, "op_type": node.op_type, "shape": shape, "reason": reason,
+                      "subgraph": site_label(site) if site else None})
     return found
+
+
+def _by_subgraph(matrices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per If/Loop/Scan body holding MatMul/Gemm: how many were quantized, and the ones left float with why."""
+    sites: dict[tuple, dict[str, Any]] = {}
+    for matrix in matrices:
+        if matrix["subgraph"] is None:
+            continue
+        site = matrix["subgraph"]
+        entry = sites.setdefault((site["node"], site["attribute"]), {**site, "quantized": 0, "left_float": []})
+        if matrix["reason"]:
+            entry["left_float"].append({"node": matrix["node"], "op_type": matrix["op_type"],
+                                        "reason": matrix["reason"]})
+        else:
+            entry["quantized"] += 1
+    return list(sites.values())
 
 
 def _run_quantizer(model, params: Int4WeightOnlyParams, reader, excluded: list[str]):
@@ -340,8 +370,11 @@ def embeddings_apply(params: Int4WeightOnlyParams) -> bool:
 
 def _embedding_tables(graph) -> int:
     """Gathers that read rows of a constant float matrix (embedding tables)."""
-    floats = {init.name for init in graph.initializer if init.data_type == 1 and len(init.dims) == 2}
-    return sum(1 for node in graph.node if node.op_type == "Gather" and node.input and node.input[0] in floats)
+    from workers.methods.onnx_prep import nodes_with_scope
+
+    return sum(1 for _, node, visible in nodes_with_scope(graph)
+               if node.op_type == "Gather" and node.input and node.input[0] in visible
+               and visible[node.input[0]].data_type == 1 and len(visible[node.input[0]].dims) == 2)
 
 
 def _import_nbits_quantizer():
@@ -361,14 +394,18 @@ def _set_accuracy_level(graph, level: int) -> None:
     """HQQ writes no accuracy_level; set it on every MatMulNBits that lacks one."""
     from onnx import helper
 
-    for node in graph.node:
+    from workers.methods.onnx_prep import all_nodes
+
+    for node in all_nodes(graph):
         if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
             node.attribute.append(helper.make_attribute("accuracy_level", level))
 
 
 def _nothing_to_quantize(graph, matrices: list[dict[str, Any]]) -> StepFailed:
     if not matrices:
-        present = sorted({node.op_type for node in graph.node})
+        from workers.methods.onnx_prep import all_nodes
+
+        present = sorted({node.op_type for node in all_nodes(graph)})
         return StepFailed(
             "nothing to quantize: weight-only quantization covers MatMul and Gemm weights, and the graph has none "
             f"(it has {', '.join(present[:15])}{'...' if len(present) > 15 else ''})",

@@ -38,6 +38,12 @@ ORT_STATIC_OP_TYPES = (
     "InstanceNormalization", "LayerNormalization", "LeakyRelu", "MatMul", "MaxPool", "Mul", "Pad", "Relu", "Reshape",
     "Resize", "Sigmoid", "Slice", "Softmax", "Split", "Squeeze", "TopK", "Transpose", "Unsqueeze", "Where",
 )
+# Why weighted ops inside If/Loop/Scan bodies stay float here (named per subgraph in the report).
+SUBGRAPH_REASON = (
+    "ONNX Runtime's static (QDQ) quantizer and its calibrator work on the main graph only: calibration cannot "
+    "record activation ranges inside If/Loop/Scan bodies, so their nodes are not quantized; quantize.int8_dynamic "
+    "quantizes them (it needs no activation ranges)"
+)
 # Ops whose weight (a constant input) is quantized, and so shrinks the file.
 WEIGHTED_OP_TYPES = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "EmbedLayerNormalization"})
 
@@ -216,7 +222,8 @@ class CalibrationReader:
         return CalibrationReader(self.source, self.start, self.stop)
 
 
-def calibration_source(model_path: Path, dataset, *, samples: int, seed: int, allow_random: bool) -> CalibrationSource:
+def calibration_source(model_path: Path, dataset, *, samples: int, seed: int, allow_random: bool,
+                       shapes=None) -> CalibrationSource:
     """Feeds for the model at `model_path`: the first `samples` samples of `dataset`, or random ones.
 
     Each feed holds one sample, or the fixed batch the model requires. Raises StepFailed
@@ -240,7 +247,8 @@ def calibration_source(model_path: Path, dataset, *, samples: int, seed: int, al
     specs = session.get_inputs()
     structure = onnx.load(str(model_path), load_external_data=False)
     try:
-        plan = plan_inputs({"baseline": session, "result": session}, {"baseline": structure, "result": structure})
+        plan = plan_inputs({"baseline": session, "result": session}, {"baseline": structure, "result": structure},
+                           shapes=shapes)
     except MeasurementFailed as exc:
         raise StepFailed(f"cannot build calibration inputs: {exc.message}", code="calibration_failed") from exc
     del structure
@@ -329,18 +337,24 @@ def quantize(input_path: Path, params: Int8StaticParams, out_dir: Path, ctx: Ste
                                   "per-channel bias check fails on 2-D biases)")
         graph = onnx.load(str(prepared.path), load_external_data=False).graph
         before = onnx_prep.op_counts(graph)
-        present = {node.name for node in graph.node}
+        present = {node.name for node in onnx_prep.all_nodes(graph)}
         gone = [name for name in params.nodes_to_exclude if name not in present]
         if gone:
             warnings.append(f"pre-processing fused or removed node(s) {', '.join(map(repr, gone[:5]))}; "
                             "excluding them has no effect")
         excluded = set(params.nodes_to_exclude)
+        unreached = onnx_prep.subgraph_summary(graph, set(requested) & WEIGHTED_OP_TYPES)
+        for site in unreached[:10]:
+            ops = ", ".join(f"{count} {op}" for op, count in site["ops"].items())
+            warnings.append(f"{ops} inside the {site['attribute']} of {site['op_type']} node {site['node']!r} "
+                            f"stay float: {SUBGRAPH_REASON}")
         if not any(node.op_type in requested and node.name not in excluded for node in graph.node):
-            raise _nothing_to_quantize(graph, requested, params.nodes_to_exclude)
+            raise _nothing_to_quantize(graph, requested, params.nodes_to_exclude, unreached)
         del graph
 
         # A step that names a dataset calibrates on it; random data stands in only where none is named.
         data = calibration_source(prepared.path, ctx.calibration, samples=params.calibration_samples, seed=ctx.seed,
+                                  shapes=ctx.input_shapes,
                                   allow_random=params.allow_random_calibration and not params.calibration_dataset_id)
         if data.plan is not None:
             warnings.append(
@@ -401,6 +415,8 @@ def quantize(input_path: Path, params: Int8StaticParams, out_dir: Path, ctx: Ste
         "quantized_ops": quantized_ops,
         "weights_quantized": len(weights),
         "weights_per_channel": sum(1 for per_channel in weights.values() if per_channel),
+        "subgraphs": [{"node": site["node"], "op_type": site["op_type"], "attribute": site["attribute"],
+                       "quantized": {}, "left_float": site["ops"], "reason": SUBGRAPH_REASON} for site in unreached],
         "activations_quantized": summary["activations"],
         "cpu_integer_ops": integer_ops,
         "activation_type": params.activation_type,
@@ -539,13 +555,19 @@ def _cpu_integer_ops(path: Path) -> dict[str, int] | None:
     return dict(sorted(integer.items()))
 
 
-def _nothing_to_quantize(graph, requested: list[str], excluded: list[str]) -> StepFailed:
+def _nothing_to_quantize(graph, requested: list[str], excluded: list[str], unreached=()) -> StepFailed:
     present = sorted({node.op_type for node in graph.node})
+    inside = ""
+    if unreached:
+        sites = "; ".join(f"{', '.join(site['ops'])} in the {site['attribute']} of {site['op_type']} node "
+                          f"{site['node']!r}" for site in unreached[:5])
+        inside = f". Its weighted ops sit inside subgraphs ({sites}{'; ...' if len(unreached) > 5 else ''}): " \
+                 + SUBGRAPH_REASON
     return StepFailed(
-        f"nothing to quantize: the graph has no {', '.join(sorted(requested)[:12])}"
+        f"nothing to quantize: the main graph has no {', '.join(sorted(requested)[:12])}"
         f"{'...' if len(requested) > 12 else ''} node ONNX Runtime quantizes"
         + (f" once {len(excluded)} excluded node(s) are left out" if excluded else "")
-        + f" (it has {', '.join(present[:15])}{'...' if len(present) > 15 else ''})",
+        + f" (it has {', '.join(present[:15])}{'...' if len(present) > 15 else ''})" + inside,
         code="nothing_to_quantize",
     )
 

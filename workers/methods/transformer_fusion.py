@@ -153,7 +153,7 @@ def _projection_width(name: str, producers: dict, constants: dict) -> int | None
     return int(weight.shape[-1]) if weight.ndim == 2 else None
 
 
-def fuse(prepared: Path, out_dir: Path, *, keep_nodes: list[str]) -> Fusion:
+def fuse(prepared: Path, out_dir: Path, *, keep_nodes: list[str], shapes=None) -> Fusion:
     """Fuse `prepared`'s attention into `out_dir`; on any doubt return Fusion(None, ...) and say why.
 
     keep_nodes: node names the caller must still find (the user's exclusions); a fusion that
@@ -188,7 +188,7 @@ def fuse(prepared: Path, out_dir: Path, *, keep_nodes: list[str]) -> Fusion:
                                  "which then could not stay float")
 
     try:
-        cosines = output_cosines(prepared, fused_path)
+        cosines = output_cosines(prepared, fused_path, shapes=shapes)
     except Exception as exc:
         from workers.methods.onnx_prep import short_error
 
@@ -240,7 +240,7 @@ def _run_ort_optimizer(src: Path, dst: Path, shape: AttentionShape) -> dict[str,
     return {op: int(count) for op, count in sorted(stats.items()) if count}
 
 
-def output_cosines(original: Path, candidate: Path, *, seed: int = 0) -> dict[str, float]:
+def output_cosines(original: Path, candidate: Path, *, seed: int = 0, shapes=None) -> dict[str, float]:
     """Cosine of each output of `candidate` to `original`'s on generated inputs (batch 2, one row padded)."""
     import numpy as np
     import onnx
@@ -255,7 +255,7 @@ def output_cosines(original: Path, candidate: Path, *, seed: int = 0) -> dict[st
                 for role, path in (("baseline", original), ("result", candidate))}
     structures = {role: onnx.load(str(path), load_external_data=False)
                   for role, path in (("baseline", original), ("result", candidate))}
-    plan = plan_inputs(sessions, structures)
+    plan = plan_inputs(sessions, structures, shapes=shapes)
     batch = plan.fixed_batch or 2
     feeds = plan.feeds(batch, np.random.default_rng(seed))
     for item in plan.inputs:

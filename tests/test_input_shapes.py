@@ -1,0 +1,226 @@
+"""Input shapes (issue 16, item 1): a model whose dynamic dims need given sizes is measured at them, or fails with
+input_shape_required naming the dims; shapes that contradict the model are refused at submit."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from app.dbmodels import Job, JobDataset
+from app.errors import InputShapeRequired, JobFailed
+from app.input_shapes import GIVEN, GUESSED, InputShapes, ShapeError, check_against_model, resolve
+from tests.conftest import npz_bytes, onnx_bytes, queued_messages, row_count
+from workers.measure.inputs import plan_inputs
+from workers.pipeline import run_job
+
+FAST = {"batch_sizes": [1, 2], "warmup": 1, "iterations": 4}
+HEIGHT = 48
+
+
+def recognizer_onnx(height: int = HEIGHT) -> bytes:
+    """[N, 3, H, W] -> [N, 9]: a Conv, then per-row features concatenated with a constant [N, 1, height, 1]
+    expanded to the batch: the Concat only works when H == height, like a text recognizer made for H = 48."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["conv"], ["rows"], axes=[3], keepdims=1),     # [N, 8, H, 1]
+        helper.make_node("Shape", ["x"], ["xshape"]),
+        helper.make_node("Gather", ["xshape", "zero"], ["n"], axis=0),              # [1]: N
+        helper.make_node("Concat", ["n", "tail"], ["target"], axis=0),              # [N, 1, height, 1]
+        helper.make_node("Expand", ["bias_rows", "target"], ["bias"]),
+        helper.make_node("Concat", ["rows", "bias"], ["joined"], axis=1),           # needs H == height
+        helper.make_node("ReduceMean", ["joined"], ["y"], axes=[2, 3], keepdims=0),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([1, height, 1], np.int64), "tail"),
+        numpy_helper.from_array(rng.standard_normal((1, 1, height, 1)).astype(np.float32), "bias_rows"),
+    ]
+    return onnx_bytes(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 9])], inits)
+
+
+class _Sessions:
+    """plan_inputs' view of one model as both roles."""
+
+    def __init__(self, model: bytes) -> None:
+        import onnx
+
+        self.session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        self.structure = onnx.load_from_string(model)
+
+    def plan(self, **kwargs):
+        return plan_inputs({"baseline": self.session, "result": self.session},
+                           {"baseline": self.structure, "result": self.structure}, **kwargs)
+
+
+# --- plan_inputs and the shape rules ------------------------------------------------------------------
+
+def test_plan_without_shapes_guesses_and_the_probe_names_the_dims():
+    with pytest.raises(InputShapeRequired) as caught:
+        _Sessions(recognizer_onnx()).plan()
+    message = caught.value.message
+    assert caught.value.code == "input_shape_required"
+    assert "axis 2 ('H') = 224" in message and "axis 3 ('W') = 224" in message
+    assert "evaluate.input_shapes" in message and "--dim H=48" in message
+    # ONNX Runtime's words come last, as a detail, never as the whole message.
+    assert message.index("ONNX Runtime said") > message.index("evaluate.input_shapes")
+    assert [(g["input"], g["axis"], g["dim"]) for g in caught.value.extra["guessed"]] == [("x", 2, "H"), ("x", 3, "W")]
+
+
+def test_plan_takes_given_shapes_and_says_where_each_size_came_from():
+    sessions = _Sessions(recognizer_onnx())
+    plan = sessions.plan(shapes=InputShapes.parse({"x": [None, 3, 48, 320]}))
+    assert plan.shapes(2) == {"x": [2, 3, 48, 320]}
+    assert plan.sources() == {"x": ["batch size", "declared by the model", GIVEN, GIVEN]}
+    assert not plan.guessed
+    # By dim name: H given, W left to the guess (the model runs at any W).
+    plan = sessions.plan(shapes=InputShapes.parse({"dims": {"H": 48}}))
+    assert plan.shapes(1) == {"x": [1, 3, 48, 224]} and plan.sources()["x"][2:] == [GIVEN, GUESSED]
+    assert any("axis 3 ('W')" in note and "a guess" in note for note in plan.notes)
+
+
+def test_dataset_samples_fill_what_the_user_did_not_give():
+    sessions = _Sessions(recognizer_onnx())
+    shapes = InputShapes.parse({"dims": {"W": 100}}).with_dataset("lines", {"x": (5, 3, 48, 64),
+                                                                             "labels": (5,)})
+    plan = sessions.plan(shapes=shapes)
+    assert plan.shapes(1) == {"x": [1, 3, 48, 100]}  # the user's W wins over the dataset's
+    assert plan.sources()["x"][2:] == ["from dataset 'lines'", GIVEN]
+
+
+def test_given_shapes_the_model_cannot_run_at_are_invalid_input_shape():
+    with pytest.raises(JobFailed) as caught:
+        _Sessions(recognizer_onnx()).plan(shapes=InputShapes.parse({"dims": {"H": 32, "W": 320}}))
+    assert caught.value.code == "invalid_input_shape"
+    assert "'x' [1, 3, 32, 320]" in caught.value.message and "given by the user" in caught.value.message
+
+
+def test_a_model_that_fixes_every_size_but_the_batch_needs_no_shapes(mlp_onnx):
+    plan = _Sessions(mlp_onnx).plan(shapes=InputShapes())
+    assert not plan.chosen and not plan.guessed
+    assert plan.sources() == {"features": ["batch size", "declared by the model"]}
+    assert plan.shapes(4) == {"features": [4, 64]}
+
+
+@pytest.mark.parametrize("given,needle,where", [
+    ({"y": [1, 3, 48, 320]}, "no input 'y'", {"input": "y"}),
+    ({"x": [1, 3, 48]}, "rank 4", {"input": "x"}),
+    ({"x": [1, 4, 48, 320]}, "axis 1 is fixed at 3", {"input": "x", "axis": 1}),
+    ({"dims": {"Height": 48}}, "no dim named 'Height'", {"dim": "Height"}),
+    ({"x": [1, 3, 0, 320]}, "between 1 and", {"input": "x", "axis": 2}),
+    ({"dims": {"H": -4}}, "between 1 and", {"dim": "H"}),
+    ({"x": [1, 3, 48, 320], "dims": {"H": 32}}, "dim 'H' is given as 32", {"input": "x", "axis": 2, "dim": "H"}),
+    ({"dims": [48]}, '"dims" must be an object', {}),
+])
+def test_shape_rules(given, needle, where):
+    inputs = [{"name": "x", "shape": ["N", 3, "H", "W"]}]
+    with pytest.raises(ShapeError) as caught:
+        check_against_model(given, inputs)
+    assert needle in caught.value.message and caught.value.where == where
+
+
+def test_resolve_shares_a_dim_name_across_inputs():
+    declared = {"ids": ["batch", "seq"], "mask": ["batch", "seq"]}
+    resolved = resolve(declared, InputShapes.parse({"ids": [8, 77]}))
+    assert [a.size for a in resolved["mask"]] == [None, 77] and resolved["mask"][1].source == GIVEN
+    assert resolved["ids"][0].source == "batch size"  # the batch axis follows batch_sizes, whatever was given
+
+
+# --- through the API, on the worker ---------------------------------------------------------------------
+
+@pytest.fixture
+def recognizer(client, alice):
+    resp = client.post("/v1/models", files={"file": ("recognizer.onnx", recognizer_onnx())}, headers=alice)
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def _run(client, alice, spec) -> dict:
+    resp = client.post("/v1/jobs", json=spec, headers=alice)
+    assert resp.status_code == 202, resp.text
+    run_job(resp.json()["id"])
+    return client.get(f"/v1/jobs/{resp.json()['id']}", headers=alice).json()
+
+
+def test_without_shapes_the_job_fails_input_shape_required_naming_the_dims(client, alice, recognizer):
+    job = _run(client, alice, {"model_id": recognizer["id"], "steps": [{"method": "quantize.int8_dynamic"}],
+                               "evaluate": FAST})
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "input_shape_required"
+    message = job["error"]["message"]
+    assert "'H'" in message and "'W'" in message and "evaluate.input_shapes" in message
+    # It failed before the step ran: no model artifact was kept.
+    assert client.get(f"/v1/jobs/{job['id']}/artifacts", headers=alice).json() == []
+
+
+def test_with_input_shapes_the_job_succeeds_and_the_report_names_the_shape(client, alice, recognizer):
+    job = _run(client, alice, {"model_id": recognizer["id"], "steps": [{"method": "quantize.int8_dynamic"}],
+                               "evaluate": FAST | {"input_shapes": {"x": [1, 3, 48, 320]}}})
+    assert job["status"] == "succeeded", job
+    assert job["summary"]["input_shapes"] == {"x": [1, 3, 48, 320]}
+    assert job["summary"]["input_shapes_source"] == {"x": ["batch size", "declared by the model", GIVEN, GIVEN]}
+    report = client.get(f"/v1/jobs/{job['id']}/report", headers=alice).json()
+    measured = report["measurement"]
+    assert [b["input_shapes"] for b in measured["latency"]["batch_sizes"]] == [{"x": [1, 3, 48, 320]},
+                                                                              {"x": [2, 3, 48, 320]}]
+    assert measured["inputs"][0]["shape"] == [None, 3, 48, 320]
+    # The result really runs at that shape, and the job kept the shapes it was given.
+    result = client.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx", headers=alice).content
+    out = ort.InferenceSession(result, providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.zeros((2, 3, 48, 320), np.float32)})[0]
+    assert out.shape == (2, 9)
+    assert job["evaluate"]["input_shapes"] == {"x": [1, 3, 48, 320]}
+
+
+def test_an_eval_dataset_of_the_right_shape_is_enough(client, alice, recognizer):
+    x = np.random.default_rng(1).standard_normal((6, 3, 48, 40)).astype(np.float32)
+    data = client.post("/v1/datasets", files={"file": ("lines.npz", npz_bytes(x=x))}, data={"name": "lines"},
+                       headers=alice).json()
+    job = _run(client, alice, {"model_id": recognizer["id"], "steps": [{"method": "quantize.int8_dynamic"}],
+                               "evaluate": FAST | {"eval_dataset_id": data["id"]}})
+    assert job["status"] == "succeeded", job
+    assert job["summary"]["input_shapes"] == {"x": [1, 3, 48, 40]}
+    assert job["summary"]["input_shapes_source"]["x"][2:] == ["from dataset 'lines'"] * 2
+
+
+def test_random_calibration_uses_the_given_shapes(client, alice, recognizer):
+    steps = [{"method": "quantize.int8_static", "params": {"allow_random_calibration": True,
+                                                           "calibration_samples": 4}}]
+    failed = _run(client, alice, {"model_id": recognizer["id"], "steps": steps, "evaluate": FAST})
+    assert failed["error"]["code"] == "input_shape_required", failed
+    job = _run(client, alice, {"model_id": recognizer["id"], "steps": steps,
+                               "evaluate": FAST | {"input_shapes": {"dims": {"H": 48, "W": 32}}}})
+    assert job["status"] == "succeeded", job
+    assert job["summary"]["input_shapes"] == {"x": [1, 3, 48, 32]}
+
+
+@pytest.mark.parametrize("shapes,code,needle", [
+    ({"x": [1, 4, 48, 320]}, "invalid_input_shape", "axis 1 is fixed at 3"),
+    ({"image": [1, 3, 48, 320]}, "invalid_input_shape", "no input 'image'"),
+    ({"x": [1, 3, 48]}, "invalid_input_shape", "rank 4"),
+    ({"dims": {"Z": 4}}, "invalid_input_shape", "no dim named 'Z'"),
+    ({"x": [1, 3, -48, 320]}, "invalid_input_shape", "between 1 and"),
+    ({"x": [1, 3, "tall", 320]}, "invalid_request", "input_shapes"),
+])
+def test_shapes_that_contradict_the_model_are_422_and_nothing_is_left(client, alice, recognizer, data_dir, shapes,
+                                                                      code, needle):
+    spec = {"model_id": recognizer["id"], "steps": [{"method": "quantize.int8_dynamic"}],
+            "evaluate": FAST | {"input_shapes": shapes}}
+    resp = client.post("/v1/jobs", json=spec, headers=alice)
+    assert resp.status_code == 422, resp.text
+    body = resp.json()
+    assert body["code"] == code and needle in body["detail"]
+    if code == "invalid_input_shape":
+        assert body["field"] == "evaluate.input_shapes"
+    assert row_count(Job) == 0 and row_count(JobDataset) == 0 and queued_messages(data_dir) == []
+
+
+def test_shapes_given_at_a_size_the_model_cannot_run_fail_invalid_input_shape(client, alice, recognizer):
+    job = _run(client, alice, {"model_id": recognizer["id"], "steps": [{"method": "quantize.int8_dynamic"}],
+                               "evaluate": FAST | {"input_shapes": {"dims": {"H": 32, "W": 32}}}})
+    assert job["error"]["code"] == "invalid_input_shape", job
+    assert "[1, 3, 32, 32]" in job["error"]["message"] and "given by the user" in job["error"]["message"]
