@@ -50,7 +50,7 @@ Converter = Callable[[Path, Path, dict], Converted]
 
 _CONVERTERS: dict[str, Converter] = {}
 # Modules whose import registers converters (each imports its framework lazily).
-CONVERTER_MODULES = ("workers.convert.huggingface",)
+CONVERTER_MODULES = ("workers.convert.huggingface", "workers.convert.keras")
 
 
 def register(fmt: str) -> Callable[[Converter], Converter]:
