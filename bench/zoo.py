@@ -368,10 +368,8 @@ CORPUS: list[Entry] = [
           "audio, control flow, Constant weights",
           Wheel("silero-vad", "6.2.3", "silero_vad/data/silero_vad.onnx"), "MIT",
           input_shapes={"input": [1, 512], "state": [2, 1, 128]},
-          data=lambda: Data(eval={"input": speech_like(16, 512), "state": np.zeros((16, 2, 1, 128), np.float32),
-                                  "sr": np.full((16,), 16000, np.int64)},
-                            what="16 synthetic 16 kHz frames (voiced/noise), zero state"),
-          notes=["state and sr are not batched along axis 0: a dataset cannot express them per sample"]),
+          notes=["no dataset: its state [2, N, 128] is batched on axis 1 and sr is a scalar, and a dataset's axis 0 "
+                 "is the sample axis (an .npz with state [16, 2, 1, 128] is refused 422 dataset_mismatch)"]),
     Entry("silero-vad-fw", "Silero VAD v6 as shipped in faster-whisper (LSTM, h/c state)", "audio, LSTM",
           Wheel("faster-whisper", "1.2.1", "faster_whisper/assets/silero_vad_v6.onnx"), "MIT",
           input_shapes={"input": [4, 576]}),
@@ -449,18 +447,22 @@ def inspection_row(entry: Entry, info: dict[str, Any] | None, error: str | None)
 class Embedded:
     """`modelpress run` in a fresh data folder on a free port: what a user starts on their machine."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, source: Path = ROOT) -> None:
         self.folder = folder
+        self.source = source  # the service's code: this working tree, or a snapshot of a commit
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Embedded:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
-        env.update({"MODELPRESS_DATA_DIR": str(self.folder / "data"), "PYTHONUNBUFFERED": "1"})
+        # PYTHONPATH ahead of the editable install's finder: the api, worker and job processes all run `source`.
+        env.update({"MODELPRESS_DATA_DIR": str(self.folder / "data"), "PYTHONUNBUFFERED": "1",
+                    "PYTHONPATH": str(self.source)})
         self.log = open(self.folder / "modelpress-run.log", "w")
-        self.proc = subprocess.Popen([str(BIN / "modelpress"), "run", "--port", str(self.port)], env=env, cwd=ROOT,
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "run", "--port", str(self.port)], env=env,
+                                     cwd=self.source, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         wait_ready(self.url, [self.proc], timeout=120)
         key_file = self.folder / "data" / "api-key"
         deadline = time.monotonic() + 30
@@ -586,8 +588,51 @@ def methods_for(entry: Entry, info: dict[str, Any] | None, data: Data | None, wa
     return [m for m in out if wanted is None or m in wanted]
 
 
-def upload_model(mp: Client, entry: Entry, path: Path) -> dict:
-    return mp.upload_model(path, filename=path.name)
+def upload_model(mp: Client, entry: Entry, path: Path) -> tuple[dict, Cell | None]:
+    """Upload; for a folder or Keras upload, wait for the service's conversion to ONNX and return it as a cell."""
+    model = mp.upload_model(path, filename=path.name)
+    conversion = model.get("conversion")
+    if not conversion or not conversion.get("job_id"):
+        return model, None
+    started = time.monotonic()
+    done = mp.wait(conversion["job_id"], poll_s=1.0, timeout_s=1800)
+    cell = Cell(entry.key, f"conversion ({model.get('format')})", done["status"], seconds=time.monotonic() - started)
+    if done.get("error"):
+        cell.code, cell.message = done["error"]["code"], done["error"]["message"]
+    model = mp.model(model["id"])
+    converted_id = (model.get("conversion") or {}).get("converted_model_id")
+    if converted_id:
+        model["converted"] = mp.model(converted_id)
+        cell.notes.append(f"converted model inputs: {input_names(model['converted'])}")
+    return model, cell
+
+
+def input_names(model: dict) -> list[str]:
+    inputs = (model.get("inspection") or {}).get("inputs") or []
+    return [i["name"] if isinstance(i, dict) else str(i) for i in inputs]
+
+
+def fit_to_inputs(data: Data | None, names: list[str]) -> Data | None:
+    """A converted model's input names are the converter's: give the arrays those names (token_type_ids as zeros,
+    a single array to a single input)."""
+    if data is None or not names:
+        return data
+
+    def fit(arrays: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+        if arrays is None:
+            return None
+        feeds = {k: v for k, v in arrays.items() if k != "labels"}
+        if len(feeds) == 1 and len(names) == 1:
+            out = {names[0]: next(iter(feeds.values()))}
+        else:
+            out = {n: feeds[n] for n in names if n in feeds}
+            if "token_type_ids" in names and "input_ids" in feeds:
+                out["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        if "labels" in arrays:
+            out["labels"] = arrays["labels"]
+        return out
+
+    return Data(eval=fit(data.eval), what=data.what, calibration=fit(data.calibration), train=fit(data.train))
 
 
 def upload_datasets(mp: Client, data: Data | None) -> tuple[dict[str, str | None], str | None]:
@@ -674,6 +719,8 @@ def main() -> int:
     parser.add_argument("--inspect-only", action="store_true", help="fetch and inspect the corpus, run no jobs")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to bench/RESULTS.md")
     parser.add_argument("--keep", action="store_true", help="keep the deployment's data folder")
+    parser.add_argument("--at", metavar="REV", help="run the service from a snapshot of this commit (git archive) "
+                        "instead of the working tree, e.g. HEAD while others edit the tree")
     args = parser.parse_args()
     started = time.time()
     wanted_models = set(args.models.split(",")) if args.models else None
@@ -708,7 +755,16 @@ def main() -> int:
     cells: list[Cell] = []
     folder = Path(tempfile.mkdtemp(prefix="zoo-"))
     try:
-        with Embedded(folder) as service, Client(service.url, service.key, timeout=300) as mp:
+        source = ROOT
+        if args.at:
+            source = folder / "src"
+            source.mkdir()
+            archive = subprocess.run(["git", "archive", args.at], cwd=ROOT, check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+            commit = subprocess.run(["git", "rev-parse", "--short", args.at], cwd=ROOT, check=True,
+                                    capture_output=True, text=True).stdout.strip()
+            print(f"service code: snapshot of {args.at} ({commit}) in {source}", flush=True)
+        with Embedded(folder, source) as service, Client(service.url, service.key, timeout=300) as mp:
             schema = mp._json("GET", "/openapi.json")
             evaluate_props = schema["components"]["schemas"].get("EvaluateSpec", {}).get("properties", {})
             shapes_supported = "input_shapes" in evaluate_props
@@ -725,12 +781,21 @@ def main() -> int:
                     data = None
                     entry.notes.append(f"no dataset: {type(exc).__name__}: {exc}")
                 try:
-                    model = upload_model(mp, entry, entry.path)
+                    model, conversion = upload_model(mp, entry, entry.path)
                 except ModelPressError as exc:
                     cells.append(Cell(entry.key, "upload", "refused", code=exc.code,
                                       message=f"{exc.status}: {exc.message}"))
                     print(result_row(cells[-1]), flush=True)
                     continue
+                if conversion is not None:
+                    cells.append(conversion)
+                    print(result_row(cells[-1]), flush=True)
+                    if conversion.status != "succeeded":
+                        continue
+                    data = fit_to_inputs(data, input_names(model["converted"]))
+                elif entry.upload != "onnx":
+                    entry.notes.append(f"{entry.upload} upload accepted as format {model.get('format')} without a "
+                                       "conversion")
                 ids, data_error = upload_datasets(mp, data)
                 if data_error:
                     entry.notes.append(data_error)
