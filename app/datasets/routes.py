@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from app.datasets import service
+from app.datasets import service, texts
 from app.datasets.schemas import DatasetPage, DatasetPublic
 from app.deps import AppSettings, Caller, CallerActor, DbSession, Store
 from app.limits import upload_quota
@@ -16,7 +16,8 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 
 @router.post("", status_code=201, response_model=DatasetPublic,
-             summary="Upload a dataset (.npz or .safetensors): arrays named after the model's inputs, plus labels")
+             summary="Upload a dataset (.npz or .safetensors: arrays named after the model's inputs, plus labels; "
+                     "or .json texts with a model_id, tokenized with that Hugging Face model's tokenizer)")
 async def upload_dataset(request: Request, db: DbSession, caller: Caller, actor: CallerActor, store: Store,
                          settings: AppSettings):
     quota = upload_quota(db, caller, settings)
@@ -24,9 +25,14 @@ async def upload_dataset(request: Request, db: DbSession, caller: Caller, actor:
     with store.workdir() as workdir:
         received = await receive_file(request, dest=workdir / "upload", max_bytes=settings.max_upload_bytes,
                                       quota=quota)
-        dataset = await run_in_threadpool(
-            service.create_from_upload, db=db, store=store, settings=settings, actor=actor, received=received
-        )
+        if received.filename.lower().endswith(".json"):  # texts, tokenized with a HF model's tokenizer
+            dataset = await run_in_threadpool(
+                texts.create_from_texts, db=db, store=store, settings=settings, actor=actor, received=received,
+                workdir=workdir)
+        else:
+            dataset = await run_in_threadpool(
+                service.create_from_upload, db=db, store=store, settings=settings, actor=actor, received=received
+            )
     return DatasetPublic.model_validate(dataset)
 
 
