@@ -232,6 +232,46 @@ def parse_batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def parse_input_shape(text: str) -> tuple[str, list[int | None]]:
+    """`x=1,3,48,320` -> ("x", [1, 3, 48, 320]); `?` (or N, or an empty place) leaves that axis to the server: the
+    batch axis follows --batch-sizes."""
+    name, sep, sizes = text.partition("=")
+    if not sep or not name.strip() or not sizes.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not INPUT=SIZES (e.g. --input-shape x=1,3,48,320)")
+    dims: list[int | None] = []
+    for part in sizes.split(","):
+        part = part.strip()
+        if part in ("", "?", "N", "n"):
+            dims.append(None)
+            continue
+        try:
+            dims.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: each size is a whole number, or ? for the batch axis "
+                                             "(e.g. x=?,3,48,320)") from None
+    return name.strip(), dims
+
+
+def parse_dim(text: str) -> tuple[str, int]:
+    """`H=48` -> ("H", 48): a symbolic dim of the model by name."""
+    name, sep, size = text.partition("=")
+    try:
+        if not sep or not name.strip():
+            raise ValueError
+        return name.strip(), int(size)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=SIZE (e.g. --dim H=48)") from None
+
+
+def input_shapes_spec(shapes: list[tuple[str, list[int | None]]] | None,
+                      dims: list[tuple[str, int]] | None) -> dict[str, Any] | None:
+    """evaluate.input_shapes from --input-shape and --dim (the server checks them against the model)."""
+    spec: dict[str, Any] = dict(shapes or [])
+    if dims:
+        spec["dims"] = dict(dims)
+    return spec or None
+
+
 def _client(args: argparse.Namespace):
     from app.client import Client
 
@@ -299,6 +339,11 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
         rows.append(("energy", f"{summary['energy_j_per_inference']:.4g} J per inference"))
     elif summary.get("energy_note"):
         rows.append(("energy", f"not measured: {summary['energy_note']}"))
+    sources = summary.get("input_shapes_source") or {}
+    for name, shape in (summary.get("input_shapes") or {}).items():
+        chosen = sorted({s for s in sources.get(name, []) if s not in ("batch size", "declared by the model")})
+        rows.append((f"input {name}", "[" + ", ".join(map(str, shape)) + "]"
+                     + (f" ({'; '.join(chosen)})" if chosen else "")))
     for skipped in summary.get("skipped_batch_sizes") or []:
         rows.append((f"skipped, batch {skipped.get('batch_size')}", str(skipped.get("reason", ""))))
     for note in summary.get("notes") or []:
@@ -387,6 +432,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         evaluate["warmup"] = args.warmup
     if args.iterations is not None:
         evaluate["iterations"] = args.iterations
+    if input_shapes := input_shapes_spec(args.input_shape, args.dim):
+        evaluate["input_shapes"] = input_shapes
     with _client(args) as mp:
         model = mp.upload_model(model_path)
         if args.recipe:
@@ -511,6 +558,11 @@ def _add_client_commands(sub) -> None:
     compress.add_argument("--batch-sizes", type=parse_batch_sizes, metavar="1,8", help="batch sizes to measure")
     compress.add_argument("--warmup", type=int, help="warm-up calls before timing (server default 10)")
     compress.add_argument("--iterations", type=int, help="timed calls per batch size (server default 100)")
+    compress.add_argument("--input-shape", action="append", type=parse_input_shape, metavar="INPUT=1,3,48,320",
+                          help="sizes of a model input's axes to measure and calibrate at (repeatable; ? for the "
+                          "batch axis, which follows --batch-sizes)")
+    compress.add_argument("--dim", action="append", type=parse_dim, metavar="NAME=SIZE",
+                          help="size of a symbolic dim of the model by name, e.g. H=48 (repeatable)")
     compress.add_argument("--name", help="a name for the job")
     compress.add_argument("--wait", action="store_true", help="show progress until the job finishes")
     compress.add_argument("-o", "--output", metavar="OUT.onnx", help="save the compressed model here (implies --wait)")

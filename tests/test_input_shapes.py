@@ -2,6 +2,8 @@
 input_shape_required naming the dims; shapes that contradict the model are refused at submit."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -224,3 +226,135 @@ def test_shapes_given_at_a_size_the_model_cannot_run_fail_invalid_input_shape(cl
                                "evaluate": FAST | {"input_shapes": {"dims": {"H": 32, "W": 32}}}})
     assert job["error"]["code"] == "invalid_input_shape", job
     assert "[1, 3, 32, 32]" in job["error"]["message"] and "given by the user" in job["error"]["message"]
+
+
+# --- the CLI, against a real embedded service (API + Celery worker processes) -------------------------
+
+from tests.test_client_cli import cli, service  # noqa: E402,F401  (the module-scoped `modelpress run` fixture)
+
+
+@pytest.mark.integration
+def test_cli_takes_input_shapes_and_dims(service, tmp_path):  # noqa: F811
+    model = tmp_path / "recognizer.onnx"
+    model.write_bytes(recognizer_onnx())
+    common = ["compress", str(model), "--method", "quantize.int8_dynamic", "--batch-sizes", "1",
+              "--warmup", "1", "--iterations", "4", "--wait"]
+    failed = cli(service, *common)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "input_shape_required" in failed.stderr and "--dim H=48" in failed.stderr
+
+    done = cli(service, *common, "--input-shape", "x=?,3,48,64")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "input x" in done.stdout and "[1, 3, 48, 64] (given by the user)" in done.stdout
+
+    by_dim = cli(service, *common, "--dim", "H=48", "--dim", "W=32", "--json")
+    assert by_dim.returncode == 0, by_dim.stdout + by_dim.stderr
+    job = json.loads(by_dim.stdout)
+    assert job["evaluate"]["input_shapes"] == {"dims": {"H": 48, "W": 32}}
+    assert job["summary"]["input_shapes"] == {"x": [1, 3, 48, 32]}
+
+    refused = cli(service, *common, "--input-shape", "x=1,4,48,64")
+    assert refused.returncode == 1 and "invalid_input_shape" in refused.stderr and "axis 1" in refused.stderr
+    usage = cli(service, *common, "--input-shape", "x=1,3,tall")
+    assert usage.returncode == 2 and "whole number" in usage.stderr
+
+
+# --- the dashboard's job form (Chromium, as tests/test_ui.py; skips where there is none) ---------------
+
+from tests.test_ui import browser  # noqa: E402,F401
+
+
+@pytest.mark.integration
+def test_dashboard_job_form_takes_input_shapes(browser, service):  # noqa: F811
+    import time
+
+    import httpx
+
+    base, key = service["url"], service["key"]
+    api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    model = api.post("/v1/models", files={"file": ("recognizer.onnx", recognizer_onnx())}).json()
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.goto(f"{base}/ui#/jobs/new?model={model['id']}")
+    page.wait_for_selector("#api-key")
+    page.fill("#api-key", key)
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#job-form")
+    assert page.input_value("#job-model") == model["id"]
+    assert "x[N,3,H,W]" in page.inner_text("#job-model")  # the dims a user may give are shown
+    field = page.locator("textarea[name='evaluate.input_shapes']")
+    assert field.count() == 1
+    assert field.get_attribute("placeholder") == 'JSON, e.g. {"x":[1,3,48,320]}'  # the schema's first example
+    page.select_option("#steps select.method-select", "quantize.int8_dynamic")
+    page.fill("input[name='evaluate.batch_sizes']", "1")
+    page.fill("input[name='evaluate.warmup']", "1")
+    page.fill("input[name='evaluate.iterations']", "4")
+    field.fill('{"dims": {"H": 48, "W": 24}}')
+    page.click("#start-job")
+    page.wait_for_url(lambda url: "new=" in url)
+    job_id = page.url.split("new=")[1]
+    deadline = time.monotonic() + 150
+    while (job := api.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed") and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job["status"] == "succeeded", job
+    assert job["evaluate"]["input_shapes"] == {"dims": {"H": 48, "W": 24}}
+    # The job page says what was measured and where the sizes came from.
+    page.goto(f"{base}/ui#/jobs/{job_id}")
+    page.wait_for_selector("#report[data-ready=true]", timeout=30_000)
+    assert "x [1, 3, 48, 24] (given by the user)" in page.inner_text("body")
+    assert not problems, problems
+
+
+# --- real pretrained models (../shared/models; skipped where absent) -----------------------------------
+
+def _free_spatial_dims(path) -> bytes:
+    """The model with its input's batch, height and width made symbolic (N, H, W), as an export with dynamic
+    axes would declare them; its outputs' shapes left to inference."""
+    import onnx
+
+    model = onnx.load(str(path))
+    initializers = {t.name for t in model.graph.initializer}
+    value = next(v for v in model.graph.input if v.name not in initializers)
+    for dim, name in zip(value.type.tensor_type.shape.dim, ["N", None, "H", "W"]):
+        if name:
+            dim.Clear()
+            dim.dim_param = name
+    for output in model.graph.output:
+        for dim in output.type.tensor_type.shape.dim:
+            dim.Clear()
+    del model.graph.value_info[:]
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("relative,name,shape", [
+    ("ultraface-rfb320/version-RFB-320.onnx", "input", [1, 3, 240, 320]),
+    ("yolox-nano/yolox_nano.onnx", "images", [1, 3, 416, 416]),
+])
+def test_real_models_with_fixed_shapes_are_measured_as_declared(client, alice, relative, name, shape):
+    from tests.conftest import shared_model
+
+    path = shared_model(relative)
+    model = client.post("/v1/models", files={"file": (path.name, path.read_bytes())}, headers=alice).json()
+    job = _run(client, alice, {"model_id": model["id"], "steps": [{"method": "quantize.int8_dynamic"}],
+                               "evaluate": {"batch_sizes": [1], "warmup": 1, "iterations": 4}})
+    assert job["status"] == "succeeded", job
+    assert job["summary"]["input_shapes"] == {name: shape}
+    assert set(job["summary"]["input_shapes_source"][name]) == {"declared by the model"}
+
+
+def test_ultraface_with_free_dims_needs_its_size_given(client, alice):
+    from tests.conftest import shared_model
+
+    onnx_model = _free_spatial_dims(shared_model("ultraface-rfb320/version-RFB-320.onnx"))
+    model = client.post("/v1/models", files={"file": ("ultraface-dynamic.onnx", onnx_model)}, headers=alice).json()
+    spec = {"model_id": model["id"], "steps": [{"method": "quantize.int8_dynamic"}],
+            "evaluate": {"batch_sizes": [1], "warmup": 1, "iterations": 4}}
+    failed = _run(client, alice, spec)
+    assert failed["error"]["code"] == "input_shape_required", failed
+    assert "('H') = 224" in failed["error"]["message"] and "('W') = 224" in failed["error"]["message"]
+    spec["evaluate"]["input_shapes"] = {"dims": {"H": 240, "W": 320}}
+    job = _run(client, alice, spec)
+    assert job["status"] == "succeeded", job
+    assert job["summary"]["input_shapes"] == {"input": [1, 3, 240, 320]}

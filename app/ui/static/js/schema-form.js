@@ -130,7 +130,11 @@ export function schemaForm(schema, { datasets = [], models = [], prefix = "param
       });
       read = () => (control.value === "" ? undefined : control.value);
     } else {
-      control = h("textarea", { id, name: inputName, rows: 2, placeholder: "JSON" }, fallback === undefined ? "" : JSON.stringify(fallback));
+      // Objects (e.g. evaluate.input_shapes) are typed as JSON; the schema's first example shows the form.
+      const example = (rawProp.examples || prop.examples || [])[0];
+      const placeholder = example === undefined ? "JSON" : `JSON, e.g. ${JSON.stringify(example)}`;
+      control = h("textarea", { id, name: inputName, rows: 2, placeholder },
+        fallback === undefined || fallback === null ? "" : JSON.stringify(fallback));
       read = () => {
         if (!control.value.trim()) return undefined;
         try {

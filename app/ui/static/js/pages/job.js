@@ -324,6 +324,20 @@ export function jobPage(main, { params }) {
     }
   });
 
+  // What was measured (summary.input_shapes, with where each chosen size came from), else what was asked for.
+  function inputShapesText(job) {
+    const measured = job.summary?.input_shapes;
+    if (measured) {
+      const sources = job.summary.input_shapes_source || {};
+      return Object.entries(measured).map(([name, shape]) => {
+        const chosen = [...new Set((sources[name] || []).filter((s) => s !== "batch size" && s !== "declared by the model"))];
+        return `${name} [${shape.join(", ")}]` + (chosen.length ? ` (${chosen.join("; ")})` : "");
+      }).join("; ");
+    }
+    const given = job.evaluate?.input_shapes;
+    return given ? JSON.stringify(given) : "from the model (and the job's datasets)";
+  }
+
   function showJob(next) {
     job = next;
     if (!statusCard.dataset.firstStatus) statusCard.dataset.firstStatus = job.status;
@@ -340,6 +354,7 @@ export function jobPage(main, { params }) {
     facts.replaceChildren(kv([
       ["id", h("code", null, job.id)], ["model", job.model_id ? h("a", { href: `#/models/${job.model_id}` }, shortId(job.model_id)) : "—"],
       ["steps", steps], ["batch sizes", (job.evaluate?.batch_sizes || []).join(", ")],
+      ["input shapes", inputShapesText(job)],
       ["created", when(job.created_at)], ["ran for", job.started_at ? duration(job.started_at, job.finished_at) : "—"],
       ["queue / attempts", `${job.queue} / ${job.attempts}`],
     ]));
