@@ -48,6 +48,7 @@ class Bridged:
     # Not in the first draft of the API; defaulted so that code constructing Bridged keeps working.
     output_shapes: dict[str, Shape] = field(default_factory=dict)   # declared, for to_onnx's dynamic axes
     vocabularies: dict[str, int] = field(default_factory=dict)      # input -> rows of the table it indexes
+    shapes: Any = None  # the job's input shapes (app.input_shapes.InputShapes) for generated inputs
     # How training feeds a model exported with a fixed batch (workers.bridge.batching); JSON-able.
     batch: dict[str, Any] = field(default_factory=lambda: {"fixed": None, "feeding": "mini_batches"})
     output_dtypes: dict[str, np.dtype] = field(default_factory=dict)
@@ -58,7 +59,7 @@ class Bridged:
         return self.batch["fixed"] if self.batch.get("feeding") == "fixed_batch_at_a_time" else None
 
 
-def to_torch(model_path: Path, *, sample: dict[str, np.ndarray] | None = None) -> Bridged:
+def to_torch(model_path: Path, *, sample: dict[str, np.ndarray] | None = None, shapes: Any = None) -> Bridged:
     """The model at `model_path` as a trainable nn.Module, checked against ONNX Runtime.
 
     `sample` (arrays named after the inputs, sample axis first) feeds the check; without it
@@ -93,6 +94,7 @@ def to_torch(model_path: Path, *, sample: dict[str, np.ndarray] | None = None) -
         output_shapes={v.name: _declared_shape(v) for v in model.graph.output},
         output_dtypes={v.name: _declared_dtype(v) for v in model.graph.output},
         vocabularies={k: v for k, v in gather_vocabularies(model).items() if k in {i.name for i in inputs}},
+        shapes=shapes,
     )
     del model, prepared
     feeds, kind = _check_feeds(bridged, sample)
@@ -184,7 +186,8 @@ def example_feeds(bridged: Bridged, batch: int = 2, seed: int = 0) -> dict[str, 
         specs.append(SimpleNamespace(name=name, type=type_names[dtype], shape=list(bridged.input_shapes[name])))
     runner = SimpleNamespace(get_inputs=lambda: specs)
     structure = _vocabulary_model(bridged.vocabularies)
-    plan = plan_inputs({"baseline": runner, "result": runner}, {"baseline": structure, "result": structure})
+    plan = plan_inputs({"baseline": runner, "result": runner}, {"baseline": structure, "result": structure},
+                       shapes=bridged.shapes)
     return plan.feeds(batch if plan.fixed_batch is None else plan.fixed_batch,
                       np.random.default_rng(seed))["baseline"]
 

@@ -182,7 +182,7 @@ def _teacher(input_path: Path, sample: dict[str, np.ndarray], ctx: StepContext):
     ctx.report(0.02, "converting the teacher to PyTorch")
     started = time.perf_counter()
     try:
-        bridged = bridge.to_torch(input_path, sample=sample)
+        bridged = bridge.to_torch(input_path, sample=sample, shapes=ctx.input_shapes)
     except (bridge.UnsupportedOp, bridge.ConversionMismatch) as exc:
         runner = OnnxRuntimeTeacher(input_path)
         return runner, None, {"teacher": {
@@ -236,7 +236,7 @@ def _depth_student(input_path: Path, scratch: Path, sample: dict[str, np.ndarray
     path = scratch / "student.onnx"
     onnx.save(drop_blocks(model, found.blocks, keep), str(path))
     ctx.report(0.12, f"kept blocks {keep} of {len(found.blocks)}; converting the student to PyTorch")
-    student_bridged = bridge.to_torch(path, sample=sample)
+    student_bridged = bridge.to_torch(path, sample=sample, shapes=ctx.input_shapes)
     producers = {out: node.name for node in model.graph.node for out in node.output}
     details["student"] = {"kind": "depth", "how": f"the teacher keeping every {params.keep_every}th of its "
                           f"{len(found.blocks)} repeated blocks, with their weights",
@@ -328,7 +328,7 @@ def _uploaded_student(input_path: Path, ctx: StepContext, sample: dict[str, np.n
                          code="model_required")
     _check_student(input_path, Path(path), sample)
     ctx.report(0.1, "converting the student to PyTorch")
-    student_bridged = bridge.to_torch(Path(path), sample=sample)
+    student_bridged = bridge.to_torch(Path(path), sample=sample, shapes=ctx.input_shapes)
     teacher_outputs = details["teacher"]["output_names"]
     # The result stands in for the teacher in the job: it keeps the teacher's output names.
     renamed = dataclasses.replace(

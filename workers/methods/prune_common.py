@@ -74,7 +74,7 @@ def convert(input_path: Path, ctx: StepContext) -> Round:
     sample = data.take(bridge.CHECK_SAMPLES).inputs if data is not None else None
     ctx.report(0.02, "converting the ONNX model to PyTorch")
     started = time.perf_counter()
-    bridged = bridge.to_torch(input_path, sample=sample)
+    bridged = bridge.to_torch(input_path, sample=sample, shapes=ctx.input_shapes)
     real = sample is not None
     if sample is None:
         sample = bridge.example_feeds(bridged, batch=2, seed=ctx.seed)
