@@ -125,15 +125,21 @@ def _objects(node: Any, *, layer: str | None, depth: int) -> Iterator[tuple[dict
     if not isinstance(node, dict):
         return
     if "class_name" in node:
-        inner = node.get("config")
-        if isinstance(node.get("name"), str) or (isinstance(inner, dict) and "layers" in inner):
-            layer = node.get("name") or (inner.get("name") if isinstance(inner, dict) else None) or layer
-        elif isinstance(inner, dict) and isinstance(inner.get("name"), str) and layer is None:
-            layer = inner["name"]
         yield node, layer
     for key, value in node.items():
-        if key not in SKIPPED_KEYS:
+        if key == "layers" and isinstance(value, list):  # a model's layers: each names what it holds
+            for item in value:
+                yield from _objects(item, layer=_layer_name(item) or layer, depth=depth + 1)
+        elif key not in SKIPPED_KEYS:
             yield from _objects(value, layer=layer, depth=depth + 1)
+
+
+def _layer_name(layer: Any) -> str | None:
+    if not isinstance(layer, dict):
+        return None
+    inner = layer.get("config")
+    name = layer.get("name") or (inner.get("name") if isinstance(inner, dict) else None)
+    return name if isinstance(name, str) else None
 
 
 def _carries_code(obj: dict) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -49,8 +50,12 @@ def convert_keras(source_path: Path, out_dir: Path, options: dict) -> Converted:
     inspect_keras(source_path, limits=Limits())  # the upload's checks again: this worker may be newer than the API
     tf, keras, tf2onnx = _frameworks()
     progress(0.1, "loading the Keras model (safe mode)")
+    # Keras tells formats apart by the file name; the stored blob is named by its hash.
+    named = out_dir / "source" / "model.keras"
+    named.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source_path, named)
     try:
-        model = keras.saving.load_model(str(source_path), compile=False, safe_mode=True)
+        model = keras.saving.load_model(str(named), compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises TypeError/ValueError/KeyError for configs it cannot rebuild
         raise JobFailed(f"Keras {keras.__version__} could not rebuild the model: {_short(exc)}. Save it with "
                         f"Keras 3 (model.save('x.keras')) or upload a SavedModel zip", code="conversion_failed") from None
