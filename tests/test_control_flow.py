@@ -307,3 +307,37 @@ def test_int4_weight_only_reaches_into_the_branches(http):
     assert details["weights_quantized"] == 4 and details["weights_left_float"] == 0
     assert {(s["node"], s["attribute"], s["quantized"]) for s in details["subgraphs"]} == {
         ("branch", "then_branch", 2), ("branch", "else_branch", 1)}
+
+
+def test_conv_in_a_branch_with_its_weight_in_the_main_graph_is_quantized(tmp_path):
+    """ORT's Conv quantizer looks the weight up only in the branch; the method moves it there first (Silero
+    VAD's op18 export keeps every weight in the main graph)."""
+    from workers.methods import get
+    from workers.methods.base import StepContext
+
+    rng = np.random.default_rng(5)
+    conv = h.make_node("Conv", ["img", "Wc", "Bc"], ["c"], name="branch_conv", pads=[1, 1, 1, 1])
+    then_branch = h.make_graph([conv, h.make_node("Relu", ["c"], ["then_y"], name="branch_relu")], "then", [],
+                               [h.make_tensor_value_info("then_y", T.FLOAT, ["N", 8, 12, 12])])
+    else_branch = h.make_graph([h.make_node("Identity", ["zeros"], ["else_y"], name="branch_zero")], "else", [],
+                               [h.make_tensor_value_info("else_y", T.FLOAT, ["N", 8, 12, 12])])
+    graph = h.make_graph(
+        [h.make_node("Mul", ["img", "zero"], ["prod"], name="scale"),
+         h.make_node("Concat", ["prod"] * 8, ["zeros"], name="fan", axis=1),
+         h.make_node("If", ["cond"], ["y"], name="pick", then_branch=then_branch, else_branch=else_branch)],
+        "conv_if",
+        [h.make_tensor_value_info("img", T.FLOAT, ["N", 1, 12, 12]), h.make_tensor_value_info("cond", T.BOOL, [])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 8, 12, 12])],
+        initializer=[nh.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "Wc"),
+                     nh.from_array(rng.standard_normal(8).astype(np.float32), "Bc"),
+                     nh.from_array(np.zeros(1, np.float32), "zero")])
+    source = tmp_path / "conv_if.onnx"
+    onnx.save(h.make_model(graph, opset_imports=OPSET), source)
+    method = get("quantize.int8_dynamic")
+    output = method.run(source, method.params_model(), tmp_path / "out", StepContext())
+    result = onnx.load(str(output.model_path))
+    assert ops_in(result.graph, "pick", "then_branch")["ConvInteger"] == 1
+    assert "Wc" not in {init.name for init in result.graph.initializer}  # moved, not copied
+    feeds = [{"img": rng.standard_normal((2, 1, 12, 12)).astype(np.float32), "cond": np.array(True)}
+             for _ in range(4)]
+    assert agreement(source.read_bytes(), result.SerializeToString(), feeds) > 0.99

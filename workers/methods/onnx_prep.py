@@ -187,6 +187,63 @@ def site_label(site: tuple) -> dict[str, str]:
     return {"node": owner.name, "op_type": owner.op_type, "attribute": attribute}
 
 
+def localize_outer_weights(graph: onnx.GraphProto, op_types) -> tuple[int, int]:
+    """Give each `op_types` node inside a subgraph its weight (input 1) as an initializer of its own graph.
+
+    ORT's quantizer looks Conv weights up in the subgraph being quantized only ("Expected ... to be an
+    initializer" for a weight of the enclosing graph). A weight read from one subgraph only is moved there
+    (no copy); one read elsewhere too is copied under a fresh name. Returns (moved, copied).
+    """
+    from onnx import TensorProto
+
+    wanted = set(op_types)
+    owners: dict[int, onnx.GraphProto] = {id(g): g for g in all_graphs(graph)}
+    readers: dict[str, set[int]] = {}
+    for each in owners.values():
+        for node in each.node:
+            for name in node.input:
+                readers.setdefault(name, set()).add(id(each))
+    wants: list[tuple[onnx.GraphProto, onnx.NodeProto]] = []
+    for each in owners.values():
+        if each is graph:
+            continue
+        local = {init.name for init in each.initializer}
+        wants += [(each, node) for node in each.node
+                  if node.op_type in wanted and len(node.input) > 1 and node.input[1] not in local]
+    if not wants:
+        return 0, 0
+    holders = {}  # weight name -> (graph holding it, initializer), from the outside in
+    for each in all_graphs(graph):
+        for init in each.initializer:
+            holders.setdefault(init.name, (each, init))
+    names = {name for each in owners.values() for name in _all_tensor_names(each)}
+    moved = copied = 0
+    for sub, node in wants:
+        name = node.input[1]
+        if name not in holders or holders[name][0] is sub:
+            continue  # computed at run time, or already moved here
+        holder, init = holders[name]
+        if readers.get(name, set()) == {id(sub)}:
+            sub.initializer.append(init)
+            kept = [i for i in holder.initializer if i.name != name]
+            del holder.initializer[:]
+            holder.initializer.extend(kept)
+            holders[name] = (sub, sub.initializer[-1])
+            moved += 1
+            continue
+        fresh, suffix = f"{name}__local", 1
+        while fresh in names:
+            fresh, suffix = f"{name}__local_{suffix}", suffix + 1
+        names.add(fresh)
+        copy = TensorProto()
+        copy.CopyFrom(init)
+        copy.name = fresh
+        sub.initializer.append(copy)
+        node.input[1] = fresh
+        copied += 1
+    return moved, copied
+
+
 def _graphs_bottom_up(graph: onnx.GraphProto):
     """Every graph, each subgraph before the graph that holds it: an edit that rebuilds a graph's node list
     (which detaches the node objects a walk holds) then comes after the edits inside its subgraphs."""

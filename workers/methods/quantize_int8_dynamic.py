@@ -174,6 +174,7 @@ def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: St
             # ORT's quantizer then quantizes If/Loop/Scan bodies too; it reads weights inside them only from
             # initializers, which is why prepare() folded the subgraphs' Constant nodes first.
             extra_options["EnableSubgraph"] = True
+            to_quantize = _localize_conv_weights(to_quantize, prep_dir, warnings)
         try:
             quantize_dynamic(
                 to_quantize, output,
@@ -227,6 +228,25 @@ def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: St
         "warnings": warnings,
     }
     return StepOutput(model_path=output, details=details)
+
+
+def _localize_conv_weights(path: Path, work_dir: Path, warnings: list[str]) -> Path:
+    """Conv weights an If/Loop/Scan body reads from an enclosing graph, made the body's own (see
+    onnx_prep.localize_outer_weights); returns the model to quantize."""
+    import onnx
+
+    from workers.methods.onnx_prep import localize_outer_weights
+
+    model = onnx.load(str(path))
+    moved, copied = localize_outer_weights(model.graph, ("Conv",))
+    if not moved and not copied:
+        return path
+    if copied:
+        warnings.append(f"{copied} Conv weight(s) read by several If/Loop/Scan bodies were copied into each body "
+                        "so ONNX Runtime's quantizer could reach them; each copy is stored (quantized) once per body")
+    localized = work_dir / "prep-localized.onnx"
+    onnx.save(model, str(localized))
+    return localized
 
 
 def _fuse(prepared: Path, work_dir: Path, params: Int8DynamicParams, requested: set[str], *,
