@@ -22,7 +22,7 @@ def get_owned_or_404(db: Session, model: type[T], *, tenant_id: str, object_id: 
     """
     obj = db.get(model, object_id)
     if obj is None or obj.tenant_id != tenant_id:
-        raise error(f"no {model.__name__.lower()} with id {object_id!r}")
+        raise error(f"no {model.__name__.lower()} with id {echo_id(object_id)}")
     if lock:
         db.refresh(obj, with_for_update=True)
     return obj
@@ -57,12 +57,34 @@ def encode_cursor(created_at: dt.datetime, object_id: str | int) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+MAX_BIGINT = 2**63 - 1
+MAX_ID_ECHO = 64  # characters of a client-given id repeated in an error message
+
+
 def decode_cursor(cursor: str, *, id_type: type = str) -> tuple[dt.datetime, str | int]:
+    """A cursor's (created_at, id), each bounded to what the database stores; invalid_cursor otherwise."""
     from app.errors import Unprocessable
 
     try:
+        if len(cursor) > 512:
+            raise ValueError("too long")
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, object_id = json.loads(raw)
-        return dt.datetime.fromisoformat(created), id_type(object_id)
+        when = dt.datetime.fromisoformat(created)
+        when = (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
+        if not 1970 <= when.year <= 9000:
+            raise ValueError("date out of range")
+        if id_type is int:
+            if isinstance(object_id, bool) or not isinstance(object_id, int) or not 0 <= object_id <= MAX_BIGINT:
+                raise ValueError("id out of range")
+        elif not isinstance(object_id, str) or len(object_id) > MAX_ID_ECHO:
+            raise ValueError("bad id")
+        return when, id_type(object_id)
     except Exception as exc:  # any malformed cursor is the client's error
         raise Unprocessable("the cursor is not one this API returned", code="invalid_cursor") from exc
+
+
+def echo_id(object_id: str) -> str:
+    """A client-given id as an error message repeats it: cut to MAX_ID_ECHO characters."""
+    text = repr(object_id)
+    return text if len(text) <= MAX_ID_ECHO + 2 else repr(object_id[:MAX_ID_ECHO]) + f"... ({len(object_id)} characters)"

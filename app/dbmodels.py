@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from typing import Any
 
@@ -61,7 +62,33 @@ class UTCDateTime(TypeDecorator):
         return value
 
 
-Json = JSON().with_variant(JSONB(), "postgresql")
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(value: Any) -> Any:
+    """`value` with every string (keys too) made storable in PostgreSQL's text and JSONB: NUL and lone surrogates
+    (which PostgreSQL refuses) become U+FFFD. Requests with them are refused at the edge (app.edge); this keeps
+    what a worker or an upload's inspection writes (node names of a hostile model, say) from failing the write."""
+    if isinstance(value, str):
+        return UNSTORABLE.sub("\ufffd", value) if UNSTORABLE.search(value) else value
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable(v) for v in value]
+    return value
+
+
+class Json(TypeDecorator):
+    """JSON (JSONB on PostgreSQL) whose strings are made storable on the way in (`storable`)."""
+
+    impl = JSON
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        return dialect.type_descriptor(JSONB() if dialect.name == "postgresql" else JSON())
+
+    def process_bind_param(self, value, dialect):
+        return storable(value)
 BigId = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
 
 

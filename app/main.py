@@ -8,13 +8,16 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.audit.routes import router as audit_router
 from app.auth.routes import router as keys_router
 from app.datasets.routes import router as datasets_router
 from app.db import get_sessionmaker
 from app.deps import current_key
+from app.edge import RefuseUnstorableText
 from app.errors import ModelPressError
 from app.jobs.routes import router as jobs_router
 from app.metrics import install as install_metrics
@@ -37,6 +40,12 @@ def _problem(status: int, code: str, title: str, detail: str, instance: str, **e
     body = {"type": f"https://modelpress.dev/problems/{code}", "title": title, "status": status, "code": code,
             "detail": detail, "message": detail, "instance": instance, **extra}
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+def _instance(request: Request) -> str:
+    """The problem's `instance`: the request path, cut so that a 100 KB id is not echoed back whole."""
+    path = request.url.path
+    return path if len(path) <= 256 else path[:256] + "..."
 
 
 @contextlib.asynccontextmanager
@@ -68,7 +77,7 @@ def create_app() -> FastAPI:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
         if "retry_after_s" in exc.extra:  # 429s (rate limit, quotas) say when to come back
             headers["Retry-After"] = str(exc.extra["retry_after_s"])
-        return JSONResponse(exc.problem(request.url.path), status_code=exc.status, media_type=PROBLEM, headers=headers)
+        return JSONResponse(exc.problem(_instance(request)), status_code=exc.status, media_type=PROBLEM, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -77,18 +86,34 @@ def create_app() -> FastAPI:
             for err in exc.errors()
         ]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
-        return _problem(422, "invalid_request", "Invalid request", detail, request.url.path, errors=errors)
+        return _problem(422, "invalid_request", "Invalid request", detail, _instance(request), errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _problem(exc.status_code, code, str(exc.detail), str(exc.detail), request.url.path)
+        return _problem(exc.status_code, code, str(exc.detail), str(exc.detail), _instance(request))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect):
+        # The client hung up mid-request (an upload cut off, say): its business, not a server error. 499 is
+        # nginx's "client closed request"; nobody reads it, but /metrics counts it as such.
+        log.info("client disconnected during %s %s", request.method, _instance(request))
+        return _problem(499, "client_disconnected", "Client closed request", "the client closed the connection "
+                        "before the request was read", _instance(request))
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError):
+        # A value the database refuses (out of its range, unstorable text) that validation did not catch first.
+        log.warning("database refused a value on %s %s: %s", request.method, request.url.path,
+                    str(exc.orig).splitlines()[0] if exc.orig else exc)
+        return _problem(422, "invalid_value", "Invalid value", "a value in the request is outside what the server "
+                        "can store (too large, too far in time, or an unstorable character)", _instance(request))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %s", request.method, _instance(request))
         return _problem(500, "internal_error", "Internal error", "an unexpected error occurred; it has been logged",
-                        request.url.path)
+                        _instance(request))
 
     # Authentication, the scope check and the rate limit sit on the parent router, so a new /v1 route
     # cannot forget them.
@@ -104,6 +129,9 @@ def create_app() -> FastAPI:
     v1.include_router(audit_router)
     app.include_router(v1)
     mount_ui(app)  # the dashboard under /ui (static, no key needed to load it)
+    # NUL and lone surrogates refused before any route (PostgreSQL cannot store them); inside the metrics
+    # middleware, so the refusals are counted.
+    app.add_middleware(RefuseUnstorableText)
     install_metrics(app)  # GET /metrics (Prometheus, outside /v1) and the HTTP latency middleware
 
     @app.get("/healthz", tags=["health"])

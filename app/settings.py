@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     retention_interval_s: int = Field(default=3600, ge=10)
     # Webhooks: an admin may allow targets on loopback/private/link-local addresses (off: refused, against SSRF).
     webhook_allow_private: bool = False
+    # Webhook egress lists, comma-separated host names (`hooks.example.com`, `*.example.com`) or networks
+    # (`203.0.113.0/24`): a denied target is always refused; with an allowlist, only allowed targets are reached.
+    webhook_allowed_hosts: str = ""
+    webhook_denied_hosts: str = ""
     # A failing webhook delivery is retried with exponential backoff for at most this long after its first attempt.
     webhook_retry_window_s: int = Field(default=3600, ge=0)
     # Server-wide defaults for each tenant's limits (a tenant's own value, when set, wins; 0: unlimited).

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
+from app.edge import check_text
 from app.errors import ModelPressError, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
 MAX_FORM_FIELD_BYTES = 64 * 1024
@@ -160,7 +161,7 @@ async def _receive_multipart(request: Request, *, dest: Path, check: Callable[[i
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
-    except ModelPressError:  # ours: the size cap, the quota, a malformed part
+    except (ModelPressError, ClientDisconnect):  # ours (the size cap, the quota, a malformed part), or a hang-up
         raise
     except Exception as exc:  # the parser's own errors: a malformed body
         raise Unprocessable(f"malformed multipart body: {exc}", code="invalid_multipart") from exc
@@ -171,4 +172,7 @@ async def _receive_multipart(request: Request, *, dest: Path, check: Callable[[i
     filename = fields.get("filename") or seen_file["filename"] or ""
     if not filename:
         raise Unprocessable("the 'file' part has no filename (e.g. model.onnx)", code="missing_filename")
+    check_text("the file's filename", filename)
+    for name, value in fields.items():
+        check_text(f"form field {name!r}", name + value)
     return Received(dest, filename, digest.hexdigest(), sizes["file"], fields)

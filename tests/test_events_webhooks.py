@@ -70,12 +70,17 @@ def live_api(client):
     thread.join(timeout=15)
 
 
+# Tests deliver to loopback only: private addresses allowed, then narrowed to loopback by the operator allowlist.
+LOOPBACK_ONLY = "127.0.0.0/8,::1,localhost"
+
+
 @pytest.fixture
 def allow_private(monkeypatch):
-    """The admin setting that lets webhooks reach 127.0.0.1 (where the test receiver listens)."""
+    """The admin settings that let webhooks reach loopback (where the test receiver listens), and nothing else."""
     from app.settings import get_settings
 
     monkeypatch.setenv("MODELPRESS_WEBHOOK_ALLOW_PRIVATE", "true")
+    monkeypatch.setenv("MODELPRESS_WEBHOOK_ALLOWED_HOSTS", LOOPBACK_ONLY)
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
@@ -87,7 +92,8 @@ def worker(backend, data_dir, tmp_path, allow_private):
 
     Jobs in these tests are submitted to the gpu queue, which no worker consumes: only webhooks run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
-    env |= {"MODELPRESS_DATA_DIR": str(data_dir), "MODELPRESS_WEBHOOK_ALLOW_PRIVATE": "true", "PYTHONUNBUFFERED": "1"}
+    env |= {"MODELPRESS_DATA_DIR": str(data_dir), "MODELPRESS_WEBHOOK_ALLOW_PRIVATE": "true",
+            "MODELPRESS_WEBHOOK_ALLOWED_HOSTS": LOOPBACK_ONLY, "PYTHONUNBUFFERED": "1"}
     if os.environ.get("MODELPRESS_DATABASE_URL"):
         env["MODELPRESS_DATABASE_URL"] = os.environ["MODELPRESS_DATABASE_URL"]
     log_dir = tmp_path / "worker-logs"
@@ -464,6 +470,7 @@ def _submit(client, alice, model_id, url: str, *, then_allow: bool, monkeypatch,
 
     client.post("/v1/webhook-secret", headers=alice)
     monkeypatch.setenv("MODELPRESS_WEBHOOK_ALLOW_PRIVATE", "true")
+    monkeypatch.setenv("MODELPRESS_WEBHOOK_ALLOWED_HOSTS", LOOPBACK_ONLY)
     get_settings.cache_clear()
     resp = client.post("/v1/jobs", json=job_spec(model_id, webhook_url=url), headers=alice)
     assert resp.status_code == 202, resp.text
@@ -536,3 +543,60 @@ def test_forbidden_reason_covers_each_range():
         assert forbidden_reason(address), address
     for address in ("93.184.216.34", "1.1.1.1", "2606:4700:4700::1111"):
         assert forbidden_reason(address) is None, address
+
+
+@pytest.mark.parametrize("address, wrapping", [
+    ("2002:a9fe:a9fe::", "6to4"),                       # 6to4 of 169.254.169.254 (cloud metadata)
+    ("2002:7f00:1::", "6to4"),                          # 6to4 of 127.0.0.1
+    ("2001:0:a9fe:a9fe::1", "Teredo"),                  # Teredo server 169.254.169.254
+    ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "Teredo"),  # Teredo client 10.0.0.1 (obfuscated)
+    ("64:ff9b::a9fe:a9fe", "NAT64"),
+    ("64:ff9b:1::a00:1", "NAT64"),
+    ("::a9fe:a9fe", "IPv4-compatible"),
+    ("2606:4700::5efe:a00:1", "ISATAP"),
+    ("::ffff:169.254.169.254", "IPv4-mapped"),
+])
+def test_ipv6_forms_that_wrap_a_special_ipv4_address_are_refused(address, wrapping):
+    """Python counts 2002::/16 as global; every wrapping is unwrapped and the IPv4 inside is judged."""
+    from app.webhooks.targets import forbidden_reason
+
+    reason = forbidden_reason(address)
+    assert reason and wrapping in reason, (address, reason)
+
+
+def test_a_6to4_address_of_a_public_host_is_allowed():
+    from app.webhooks.targets import forbidden_reason
+
+    assert forbidden_reason("2002:808:808::1") is None
+
+
+def test_operator_allowlist_and_denylist():
+    from app.errors import WebhookUrlForbidden
+    from app.webhooks.targets import EgressPolicy, check_host
+
+    loopback = EgressPolicy(allow_private=True, allowed=("127.0.0.0/8", "::1", "localhost"))
+    assert check_host("127.0.0.1", 80, policy=loopback) == ["127.0.0.1"]
+    assert check_host("localhost", 80, policy=loopback)
+    with pytest.raises(WebhookUrlForbidden, match="allowlist"):
+        check_host("1.1.1.1", 80, policy=loopback)  # public, but not on the list (no connection is made)
+    denied = EgressPolicy(denied=("1.1.1.0/24", "*.example.com"))
+    with pytest.raises(WebhookUrlForbidden, match="denylist"):
+        check_host("1.1.1.1", 80, policy=denied)
+    assert check_host("8.8.8.8", 80, policy=denied) == ["8.8.8.8"]
+    with pytest.raises(WebhookUrlForbidden, match="denylist"):
+        check_host("127.0.0.1", 80, policy=EgressPolicy(allow_private=True, denied=("127.0.0.1",)))
+
+
+def test_allowlist_is_enforced_at_submit(client, alice, model_id, monkeypatch):
+    from app.settings import get_settings
+
+    monkeypatch.setenv("MODELPRESS_WEBHOOK_ALLOWED_HOSTS", "hooks.example.com")
+    get_settings.cache_clear()
+    try:
+        client.post("/v1/webhook-secret", headers=alice)
+        resp = client.post("/v1/jobs", json=job_spec(model_id, webhook_url="http://1.1.1.1/hook"), headers=alice)
+        assert resp.status_code == 422 and resp.json()["code"] == "webhook_url_forbidden", resp.text
+        assert "MODELPRESS_WEBHOOK_ALLOWED_HOSTS" in resp.json()["detail"]
+        assert row_count(Job) == 0
+    finally:
+        get_settings.cache_clear()

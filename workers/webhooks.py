@@ -20,7 +20,7 @@ from app.errors import WebhookUrlForbidden, WebhookUrlUnresolvable
 from app.jobs.state import to_public
 from app.settings import get_settings
 from app.webhooks.service import DELIVER_WEBHOOK_TASK, enqueue
-from app.webhooks.targets import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, GuardedBackend, sign
+from app.webhooks.targets import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, EgressPolicy, GuardedBackend, sign
 from workers.celery_app import celery
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def deliver(*, job_id: str, event: str, delivery_id: str, attempt: int = 1,
     else:
         try:
             status_code = _post(url, body, secret=secret, event=event, delivery_id=delivery_id,
-                                allow_private=settings.webhook_allow_private)
+                                policy=EgressPolicy.from_settings(settings))
         except WebhookUrlForbidden as exc:
             error, final = exc.message, True  # refused, not retried: the address will not become public
         except WebhookUrlUnresolvable as exc:
@@ -98,7 +98,7 @@ def deliver(*, job_id: str, event: str, delivery_id: str, attempt: int = 1,
     return record
 
 
-def _post(url: str, body: bytes, *, secret: str, event: str, delivery_id: str, allow_private: bool) -> int:
+def _post(url: str, body: bytes, *, secret: str, event: str, delivery_id: str, policy: EgressPolicy) -> int:
     timestamp = int(time.time())
     parts = urlsplit(url)
     headers = [
@@ -111,6 +111,6 @@ def _post(url: str, body: bytes, *, secret: str, event: str, delivery_id: str, a
     ]
     timeouts = {"connect": TIMEOUT_S, "read": TIMEOUT_S, "write": TIMEOUT_S, "pool": TIMEOUT_S}
     # A pool per attempt: no connection outlives the address check made when it opened.
-    with httpcore.ConnectionPool(network_backend=GuardedBackend(allow_private=allow_private), retries=0) as pool:
+    with httpcore.ConnectionPool(network_backend=GuardedBackend(policy=policy), retries=0) as pool:
         with pool.stream("POST", url, headers=headers, content=body, extensions={"timeout": timeouts}) as response:
             return response.status  # the receiver's body is not read

@@ -19,7 +19,29 @@ class KeyCreate(BaseModel):
     def _one_expiry(self) -> "KeyCreate":
         if self.expires_at is not None and self.expires_in_s is not None:
             raise ValueError("give expires_at or expires_in_s, not both")
+        if self.expires_at is not None:
+            self.expires_at = _future_utc(self.expires_at)
         return self
+
+
+MAX_KEY_LIFETIME = dt.timedelta(days=10 * 366)
+
+
+def _future_utc(when: dt.datetime) -> dt.datetime:
+    """`when` in UTC (naive is UTC), between now and 10 years from now: a key that expired at birth could never be
+    used, and a date past year 9999 in UTC cannot be stored."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    try:
+        when = when.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("expires_at is out of range (at most 10 years from now)") from None
+    now = dt.datetime.now(dt.UTC)
+    if when <= now:
+        raise ValueError(f"expires_at {when.isoformat()} is in the past: a key must expire in the future")
+    if when > now + MAX_KEY_LIFETIME:
+        raise ValueError("expires_at is out of range (at most 10 years from now)")
+    return when
 
 
 class KeyPublic(BaseModel):

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.audit.service import Actor
-from app.common import newest_first_page
+from app.common import echo_id, newest_first_page
 from app.dbmodels import ApiKey, Tenant, utcnow
 from app.errors import ApiKeyNotFound, InsufficientScope, Unauthorized, Unprocessable
 from app.readcache import KeyView
@@ -97,7 +97,7 @@ def revoke_key(*, db: Session, key_id_or_plaintext: str, tenant_id: str | None =
     token = key_id_or_plaintext
     key = db.get(ApiKey, token) or db.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token)))
     if key is None or (tenant_id is not None and key.tenant_id != tenant_id):
-        raise ApiKeyNotFound(f"no API key with id {token!r}")
+        raise ApiKeyNotFound(f"no API key with id {echo_id(token)}")
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         audit.record(db, actor, "key.revoke", object_type="api_key", object_id=key.id, tenant_id=key.tenant_id)

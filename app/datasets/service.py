@@ -11,7 +11,7 @@ from app.audit.service import Actor
 from app.blobs import keep_upload, release_blob
 from app.common import get_owned_or_404, newest_first_page
 from app.datasets.files import format_for, inspect_dataset, read_specs
-from app.dbmodels import ACTIVE_STATUSES, Dataset, Job, JobDataset
+from app.dbmodels import ACTIVE_STATUSES, Dataset, Job, JobDataset, storable
 from app.errors import DatasetInUse, DatasetNotFound
 from app.limits import check_upload_fits
 from app.settings import Settings
@@ -31,7 +31,7 @@ def create_from_upload(
         db=db, store=store, received=received,
         check=lambda: check_upload_fits(db, actor.tenant_id, settings, received.size_bytes),
         make_row=lambda sha, size: Dataset(tenant_id=actor.tenant_id, name=name, format=fmt, sha256=sha,
-                                           size_bytes=size, inspection=inspection),
+                                           size_bytes=size, inspection=storable(inspection)),
         before_commit=lambda dataset: audit.record(db, actor, "dataset.upload", object_type="dataset",
                                                    object_id=dataset.id, name=name, sha256=dataset.sha256,
                                                    size_bytes=dataset.size_bytes))

@@ -12,7 +12,7 @@ from app.audit import service as audit
 from app.audit.service import Actor
 from app.blobs import keep_upload, release_blob
 from app.common import get_owned_or_404, newest_first_page
-from app.dbmodels import ACTIVE_STATUSES, Job, JobModel, Model
+from app.dbmodels import ACTIVE_STATUSES, Job, JobModel, Model, storable
 from app.errors import ConversionFailed, ConversionPending, ModelInUse, ModelNotFound
 from app.huggingface import check_task_field
 from app.limits import check_upload_fits
@@ -58,7 +58,7 @@ def create_from_upload(
         db=db, store=store, received=received,
         check=lambda: check_upload_fits(db, actor.tenant_id, settings, received.size_bytes),
         make_row=lambda sha, size: Model(tenant_id=actor.tenant_id, name=name, format=fmt, sha256=sha,
-                                         size_bytes=size, inspection=inspection),
+                                         size_bytes=size, inspection=storable(inspection)),
         before_commit=before_commit)
     for job in conversion:
         # Enqueue after commit. A lost message is not lost work: the reaper re-sends queued jobs (workers.recovery).

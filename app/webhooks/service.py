@@ -19,7 +19,7 @@ from app.audit.service import Actor
 from app.dbmodels import Job, Tenant, WebhookDelivery
 from app.errors import WebhookSecretMissing
 from app.settings import Settings, get_settings
-from app.webhooks.targets import check_url
+from app.webhooks.targets import EgressPolicy, check_url
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def check_target(*, db: Session, settings: Settings, tenant_id: str, url: str) -
         raise WebhookSecretMissing("a job with a webhook_url needs the tenant's signing secret: create it with "
                                    "POST /v1/webhook-secret (it is shown once), then submit again",
                                    field="webhook_url")
-    check_url(url, allow_private=settings.webhook_allow_private)
+    check_url(url, policy=EgressPolicy.from_settings(settings))
 
 
 def deliveries(*, db: Session, job: Job) -> list[WebhookDelivery]:
