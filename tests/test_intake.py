@@ -277,6 +277,25 @@ def test_shape_inference_that_cannot_run_is_skipped_and_the_rest_goes_on(tmp_pat
     assert "shape_inference failed: shape inference skipped" in intake.note()
 
 
+def test_an_unexpected_failure_leaves_the_upload_to_the_steps_and_nothing_behind(tmp_path, monkeypatch):
+    from workers import intake as intake_module
+
+    def broken(self, candidate):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(intake_module.OutputCheck, "compare", broken)
+    folder = tmp_path / "input"
+    upload = save(constant_weights_model(), folder)
+    (folder / "intake-model.onnx").write_bytes(b"the user's own file")  # a zip may hold anything
+    intake = normalize(upload)
+    assert intake.path == upload and intake.record["status"] == "skipped"
+    assert intake.record["reason"] == "normalization failed: RuntimeError: disk full"
+    assert intake.note() == ("intake: the uploaded model went to the steps as it came "
+                             "(normalization failed: RuntimeError: disk full)")
+    assert sorted(p.name for p in folder.iterdir()) == ["intake-model.onnx", "model.onnx"]
+    assert (folder / "intake-model.onnx").read_bytes() == b"the user's own file"
+
+
 # --- the check -----------------------------------------------------------------------------------------------------
 
 def concat_model_needing_width() -> onnx.ModelProto:

@@ -96,72 +96,84 @@ def normalize(original: Path, *, batch: int = 1, input_shapes: Any = None) -> In
     """Normalize the upload at `original`; the result is written beside it (so external data files still resolve).
 
     `batch`: the batch size the check runs at where the model's batch axis is free; `input_shapes`: the job's
-    (StepContext.input_shapes), used to make the check's inputs as the measurement makes them.
+    (StepContext.input_shapes), used to make the check's inputs as the measurement makes them. Never raises:
+    whatever goes wrong is recorded and the steps take the upload as it came.
     """
-    import onnx
-
     from workers.methods.onnx_prep import short_error
 
     started = time.perf_counter()
+    present = set(original.parent.iterdir())
     try:
-        uploaded = onnx.load(str(original), load_external_data=False)
-    except Exception as exc:  # the upload was checked at upload time; a model that will not parse goes on as is
-        return Intake(original, {"status": "skipped", "reason": f"the model could not be read: {short_error(exc)}",
-                                 "passes": [], "check": {"skipped": "not run"}})
+        intake = _normalize(original, batch=batch, input_shapes=input_shapes)
+    except Exception as exc:
+        log.warning("intake failed on %s", original, exc_info=True)
+        for leftover in set(original.parent.glob("intake-*.onnx")) - present:  # ours only, never the upload's
+            leftover.unlink(missing_ok=True)
+        intake = Intake(original, {"status": "skipped", "reason": f"normalization failed: {short_error(exc)}",
+                                   "passes": [], "check": {"skipped": "not run"}})
+    intake.record["duration_s"] = round(time.perf_counter() - started, 3)
+    return intake
+
+
+def _normalize(original: Path, *, batch: int, input_shapes: Any) -> Intake:
+    import onnx
+
+    uploaded = onnx.load(str(original), load_external_data=False)
+    uploaded_opset = _default_opset(uploaded)
     model, outcomes = _apply(uploaded, PASSES)
     applied = [o.name for o in outcomes if o.status == "applied"]
-    result_path = original
+    result_path, result_opset = original, uploaded_opset
     described: dict[str, Any] = {"skipped": "no pass changed the model"}
     verdict: dict[str, Any] = {}
     if applied:
         # Only now: the upload's own run on the check's inputs costs a session and an inference.
         check = OutputCheck.prepare(original, uploaded, batch=batch, input_shapes=input_shapes)
+        del uploaded  # the fallback reads it again; large models should not be held twice meanwhile
         described = check.describe()
         candidate = _write_beside(original, model, "intake-model")
         ok, verdict = check.compare(candidate)
         if ok:
-            result_path = candidate
+            result_path, result_opset = candidate, _default_opset(model)
         else:
             candidate.unlink(missing_ok=True)
-            result_path, verdict = _pass_by_pass(original, uploaded, outcomes, check, verdict)
+            del model
+            result_path, result_opset, verdict = _pass_by_pass(original, outcomes, check, verdict)
     record = {
         "status": "normalized" if result_path != original else "unchanged",
         "model": ("the steps took the normalized model; the measurement compares the upload with the result"
                   if result_path != original else "the steps took the upload as it came"),
-        "opset": {"uploaded": _default_opset(uploaded),
-                  "normalized": _default_opset(onnx.load(str(result_path), load_external_data=False))},
+        "opset": {"uploaded": uploaded_opset, "normalized": result_opset},
         "passes": [o.record() for o in outcomes],
         "check": described | verdict,
-        "duration_s": round(time.perf_counter() - started, 3),
     }
     return Intake(result_path, record)
 
 
 def _apply(model: onnx.ModelProto, names: tuple[str, ...]) -> tuple[onnx.ModelProto, list[PassOutcome]]:
-    """Run the named passes in order on a copy of `model`; a pass that raises leaves the model as it was."""
-    import onnx
-
+    """Run the named passes in order; each returns a new model (never changes its input), and one that raises
+    leaves the model as it was."""
     from workers.methods.onnx_prep import short_error
 
-    current = onnx.ModelProto()
-    current.CopyFrom(model)
     outcomes = []
     for name in names:
         try:
-            current, outcome = PASS_FUNCTIONS[name](current)
+            model, outcome = PASS_FUNCTIONS[name](model)
         except Exception as exc:
             log.info("intake pass %s failed: %s", name, exc)
             outcome = PassOutcome(name, "failed", reason=short_error(exc))
         outcomes.append(outcome)
-    return current, outcomes
+    return model, outcomes
 
 
-def _pass_by_pass(original: Path, uploaded: onnx.ModelProto, outcomes: list[PassOutcome], check: OutputCheck,
-                  together: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+def _pass_by_pass(original: Path, outcomes: list[PassOutcome], check: OutputCheck,
+                  together: dict[str, Any]) -> tuple[Path, int | None, dict[str, Any]]:
     """The passes together changed the outputs: keep, in order, each pass that leaves them equal on its own."""
+    import onnx
+
+    uploaded = onnx.load(str(original), load_external_data=False)
     kept: list[str] = []
     verdict = together
-    path = original
+    path, opset = original, _default_opset(uploaded)
     for outcome in outcomes:
         if outcome.status != "applied":
             continue
@@ -175,7 +187,7 @@ def _pass_by_pass(original: Path, uploaded: onnx.ModelProto, outcomes: list[Pass
         if ok:
             if path != original:
                 path.unlink(missing_ok=True)
-            path, verdict = candidate, figures
+            path, opset, verdict = candidate, _default_opset(model), figures
             kept.append(outcome.name)
         else:
             candidate.unlink(missing_ok=True)
@@ -183,7 +195,7 @@ def _pass_by_pass(original: Path, uploaded: onnx.ModelProto, outcomes: list[Pass
             outcome.reason = f"it changed the model's outputs ({figures.get('failed') or figures})"
     if path == original:
         verdict = {"passed": None, "note": "no normalization was kept"}
-    return path, verdict
+    return path, opset, verdict
 
 
 def _apply_on_kept(uploaded: onnx.ModelProto, kept: list[str], name: str):
