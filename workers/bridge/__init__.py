@@ -134,6 +134,7 @@ def to_onnx(module: torch.nn.Module, bridged: Bridged, dst: Path, *,
             _export(module, args, dst, bridged, dynamic_axes, opset)
     finally:
         module.train(was_training)
+    pinned = _pin_fixed_dims(dst, bridged)
 
     try:
         onnx.checker.check_model(str(dst))
@@ -149,7 +150,7 @@ def to_onnx(module: torch.nn.Module, bridged: Bridged, dst: Path, *,
     check = figures(reference, exported, bridged.output_names, inputs=kind, samples=sample_count(feeds))
     require_match(check, "the exported ONNX model")
     return {"opset": opset, "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in dynamic_axes.items()},
-            "check": check, "contract": _keeps_contract(dst, bridged)}
+            "check": check, "contract": {**_keeps_contract(dst, bridged), "pinned": pinned}}
 
 
 def compare(original_path: Path, candidate: Path | torch.nn.Module, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -326,12 +327,40 @@ def _batching(bridged: Bridged, batch: int, rewrites: list[dict[str, Any]], feed
                          + f"the module gives the same outputs on {stacked['stacked_samples']} stacked samples: "
                          "trained on mini-batches")
     else:
+        # The same stacked samples through torch.func.vmap, `batch` at a time: kept only if it gives them too.
+        split = check_batching(SampleSplit(bridged.module, batch), bridged.input_names, bridged.output_names,
+                               feeds, produced)
         record["feeding"] = "fixed_batch_at_a_time"
+        record["vectorized"] = split["batched"]
         record["how"] = (f"the model declares a fixed batch of {batch} and its module does not take other batch "
-                         f"sizes ({stacked['error']}): trained {batch} sample(s) per forward pass, outputs "
+                         f"sizes ({stacked['error']}): trained {batch} sample(s) per forward pass "
+                         f"({'vectorized by torch.func.vmap' if split['batched'] else 'in a loop'}), outputs "
                          "joined over each mini-batch (one backward, as gradient accumulation), batch norms on "
                          "their running statistics")
     return record
+
+
+def _pin_fixed_dims(dst: Path, bridged: Bridged) -> list[str]:
+    """Declare the original's fixed dims on the export where the tracer left them symbolic.
+
+    A Reshape rewritten to copy the batch axis (workers.bridge.batching) makes the exporter's shape
+    inference lose the fixed batch of the outputs after it; the module was traced at the original's input
+    shapes, and the export check below runs the file at them, so the original's figures hold."""
+    written = onnx.load(str(dst))
+    wanted = {**bridged.input_shapes, **bridged.output_shapes}
+    pinned = []
+    for value in [*written.graph.input, *written.graph.output]:
+        shape = wanted.get(value.name)
+        dims = value.type.tensor_type.shape.dim if value.type.tensor_type.HasField("shape") else []
+        if not shape or len(shape) != len(dims):
+            continue
+        for axis, (old, dim) in enumerate(zip(shape, dims)):
+            if isinstance(old, int) and not dim.HasField("dim_value"):
+                dim.dim_value = old
+                pinned.append(f"{value.name}[{axis}] = {old}")
+    if pinned:
+        onnx.save(written, str(dst))
+    return pinned
 
 
 def _keeps_contract(dst: Path, bridged: Bridged) -> dict[str, Any]:
@@ -356,7 +385,7 @@ def _keeps_contract(dst: Path, bridged: Bridged) -> dict[str, Any]:
             problems.append(f"'{name}' is {_declared_dtype(value)} instead of {dtype}")
         now = _declared_shape(value)
         if shape and now and (len(now) != len(shape) or any(
-                isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(shape, now))):
+                isinstance(a, int) and a != b for a, b in zip(shape, now))):
             problems.append(f"'{name}' has shape {now} instead of {shape}")
     if problems:
         raise StepFailed("the exported model does not keep the original's inputs and outputs: " + "; ".join(problems),

@@ -144,12 +144,12 @@ def run(input_path: Path, params: DistillParams, out_dir: Path, ctx: StepContext
     details["batch"] = {"student": student_bridged.batch}
     if teacher_bridged is not None:
         details["batch"]["teacher"] = teacher_bridged.batch
-        teacher_fed = bridge.for_training(teacher, teacher_bridged.micro_batch)
+        teacher_fed = bridge.for_training(teacher, teacher_bridged.batch)
     else:
         teacher_fed = teacher
     try:
         details["training"] = finetune(
-            bridge.for_training(student, student_bridged.micro_batch), train=train, eval=eval_data,
+            bridge.for_training(student, student_bridged.batch), train=train, eval=eval_data,
             input_names=student_bridged.input_names,
             teacher=_in_order(teacher_fed, student_bridged.input_names, details["teacher"]["input_names"]),
             loss=loss, epochs=epochs, lr=params.lr, batch_size=params.batch_size, weight_decay=params.weight_decay,

@@ -123,11 +123,10 @@ def fine_tune(rnd: Round, params: FineTuneParams, ctx: StepContext, *, start: fl
                    milestone=True)
 
     # The unpruned module teaches when the data has no labels, and is the reference of the cosine metric.
-    micro = rnd.bridged.micro_batch
-    teacher = None if rnd.teacher is None else bridge.for_training(rnd.teacher, micro)
+    teacher = None if rnd.teacher is None else bridge.for_training(rnd.teacher, rnd.bridged.batch)
     return finetune(
-        bridge.for_training(rnd.module, micro), train=train, eval=eval_data, input_names=rnd.bridged.input_names,
-        teacher=teacher,
+        bridge.for_training(rnd.module, rnd.bridged.batch), train=train, eval=eval_data,
+        input_names=rnd.bridged.input_names, teacher=teacher,
         epochs=epochs, lr=params.lr, batch_size=params.batch_size, weight_decay=params.weight_decay,
         patience=params.patience, masks=masks, sparsity_schedule=sparsity_schedule, on_epoch=on_epoch,
         should_stop=ctx.should_stop, seed=ctx.seed,
