@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from app.input_shapes import InputShapes
 from tests.conftest import SHARED_MODELS, shared_model
 from tests.stack import BIN, base_env, free_port, logs, processes, wait_for_job, wait_ready
 from workers.intake import ABS_SCALE, MIN_COSINE, compare_output, normalize
@@ -314,7 +315,7 @@ def test_model_that_does_not_run_on_synthetic_inputs_is_normalized_unchecked(tmp
     assert "outputs not checked" in intake.note()
     # With the job's input shapes, the check runs at the size given.
     upload = save(concat_model_needing_width(), tmp_path / "b")
-    intake = normalize(upload, input_shapes={"dims": {"W": 5}})
+    intake = normalize(upload, input_shapes=InputShapes.parse({"dims": {"W": 5}}))  # as the job parses it
     check = intake.record["check"]
     assert check["passed"] is True and check["inputs"] == {"x": [1, 5]}
 
