@@ -22,15 +22,15 @@ from workers.pipeline import run_job
 FAST = {"batch_sizes": [1], "warmup": 1, "iterations": 4}
 WORDS = ["the", "a", "model", "is", "small", "good", "bad", "text", "compress", "fast", "slow", "cat", "dog"]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=64,
+TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=128,
             max_position_embeddings=64)
 # model_type -> (architecture, config kwargs)
 ARCHITECTURES = {
     "bert": ("BertForSequenceClassification", TEXT),
     "distilbert": ("DistilBertForSequenceClassification",
-                   dict(dim=32, n_layers=2, n_heads=2, hidden_dim=37, vocab_size=64, max_position_embeddings=64)),
+                   dict(dim=32, n_layers=2, n_heads=2, hidden_dim=37, vocab_size=128, max_position_embeddings=64)),
     "roberta": ("RobertaForSequenceClassification", TEXT | {"max_position_embeddings": 70, "pad_token_id": 1}),
-    "gpt2": ("GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=64,
+    "gpt2": ("GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64,
                                      bos_token_id=0, eos_token_id=0)),
     "vit": ("ViTForImageClassification", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                               intermediate_size=37, image_size=32, patch_size=8, num_labels=3)),
