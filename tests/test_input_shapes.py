@@ -108,6 +108,24 @@ def test_a_model_that_fixes_every_size_but_the_batch_needs_no_shapes(mlp_onnx):
     assert plan.shapes(4) == {"features": [4, 64]}
 
 
+def test_measurement_names_the_dims_in_process_and_isolated(tmp_path):
+    from workers.measure import measure_pair
+    from workers.measure.isolated import measure_isolated
+
+    path = tmp_path / "recognizer.onnx"
+    path.write_bytes(recognizer_onnx())
+    options = {"batch_sizes": [1], "warmup": 0, "iterations": 2}
+    with pytest.raises(InputShapeRequired, match=r"axis 2 \('H'\) = 224"):
+        measure_pair(path, path, **options)
+    with pytest.raises(JobFailed, match=r"axis 2 \('H'\) = 224") as isolated:
+        measure_isolated(path, path, pin=False, **options)
+    assert isolated.value.code == "input_shape_required"
+    report = measure_isolated(path, path, pin=False, input_shapes=InputShapes.parse({"dims": {"H": 48, "W": 8}}),
+                              **options)
+    assert report["input_shapes"] == {"x": [1, 3, 48, 8]}
+    assert report["input_shapes_source"] == {"x": ["batch size", "declared by the model", GIVEN, GIVEN]}
+
+
 @pytest.mark.parametrize("given,needle,where", [
     ({"y": [1, 3, 48, 320]}, "no input 'y'", {"input": "y"}),
     ({"x": [1, 3, 48]}, "rank 4", {"input": "x"}),

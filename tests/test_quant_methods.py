@@ -469,12 +469,12 @@ def test_fp16_keeps_what_onnxruntime_refuses_in_float32(mlp_path, tmp_path, monk
     real = quantize_fp16._load_and_run
     calls = []
 
-    def refuses_relu_once(original, converted):
+    def refuses_relu_once(original, converted, **kwargs):
         calls.append(converted)
         if len(calls) == 1:
             return ("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for Relu(14) "
                     "node with name '/1/Relu'"), []
-        return real(original, converted)
+        return real(original, converted, **kwargs)
 
     monkeypatch.setattr(quantize_fp16, "_load_and_run", refuses_relu_once)
     output = run_method(FP16, mlp_path, tmp_path / "out")
@@ -484,7 +484,7 @@ def test_fp16_keeps_what_onnxruntime_refuses_in_float32(mlp_path, tmp_path, monk
     assert output.details["ops_kept_float32"] == {"Relu": 2}
     assert any("refused Relu" in w for w in output.details["warnings"])
 
-    def always_fails(original, converted):
+    def always_fails(original, converted, **kwargs):
         return "Could not find an implementation for Relu(14) node with name '/1/Relu'", []
 
     monkeypatch.setattr(quantize_fp16, "_load_and_run", always_fails)

@@ -148,7 +148,8 @@ def test_cnn_is_not_fused(tmp_path):
 def test_fusion_that_changes_outputs_is_refused(encoder, tmp_path, monkeypatch):
     real = transformer_fusion.output_cosines
     monkeypatch.setattr(transformer_fusion, "output_cosines",
-                        lambda original, candidate: {name: 0.98 for name in real(original, candidate)})
+                        lambda original, candidate, **kwargs: {name: 0.98 for name in
+                                                               real(original, candidate, **kwargs)})
     output = run_dynamic(encoder, tmp_path / "out")
     fusion = output.details["transformer_fusion"]
     assert fusion["applied"] is False
