@@ -157,6 +157,8 @@ def test_a_job_process_killed_with_sigkill_is_picked_up_again_and_finishes_once(
         assert "attempt 2: started again after a lost worker" in messages
         assert worker.poll() is None  # the worker itself lives on
     wait_until(lambda: not job_processes(), 30)  # the killed attempt's job process died with it
+    # Attempt 2 removed attempt 1's scratch folder, and its own went when it finished.
+    wait_until(lambda: not list((stack.folder / "data" / "store" / "tmp").glob("work-*")), timeout=30)
 
 
 def test_a_whole_worker_killed_is_requeued_by_the_reaper_and_finished_by_another(stack):
@@ -165,8 +167,13 @@ def test_a_whole_worker_killed_is_requeued_by_the_reaper_and_finished_by_another
     with stack.http() as http:
         job_id = submit(http, upload(http, mlp_onnx_bytes(hidden=1024)), batch_sizes=[64], iterations=3000)
         wait_until(lambda: http.get(f"/v1/jobs/{job_id}").json()["stage"] == "measuring", timeout=120)
+        # The measuring process's files lie in the job's own scratch folder, not in the system's temp folder.
+        scratch = stack.folder / "data" / "store" / "tmp"
+        measuring = wait_until(lambda: list(scratch.glob("work-*/tmp/modelpress-measure-*")), timeout=60)
         kill_group(first, signal.SIGKILL)  # the main process and its pool: the message is never rejected
         first.wait()
+        wait_until(lambda: not job_processes(), 30)  # the job and measuring processes died with their worker
+        assert all(folder.exists() for folder in measuring)  # nobody removed them yet
         assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
         # Another worker with beat: the reaper finds the heartbeat stale and requeues the job.
         stack.worker("second", "--beat", MODELPRESS_REAPER_INTERVAL_S="2")
@@ -174,6 +181,10 @@ def test_a_whole_worker_killed_is_requeued_by_the_reaper_and_finished_by_another
         assert job["attempts"] == 2
         messages = [e["message"] for e in http.get(f"/v1/jobs/{job_id}/events").json()]
         assert any(m and m.startswith("requeued after attempt 1: its worker") for m in messages), messages
+    # The second worker's sweep removed the killed attempt's folder, its measuring files with it; the second
+    # attempt's folder went when it finished: nothing of the job remains.
+    assert not any(folder.exists() for folder in measuring)
+    wait_until(lambda: not list(scratch.glob("work-*")), timeout=30)
 
 
 def test_jobs_queued_when_redis_restarts_or_is_flushed_are_sent_again(stack):

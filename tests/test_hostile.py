@@ -194,3 +194,37 @@ def test_a_key_expiring_in_the_future_is_still_created(client, alice):
     later = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).isoformat()
     resp = client.post("/v1/keys", json={"expires_at": later}, headers=alice)
     assert resp.status_code == 201, resp.text
+
+
+def many_zero_members(tmp_path, count: int, first: tuple[str, bytes]) -> bytes:
+    """A zip of `count` members of 1 MiB zeros each, each under the per-member ratio floor, plus `first`."""
+    import zipfile
+
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        archive.writestr(*first)
+        for index in range(count):
+            archive.writestr(f"pad/{index}.bin" if first[0].endswith(".onnx") else f"pad{index}.npy", b"\0" * (1 << 20))
+    return path.read_bytes()
+
+
+def test_a_zip_of_many_small_zero_members_is_refused_as_a_whole(client, alice, data_dir, tmp_path, mlp_onnx):
+    """Each member passes the per-member ratio check; 100 of them (a 100 KB zip of 100 MiB) do not."""
+    bomb = many_zero_members(tmp_path, 100, ("net.onnx", mlp_onnx))
+    assert len(bomb) < 1 << 20
+    resp = client.post("/v1/models", files={"file": ("bomb.zip", bomb)}, headers=alice)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["code"] == "zip_bomb" and "as a whole" in resp.json()["detail"]
+    assert row_count(Model) == 0 and store_files(data_dir) == [] and tmp_leftovers(data_dir) == []
+
+
+def test_an_npz_of_many_small_zero_members_is_refused_as_a_whole(client, alice, data_dir, tmp_path):
+    import io
+
+    header = io.BytesIO()
+    np.save(header, np.zeros(4, np.float32))
+    bomb = many_zero_members(tmp_path, 100, ("x.npy", header.getvalue()))
+    resp = client.post("/v1/datasets", files={"file": ("bomb.npz", bomb)}, headers=alice)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["code"] == "zip_bomb"
+    assert store_files(data_dir) == [] and tmp_leftovers(data_dir) == []

@@ -136,6 +136,8 @@ def run_job(job_id: str) -> None:
     claim = _claim(job_id, store, settings)
     if claim is None:
         return
+    if claim.attempt > 1:
+        store.clean_tmp()  # the dead attempt's scratch folder (its lock died with it; live folders stay)
     try:
         with store.workdir() as folder:
             attempt = Attempt(job_id=job_id, number=claim.attempt, store=store, folder=folder)
@@ -263,7 +265,7 @@ def _supervise(attempt: Attempt, claim: Claim, settings: Settings) -> dict:
         child = subprocess.Popen(
             [sys.executable, "-m", "workers.job_process", str(folder), str(write_fd), str(reply_read)],
             pass_fds=(write_fd, reply_read), stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-            cwd=folder, env=_child_env(), start_new_session=True)
+            cwd=folder, env=_child_env(folder), start_new_session=True)
     os.close(write_fd)
     os.close(reply_read)
     replies = os.fdopen(reply_write, "w", buffering=1)
@@ -337,12 +339,18 @@ def _kill_group(child: subprocess.Popen) -> None:
     child.wait()
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(folder: Path) -> dict[str, str]:
     env = dict(os.environ)
     # The project root must be importable in the child even where the package is not installed.
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
+    # Every temporary file of the job (the measuring processes' folders, ONNX Runtime's quantization tools,
+    # torch) lands in the job's own folder, which goes when the job ends, or at the next start or sweep when its
+    # worker was killed: never in the system's temp folder, where nothing would remove it.
+    scratch = folder / "tmp"
+    scratch.mkdir(exist_ok=True)
+    env["TMPDIR"] = env["TEMP"] = env["TMP"] = str(scratch)
     return env
 
 

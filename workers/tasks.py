@@ -29,7 +29,9 @@ def expire_artifacts() -> int:
 
 @celery.task(name=REAP_JOBS_TASK, ignore_result=True)
 def reap_jobs() -> dict:
-    """Recovery sweep (Celery beat): requeue jobs of lost workers, re-send jobs whose message was lost."""
+    """Recovery sweep (Celery beat): requeue jobs of lost workers, re-send jobs whose message was lost, and remove
+    the scratch folders their job processes left (live ones are locked)."""
+    get_store().clean_tmp()
     return reap()
 
 

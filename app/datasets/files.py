@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import DatasetMismatch, InvalidDataset
+from app.models.onnx_files import ARCHIVE_RATIO_FLOOR_BYTES, archive_bytes
 from app.uploads import starts_with_pickle
 from app.settings import get_settings
 
@@ -273,6 +274,10 @@ def _npz_members(archive: zipfile.ZipFile, max_unpacked_bytes: int) -> list[zipf
                 f"archive member {name!r} inflates {info.file_size // max(info.compress_size, 1)}x; "
                 f"at most {MAX_COMPRESSION_RATIO:g}x is accepted"
             )
+    archived = archive_bytes(archive, infos)
+    if total > ARCHIVE_RATIO_FLOOR_BYTES and total > MAX_COMPRESSION_RATIO * max(archived, 1):
+        raise InvalidDataset(f"the archive inflates {total // max(archived, 1)}x as a whole ({archived} bytes "
+                             f"unpacking to {total}); at most {MAX_COMPRESSION_RATIO:g}x is accepted", code="zip_bomb")
     return infos
 
 

@@ -13,6 +13,7 @@ onnxruntime or torch.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import zipfile
@@ -31,6 +32,9 @@ COPY_CHUNK = 1 << 20
 IGNORED_PREFIXES = ("__MACOSX/",)
 # A member this small may compress extremely well without being a bomb.
 RATIO_FLOOR_BYTES = 1 << 20
+# The whole archive's ratio is judged once it unpacks to more than this: many members of zeros, each under the
+# per-member floor, add up (900 members of 1 MiB zeros: a 1 MB zip of 900 MiB).
+ARCHIVE_RATIO_FLOOR_BYTES = 64 << 20
 # What PyTorch checkpoints and pickles are called (their bytes are caught by app.uploads.starts_with_pickle).
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Domains ONNX Runtime runs without a custom-op library: the ONNX ones and its built-in contrib ops.
@@ -625,14 +629,28 @@ def safe_members(archive: zipfile.ZipFile, limits: Limits) -> list[zipfile.ZipIn
         seen.add(key)
         total += info.file_size
         if total > limits.max_unpacked_bytes:
-            raise UnsafeArchive(f"the archive unpacks to more than {limits.max_unpacked_bytes} bytes")
+            raise UnsafeArchive(f"the archive unpacks to more than {limits.max_unpacked_bytes} bytes "
+                                "(MODELPRESS_MAX_UNPACKED_BYTES)", code="archive_too_large")
         if info.file_size > RATIO_FLOOR_BYTES and info.file_size > limits.max_compression_ratio * max(info.compress_size, 1):
             raise UnsafeArchive(
                 f"zip member {name!r} inflates {info.file_size // max(info.compress_size, 1)}x; "
                 f"at most {limits.max_compression_ratio:g}x is accepted"
             )
         files.append(info)
+    archived = archive_bytes(archive, infos)
+    if total > ARCHIVE_RATIO_FLOOR_BYTES and total > limits.max_compression_ratio * max(archived, 1):
+        raise UnsafeArchive(
+            f"the archive inflates {total // max(archived, 1)}x as a whole ({archived} bytes unpacking to {total}); "
+            f"at most {limits.max_compression_ratio:g}x is accepted", code="zip_bomb")
     return files
+
+
+def archive_bytes(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> int:
+    """The zip's size on disk (its members' compressed sizes when it is not a plain file)."""
+    try:
+        return os.fstat(archive.fp.fileno()).st_size
+    except (AttributeError, OSError, ValueError):
+        return sum(info.compress_size for info in infos)
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
