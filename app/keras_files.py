@@ -2,7 +2,7 @@
 
 A worker converts both to ONNX (workers.convert.keras). The API only reads them:
 
-- `.keras` (Keras 3 and tf.keras' v3 format) is a zip of `config.json` (the architecture as JSON),
+- `.keras` (Keras 3, and tf.keras 2.13+ / tf_keras) is a zip of `config.json` (the architecture as JSON),
   `metadata.json` and `model.weights.h5`. The config is walked object by object, and what Keras' `safe_mode`
   would refuse at load time is refused here, at upload, so no job is queued for it: `Lambda` layers and any
   serialized Python function (`unsafe_layer_refused`), and classes that are not Keras' own built-ins
@@ -29,6 +29,8 @@ from app.models.onnx_wire import LENGTH, Wire, WireError
 KERAS, SAVEDMODEL_ZIP = "keras", "savedmodel-zip"
 KERAS_SUFFIX = ".keras"
 KERAS_MEMBERS = ("config.json", "metadata.json")
+# Packages whose classes are Keras' own: Keras 3, and tf.keras 2 (tf_keras) which TF Model Optimization uses.
+KERAS_PACKAGES = ("keras", "tf_keras")
 # The weights file of each Keras 3 release so far (h5 by default, npz where h5py is absent).
 KERAS_WEIGHTS = ("model.weights.h5", "model.weights.npz")
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -103,7 +105,7 @@ def check_keras_config(config: dict) -> None:
         if class_name in KERAS_MARKERS:
             continue
         module, registered = obj.get("module"), obj.get("registered_name")
-        builtin = isinstance(module, str) and (module == "keras" or module.startswith("keras."))
+        builtin = isinstance(module, str) and module.split(".")[0] in KERAS_PACKAGES
         if not builtin or (isinstance(registered, str) and ">" in registered):
             what = obj["config"] if class_name == "function" and isinstance(obj.get("config"), str) else (
                 registered or class_name)

@@ -197,6 +197,67 @@ def test_savedmodel_zip_converts_and_matches_tensorflow(client, alice, tmp_path)
                                atol=1e-4, rtol=1e-3)
 
 
+def tf_keras_file(model: keras.Model, tmp_path: Path) -> bytes:
+    """The .keras file tf_keras 2 (what TF Model Optimization trains with) writes for `model`: the same layers,
+    its model class under tf_keras' module and a 2.x version (checked against a file tf_keras 2.21 wrote)."""
+    good = keras_bytes(model, tmp_path, "k3.keras")
+    with zipfile.ZipFile(io.BytesIO(good)) as archive:
+        config = json.loads(archive.read("config.json"))
+    config["module"], config["registered_name"] = "tf_keras.src.engine.functional", "Functional"
+    metadata = {"keras_version": "2.21.0", "date_saved": "2026-12-04@20:47:58"}
+    return _rezip(good, {"config.json": json.dumps(config).encode(), "metadata.json": json.dumps(metadata).encode()})
+
+
+def test_tf_keras_file_as_tf_model_optimization_writes_it_converts(client, alice, tmp_path):
+    model = small_cnn(seed=6)
+    source = upload(client, alice, tf_keras_file(model, tmp_path), "pruned.keras").json()
+    assert source["format"] == "keras" and source["inspection"]["keras_version"] == "2.21.0", source
+    source = convert_upload(client, alice, source)
+    assert source["conversion"]["status"] == "succeeded", source["conversion"]["error"]["message"]
+    converted = client.get(f"/v1/models/{source['conversion']['converted_model_id']}", headers=alice).json()
+    content = client.get(f"/v1/models/{converted['id']}/download", headers=alice).content
+    x = np.random.default_rng(8).random((2, 12, 12, 1), dtype=np.float32)
+    np.testing.assert_allclose(onnx_session(content).run(None, {"image": x})[0], model.predict(x, verbose=0),
+                               atol=1e-4, rtol=1e-3)
+
+
+def fake_quant_savedmodel(tmp_path: Path) -> Path:
+    """A quantization-aware graph as TF Model Optimization exports it: fake-quant on input, weights, output."""
+    rng = np.random.default_rng(11)
+    weights = tf.constant(rng.normal(size=(8, 4)).astype(np.float32))
+
+    class Module(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32, name="x")])
+        def serve(self, x):
+            q = tf.quantization.fake_quant_with_min_max_vars(x, -1.0, 1.0)
+            w = tf.quantization.fake_quant_with_min_max_vars(weights, -3.0, 3.0, narrow_range=True)
+            return {"y": tf.quantization.fake_quant_with_min_max_vars(tf.matmul(q, w), -6.0, 6.0)}
+
+    folder = tmp_path / "qat"
+    module = Module()
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+    return folder
+
+
+def test_quantization_aware_savedmodel_converts_to_qdq_within_one_step(tmp_path):
+    import onnx
+
+    folder = fake_quant_savedmodel(tmp_path)
+    source = tmp_path / "qat.zip"
+    with zipfile.ZipFile(source, "w") as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, str(path.relative_to(folder)))
+    out = tmp_path / "out"
+    out.mkdir()
+    result = convert.get("savedmodel-zip")(source, out, {})
+    ops = {node.op_type for node in onnx.load(str(result.model_path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    check = result.details["check"]
+    assert check["quantization_steps"]["y"] == pytest.approx(12.0 / 255, rel=1e-3)
+    assert check["max_abs_diff"]["y"] <= check["quantization_steps"]["y"] * 1.001
+
+
 # --- refusals at upload -------------------------------------------------------------------------------------
 
 
