@@ -228,3 +228,17 @@ def test_an_npz_of_many_small_zero_members_is_refused_as_a_whole(client, alice, 
     assert resp.status_code == 422, resp.text
     assert resp.json()["code"] == "zip_bomb"
     assert store_files(data_dir) == [] and tmp_leftovers(data_dir) == []
+
+
+def test_failure_messages_name_files_relative_to_the_job_folder(data_dir):
+    """What a tenant reads in a failed job never shows the server's folders (issue 20)."""
+    import sys
+
+    from workers.pipeline import without_server_paths
+
+    scratch = data_dir.resolve() / "store" / "tmp" / "work-k3y_9"
+    message = (f"step 1 (quantize.int8_static) failed: Load model from {scratch}/work/step-1/model.onnx failed; "
+               f"see {data_dir.resolve()}/store/blobs and {sys.prefix}/lib/python3.11/site-packages/onnxruntime")
+    cleaned = without_server_paths(message)
+    assert "step-1/model.onnx" in cleaned and "work-k3y_9" not in cleaned
+    assert str(data_dir.resolve()) not in cleaned and sys.prefix not in cleaned, cleaned

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -518,6 +519,22 @@ def _headline(summary: dict) -> str:
     return "done: " + ", ".join(parts) if parts else "done"
 
 
+# A job's scratch folder (<data>/store/tmp/work-XXXX, its inputs under work/): a message names files relative to it.
+JOB_FOLDER = re.compile(r"(?:/[^\s'\"/]+)*/store/tmp/work-[^\s'\"/]+/(?:work/)?")
+
+
+def without_server_paths(message: str) -> str:
+    """A message as a tenant may read it: paths inside the job's folder made relative to it, and the server's own
+    folders (data folder, installation) not named."""
+    message = JOB_FOLDER.sub("", message)
+    settings = get_settings()
+    for folder, name in ((Path(settings.data_dir).resolve(), "<data>"), (Path(sys.prefix), "<python>"),
+                         (Path(__file__).resolve().parents[1], "<modelpress>")):
+        if len(str(folder)) > 1:
+            message = message.replace(str(folder), name)
+    return message
+
+
 def _finish(job_id: str, status: str, *, code: str | None = None, message: str, attempt: int | None = None) -> None:
     with session_scope() as db:
         job = db.get(Job, job_id, with_for_update=True)
@@ -526,6 +543,7 @@ def _finish(job_id: str, status: str, *, code: str | None = None, message: str, 
         if attempt is not None and (job.attempts != attempt or job.status != "running"):
             log.warning("job %s: attempt %d no longer owns it; not marking it %s", job_id, attempt, status)
             return
+        message = without_server_paths(message)
         if code:
             job.error_code, job.error_message = code, message
         job.stage = status
