@@ -217,6 +217,16 @@ def _open_zip(path: Path, *, what: str) -> zipfile.ZipFile:
         raise InvalidModel(f"the upload is not {what}: {_short(exc)}") from None
 
 
+def other_format_hint(suffix: str) -> str:
+    """What to send instead of a Keras file in a format ModelPress does not read ("" for other suffixes)."""
+    if suffix in (".h5", ".hdf5"):
+        return ("; a legacy Keras H5 model is not accepted (its loader can deserialize Python code): save it as "
+                "a .keras file (model.save('model.keras')) or a zipped SavedModel")
+    if suffix == ".pb":
+        return "; zip the whole SavedModel folder (saved_model.pb and variables/) and upload the .zip"
+    return ""
+
+
 # --- SavedModel zips --------------------------------------------------------------------------
 
 def holds_savedmodel(path: Path) -> bool:

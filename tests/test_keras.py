@@ -336,6 +336,16 @@ def test_corrupt_keras_files_are_refused(client, alice, data_dir, tmp_path, dama
     assert_nothing_left(data_dir)
 
 
+@pytest.mark.parametrize("filename,needle", [("model.h5", "save it as a .keras file"),
+                                              ("saved_model.pb", "zip the whole SavedModel folder")])
+def test_legacy_h5_and_bare_saved_model_pb_are_refused_saying_what_to_send(client, alice, data_dir, filename,
+                                                                           needle):
+    resp = upload(client, alice, b"\x89HDF\r\n\x1a\n" + b"\0" * 64, filename)
+    assert resp.status_code == 422 and resp.json()["code"] == "invalid_model", resp.text
+    assert needle in resp.json()["detail"]
+    assert_nothing_left(data_dir)
+
+
 def test_savedmodel_zip_without_variables_is_refused(client, alice, data_dir, tmp_path):
     data = savedmodel_zip(small_cnn(), tmp_path)
     with zipfile.ZipFile(io.BytesIO(data)) as archive:

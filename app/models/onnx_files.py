@@ -91,7 +91,8 @@ def validate_upload(path: Path, *, filename: str, workdir: Path, limits: Limits,
         model_path = _extract_zip(path, workdir, limits, filename=filename)
         return "onnx-zip", _inspect(model_path, packed=True, limits=limits)
     if suffix != ".onnx":
-        raise InvalidModel(f"'{filename}' is neither a .onnx file nor a .zip holding one")
+        raise InvalidModel(f"'{filename}' is neither a .onnx file nor a .zip holding one"
+                           + keras_files.other_format_hint(suffix))
     return "onnx", _inspect(path, packed=False, limits=limits)
 
 
