@@ -401,3 +401,17 @@ def test_conversion_check_names_the_first_differing_layer(tmp_path):
     assert result.details["check"]["passed"] and result.details["check"]["batches"] == [1, 3]
     assert result.model_path.parent == out2 / "onnx" and [p.name for p in result.model_path.parent.iterdir()] == [
         "model.onnx"]
+
+
+def test_the_worker_checks_again_before_loading(tmp_path):
+    """A stored upload is checked again in the worker (a newer worker, or a blob stored before a check existed):
+    a Lambda fails the conversion with its own code, and Keras never deserializes it."""
+    inp = keras.Input((4,), name="x")
+    source = tmp_path / "lambda.keras"
+    keras.Model(inp, keras.layers.Lambda(lambda t: t + 1.0, name="plus")(inp)).save(source)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(JobFailed) as failed:
+        convert.get("keras")(source, out, {})
+    assert failed.value.code == "unsafe_layer_refused" and failed.value.extra["layer"] == "plus"
+    assert not (out / "source").exists()

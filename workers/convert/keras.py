@@ -15,6 +15,7 @@ TensorFlow and tf2onnx are imported inside the functions, so registering costs n
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from app.errors import InvalidModel, JobFailed
+from app.errors import JobFailed, Unprocessable
 from app.keras_files import (KERAS, SAVED_MODEL_PB, SAVEDMODEL_ZIP, describe_saved_model, inspect_keras,
                              savedmodel_folder)
 from app.models.onnx_files import Limits, _short, safe_members, unpack_members
@@ -52,7 +53,8 @@ log = logging.getLogger(__name__)
 @register(KERAS)
 def convert_keras(source_path: Path, out_dir: Path, options: dict) -> Converted:
     progress = options.get("progress") or (lambda fraction, message: None)
-    inspect_keras(source_path, limits=Limits())  # the upload's checks again: this worker may be newer than the API
+    with _as_job_failure():  # the upload's checks again: this worker may be newer than the API that took it
+        inspect_keras(source_path, limits=Limits())
     tf, keras, tf2onnx = _frameworks()
     progress(0.1, "loading the Keras model (safe mode)")
     # Keras tells formats apart by the file name; the stored blob is named by its hash.
@@ -99,19 +101,15 @@ def convert_savedmodel(source_path: Path, out_dir: Path, options: dict) -> Conve
     progress = options.get("progress") or (lambda fraction, message: None)
     limits = Limits()
     try:
-        with zipfile.ZipFile(source_path) as archive:
+        with zipfile.ZipFile(source_path) as archive, _as_job_failure():
             members = safe_members(archive, limits)
             folder = savedmodel_folder(members)
             root = unpack_members(archive, members, out_dir / "source", limits)
     except (zipfile.BadZipFile, OSError) as exc:
         raise JobFailed(f"the SavedModel zip cannot be read ({_short(exc)})", code="conversion_failed") from None
-    except InvalidModel as exc:
-        raise JobFailed(exc.message, code=exc.code) from None
     saved = root / folder if folder else root
-    try:  # the upload's checks again (a PyFunc graph, no serving signature); they name the signature to convert
+    with _as_job_failure():  # the upload's checks again (PyFunc ops, no serving signature); they name the signature
         name = describe_saved_model(saved / SAVED_MODEL_PB)["signature"]
-    except InvalidModel as exc:
-        raise JobFailed(exc.message, code=exc.code) from None
     tf, keras, tf2onnx = _frameworks()
     from tf2onnx import tf_loader
 
@@ -171,6 +169,15 @@ def _as_keras3(source: Path, target: Path) -> None:
                 out.writestr(info.filename, data)
 
 
+@contextlib.contextmanager
+def _as_job_failure():
+    """An upload check failing in the worker fails the job with the check's own code and fields."""
+    try:
+        yield
+    except Unprocessable as exc:  # InvalidModel, UnsafeArchive, UnsafeLayerRefused, CustomObjectRefused
+        raise JobFailed(exc.message, code=exc.code, **exc.extra) from None
+
+
 def _frameworks():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -208,7 +215,6 @@ def _unconverted_ops(onnx_path: Path) -> list[tuple[str, str]]:
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    opsets = {o.domain: o.version for o in model.opset_import}
     missing = []
     for node in model.graph.node:
         domain = node.domain or ""
@@ -216,7 +222,7 @@ def _unconverted_ops(onnx_path: Path) -> list[tuple[str, str]]:
             continue
         if not onnx.defs.has(node.op_type, domain):
             missing.append((node.op_type, node.name))
-    return missing if opsets else []
+    return missing
 
 
 def _check(onnx_path: Path, inputs: list[tuple[str, tuple, np.dtype]], reference: Callable, options: dict,
