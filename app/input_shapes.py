@@ -17,8 +17,6 @@ from typing import Any
 DIMS_KEY = "dims"
 MAX_SIZE = 1 << 24
 GIVEN, DECLARED, BATCH, GUESSED = "given by the user", "declared by the model", "batch size", "guessed"
-HOW_TO_GIVE = ('give them in the job\'s evaluate.input_shapes, by input ({"<input>": [1, 3, 48, 320]}) or by dim '
-               'name ({"dims": {"H": 48}}); with the CLI: --input-shape <input>=1,3,48,320 or --dim H=48')
 
 
 class ShapeError(ValueError):
@@ -29,6 +27,19 @@ class ShapeError(ValueError):
         super().__init__(message)
         self.message = message
         self.where = {k: v for k, v in (("input", input), ("axis", axis), ("dim", dim)) if v is not None}
+
+
+def how_to_give(shapes: dict[str, list[Any]], open_axes: dict[str, list[tuple[int, str | None]]]) -> str:
+    """How to give the sizes of `open_axes` (input -> [(axis, dim name)]), for the inputs' `shapes` (sizes
+    as measured): by dim name where the dims have names, else by input; in the API and the CLI."""
+    named = list(dict.fromkeys(dim for axes in open_axes.values() for _, dim in axes if dim))
+    by_input = {name: ", ".join("<size>" if any(axis == a for a, _ in open_axes[name]) else str(size)
+                                for axis, size in enumerate(shapes[name])) for name in open_axes}
+    api = [f'{{"{DIMS_KEY}": {{' + ", ".join(f'"{dim}": <size>' for dim in named) + "}}"] if named else []
+    api += ["{" + ", ".join(f'"{name}": [{sizes}]' for name, sizes in by_input.items()) + "}"]
+    cli = " ".join(f"--dim {dim}=<size>" for dim in named) if named else " ".join(
+        f"--input-shape {name}={sizes.replace(', ', ',')}" for name, sizes in by_input.items())
+    return f"give them in the job's evaluate.input_shapes, e.g. {' or '.join(api)}; with the CLI: {cli}"
 
 
 def from_dataset(name: str | None) -> str:

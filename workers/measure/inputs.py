@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import InputShapeRequired, JobFailed, MeasurementFailed
-from app.input_shapes import BATCH, DECLARED, GUESSED, HOW_TO_GIVE, InputShapes, ShapeError, resolve, shape_text
+from app.input_shapes import BATCH, DECLARED, GUESSED, InputShapes, ShapeError, how_to_give, resolve, shape_text
 
 ROLES = ("baseline", "result")
 ORT_DTYPES = {
@@ -109,8 +109,12 @@ class InputPlan:
             dims = "; ".join(f"input '{g['input']}' axis {g['axis']}" + (f" ('{g['dim']}')" if g["dim"] else "")
                              + f" = {g['size']}" for g in self.guessed)
             inputs = {g["input"] for g in self.guessed}
+            open_axes: dict[str, list[tuple[int, str | None]]] = {}
+            for g in self.guessed:
+                open_axes.setdefault(g["input"], []).append((g["axis"], g["dim"]))
+            hint = how_to_give(self.shapes(batch), open_axes)
             return InputShapeRequired(
-                f"{model} does not run at the sizes guessed for its dynamic dims ({dims}); {HOW_TO_GIVE}. "
+                f"{model} does not run at the sizes guessed for its dynamic dims ({dims}); {hint}. "
                 f"Shapes tried: {self._shapes_text(batch, inputs)}. ONNX Runtime said: {said}",
                 guessed=self.guessed)
         if self.chosen:
