@@ -299,3 +299,27 @@ def test_sample_split_gives_the_gradient_of_a_batched_forward(vectorized):
     for have, want in zip(got, [p.grad for p in linear.parameters()]):
         assert torch.allclose(have, want, atol=1e-6)
     assert split.vectorized is vectorized   # vmap took it, or the loop was asked for
+
+
+def test_a_model_failing_on_a_training_batch_fails_with_a_code_naming_the_shape():
+    """Without the bridge's batch handling (a module handed to the loop as it is), torch's error is not the message."""
+    import torch
+
+    from app.errors import StepFailed
+    from workers.datasets import Dataset
+    from workers.pruning import finetune
+
+    class BatchOne(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.linear(x.reshape(1, 64))
+
+    x, y = digits()
+    with pytest.raises(StepFailed) as caught:
+        finetune(BatchOne(), train=Dataset({"image": x[:40]}, y[:40]), eval=None, input_names=["image"],
+                 epochs=1, lr=1e-3, batch_size=8)
+    assert caught.value.code == "training_failed"
+    assert "[40, 1, 8, 8]" in caught.value.message and "hard-code a batch size" in caught.value.message

@@ -4,6 +4,8 @@
 converts it, makes its constant weights trainable (workers.bridge.trainable) and checks the
 module against the original in ONNX Runtime before anyone trains it: a conversion that
 changed the model would otherwise surface only as a bad accuracy figure at the end of a job.
+A model declared at a fixed batch is made to train on mini-batches where a rewrite allows, or is
+fed its fixed batch at a time (workers.bridge.batching; Bridged.batch says which).
 `to_onnx` exports a (possibly pruned) module back with the original's names and dynamic axes,
 and checks the export the same way.
 """

@@ -118,7 +118,7 @@ def finetune(
             inputs = _tensors(train, input_names, order, device)
             labels = None if train.labels is None else torch.as_tensor(train.labels[order]).long().to(device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                outputs = module(*inputs)
+                outputs = _forward(module, inputs)
                 if loss is not None:
                     with torch.no_grad():
                         targets = teacher(*inputs) if teacher is not None else None
@@ -201,6 +201,20 @@ def _tensors(data: Dataset, input_names: list[str], index: Any, device: torch.de
     return tuple(tensors)
 
 
+def _forward(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    """The module on a batch of the training or eval data; a failure names the batch shape instead of surfacing
+    as torch's text alone."""
+    try:
+        return module(*inputs)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        shapes = ", ".join(str(list(t.shape)) for t in inputs)
+        text = " ".join(str(exc).split())[:300]
+        raise StepFailed(f"the model fails on a batch of the step's data, inputs shaped {shapes} ({type(exc).__name__}: "
+                         f"{text}): the model may hard-code a batch size or a shape that the data does not "
+                         "follow",
+                         code="training_failed") from exc
+
+
 def _device(module: nn.Module) -> torch.device:
     for tensor in module.parameters():
         return tensor.device
@@ -255,7 +269,7 @@ def _accuracy(module: nn.Module, data: Dataset, input_names: list[str], device: 
     for start in range(0, len(data), EVAL_BATCH):
         index = slice(start, start + EVAL_BATCH)
         with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            logits = output_tensors(module(*_tensors(data, input_names, index, device)))[0]
+            logits = output_tensors(_forward(module, _tensors(data, input_names, index, device)))[0]
         labels = torch.as_tensor(data.labels[index]).to(device)
         correct += int((logits.argmax(dim=1) == labels).sum())
     return correct / len(data) if len(data) else 0.0
@@ -273,7 +287,7 @@ def _cosine(module: nn.Module, teacher: Teacher | None, data: Dataset, input_nam
     for start in range(0, len(data), EVAL_BATCH):
         inputs = _tensors(data, input_names, slice(start, start + EVAL_BATCH), device)
         with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            students, teachers = output_tensors(module(*inputs)), output_tensors(teacher(*inputs))
+            students, teachers = output_tensors(_forward(module, inputs)), output_tensors(teacher(*inputs))
         for student, reference in zip(students, teachers):
             rows = student.shape[0]
             similarity = nn.functional.cosine_similarity(
