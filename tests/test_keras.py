@@ -415,3 +415,27 @@ def test_the_worker_checks_again_before_loading(tmp_path):
         convert.get("keras")(source, out, {})
     assert failed.value.code == "unsafe_layer_refused" and failed.value.extra["layer"] == "plus"
     assert not (out / "source").exists()
+
+
+def test_several_inputs_and_outputs_keep_their_names_and_order(tmp_path):
+    """Inputs named against alphabetical order, two outputs, a nested Sequential: each ONNX input and output is the
+    Keras one of the same name."""
+    keras.utils.set_random_seed(12)
+    zeta, alpha = keras.Input((5,), name="zeta"), keras.Input((3,), name="alpha")
+    block = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="relu")], name="block")
+    joined = keras.layers.Concatenate()([block(zeta), alpha])
+    model = keras.Model([zeta, alpha], [keras.layers.Dense(2, name="score")(joined),
+                                        keras.layers.Dense(6, name="embed")(joined)])
+    source = tmp_path / "two.keras"
+    model.save(source)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = convert.get("keras")(source, out, {})
+    session = onnx_session(result.model_path.read_bytes())
+    assert sorted(i.name for i in session.get_inputs()) == ["alpha", "zeta"]
+    rng = np.random.default_rng(2)
+    feeds = {"zeta": rng.random((3, 5), dtype=np.float32), "alpha": rng.random((3, 3), dtype=np.float32)}
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    want = model.predict([feeds["zeta"], feeds["alpha"]], verbose=0)
+    np.testing.assert_allclose(got["score"], want[0], atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(got["embed"], want[1], atol=1e-5, rtol=1e-4)

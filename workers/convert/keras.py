@@ -66,28 +66,28 @@ def convert_keras(source_path: Path, out_dir: Path, options: dict) -> Converted:
     except Exception as exc:  # Keras raises TypeError/ValueError/KeyError for configs it cannot rebuild
         raise JobFailed(f"Keras {keras.__version__} could not rebuild the model: {_short(exc)}. Save it with "
                         f"Keras 3 (model.save('x.keras')) or upload a SavedModel zip", code="conversion_failed") from None
-    inputs = [(_tensor_name(t), tuple(t.shape), np.dtype(_np_dtype(t.dtype))) for t in model.inputs]
-    signature = [tf.TensorSpec(shape, dtype, name=name) for name, shape, dtype in inputs]
     output_names = _output_names(model)
 
     def call(args):
         outputs = model(_as_structure(model, args), training=False)
         return outputs if isinstance(outputs, (list, tuple)) else [outputs]
 
-    # tf2onnx's from_keras trips over Keras 3 Sequential models (KeyError on a keras_tensor name); tracing the
-    # model's call as a tf.function works for both, and a dict result names the ONNX outputs after Keras'.
-    @tf.function(input_signature=signature)
-    def serve(*args):
-        return dict(zip(output_names, call(args)))
-
-    onnx_path = _onnx_path(out_dir)
-    progress(0.3, "converting with tf2onnx")
-    _run_tf2onnx(lambda: tf2onnx.convert.from_function(serve, input_signature=signature, opset=OPSET,
-                                                       output_path=str(onnx_path)))
+    # Through Keras' own SavedModel export: tracing the model in a tf.function of ours left constants a layer
+    # captures (Normalization's mean and variance in EfficientNet) as ONNX graph inputs, and tf2onnx's from_keras
+    # trips over Keras 3 Sequential models. The export's outputs are renamed after Keras' output names.
+    progress(0.2, "exporting a SavedModel with Keras")
+    saved = out_dir / "savedmodel"
+    try:
+        model.export(str(saved), format="tf_saved_model", verbose=False)
+    except Exception as exc:  # Keras raises what tracing the model's call raised
+        raise JobFailed(f"Keras could not trace the model for export: {_short(exc)}", code="conversion_failed") from None
+    onnx_path, inputs, _function = _saved_model_to_onnx(
+        tf, tf2onnx, saved, "serve", out_dir, progress, output_name=lambda i, key: output_names[i])
     progress(0.7, "checking the ONNX model against Keras")
 
     def reference(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {name: np.asarray(o) for name, o in zip(output_names, call([feeds[n] for n, _, _ in inputs]))}
+        ordered = [feeds[_tensor_name(t)] for t in model.inputs]  # `inputs` is sorted by name, not the model's order
+        return {name: np.asarray(o) for name, o in zip(output_names, call(ordered))}
 
     check = _check(onnx_path, inputs, reference, options, locate=lambda feeds: _first_diverging_layer(
         keras, model, onnx_path, feeds, options))
@@ -111,24 +111,8 @@ def convert_savedmodel(source_path: Path, out_dir: Path, options: dict) -> Conve
     with _as_job_failure():  # the upload's checks again (PyFunc ops, no serving signature); they name the signature
         name = describe_saved_model(saved / SAVED_MODEL_PB)["signature"]
     tf, keras, tf2onnx = _frameworks()
-    from tf2onnx import tf_loader
-
     progress(0.1, f"loading the SavedModel's {name!r} signature")
-    try:
-        loaded = tf.saved_model.load(str(saved), tags=["serve"])
-        function = loaded.signatures[name]
-        graph_def, in_names, out_names, renames = tf_loader.from_saved_model(
-            str(saved), None, None, tag="serve", signatures=[name], return_tensors_to_rename=True)
-    except Exception as exc:  # TensorFlow raises many kinds for a SavedModel it cannot load
-        raise JobFailed(f"TensorFlow {tf.__version__} could not load the SavedModel's {name!r} signature: "
-                        f"{_short(exc)}", code="conversion_failed") from None
-    specs = function.structured_input_signature[1]
-    inputs = [(key, tuple(spec.shape), np.dtype(spec.dtype.as_numpy_dtype)) for key, spec in sorted(specs.items())]
-    onnx_path = _onnx_path(out_dir)
-    progress(0.3, "converting with tf2onnx")
-    _run_tf2onnx(lambda: tf2onnx.convert.from_graph_def(
-        graph_def, input_names=in_names, output_names=out_names, opset=OPSET, tensors_to_rename=renames,
-        output_path=str(onnx_path)))
+    onnx_path, inputs, function = _saved_model_to_onnx(tf, tf2onnx, saved, name, out_dir, progress)
     progress(0.7, "checking the ONNX model against TensorFlow")
 
     def reference(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -139,6 +123,33 @@ def convert_savedmodel(source_path: Path, out_dir: Path, options: dict) -> Conve
     check = _check(onnx_path, inputs, reference, options, locate=None)
     return Converted(model_path=onnx_path, details=_details(tf, keras, tf2onnx, inputs, check) | {
         "source_format": SAVEDMODEL_ZIP, "signature": name})
+
+
+def _saved_model_to_onnx(tf, tf2onnx, saved: Path, name: str, out_dir: Path, progress,
+                         output_name: Callable[[int, str], str] | None = None):
+    """Freeze a SavedModel's signature and convert it; (onnx path, [(input, shape, dtype)], the TF function).
+    ONNX inputs and outputs are named after the signature's keys, outputs renamed by `output_name(i, key)`."""
+    from tf2onnx import tf_loader
+
+    try:
+        function = tf.saved_model.load(str(saved), tags=["serve"]).signatures[name]
+        graph_def, in_names, out_names, renames = tf_loader.from_saved_model(
+            str(saved), None, None, tag="serve", signatures=[name], return_tensors_to_rename=True)
+    except Exception as exc:  # TensorFlow raises many kinds for a SavedModel it cannot load
+        raise JobFailed(f"TensorFlow {tf.__version__} could not load the SavedModel's {name!r} signature: "
+                        f"{_short(exc)}", code="conversion_failed") from None
+    if output_name is not None:
+        # Keras' export names them output_0, output_1, ... in the model's order (output_10 after output_9).
+        keys = sorted(function.structured_outputs, key=lambda k: (len(k), k))
+        renames |= {tensor: output_name(keys.index(renames[tensor]), renames[tensor]) for tensor in out_names}
+    specs = function.structured_input_signature[1]
+    inputs = [(key, tuple(spec.shape), np.dtype(spec.dtype.as_numpy_dtype)) for key, spec in sorted(specs.items())]
+    onnx_path = _onnx_path(out_dir)
+    progress(0.3, "converting with tf2onnx")
+    _run_tf2onnx(lambda: tf2onnx.convert.from_graph_def(
+        graph_def, input_names=in_names, output_names=out_names, opset=OPSET, tensors_to_rename=renames,
+        output_path=str(onnx_path)))
+    return onnx_path, inputs, function
 
 
 # --- shared -----------------------------------------------------------------------------------
@@ -380,7 +391,3 @@ def _tensor_name(tensor) -> str:
 def _base(name: str) -> str:
     """A TensorFlow tensor name without its output index ("image:0" -> "image")."""
     return name.rsplit(":", 1)[0] if ":" in name else name
-
-
-def _np_dtype(dtype) -> str:
-    return getattr(dtype, "name", None) or str(dtype)
