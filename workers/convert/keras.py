@@ -1,13 +1,15 @@
 """Keras models -> ONNX with tf2onnx: `.keras` files (format "keras") and TF SavedModel zips ("savedmodel-zip").
 
-- `.keras` (Keras 3, or tf_keras 2 as TF Model Optimization writes it): loaded by Keras 3 on its TensorFlow backend with `safe_mode=True` and `compile=False` (the training
-  config is never deserialized), after the API's config check runs again here (app.keras_files: no Lambda, no
-  custom objects). tf2onnx traces the model's call with the inputs' signature (batch dim left dynamic).
-- SavedModel: unpacked with the API's zip checks, its serving signature (the one the upload's inspection names)
+- `.keras` (Keras 3, or tf_keras 2 as TF Model Optimization writes it): loaded by Keras 3 on its TensorFlow
+  backend with `safe_mode=True` and `compile=False` (the training config is never deserialized), after the API's
+  config check runs again here (app.keras_files: no Lambda, no custom objects); exported by Keras' own
+  `model.export(format="tf_saved_model")` (batch dim dynamic), then converted as a SavedModel is.
+- SavedModel: unpacked with the API's zip checks, its serving signature (`serving_default`, else the first)
   frozen and converted by tf2onnx. A SavedModel holds graphs, not Python: nothing from the upload runs as code.
 
 Every export is checked: the ONNX model in ONNX Runtime against the framework's own outputs on seeded random
-inputs at two batch sizes, within `max_abs_tolerance + RTOL * |reference|` per element. A miss fails the job
+inputs at two batch sizes, within `max_abs_tolerance + max_rel_tolerance * |reference|` per element
+(1e-4 + 1e-3 by default; plus one quantizer step on outputs of a quantization-aware graph). A miss fails the job
 with `conversion_failed`, naming the output and, for a `.keras` model, the first layer whose output differs.
 Ops tf2onnx leaves unconverted are named with their node (`conversion_failed`).
 
