@@ -439,3 +439,23 @@ def test_several_inputs_and_outputs_keep_their_names_and_order(tmp_path):
     want = model.predict([feeds["zeta"], feeds["alpha"]], verbose=0)
     np.testing.assert_allclose(got["score"], want[0], atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(got["embed"], want[1], atol=1e-5, rtol=1e-4)
+
+
+def test_the_api_checks_keras_uploads_without_tensorflow(tmp_path):
+    """The API process never imports TensorFlow, Keras or tf2onnx, even while it checks Keras uploads."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    small_cnn().save(tmp_path / "m.keras")
+    with zipfile.ZipFile(tmp_path / "sm.zip", "w") as archive:
+        archive.writestr("m/saved_model.pb", b"")  # holds_savedmodel only reads the member list
+    code = ("import sys, pathlib, app.main; from app.models.onnx_files import Limits, validate_upload; "
+            f"p = pathlib.Path({str(tmp_path)!r}); "
+            "fmt, _ = validate_upload(p / 'm.keras', filename='m.keras', workdir=p / 'w', limits=Limits()); "
+            "from app.keras_files import holds_savedmodel; assert holds_savedmodel(p / 'sm.zip'); "
+            "heavy = [m for m in ('tensorflow', 'keras', 'tf2onnx', 'h5py', 'torch') if m in sys.modules]; "
+            "print(fmt, heavy); sys.exit(1 if heavy or fmt != 'keras' else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
