@@ -263,6 +263,18 @@ def parse_dim(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=SIZE (e.g. --dim H=48)") from None
 
 
+def parse_value(text: str) -> tuple[str, Any]:
+    """`sr=16000` -> ("sr", 16000); the value is JSON (`flag=true`, `mask=[[1,0]]`)."""
+    name, sep, raw = text.partition("=")
+    try:
+        if not sep or not name.strip():
+            raise ValueError
+        return name.strip(), json.loads(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE with a JSON value (e.g. --input-value "
+                                         "sr=16000)") from None
+
+
 def input_shapes_spec(shapes: list[tuple[str, list[int | None]]] | None,
                       dims: list[tuple[str, int]] | None) -> dict[str, Any] | None:
     """evaluate.input_shapes from --input-shape and --dim (the server checks them against the model)."""
@@ -434,6 +446,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         evaluate["iterations"] = args.iterations
     if input_shapes := input_shapes_spec(args.input_shape, args.dim):
         evaluate["input_shapes"] = input_shapes
+    if args.input_value:
+        evaluate["input_values"] = dict(args.input_value)
     with _client(args) as mp:
         model = mp.upload_model(model_path)
         if args.recipe:
@@ -563,6 +577,8 @@ def _add_client_commands(sub) -> None:
                           "batch axis, which follows --batch-sizes)")
     compress.add_argument("--dim", action="append", type=parse_dim, metavar="NAME=SIZE",
                           help="size of a symbolic dim of the model by name, e.g. H=48 (repeatable)")
+    compress.add_argument("--input-value", action="append", type=parse_value, metavar="INPUT=VALUE",
+                          help="a fixed value (JSON) for an input that is not data, e.g. sr=16000 (repeatable)")
     compress.add_argument("--name", help="a name for the job")
     compress.add_argument("--wait", action="store_true", help="show progress until the job finishes")
     compress.add_argument("-o", "--output", metavar="OUT.onnx", help="save the compressed model here (implies --wait)")

@@ -55,12 +55,17 @@ class InputShapes:
     dims: dict[str, int] = field(default_factory=dict)
     samples: dict[str, tuple[int, ...]] = field(default_factory=dict)
     sample_sources: dict[str, str] = field(default_factory=dict)
+    # evaluate.input_values: input -> the value fed as is (a number or nested lists), for inputs that are not
+    # data (a sample rate, a flag); its shape counts as given.
+    values: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, value: dict[str, Any] | None) -> InputShapes:
+    def parse(cls, value: dict[str, Any] | None, values: dict[str, Any] | None = None) -> InputShapes:
         """The evaluate.input_shapes object, checked for its own rules (types, positive sizes); raises ShapeError."""
+        fixed = parse_values(values)
         if not value:
-            return cls()
+            return cls(given={name: shape for name, (shape, _) in fixed.items()},
+                       values={name: data for name, (_, data) in fixed.items()})
         if not isinstance(value, dict):
             raise ShapeError("evaluate.input_shapes must be an object: input name -> list of sizes, and "
                              "optionally \"dims\": dim name -> size")
@@ -78,7 +83,12 @@ class InputShapes:
             given[key] = tuple(None if size is None else _size(size, f"input {key!r} axis {axis}", input=key,
                                                                axis=axis)
                                for axis, size in enumerate(sizes))
-        return cls(given=given, dims=dims)
+        for name, (shape, _) in fixed.items():
+            if name in given and given[name] != shape:
+                raise ShapeError(f"input {name!r} is given the shape {list(given[name])} and a value of shape "
+                                 f"{list(shape)} (evaluate.input_values)", input=name)
+            given[name] = shape
+        return cls(given=given, dims=dims, values={name: data for name, (_, data) in fixed.items()})
 
     @classmethod
     def coerce(cls, value: InputShapes | dict[str, Any] | None) -> InputShapes:
@@ -89,11 +99,12 @@ class InputShapes:
             return value
         return cls(given={k: tuple(v) for k, v in value.get("given", {}).items()}, dims=dict(value.get("dims", {})),
                    samples={k: tuple(v) for k, v in value.get("samples", {}).items()},
-                   sample_sources=dict(value.get("sample_sources", {})))
+                   sample_sources=dict(value.get("sample_sources", {})), values=dict(value.get("values", {})))
 
     def to_json(self) -> dict[str, Any]:
         return {"given": {k: list(v) for k, v in self.given.items()}, "dims": dict(self.dims),
-                "samples": {k: list(v) for k, v in self.samples.items()}, "sample_sources": dict(self.sample_sources)}
+                "samples": {k: list(v) for k, v in self.samples.items()}, "sample_sources": dict(self.sample_sources),
+                "values": dict(self.values)}
 
     def with_dataset(self, name: str | None, shapes: dict[str, Any]) -> InputShapes:
         """These shapes plus a dataset's: array name -> its full shape (axis 0 = samples). Inputs a dataset
@@ -103,10 +114,11 @@ class InputShapes:
             if array != "labels" and array not in samples and len(shape) >= 1:
                 samples[array] = tuple(int(d) for d in shape[1:])
                 sources[array] = from_dataset(name)
-        return InputShapes(given=self.given, dims=self.dims, samples=samples, sample_sources=sources)
+        return InputShapes(given=self.given, dims=self.dims, samples=samples, sample_sources=sources,
+                           values=self.values)
 
     def __bool__(self) -> bool:
-        return bool(self.given or self.dims or self.samples)
+        return bool(self.given or self.dims or self.samples or self.values)
 
 
 @dataclass
@@ -127,7 +139,8 @@ def resolve(declared: dict[str, list[Any] | None], shapes: InputShapes, *,
         known = {d for shape in declared.values() for d in shape or [] if isinstance(d, str)}
         shapes = InputShapes(given={k: v for k, v in shapes.given.items() if k in declared},
                              dims={k: v for k, v in shapes.dims.items() if k in known},
-                             samples=shapes.samples, sample_sources=shapes.sample_sources)
+                             samples=shapes.samples, sample_sources=shapes.sample_sources,
+                             values={k: v for k, v in shapes.values.items() if k in declared})
     for name, sizes in shapes.given.items():
         if name not in declared:
             raise ShapeError(f"the model has no input {name!r}; its inputs are {', '.join(map(repr, declared))}",
@@ -193,13 +206,53 @@ def resolve(declared: dict[str, list[Any] | None], shapes: InputShapes, *,
     return resolved
 
 
-def check_against_model(value: dict[str, Any] | None, model_inputs: list[dict[str, Any]]) -> InputShapes:
-    """The submit-time check of evaluate.input_shapes against the model's inspection (inputs with name and
-    shape); returns the parsed shapes or raises ShapeError."""
-    shapes = InputShapes.parse(value)
+def check_against_model(value: dict[str, Any] | None, model_inputs: list[dict[str, Any]],
+                        values: dict[str, Any] | None = None) -> InputShapes:
+    """The submit-time check of evaluate.input_shapes (and input_values) against the model's inspection (inputs
+    with name and shape); returns the parsed shapes or raises ShapeError."""
+    shapes = InputShapes.parse(value, values)
     if shapes and model_inputs:
         resolve({i["name"]: i.get("shape") for i in model_inputs}, shapes)
     return shapes
+
+
+MAX_VALUE_ELEMENTS = 4096
+
+
+def parse_values(values: dict[str, Any] | None) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """evaluate.input_values: input -> (the value's shape, the value): a number, a boolean, or nested lists of
+    them, rectangular, at most MAX_VALUE_ELEMENTS numbers."""
+    if not values:
+        return {}
+    if not isinstance(values, dict):
+        raise ShapeError("evaluate.input_values must be an object: input name -> value (a number or nested lists)")
+    parsed = {}
+    for name, value in values.items():
+        shape = _value_shape(value, name, depth=0)
+        count = 1
+        for size in shape:
+            count *= size
+        if count > MAX_VALUE_ELEMENTS:
+            raise ShapeError(f"input {name!r}: a value may hold at most {MAX_VALUE_ELEMENTS} numbers (send data "
+                             "as a dataset)", input=name)
+        parsed[str(name)] = (shape, value)
+    return parsed
+
+
+def _value_shape(value: Any, name: str, *, depth: int) -> tuple[int, ...]:
+    if isinstance(value, bool | int | float):
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+            raise ShapeError(f"input {name!r}: {value} does not fit in 64 bits", input=name)
+        return ()
+    if depth >= 8:
+        raise ShapeError(f"input {name!r}: a value may nest at most 8 lists deep", input=name)
+    if isinstance(value, list) and value:
+        shapes = {_value_shape(item, name, depth=depth + 1) for item in value}
+        if len(shapes) == 1:
+            return (len(value), *shapes.pop())
+        raise ShapeError(f"input {name!r}: the value's nested lists must all have the same length", input=name)
+    raise ShapeError(f"input {name!r}: a value is a number, a boolean, or non-empty nested lists of them, not "
+                     f"{value!r:.40}", input=name)
 
 
 def shape_text(shape: list[Any] | tuple[Any, ...] | None) -> str:

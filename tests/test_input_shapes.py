@@ -377,3 +377,58 @@ def test_ultraface_with_free_dims_needs_its_size_given(client, alice):
     job = _run(client, alice, spec)
     assert job["status"] == "succeeded", job
     assert job["summary"]["input_shapes"] == {"input": [1, 3, 240, 320]}
+
+
+def rate_gated_onnx() -> bytes:
+    """y = x @ W, through an If on `sr == 16000` whose else branch reshapes to an impossible shape: like Silero
+    VAD, the model runs only when its scalar `sr` input holds the one value it was made for."""
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "w")
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y_then"])], "then", [],
+                             [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, None)])
+    bad_shape = numpy_helper.from_array(np.array([7, 7, 7], np.int64), "bad_shape")
+    other = helper.make_graph([helper.make_node("Reshape", ["x", "bad_shape"], ["y_else"])], "else", [],
+                              [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, None)],
+                              initializer=[bad_shape])
+    nodes = [helper.make_node("Constant", [], ["rate"], value=numpy_helper.from_array(np.array(16000, np.int64))),
+             helper.make_node("Equal", ["sr", "rate"], ["ok"]),
+             helper.make_node("If", ["ok"], ["y"], then_branch=then, else_branch=other)]
+    return onnx_bytes(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+                              helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [weight])
+
+
+@pytest.fixture
+def rate_gated(client, alice):
+    resp = client.post("/v1/models", files={"file": ("gated.onnx", rate_gated_onnx())}, headers=alice)
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def test_input_values_feed_an_input_that_must_hold_one_value(client, alice, rate_gated):
+    failed = _run(client, alice, {"model_id": rate_gated["id"], "steps": [{"method": "quantize.int8_dynamic"}],
+                                  "evaluate": FAST})
+    assert failed["status"] == "failed" and failed["error"]["code"] == "input_value_required", failed
+    assert "evaluate.input_values" in failed["error"]["message"] and "'sr'" in failed["error"]["message"]
+    job = _run(client, alice, {"model_id": rate_gated["id"], "steps": [{"method": "quantize.int8_dynamic"}],
+                               "evaluate": FAST | {"input_values": {"sr": 16000}}})
+    assert job["status"] == "succeeded", job
+    assert job["summary"]["fidelity"]["cosine_similarity"] > 0.99
+    inputs = client.get(f"/v1/jobs/{job['id']}/report", headers=alice).json()["measurement"]["inputs"]
+    assert [i["values"] for i in inputs if i["name"] == "sr"] == ["16000 (evaluate.input_values)"]
+
+
+@pytest.mark.parametrize("values,needle", [
+    ({"rate": 16000}, "no input 'rate'"),
+    ({"sr": [16000, 8000]}, "rank 0"),
+    ({"sr": "16000"}, "a number, a boolean"),
+    ({"sr": [[1], [2, 3]]}, "same length"),
+    ({"sr": 2**70}, "64 bits"),
+])
+def test_input_values_that_do_not_fit_are_422_and_nothing_is_left(client, alice, rate_gated, data_dir, values,
+                                                                 needle):
+    resp = client.post("/v1/jobs", json={"model_id": rate_gated["id"], "steps": [{"method": "quantize.int8_dynamic"}],
+                                         "evaluate": FAST | {"input_values": values}}, headers=alice)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["code"] == "invalid_input_shape" and resp.json()["field"] == "evaluate.input_values"
+    assert needle in resp.json()["detail"]
+    assert row_count(Job) == 0 and queued_messages(data_dir) == []

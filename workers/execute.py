@@ -217,7 +217,8 @@ def _input_shapes(run: JobRun, spec: dict):
     evaluate = spec["evaluate"]
     ids = [evaluate.get("eval_dataset_id")] + [step["params"].get(name) for step in spec["steps"]
                                                for name in methods.get(step["method"]).dataset_params]
-    return job_input_shapes(evaluate.get("input_shapes"), [run.dataset(i) for i in dict.fromkeys(ids) if i])
+    return job_input_shapes(evaluate.get("input_shapes"), [run.dataset(i) for i in dict.fromkeys(ids) if i],
+                            evaluate.get("input_values"))
 
 
 def _measure(run: JobRun, settings, evaluate: dict, original: Path, candidate: Path, share: tuple[float, float],

@@ -56,6 +56,16 @@ class EvaluateSpec(Strict):
         examples=[{"x": [1, 3, 48, 320]}, {"dims": {"H": 48, "W": 320}}],
         max_length=256,
     )
+    input_values: dict[str, Any] | None = Field(
+        default=None,
+        description="Fixed values for inputs that are not data (a sample rate, a flag, a mode): input name -> a "
+        'number, a boolean or nested lists (e.g. {"sr": 16000}); fed as given, cast to the input\'s type, to both '
+        "models in every measurement, calibration and check, instead of generated values. The value's shape counts "
+        "as given (a value for one sample, [[1]] for [N, 1], serves every batch size). Checked against the model "
+        "at submit (422 invalid_input_shape).",
+        examples=[{"sr": 16000}],
+        max_length=64,
+    )
 
     @field_validator("batch_sizes")
     @classmethod

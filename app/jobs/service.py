@@ -10,7 +10,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.common import at_field, get_owned_or_404, newest_first_page
+from app.common import at_field, echo_id, get_owned_or_404, newest_first_page
 from app.datasets import service as datasets_service
 from app.datasets.files import check_against_model
 from app.audit import service as audit
@@ -83,10 +83,12 @@ def check_input_shapes(spec: JobCreate, model: Model) -> None:
     """evaluate.input_shapes must fit the model's inputs (names, ranks, fixed sizes, dim names, positive sizes);
     422 invalid_input_shape naming the input and axis otherwise."""
     try:
-        check_shapes_against_model(spec.evaluate.input_shapes, (model.inspection or {}).get("inputs") or [])
+        check_shapes_against_model(spec.evaluate.input_shapes, (model.inspection or {}).get("inputs") or [],
+                                   spec.evaluate.input_values)
     except ShapeError as exc:
-        raise InvalidInputShape(f"evaluate.input_shapes: {exc.message}", field="evaluate.input_shapes",
-                                **exc.where) from None
+        field = "evaluate.input_values" if exc.where.get("input") in (spec.evaluate.input_values or {}) else \
+            "evaluate.input_shapes"
+        raise InvalidInputShape(f"{field}: {exc.message}", field=field, **exc.where) from None
 
 
 def dataset_links(db: Session, tenant_id: str, model: Model, spec: JobCreate, steps: list[dict]) -> list[tuple]:
@@ -282,5 +284,5 @@ def artifact(*, db: Session, tenant_id: str, job_id: str, name: str) -> Artifact
                               expired_at=job.expired_at.isoformat())
     found = db.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
     if found is None:
-        raise ArtifactNotFound(f"job {job.id} has no artifact named {name!r}")
+        raise ArtifactNotFound(f"job {job.id} has no artifact named {echo_id(name)}")
     return found

@@ -43,12 +43,23 @@ class PlannedInput:
     kind: str                           # normal | ids | binary | bytes | ones | zeros | positions
     high: int = 2                       # exclusive upper bound for integer kinds
     sources: list[str] = field(default_factory=list)  # per axis, where its size came from (app.input_shapes)
+    value: Any = None                   # kind "value": what evaluate.input_values gives, fed as is
 
     def shape(self, batch: int) -> list[int]:
         return [batch if d is None else d for d in self.dims]
 
     def values(self, batch: int, rng: np.random.Generator) -> np.ndarray:
         shape = self.shape(batch)
+        if self.kind == "value":
+            given = np.asarray(self.value)
+            if given.shape == tuple(shape) or not self.declared["baseline"] and given.ndim:
+                return given.copy()
+            try:  # a value given for one sample ([[1]] for [N, 1]) serves every batch size
+                return np.broadcast_to(given, shape).copy()
+            except ValueError:
+                raise JobFailed(f"input '{self.name}' is given a value of shape {list(given.shape)} "
+                                f"(evaluate.input_values), which does not fit its shape {shape} at batch {batch}",
+                                code="invalid_input_shape", input=self.name) from None
         if self.kind == "normal":
             return rng.standard_normal(shape)
         if self.kind in ("ids", "binary", "bytes"):
@@ -70,6 +81,7 @@ class PlannedInput:
             "ones": "ones (mask)",
             "zeros": "zeros (token types)",
             "positions": "0, 1, 2, ... along the last axis (positions)",
+            "value": f"{self.value!r:.80} (evaluate.input_values)",
         }[self.kind]
         entry = {"name": self.name, "dtype": self.dtypes["baseline"].name, "declared_shape": self.declared["baseline"],
                  "shape": self.dims, "shape_sources": self.sources, "values": text}
@@ -112,21 +124,24 @@ class InputPlan:
             open_axes: dict[str, list[tuple[int, str | None]]] = {}
             for g in self.guessed:
                 open_axes.setdefault(g["input"], []).append((g["axis"], g["dim"]))
-            hint = how_to_give(self.shapes(batch), open_axes)
+            hint = how_to_give(self.shapes(batch), open_axes) + self._value_hint()
             return InputShapeRequired(
                 f"{model} does not run at the sizes guessed for its dynamic dims ({dims}); {hint}. "
                 f"Shapes tried: {self._shapes_text(batch, inputs)}. ONNX Runtime said: {said}",
                 guessed=self.guessed)
+        if not self.chosen and self._value_hint():
+            return JobFailed(f"{model} does not run on the values generated for its inputs{self._value_hint()}. "
+                             f"ONNX Runtime said: {said}", code="input_value_required")
         if self.chosen:
             return JobFailed(f"{model} does not run at the input shapes given for it "
-                             f"({self._shapes_text(batch, {i.name for i in self.inputs})}): {said}",
+                             f"({self._shapes_text(batch, {i.name for i in self.inputs})}){self._value_hint()}: {said}",
                              code="invalid_input_shape", shapes=self.shapes(batch), sources=self.sources())
         return None
 
     def check_runs(self, session: Any, *, model: str) -> None:
-        """Where this plan chose sizes, run `session` (the baseline's) once at the smallest batch; raise
-        shape_failure's error if it does not run."""
-        if not self.chosen:
+        """Where this plan chose sizes or generated values for small integer inputs, run `session` (the
+        baseline's) once at the smallest batch; raise shape_failure's error if it does not run."""
+        if not self.chosen and not self._value_hint():
             return
         batch = self.fixed_batch or 1
         try:
@@ -135,6 +150,18 @@ class InputPlan:
             failure = self.shape_failure(exc, batch, model=model)
             if failure is not None:
                 raise failure from None
+
+    def _value_hint(self) -> str:
+        """Where small integer or boolean inputs got generated values, they may be what the model refused (a
+        sample rate that must be 16000): say how to give their values."""
+        valued = [i for i in self.inputs if i.kind not in ("normal", "value") and len(i.dims) <= 1]
+        if not valued:
+            return ""
+        example = ", ".join(f'"{i.name}": <value>' for i in valued)
+        cli = " ".join(f"--input-value {i.name}=<value>" for i in valued)
+        return (f"; if {', '.join(repr(i.name) for i in valued)} must hold particular values (generated here: "
+                + "; ".join(i.describe()["values"] for i in valued)
+                + f"), give them in evaluate.input_values, e.g. {{{example}}} ({cli})")
 
     def _shapes_text(self, batch: int, names: set[str]) -> str:
         return ", ".join(f"'{i.name}' {shape_text(i.shape(batch))} (" + ", ".join(
@@ -252,6 +279,8 @@ def plan_inputs(sessions: dict[str, Any], structures: dict[str, Any], *,
                          f"{dtypes['result'].name} in the compressed one; the same values were cast to each")
         kind, high = _kind(name, dtypes["baseline"], vocabularies.get(name))
         item = PlannedInput(name=name, dtypes=dtypes, declared=declared, dims=[], kind=kind, high=high)
+        if name in shapes.values:
+            item.kind, item.value = "value", shapes.values[name]
         planned.append((item, _merge_dims(name, declared)))
 
     plan = InputPlan(inputs=[p for p, _ in planned], notes=notes)
@@ -313,11 +342,13 @@ def _short_reason(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def job_input_shapes(given: dict[str, Any] | None, datasets: list[Any]) -> InputShapes:
-    """A job's input shapes: evaluate.input_shapes, then the sample shapes of the datasets it names
-    (workers.datasets.Dataset, in order: the eval dataset first, then the steps'), for what the user left out."""
+def job_input_shapes(given: dict[str, Any] | None, datasets: list[Any],
+                     values: dict[str, Any] | None = None) -> InputShapes:
+    """A job's input shapes: evaluate.input_shapes (and the values of evaluate.input_values), then the sample
+    shapes of the datasets it names (workers.datasets.Dataset, in order: the eval dataset first, then the
+    steps'), for what the user left out."""
     try:
-        shapes = InputShapes.parse(given)
+        shapes = InputShapes.parse(given, values)
     except ShapeError as exc:  # checked at submit; a job row written otherwise still fails with the code
         raise JobFailed(f"evaluate.input_shapes: {exc.message}", code="invalid_input_shape", **exc.where) from None
     for dataset in datasets:
@@ -326,6 +357,7 @@ def job_input_shapes(given: dict[str, Any] | None, datasets: list[Any]) -> Input
 
 
 PREFLIGHT_MAX_BYTES = 2 * 1024**3
+FLOAT_TYPES = (1, 10, 11, 16)  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 
 def check_original_runs(model_path: Path, shapes: InputShapes) -> InputPlan | None:
@@ -341,7 +373,10 @@ def check_original_runs(model_path: Path, shapes: InputShapes) -> InputPlan | No
     structure = onnx.load(str(model_path), load_external_data=False)
     open_dims = any(not dim.HasField("dim_value")
                     for value in structure.graph.input for dim in value.type.tensor_type.shape.dim[1:])
-    if not open_dims or model_size(model_path, structure)["file_bytes"] > PREFLIGHT_MAX_BYTES:
+    # Small integer or boolean inputs (a sample rate, a flag) get generated values the model may refuse.
+    small_ints = any(value.type.tensor_type.elem_type not in FLOAT_TYPES and len(value.type.tensor_type.shape.dim) <= 1
+                     for value in structure.graph.input)
+    if not (open_dims or small_ints) or model_size(model_path, structure)["file_bytes"] > PREFLIGHT_MAX_BYTES:
         return None
     options = ort.SessionOptions()
     options.log_severity_level = 3
