@@ -184,7 +184,10 @@ def test_distill_trains_a_model_that_runs_only_at_batch_1_one_sample_at_a_time(h
     for role in ("student", "teacher"):
         batch = details["batch"][role]
         assert batch["fixed"] == 1 and batch["feeding"] == "fixed_batch_at_a_time", batch
-        assert "error" in batch["stacked_check"]
+        assert "error" in batch["stacked_check"] and batch["vectorized"]
+        # Only the [1, 256] constant: the image's [8, 8] does not start with the batch, and [1, 1, 8, 8] reshapes
+        # data whose first axis (8) is not the batch.
+        assert [(r["shape"], r["now"]) for r in batch["rewrites"]] == [([1, 256], [0, 256])]
     assert details["training"]["epochs_run"] >= 1
     assert details["eval"]["student"] >= 0.85 and details["eval"]["samples"] == 200
 
@@ -323,3 +326,40 @@ def test_a_model_failing_on_a_training_batch_fails_with_a_code_naming_the_shape(
                  epochs=1, lr=1e-3, batch_size=8)
     assert caught.value.code == "training_failed"
     assert "[40, 1, 8, 8]" in caught.value.message and "hard-code a batch size" in caught.value.message
+
+
+def test_bridge_frees_reshape_and_expand_holding_a_fixed_batch_of_2(tmp_path):
+    """onnx.helper model at batch 2: Reshape to [2, 2, 3], Expand to [2, 2, 3], Reshape to [2, 6]. All three
+    constants follow the batch after the rewrite; the module then gives each sample's own result at batch 6."""
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from workers import bridge
+
+    shapes = {"to3d": [2, 2, 3], "expand": [2, 2, 3], "to2d": [2, 6]}
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "to3d"], ["a"], name="split"),
+         helper.make_node("Expand", ["a", "expand"], ["b"], name="widen"),
+         helper.make_node("Mul", ["b", "scale"], ["c"], name="scale_it"),
+         helper.make_node("Reshape", ["c", "to2d"], ["y"], name="join")],
+        "fixed2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])],
+        [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in shapes.items()]
+        + [numpy_helper.from_array(np.arange(1, 4, dtype=np.float32), "scale")])
+    path = tmp_path / "fixed2.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+    bridged = bridge.to_torch(path)
+    batch = bridged.batch
+    assert batch["fixed"] == 2 and batch["feeding"] == "mini_batches", batch
+    assert [(r["node"], r["now"]) for r in batch["rewrites"]] == [
+        ("split", [0, 2, 3]), ("widen", [1, 2, 3]), ("join", [0, 6])]
+    x = np.random.default_rng(0).standard_normal((6, 6)).astype(np.float32)
+    with torch.no_grad():
+        got = bridged.module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, x * np.tile(np.arange(1, 4, dtype=np.float32), 2), rtol=1e-6)
+
+    exported = bridge.to_onnx(bridged.module, bridged, tmp_path / "out" / "model.onnx")
+    written = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+    assert declared(written.input[0]) == [2, 6] and declared(written.output[0]) == [2, 6]
+    assert exported["contract"]["kept"]
