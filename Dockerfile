@@ -20,6 +20,7 @@ COPY app/__init__.py app/__init__.py
 COPY workers/__init__.py workers/__init__.py
 RUN pip install -c constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu . \
  && pip install --no-deps -c constraints.txt onnx2torch \
+ && rm -rf "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tests" \
  && if [ "$ORT_PACKAGE" != "onnxruntime" ]; then \
       pip uninstall -y onnxruntime && pip install "$ORT_PACKAGE"; \
     fi

@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP_INSTALL) -e '.[dev]'
 	# onnx2torch without its declared torchvision (see pyproject.toml)
 	$(PIP_INSTALL) --no-deps onnx2torch
+	# tf2onnx installs its own test suite as a top-level `tests` package, which would shadow ours in scripts
+	# run from outside the repository root
+	rm -rf $(VENV)/lib/python*/site-packages/tests
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -59,8 +59,8 @@ export function uploadPage(main) {
     h("h1", null, "Upload"),
     h("div", { class: "grid-2" },
       uploadCard({
-        kind: "model", title: "A model", accept: ".onnx,.zip", endpoint: "/v1/models",
-        hint: "One .onnx file, or a .zip holding the .onnx and its external-data files. It is checked by the ONNX checker and shape inference; the same file is stored once.",
+        kind: "model", title: "A model", accept: ".onnx,.zip,.keras", endpoint: "/v1/models",
+        hint: "One .onnx file; a .zip holding the .onnx and its external-data files, a Hugging Face model folder (config.json + safetensors) or a TensorFlow SavedModel; or a .keras file. ONNX is checked by the ONNX checker and shape inference; other formats are converted to ONNX by a conversion job. The same file is stored once.",
         done: (model) => h("div", { class: "ok", "data-model-id": model.id },
           h("p", null, "✓ Stored ", h("strong", null, model.name), ` (${bytes(model.size_bytes)}, ${model.inspection.parameters ?? "?"} parameters, sha256 `,
             h("code", null, model.sha256.slice(0, 16)), "…)"),
