@@ -136,6 +136,7 @@ def test_unexpected_error_is_reported_not_swallowed(client, alice, submit, test_
     assert job["status"] == "failed"
     assert job["error"]["code"] == "step_failed"
     assert "RuntimeError: out of disk" in job["error"]["message"]
+    assert "no specific code" in job["error"]["message"]  # the last resort says that it is one
 
 
 def test_cancel_while_running_stops_at_the_next_step_boundary(client, alice, submit, test_method):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import JobFailed, ModelPressError
-from app.models.onnx_files import materialize
+from app.formats.onnx_files import materialize
 from app.models.service import limits
 from app.settings import get_settings
 from app.store import file_sha256
@@ -147,7 +147,10 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
             exc.message = f"step {index} ({method.id}) failed: {exc.message}"
             raise
         except Exception as exc:
-            raise JobFailed(f"step {index} ({method.id}) failed: {type(exc).__name__}: {exc}", code="step_failed") from exc
+            # The last resort: no specific code covers what the library raised. Say so, so that the user knows
+            # this is ModelPress's gap, not a verdict on the model.
+            raise JobFailed(f"step {index} ({method.id}) failed with an error ModelPress has no specific code for "
+                            f"(step_failed; please report it): {type(exc).__name__}: {exc}", code="step_failed") from exc
         duration = time.perf_counter() - started
         name = "model.onnx" if index == len(steps) else f"step-{index}-{method.id}.onnx"
         artifact = run.store_artifact(output.model_path, name=name, kind="model", content_type="application/octet-stream")
