@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 import uuid
 from typing import Any
 
@@ -24,6 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from app.formats.text import UNSTORABLE
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -60,9 +61,6 @@ class UTCDateTime(TypeDecorator):
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=dt.UTC)
         return value
-
-
-UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def storable(value: Any) -> Any:

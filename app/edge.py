@@ -14,16 +14,12 @@ from urllib.parse import unquote_to_bytes
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import Unprocessable
+from app.formats.text import UNSTORABLE
 
-UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 # JSON bodies larger than this are not scanned here (the routes that take JSON take small documents; their
 # strings are bounded by their schemas).
 MAX_SCANNED_BODY = 1 << 20
 PROBLEM = "application/problem+json"
-
-
-def unstorable(text: str) -> bool:
-    return UNSTORABLE.search(text) is not None
 
 
 def check_text(where: str, text: str) -> None:

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.formats.limits import Limits
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODELPRESS_", extra="ignore")
@@ -130,6 +132,10 @@ class Settings(BaseSettings):
 
     def queue_name(self, queue: str) -> str:
         return f"{self.queue_prefix}{queue}"
+
+    def file_limits(self) -> Limits:
+        """The bounds an uploaded or stored model file is unpacked and parsed within."""
+        return Limits(max_unpacked_bytes=self.max_unpacked_bytes)
 
 
 @functools.lru_cache

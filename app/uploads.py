@@ -19,14 +19,6 @@ from app.errors import ModelPressError, PayloadTooLarge, Unprocessable, Unsuppor
 MAX_FORM_FIELD_BYTES = 64 * 1024
 # What a multipart body may hold besides its file (boundaries, part headers, a few form fields).
 MULTIPART_SLACK_BYTES = 4 * MAX_FORM_FIELD_BYTES
-# A pickle (protocol 2 to 5) opens with PROTO and its version; no ONNX protobuf, zip or safetensors header does.
-PICKLE_PREFIXES = tuple(bytes([0x80, version]) for version in range(2, 6))
-
-
-def starts_with_pickle(path: Path) -> bool:
-    """Whether a received file is a Python pickle (which the server never loads)."""
-    with path.open("rb") as fh:
-        return fh.read(2) in PICKLE_PREFIXES
 
 
 @dataclass

@@ -336,7 +336,7 @@ def dataset_inspection(**arrays: tuple[str, list[int]]) -> dict:
                  id="wrong-rank"),
 ])
 def test_check_against_model_names_the_array_and_the_expected_spec(arrays, fragments):
-    from app.datasets.files import check_against_model
+    from app.formats.dataset_files import check_against_model
     from app.errors import DatasetMismatch
 
     with pytest.raises(DatasetMismatch) as caught:
@@ -351,7 +351,7 @@ def test_check_against_model_names_the_array_and_the_expected_spec(arrays, fragm
 
 
 def test_check_against_model_accepts_symbolic_dims_batch_axis_and_extras():
-    from app.datasets.files import check_against_model
+    from app.formats.dataset_files import check_against_model
 
     model = {"inputs": [
         {"name": "images", "dtype": "float32", "shape": [1, 3, "height", None]},
@@ -363,7 +363,7 @@ def test_check_against_model_accepts_symbolic_dims_batch_axis_and_extras():
 
 
 def test_check_against_model_on_real_inspections(client, alice, mlp_onnx):
-    from app.datasets.files import check_against_model
+    from app.formats.dataset_files import check_against_model
 
     model = client.post("/v1/models", files={"file": ("m.onnx", mlp_onnx)}, headers=alice).json()
     dataset = upload(client, alice, npz_bytes(**mlp_data(6))).json()
@@ -373,7 +373,7 @@ def test_check_against_model_on_real_inspections(client, alice, mlp_onnx):
 def test_the_apis_bounded_memory_check_sees_what_the_workers_loader_sees(tmp_path):
     """read_specs (the API: headers and checksums, no arrays kept) and load_arrays (the workers) agree on what
     a file holds, and both refuse a member whose bytes were changed after zipping."""
-    from app.datasets.files import inspect_dataset, load_arrays, read_specs
+    from app.formats.dataset_files import inspect_dataset, load_arrays, read_specs
 
     arrays = {"features": np.arange(40, dtype=">f4").reshape(10, 4), "mask": np.ones((10, 2), np.bool_),
               "labels": np.arange(10, dtype=np.int64)}

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from app.dbmodels import Job, JobDataset
 from app.errors import InputShapeRequired, JobFailed
-from app.input_shapes import GIVEN, GUESSED, InputShapes, ShapeError, check_against_model, resolve
+from app.formats.input_shapes import GIVEN, GUESSED, InputShapes, ShapeError, check_against_model, resolve
 from tests.conftest import npz_bytes, onnx_bytes, queued_messages, row_count
 from workers.measure.inputs import plan_inputs
 from workers.pipeline import run_job
@@ -432,3 +432,14 @@ def test_input_values_that_do_not_fit_are_422_and_nothing_is_left(client, alice,
     assert resp.json()["code"] == "invalid_input_shape" and resp.json()["field"] == "evaluate.input_values"
     assert needle in resp.json()["detail"]
     assert row_count(Job) == 0 and queued_messages(data_dir) == []
+
+
+def test_placeholder_dims_are_unnamed_and_negative_sizes_free():
+    """PaddleOCR exports declare [-1, 3, "?", "?"]: -1 is a free batch, and the two "?" are separate dims, so a
+    dataset of 48x192 samples fills H with 48 and W with 192 (not both with 48), and a batch of 1 is no
+    contradiction."""
+    declared = {"x": [-1, 3, "?", "?"]}
+    from_data = resolve(declared, InputShapes().with_dataset("lines", {"x": (5, 3, 48, 192)}))
+    assert [axis.size for axis in from_data["x"]] == [None, 3, 48, 192]
+    given = check_against_model({"x": [1, 3, 48, 192]}, [{"name": "x", "shape": [-1, 3, "?", "?"]}])
+    assert [axis.size for axis in resolve(declared, given)["x"]] == [None, 3, 48, 192]

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from app.input_shapes import InputShapes
+from app.formats.input_shapes import InputShapes
 from tests.conftest import SHARED_MODELS, shared_model
 from tests.stack import BIN, base_env, free_port, logs, processes, wait_for_job, wait_ready
 from workers.intake import ABS_SCALE, MIN_COSINE, compare_output, normalize

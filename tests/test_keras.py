@@ -451,10 +451,10 @@ def test_the_api_checks_keras_uploads_without_tensorflow(tmp_path):
     small_cnn().save(tmp_path / "m.keras")
     with zipfile.ZipFile(tmp_path / "sm.zip", "w") as archive:
         archive.writestr("m/saved_model.pb", b"")  # holds_savedmodel only reads the member list
-    code = ("import sys, pathlib, app.main; from app.models.onnx_files import Limits, validate_upload; "
+    code = ("import sys, pathlib, app.main; from app.formats.limits import Limits; from app.formats.onnx_files import validate_upload; "
             f"p = pathlib.Path({str(tmp_path)!r}); "
             "fmt, _ = validate_upload(p / 'm.keras', filename='m.keras', workdir=p / 'w', limits=Limits()); "
-            "from app.keras_files import holds_savedmodel; assert holds_savedmodel(p / 'sm.zip'); "
+            "from app.formats.keras_files import holds_savedmodel; assert holds_savedmodel(p / 'sm.zip'); "
             "heavy = [m for m in ('tensorflow', 'keras', 'tf2onnx', 'h5py', 'torch') if m in sys.modules]; "
             "print(fmt, heavy); sys.exit(1 if heavy or fmt != 'keras' else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

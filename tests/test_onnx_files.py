@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from app.errors import InvalidModel, UnsafeArchive
-from app.models.onnx_files import Limits, materialize, validate_upload
+from app.formats.limits import Limits
+from app.formats.onnx_files import materialize, validate_upload
 from tests.conftest import mlp_onnx_bytes, shared_model
 
 
@@ -184,7 +185,7 @@ STREAM_ALWAYS, STREAM_NEVER = Limits(stream_above_bytes=0), Limits(stream_above_
 @pytest.mark.parametrize("source", ["mlp", "mnist-cnn/opt-mnist.onnx", "ultraface-rfb320/version-RFB-320.onnx",
                                     "yolox-nano/yolox_nano.onnx"])
 def test_a_large_single_file_is_checked_through_a_streamed_copy_with_the_same_verdict(tmp_path, source):
-    """Above stream_above_bytes a single .onnx is checked without parsing its weights (app.models.onnx_wire);
+    """Above stream_above_bytes a single .onnx is checked without parsing its weights (app.formats.onnx_wire);
     the inspection is the one the plain check gives, on exports from several tools."""
     path = write(tmp_path, "m.onnx", mlp_onnx_bytes() if source == "mlp" else shared_model(source).read_bytes())
     streamed = check(path, tmp_path / "a", filename="m.onnx", limits=STREAM_ALWAYS)

@@ -260,18 +260,17 @@ def test_external_data_in_a_model_local_function_is_checked_too(client, alice, d
 @pytest.fixture
 def proto_cap_1000(monkeypatch):
     """The API's limits with a 1000-byte protobuf cap, so a small model stands in for a >2 GiB one."""
-    from app.models import service
+    from app.settings import Settings
 
-    real = service.limits
-    monkeypatch.setattr(service, "limits", lambda settings: dataclasses.replace(
+    real = Settings.file_limits
+    monkeypatch.setattr(Settings, "file_limits", lambda settings: dataclasses.replace(
         real(settings), max_model_proto_bytes=1000))
 
 
 def test_the_api_caps_one_protobuf_at_what_protobuf_can_hold(data_dir):
-    from app.models.service import limits
     from app.settings import get_settings
 
-    assert limits(get_settings()).max_model_proto_bytes == 2**31 - 1
+    assert get_settings().file_limits().max_model_proto_bytes == 2**31 - 1
 
 
 @pytest.mark.parametrize("upload", [
@@ -288,10 +287,10 @@ def test_model_over_the_protobuf_cap_is_refused_before_parsing(client, alice, da
 
 
 def test_model_under_the_protobuf_cap_is_accepted(client, alice, data_dir, monkeypatch):
-    from app.models import service
+    from app.settings import Settings
 
-    real = service.limits
-    monkeypatch.setattr(service, "limits", lambda settings: dataclasses.replace(
+    real = Settings.file_limits
+    monkeypatch.setattr(Settings, "file_limits", lambda settings: dataclasses.replace(
         real(settings), max_model_proto_bytes=len(mlp_onnx_bytes())))
     assert upload_model(client, alice, mlp_onnx_bytes(), "mlp.onnx").status_code == 201
 

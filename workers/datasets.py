@@ -1,7 +1,7 @@
 """Datasets as the workers use them: input arrays keyed by the model's input names, plus labels.
 
 A dataset file (`.npz` or `.safetensors`) was validated when it was uploaded
-(app/datasets/files.py); here it is loaded again, with the same safe loader, into
+(app/formats/dataset_files.py); here it is loaded again, with the same safe loader, into
 memory. The first axis of every array is the sample axis.
 """
 from __future__ import annotations
@@ -41,8 +41,9 @@ class Dataset:
 
 def load(path: Path, fmt: str, *, name: str | None = None) -> Dataset:
     """Load a stored dataset blob (`fmt` is "npz" or "safetensors")."""
-    from app.datasets.files import LABELS, load_arrays
+    from app.formats.dataset_files import LABELS, load_arrays
+    from app.settings import get_settings
 
-    arrays = load_arrays(path, fmt)
+    arrays = load_arrays(path, fmt, max_unpacked_bytes=get_settings().max_unpacked_bytes)
     labels = arrays.pop(LABELS, None)
     return Dataset(inputs=arrays, labels=labels, name=name)

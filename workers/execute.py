@@ -17,7 +17,6 @@ from typing import Any
 
 from app.errors import JobFailed, ModelPressError
 from app.formats.onnx_files import materialize
-from app.models.service import limits
 from app.settings import get_settings
 from app.store import file_sha256
 from workers import methods
@@ -67,7 +66,7 @@ class JobRun:
                 raise JobFailed(f"model {model_id} was deleted before the job ran", code="model_not_found")
             path, fmt = self.models[model_id]
             self._unpacked[model_id] = materialize(Path(path), fmt, workdir / "models" / model_id,
-                                                   limits(get_settings()))
+                                                   get_settings().file_limits())
         return self._unpacked[model_id]
 
     def progress(self, value: float, stage: str, message: str, *, force: bool = False) -> None:
@@ -102,7 +101,7 @@ class JobRun:
 def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spec: dict):
     settings = get_settings()
     run.progress(0.01, "loading", "unpacking the uploaded model", force=True)
-    original = materialize(model_path, model_format, workdir / "input", limits(settings))
+    original = materialize(model_path, model_format, workdir / "input", settings.file_limits())
     steps_report = []
     step_paths: list[Path] = []
     current = original

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.common import at_field, echo_id, get_owned_or_404, newest_first_page
 from app.datasets import service as datasets_service
-from app.datasets.files import check_against_model
+from app.formats.dataset_files import check_against_model
 from app.audit import service as audit
 from app.audit.service import Actor
 from app.dbmodels import TERMINAL_STATUSES, Artifact, AuditEntry, Job, JobDataset, JobEvent, JobModel, Model, Tenant
@@ -30,8 +30,8 @@ from app.errors import (
     ServiceUnavailable,
     UnknownMethod,
 )
-from app.input_shapes import ShapeError
-from app.input_shapes import check_against_model as check_shapes_against_model
+from app.formats.input_shapes import ShapeError
+from app.formats.input_shapes import check_against_model as check_shapes_against_model
 from app.jobs.schemas import JobCreate, StepSpec
 from app.jobs.state import set_status
 from app.models import service as models_service

@@ -14,9 +14,9 @@ from app.blobs import keep_upload, release_blob
 from app.common import get_owned_or_404, newest_first_page
 from app.dbmodels import ACTIVE_STATUSES, Job, JobModel, Model, storable
 from app.errors import ConversionFailed, ConversionPending, ModelInUse, ModelNotFound
-from app.huggingface import check_task_field
+from app.formats.huggingface import check_task_field
 from app.limits import check_upload_fits
-from app.models.onnx_files import Limits, validate_upload
+from app.formats.onnx_files import validate_upload
 from app.models.schemas import ConversionPublic, ModelPublic
 from app.jobs.state import set_status
 from app.queue import enqueue_job
@@ -30,10 +30,6 @@ log = logging.getLogger(__name__)
 ONNX_FORMATS = ("onnx", "onnx-zip")
 
 
-def limits(settings: Settings) -> Limits:
-    return Limits(max_unpacked_bytes=settings.max_unpacked_bytes)
-
-
 def create_from_upload(
     *, db: Session, store: LocalStore, settings: Settings, actor: Actor, received: Received, workdir: Path
 ) -> Model:
@@ -43,7 +39,7 @@ def create_from_upload(
     transaction, enqueued after commit (workers/convert)."""
     task = check_task_field(received.fields.get("task"))
     fmt, inspection = validate_upload(
-        received.path, filename=received.filename, workdir=workdir / "check", limits=limits(settings), task=task
+        received.path, filename=received.filename, workdir=workdir / "check", limits=settings.file_limits(), task=task
     )
     name = (received.fields.get("name") or Path(received.filename).name)[:255]
     conversion: list[Job] = []

@@ -50,7 +50,7 @@ class Bridged:
     # Not in the first draft of the API; defaulted so that code constructing Bridged keeps working.
     output_shapes: dict[str, Shape] = field(default_factory=dict)   # declared, for to_onnx's dynamic axes
     vocabularies: dict[str, int] = field(default_factory=dict)      # input -> rows of the table it indexes
-    shapes: Any = None  # the job's input shapes (app.input_shapes.InputShapes) for generated inputs
+    shapes: Any = None  # the job's input shapes (app.formats.input_shapes.InputShapes) for generated inputs
     # How training feeds a model exported with a fixed batch (workers.bridge.batching); JSON-able.
     batch: dict[str, Any] = field(default_factory=lambda: {"fixed": None, "feeding": "mini_batches"})
     output_dtypes: dict[str, np.dtype] = field(default_factory=dict)

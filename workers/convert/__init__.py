@@ -22,7 +22,7 @@ The contract of a converter, registered with `@register("<format>")`:
   exception as the whole message. Never executes code from the upload (no remote code, no pickles, no Lambda
   layers).
 
-The job process then checks the export like an upload (app.models.onnx_files) and the worker stores it as a new
+The job process then checks the export like an upload (app.formats.onnx_files) and the worker stores it as a new
 model row linked to its source (models.source_model_id).
 
 Registering must stay light: a converter module imports its framework (torch, transformers, tensorflow) inside

@@ -3,7 +3,7 @@
 Not Optimum: optimum-onnx (0.1.0) requires transformers < 4.58 and cannot install beside the transformers this
 project pins (5.x, constraints.txt). torch.onnx.export (dynamo=False, the TorchScript exporter the repo uses
 elsewhere) over the transformers model, with dynamic batch and sequence axes, exports every architecture listed
-in app.huggingface.SUPPORTED.
+in app.formats.huggingface.SUPPORTED.
 
 Never remote code (trust_remote_code=False, and the folder is re-checked for auto_map / .py here), never
 unpickling (use_safetensors=True, and pickled files are refused before anything loads). The export is checked:
@@ -17,8 +17,8 @@ import re
 from pathlib import Path
 
 from app.errors import JobFailed, ModelPressError
-from app.huggingface import SUPPORTED
-from app.models.onnx_files import _short, unpack_hf_folder
+from app.formats.huggingface import SUPPORTED
+from app.formats.onnx_files import _short, unpack_hf_folder
 from workers.convert import Converted, register
 
 OPSET = 17
@@ -44,11 +44,10 @@ def convert(source_path: Path, out_dir: Path, options: dict) -> Converted:
     import torch
     import transformers
 
-    from app.models.service import limits
     from app.settings import get_settings
 
     progress = options.get("progress") or (lambda fraction, message: None)
-    folder, inspection = unpack_hf_folder(source_path, out_dir / "source", limits(get_settings()),
+    folder, inspection = unpack_hf_folder(source_path, out_dir / "source", get_settings().file_limits(),
                                           task=options.get("task"))
     task, model_type = inspection["task"], inspection["model_type"]
     progress(0.1, f"loading the {model_type} model for {task}")

@@ -12,8 +12,7 @@ import zipfile
 from pathlib import Path
 
 from app.errors import JobFailed, ModelPressError
-from app.models.onnx_files import _short, validate_upload
-from app.models.service import limits
+from app.formats.onnx_files import _short, validate_upload
 from app.settings import get_settings
 from workers import convert
 
@@ -43,7 +42,7 @@ def execute_conversion(run, workdir: Path, source_path: Path, source_format: str
     run.progress(0.9, "checking", "checking the exported model like an upload", force=True)
     try:
         fmt, inspection = validate_upload(packed, filename=packed.name, workdir=workdir / "check",
-                                          limits=limits(get_settings()))
+                                          limits=get_settings().file_limits())
     except ModelPressError as exc:
         raise JobFailed(f"the exported ONNX model fails the upload checks: {exc.message}",
                         code="conversion_failed") from None

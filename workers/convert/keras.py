@@ -2,7 +2,7 @@
 
 - `.keras` (Keras 3, or tf_keras 2 as TF Model Optimization writes it): loaded by Keras 3 on its TensorFlow
   backend with `safe_mode=True` and `compile=False` (the training config is never deserialized), after the API's
-  config check runs again here (app.keras_files: no Lambda, no custom objects); exported by Keras' own
+  config check runs again here (app.formats.keras_files: no Lambda, no custom objects); exported by Keras' own
   `model.export(format="tf_saved_model")` (batch dim dynamic), then converted as a SavedModel is.
 - SavedModel: unpacked with the API's zip checks, its serving signature (`serving_default`, else the first)
   frozen and converted by tf2onnx. A SavedModel holds graphs, not Python: nothing from the upload runs as code.
@@ -30,9 +30,10 @@ from typing import Any, Callable
 import numpy as np
 
 from app.errors import JobFailed, Unprocessable
-from app.keras_files import (KERAS, SAVED_MODEL_PB, SAVEDMODEL_ZIP, describe_saved_model, inspect_keras,
+from app.formats.keras_files import (KERAS, SAVED_MODEL_PB, SAVEDMODEL_ZIP, describe_saved_model, inspect_keras,
                              savedmodel_folder)
-from app.models.onnx_files import Limits, _short, safe_members, unpack_members
+from app.formats.limits import Limits
+from app.formats.onnx_files import _short, safe_members, unpack_members
 from workers.convert import Converted, register
 
 OPSET = 17

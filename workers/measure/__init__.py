@@ -96,7 +96,7 @@ def measure_pair(
     first provider that starts. With a `dataset` (workers.datasets.Dataset), both models also run over its
     samples: accuracy against its labels, fidelity on its inputs. include_io: on a GPU provider, count the
     copies of inputs and outputs between host and device in each call. energy_estimate_tdp_watts: where no
-    counter is readable, add an estimate from this TDP, labelled as one. input_shapes (app.input_shapes.InputShapes
+    counter is readable, add an estimate from this TDP, labelled as one. input_shapes (app.formats.input_shapes.InputShapes
     or its to_json() form): the sizes of the models' dynamic dims, before any guess; the report's
     `input_shapes` and `input_shapes_source` say what was measured and where each size came from. Raises MeasurementFailed when the
     models cannot be loaded, run or compared (InputShapeRequired when the original does not run at guessed

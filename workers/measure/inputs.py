@@ -1,7 +1,7 @@
 """Synthetic inputs built from the models' own input specs, identical for both models of a pair.
 
 Axis 0, when symbolic, is the batch axis. Other symbolic axes take the size the
-job gives (evaluate.input_shapes) or its datasets' samples hold (app.input_shapes);
+job gives (evaluate.input_shapes) or its datasets' samples hold (app.formats.input_shapes);
 only what nothing fills gets a size guessed from its name (sequence-like: 128,
 spatial: 224, else 1), and every guess is reported. A model that does not run at
 a guessed size fails with input_shape_required, naming the dims to give. Values follow the input's role as its name suggests: token ids stay
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import InputShapeRequired, JobFailed, MeasurementFailed
-from app.input_shapes import BATCH, DECLARED, GUESSED, InputShapes, ShapeError, how_to_give, resolve, shape_text
+from app.formats.input_shapes import BATCH, DECLARED, GUESSED, InputShapes, ShapeError, how_to_give, resolve, shape_text
 
 ROLES = ("baseline", "result")
 ORT_DTYPES = {
@@ -42,7 +42,7 @@ class PlannedInput:
     dims: list[int | None]              # resolved sizes; None marks the batch axis
     kind: str                           # normal | ids | binary | bytes | ones | zeros | positions
     high: int = 2                       # exclusive upper bound for integer kinds
-    sources: list[str] = field(default_factory=list)  # per axis, where its size came from (app.input_shapes)
+    sources: list[str] = field(default_factory=list)  # per axis, where its size came from (app.formats.input_shapes)
     value: Any = None                   # kind "value": what evaluate.input_values gives, fed as is
 
     def shape(self, batch: int) -> list[int]:
@@ -250,7 +250,7 @@ def plan_inputs(sessions: dict[str, Any], structures: dict[str, Any], *,
                 shapes: InputShapes | dict[str, Any] | None = None, probe: bool = True) -> InputPlan:
     """Inputs for both models of a pair (the same session twice for one model).
 
-    shapes: the job's input shapes (StepContext.input_shapes; see app.input_shapes): what the user gave and
+    shapes: the job's input shapes (StepContext.input_shapes; see app.formats.input_shapes): what the user gave and
     the shapes of the job's datasets' samples fill the model's dynamic dims before anything is guessed.
     probe: where a dim is not fixed by the model, run the baseline session once on the plan's inputs (when
     it has `run`), so a model that cannot run at the guessed or given sizes fails here with

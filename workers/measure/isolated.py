@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import MeasurementFailed
-from app.input_shapes import InputShapes
+from app.formats.input_shapes import InputShapes
 from workers.measure import Stopped
 from workers.measure.environment import default_threads, pick_cores
 from workers.sandbox import how_it_ended, output_tail

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from app.input_shapes import InputShapes
+from app.formats.input_shapes import InputShapes
 
 
 class MethodParams(BaseModel):

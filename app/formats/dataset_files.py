@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 
 from app.errors import DatasetMismatch, InvalidDataset
-from app.models.onnx_files import ARCHIVE_RATIO_FLOOR_BYTES, archive_bytes
-from app.uploads import starts_with_pickle
-from app.settings import get_settings
+from app.formats.onnx_files import ARCHIVE_RATIO_FLOOR_BYTES, archive_bytes
+from app.formats.pickles import starts_with_pickle
 
 FORMATS = {".npz": "npz", ".safetensors": "safetensors"}
 LABELS = "labels"
@@ -68,16 +67,15 @@ def format_for(filename: str) -> str:
     return FORMATS[suffix]
 
 
-def load_arrays(path: Path, fmt: str, *, max_unpacked_bytes: int | None = None) -> dict[str, np.ndarray]:
+def load_arrays(path: Path, fmt: str, *, max_unpacked_bytes: int) -> dict[str, np.ndarray]:
     """Load every array of a dataset file into memory; raise InvalidDataset on anything unsafe or broken.
 
-    `max_unpacked_bytes` caps what an .npz may inflate to (default: the setting of that name).
+    `max_unpacked_bytes` caps what an .npz may inflate to (the caller passes its setting of that name).
     BF16 safetensors arrays come back as float32.
     """
     if fmt == "npz":
         _refuse_pickle(path)
-        cap = get_settings().max_unpacked_bytes if max_unpacked_bytes is None else max_unpacked_bytes
-        return _load_npz(path, cap)
+        return _load_npz(path, max_unpacked_bytes)
     if fmt == "safetensors":
         return _load_safetensors(path)
     raise InvalidDataset(f"unknown dataset format {fmt!r}")

@@ -18,13 +18,13 @@ import shutil
 import stat
 import zipfile
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from app.errors import InvalidModel, PayloadTooLarge, UnsafeArchive
-from app.models.onnx_wire import graph_depth
-from app.uploads import starts_with_pickle
+from app.formats.onnx_wire import graph_depth
+from app.formats.limits import Limits
+from app.formats.pickles import PICKLE_SUFFIXES, starts_with_pickle
 
 ZIP_MAGIC = b"PK\x03\x04"
 COPY_CHUNK = 1 << 20
@@ -35,8 +35,6 @@ RATIO_FLOOR_BYTES = 1 << 20
 # The whole archive's ratio is judged once it unpacks to more than this: many members of zeros, each under the
 # per-member floor, add up (900 members of 1 MiB zeros: a 1 MB zip of 900 MiB).
 ARCHIVE_RATIO_FLOOR_BYTES = 64 << 20
-# What PyTorch checkpoints and pickles are called (their bytes are caught by app.uploads.starts_with_pickle).
-PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Domains ONNX Runtime runs without a custom-op library: the ONNX ones and its built-in contrib ops.
 STANDARD_DOMAINS = ("", "ai.onnx.ml")
 RUNTIME_DOMAINS = ("com.microsoft",)
@@ -47,29 +45,12 @@ MAX_LISTED_OPS = 50
 WIRE_SCAN_FIELDS = 1_000_000
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_unpacked_bytes: int = 8 << 30
-    max_zip_members: int = 1000
-    max_compression_ratio: float = 200.0
-    # protobuf cannot encode a message of 2 GiB or more; a bigger model keeps its weights as external data.
-    max_model_proto_bytes: int = (2 << 30) - 1
-    # A model this large is checked through a copy with its weights pointing into the file, not parsed whole;
-    # the copy may hold this much (the rest of the model) and the walk read this many protobuf fields.
-    stream_above_bytes: int = 64 << 20
-    stream_copy_max_bytes: int = 64 << 20
-    stream_max_fields: int = 10_000_000
-    # If/Loop/Scan bodies nested inside each other. protobuf stops parsing near 32 levels; staying well
-    # below keeps the checker, shape inference and ONNX Runtime (all recursive) far from their limits.
-    max_graph_depth: int = 16
-
-
 # --- entry points -----------------------------------------------------------------------------
 
 def validate_upload(path: Path, *, filename: str, workdir: Path, limits: Limits,
                     task: str | None = None) -> tuple[str, dict[str, Any]]:
     """Check a spooled upload; return its format ("onnx", "onnx-zip", or "hf-zip" for a transformers folder that
-    the worker converts: app.huggingface; `task` overrides the task its config implies) and its inspection.
+    the worker converts: app.formats.huggingface; `task` overrides the task its config implies) and its inspection.
 
     Raises InvalidModel, UnsafeArchive or PayloadTooLarge; leaves nothing behind but files
     under `workdir`, which the caller removes.
@@ -78,7 +59,7 @@ def validate_upload(path: Path, *, filename: str, workdir: Path, limits: Limits,
     if suffix in PICKLE_SUFFIXES or starts_with_pickle(path):
         raise InvalidModel(_pickle_refusal(filename))
     # Keras models (converted to ONNX by a worker): a .keras file, or a zip holding a TF SavedModel folder.
-    from app import keras_files
+    from app.formats import keras_files
 
     if suffix == keras_files.KERAS_SUFFIX:
         return keras_files.KERAS, keras_files.inspect_keras(path, limits=limits)
@@ -98,9 +79,9 @@ def validate_upload(path: Path, *, filename: str, workdir: Path, limits: Limits,
 
 def _inspect(path: Path, *, packed: bool, limits: Limits) -> dict[str, Any]:
     """Check and describe a model. One of `stream_above_bytes` or more is checked through a small copy beside it
-    whose weights point into the file itself (app.models.onnx_wire; beside it, an archive's own external data
+    whose weights point into the file itself (app.formats.onnx_wire; beside it, an archive's own external data
     resolves too), so the API's memory does not grow with the model."""
-    from app.models.onnx_wire import ExternalDataInFile, WireError, externalize
+    from app.formats.onnx_wire import ExternalDataInFile, WireError, externalize
 
     size = path.stat().st_size
     if size < limits.stream_above_bytes:
@@ -144,7 +125,7 @@ def _looks_like_zip(path: Path, filename: str) -> bool:
 def _hf_folder(path: Path, limits: Limits, *, task: str | None) -> tuple[str, dict[str, Any]] | None:
     """("hf-zip", inspection) for a zip holding a transformers folder (config.json, no .onnx); None otherwise.
     Read in place, member by member: nothing is unpacked."""
-    from app import huggingface
+    from app.formats import huggingface
 
     try:
         archive = zipfile.ZipFile(path)
@@ -160,7 +141,7 @@ def _hf_folder(path: Path, limits: Limits, *, task: str | None) -> tuple[str, di
 def unpack_hf_folder(path: Path, dest: Path, limits: Limits, *, task: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Unpack a stored Hugging Face folder zip into `dest` after the upload's checks, run again here (the worker
     trusts nothing it did not check); return the folder holding config.json and its inspection."""
-    from app import huggingface
+    from app.formats import huggingface
 
     try:
         archive = zipfile.ZipFile(path)
@@ -183,7 +164,7 @@ def _pickle_refusal(filename: str) -> str:
 
 
 def _check_and_inspect(path: Path, *, packed: bool, limits: Limits, streamed=None) -> dict[str, Any]:
-    """`streamed`: the app.models.onnx_wire.Externalized whose copy `path` is (its tensors point into the upload
+    """`streamed`: the app.formats.onnx_wire.Externalized whose copy `path` is (its tensors point into the upload
     under `streamed.weights`; the rest of the model is the user's, checked as it stands)."""
     import onnx
     from google.protobuf.message import DecodeError

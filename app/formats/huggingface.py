@@ -3,7 +3,7 @@ running anything.
 
 A folder holds `config.json`, the weights as `model.safetensors` (or shards named by
 `model.safetensors.index.json`) and tokenizer files. Checked here, in the API, without torch or transformers:
-the zip's safety (app.models.onnx_files), `config.json` as bounded JSON, no remote code (`auto_map` in the config
+the zip's safety (app.formats.onnx_files), `config.json` as bounded JSON, no remote code (`auto_map` in the config
 or any Python file: refused), no pickles (`pytorch_model.bin`, `*.pt`, `training_args.bin`, ...: refused, the
 user is asked for safetensors), every safetensors header (bounded JSON, offsets inside the file) and a
 `model_type` the workers know how to export. The worker converts the folder to ONNX (workers/convert).
@@ -20,7 +20,7 @@ from typing import Any
 from app.errors import (
     InvalidDataset, InvalidModel, PickleRefused, RemoteCodeRefused, Unprocessable, UnsupportedArchitecture,
 )
-from app.models.onnx_files import _short
+from app.formats.onnx_files import _short
 
 FORMAT = "hf-zip"
 CONFIG = "config.json"
@@ -130,7 +130,7 @@ def infer_task(architectures: list[str]) -> str:
 
 
 def _refuse_code_and_pickles(archive: zipfile.ZipFile, files: dict[str, zipfile.ZipInfo]) -> None:
-    from app.uploads import PICKLE_PREFIXES
+    from app.formats.pickles import PICKLE_PREFIXES
 
     code = [name for name in files if PurePosixPath(name).suffix.lower() in (".py", ".pyc", ".so")]
     if code:
@@ -160,9 +160,9 @@ def _read_json(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, what
 
 
 def _check_weights(archive: zipfile.ZipFile, files: dict[str, zipfile.ZipInfo]) -> dict[str, Any]:
-    """Every safetensors file's header checked (app.datasets.files: bounded JSON, offsets inside the file,
+    """Every safetensors file's header checked (app.formats.dataset_files: bounded JSON, offsets inside the file,
     sizes matching shapes); a sharded index's files all present."""
-    from app.datasets.files import _safetensors_entries
+    from app.formats.dataset_files import _safetensors_entries
 
     shards = sorted(name for name in files if name.endswith(".safetensors"))
     if SAFETENSORS_INDEX in files:

@@ -8,10 +8,10 @@ A worker converts both to ONNX (workers.convert.keras). The API only reads them:
   serialized Python function (`unsafe_layer_refused`), and classes that are not Keras' own built-ins
   (`custom_object_refused`: they need the user's Python code, which is never run).
 - A SavedModel (`saved_model.pb` + `variables/`) is graphs and tensors, no Python. `saved_model.pb` is read
-  with the protobuf wire reader of app.models.onnx_wire (TensorFlow's proto classes live in TensorFlow) for its
+  with the protobuf wire reader of app.formats.onnx_wire (TensorFlow's proto classes live in TensorFlow) for its
   tags, serving signatures and op types; a graph calling back into Python (`PyFunc`) is refused.
 
-Imports nothing of the service beyond app.errors and the zip checks of app.models.onnx_files.
+Imports nothing of the service beyond app.errors and the zip checks of app.formats.onnx_files.
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from app.errors import CustomObjectRefused, InvalidModel, UnsafeLayerRefused
-from app.models.onnx_files import Limits, _short, safe_members, unpack_members
-from app.models.onnx_wire import LENGTH, Wire, WireError
+from app.formats.limits import Limits
+from app.formats.onnx_files import _short, safe_members, unpack_members
+from app.formats.onnx_wire import LENGTH, Wire, WireError
 
 KERAS, SAVEDMODEL_ZIP = "keras", "savedmodel-zip"
 KERAS_SUFFIX = ".keras"

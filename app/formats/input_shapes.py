@@ -11,6 +11,7 @@ a dataset the job names (sample shape = array shape without axis 0); else a gues
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +136,7 @@ def resolve(declared: dict[str, list[Any] | None], shapes: InputShapes, *,
     shapes do not fit the model: an unknown input or dim name (unless not strict: a step's model may name its
     dims otherwise than the uploaded one, which the submission was checked against), a wrong rank, a size
     against a fixed dim, two sizes for one dim name. Axes nothing fills have size None and source GUESSED."""
+    declared = {name: _meaningful(shape) for name, shape in declared.items()}
     if not strict:
         known = {d for shape in declared.values() for d in shape or [] if isinstance(d, str)}
         shapes = InputShapes(given={k: v for k, v in shapes.given.items() if k in declared},
@@ -204,6 +206,20 @@ def resolve(declared: dict[str, list[Any] | None], shapes: InputShapes, *,
                 axes.append(ResolvedAxis(None, GUESSED, label))
         resolved[name] = axes
     return resolved
+
+
+# Dim names exporters write for "unknown": they do not name one dim shared across axes (PaddleOCR's exports call
+# both H and W "?"), so they count as unnamed.
+UNNAMED_DIMS = re.compile(r"^(\?|-?\d*|none|null|unk|unknown|dynamic|\s*)$", re.IGNORECASE)
+
+
+def _meaningful(shape: list[Any] | None) -> list[Any] | None:
+    """A declared shape with what is not a real size or name made unnamed: sizes <= 0 (Paddle writes
+    dim_value -1 for a free batch) and placeholder names such as "?"."""
+    if shape is None:
+        return None
+    return [None if (isinstance(d, int) and d <= 0) or (isinstance(d, str) and UNNAMED_DIMS.match(d)) else d
+            for d in shape]
 
 
 def check_against_model(value: dict[str, Any] | None, model_inputs: list[dict[str, Any]],
