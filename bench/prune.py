@@ -37,7 +37,7 @@ MODELS = ROOT.parent / "shared" / "models"
 from workers import methods  # noqa: E402
 from workers.datasets import Dataset  # noqa: E402
 from workers.measure import measure_pair  # noqa: E402
-from workers.measure.compute import count  # noqa: E402
+from workers.onnx_tools.counting import count  # noqa: E402
 from bench.results import publish  # noqa: E402
 
 CHANNEL_RATIOS = (0.3, 0.5, 0.7)
@@ -147,7 +147,7 @@ def user_magnitude(model, sparsity: float, data, epochs: int, out: Path) -> Path
 # --- measuring ------------------------------------------------------------------------------------
 
 def judge(original: Path, candidate: Path, evaluation: Dataset | None, batches) -> dict[str, Any]:
-    from workers.pruning import compressed_sizes
+    from workers.prune.algorithms import compressed_sizes
 
     row: dict[str, Any] = count(candidate)
     sizes = compressed_sizes(candidate)

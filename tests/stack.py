@@ -34,7 +34,7 @@ def wait_until(check, timeout: float, every: float = 0.2):
         time.sleep(every)
 
 
-JOB_PROCESS_MARKERS = ("workers.job_process", "workers.measure.child")
+JOB_PROCESS_MARKERS = ("workers.job_child", "workers.measure.child")
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -53,7 +53,7 @@ def adopting_orphans():
 
 
 def job_processes() -> list[str]:
-    """Command lines of the job processes (workers.job_process) and measuring processes (workers.measure.child)
+    """Command lines of the job processes (workers.job_child) and measuring processes (workers.measure.child)
     descended from this test process: its workers' leftovers, never another test run's on the same machine."""
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):

@@ -148,7 +148,7 @@ def test_cancel_queued_then_cancel_again_is_409(client, alice, model_id):
 
 def test_cancelled_job_is_left_alone_by_the_worker(client, alice, model_id):
     """A queued job cancelled before a worker takes it: the task does nothing."""
-    from workers.pipeline import run_job
+    from workers.supervise import run_job
 
     job = client.post("/v1/jobs", json=job_spec(model_id), headers=alice).json()
     client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice)

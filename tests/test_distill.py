@@ -19,7 +19,7 @@ from tests.test_bridge import transformer_onnx
 from workers import bridge, methods
 from workers.datasets import Dataset
 from workers.distill.blocks import drop_blocks, find_blocks
-from workers.pruning import finetune
+from workers.prune.algorithms import finetune
 
 torch.set_num_threads(1)
 KD = "distill.kd"

@@ -310,7 +310,7 @@ def test_a_model_failing_on_a_training_batch_fails_with_a_code_naming_the_shape(
 
     from app.errors import StepFailed
     from workers.datasets import Dataset
-    from workers.pruning import finetune
+    from workers.prune.algorithms import finetune
 
     class BatchOne(torch.nn.Module):
         def __init__(self) -> None:

@@ -96,7 +96,7 @@ def world(tmp_path_factory) -> Iterator[dict]:
 
     from app.main import create_app
     from app.migrate import upgrade
-    from workers.pipeline import run_job
+    from workers.supervise import run_job
 
     folder = tmp_path_factory.mktemp("fuzz") / "data"
     folder.mkdir()

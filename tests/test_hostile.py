@@ -234,7 +234,7 @@ def test_failure_messages_name_files_relative_to_the_job_folder(data_dir):
     """What a tenant reads in a failed job never shows the server's folders (issue 20)."""
     import sys
 
-    from workers.pipeline import without_server_paths
+    from workers.supervise import without_server_paths
 
     scratch = data_dir.resolve() / "store" / "tmp" / "work-k3y_9"
     message = (f"step 1 (quantize.int8_static) failed: Load model from {scratch}/work/step-1/model.onnx failed; "

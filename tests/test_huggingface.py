@@ -17,7 +17,7 @@ import pytest
 
 from app.dbmodels import Blob, Dataset, Job, Model
 from tests.conftest import row_count, store_files, tmp_leftovers
-from workers.pipeline import run_job
+from workers.supervise import run_job
 
 FAST = {"batch_sizes": [1], "warmup": 1, "iterations": 4}
 WORDS = ["the", "a", "model", "is", "small", "good", "bad", "text", "compress", "fast", "slow", "cat", "dog"]

@@ -13,8 +13,8 @@ from app.dbmodels import Job, JobDataset
 from app.errors import InputShapeRequired, JobFailed
 from app.formats.input_shapes import GIVEN, GUESSED, InputShapes, ShapeError, check_against_model, resolve
 from tests.conftest import npz_bytes, onnx_bytes, queued_messages, row_count
-from workers.measure.inputs import plan_inputs
-from workers.pipeline import run_job
+from workers.onnx_tools.inputs import plan_inputs
+from workers.supervise import run_job
 
 FAST = {"batch_sizes": [1, 2], "warmup": 1, "iterations": 4}
 HEIGHT = 48

@@ -20,7 +20,7 @@ from app.formats.input_shapes import InputShapes
 from tests.conftest import SHARED_MODELS, shared_model
 from tests.stack import BIN, base_env, free_port, logs, processes, wait_for_job, wait_ready
 from workers.intake import ABS_SCALE, MIN_COSINE, compare_output, normalize
-from workers.measure.size import graphs
+from workers.onnx_tools.graph import graphs
 
 RNG = np.random.default_rng(7)
 

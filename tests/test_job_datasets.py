@@ -9,7 +9,7 @@ import pytest
 
 from app.dbmodels import Job, JobDataset
 from tests.conftest import digits_classifier, row_count
-from workers.pipeline import run_job
+from workers.supervise import run_job
 
 FAST = {"batch_sizes": [1], "warmup": 1, "iterations": 4}
 

@@ -24,7 +24,7 @@ from tests.conftest import REDIS_URL, redis_or_skip, row_count, store_files, tmp
 from tests.stack import BIN, base_env, free_port, logs, modelpress, processes, wait_for_job, wait_ready  # noqa: E402
 from tests.test_e2e import queue_prefix  # noqa: E402,F401  (the fixture)
 from workers import convert  # noqa: E402
-from workers.pipeline import run_job  # noqa: E402
+from workers.supervise import run_job  # noqa: E402
 
 FAST = {"batch_sizes": [1], "warmup": 1, "iterations": 4}
 

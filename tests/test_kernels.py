@@ -95,7 +95,7 @@ def matmul_model(weight: np.ndarray):
 
 
 def ort_quantized(model, bits: int, block: int, symmetric: bool, with_kernels: bool):
-    from workers.methods.quantize_int4_weight_only import _import_nbits_quantizer, _quantize_with_kernels
+    from workers.quantize.int4_weight_only import _import_nbits_quantizer, _quantize_with_kernels
 
     nbits = _import_nbits_quantizer()
     config = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, bits=bits,
@@ -289,7 +289,7 @@ def test_kmeans_reference_matches_numpy_lloyd(dtype):
 
 
 def test_kmeans_reference_agrees_with_the_cluster_method():
-    from workers.methods.cluster_kmeans import kmeans_1d as method_kmeans
+    from workers.cluster.kmeans import kmeans_1d as method_kmeans
 
     values = separated_values(1)
     expected = method_kmeans(values, 5, 30)  # numpy, float64, sorted values with prefix sums
@@ -604,8 +604,8 @@ def test_cuda_workers_use_the_kernels_with_the_cpu_results():
     from torch import nn
 
     from workers.distill.losses import soft_loss
-    from workers.pruning.magnitude import magnitude_masks
-    from workers.pruning.semi_structured import nm_masks
+    from workers.prune.algorithms.magnitude import magnitude_masks
+    from workers.prune.algorithms.semi_structured import nm_masks
 
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
     cpu_masks = magnitude_masks(model, 0.7)

@@ -256,7 +256,7 @@ def test_another_tenants_job_and_model_are_404_and_own_lists_are_empty(client, a
 
 
 def test_worker_stores_each_environment_once_even_when_two_workers_race(backend):
-    from workers.pipeline import _store_environments
+    from workers.supervise import _store_environments
 
     rows = [{"environment": environment()}, {"environment": environment(pid=7)}, {},
             {"environment": environment(provider="CUDAExecutionProvider")}]
@@ -289,7 +289,7 @@ def test_worker_stores_each_environment_once_even_when_two_workers_race(backend)
 
 def test_a_real_job_stores_its_measurements_with_this_machines_environment(client, alice, mlp_onnx):
     from workers.measure.environment import cpu_model
-    from workers.pipeline import run_job
+    from workers.supervise import run_job
 
     model = upload(client, alice, mlp_onnx)
     job = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"method": "quantize.int8_dynamic"}],

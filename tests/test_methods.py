@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from app.errors import StepFailed, UnknownMethod
 from tests.conftest import ROOT, mlp_onnx_bytes, shared_model
 from workers import methods
-from workers.methods import onnx_prep
-from workers.methods.quantize_int8_dynamic import (
+from workers.quantize import onnx_prep
+from workers.quantize.int8_dynamic import (
     CONV_INTEGER_WARNING,
     ORT_DYNAMIC_OP_TYPES,
     SUPPORTED_OP_TYPES,

@@ -13,7 +13,7 @@ from app.errors import StepFailed
 from tests.conftest import row_count, store_files
 from workers import methods
 from workers.methods.base import Method, MethodParams, StepOutput
-from workers.pipeline import run_job
+from workers.supervise import run_job
 
 FAST = {"batch_sizes": [1, 4], "warmup": 1, "iterations": 4}
 

@@ -91,7 +91,7 @@ def test_prune_finetune_int8_recipe_runs_as_its_steps(client, alice, digits):  #
     assert [s["method"] for s in job["steps"]] == ["prune.channels", "quantize.int8_static"]
     assert job["steps"][1]["params"]["calibration_dataset_id"] == digits["train"]
     assert job["recipe"]["id"] == "prune-finetune-int8"
-    from workers.pipeline import run_job
+    from workers.supervise import run_job
 
     run_job(job["id"])
     job = client.get(f"/v1/jobs/{job['id']}", headers=alice).json()
@@ -114,7 +114,7 @@ def test_deep_compression_recipe_packs_a_small_artifact_with_few_shared_values(c
         "params": {"train_dataset_id": digits["train"], "epochs": 30, "lr": 3e-3, "sparsity": 0.7, "clusters": 8},
         "evaluate": FAST | {"eval_dataset_id": digits["eval"]}})
     assert resp.status_code == 202, resp.text
-    from workers.pipeline import run_job
+    from workers.supervise import run_job
 
     run_job(resp.json()["id"])
     job = client.get(f"/v1/jobs/{resp.json()['id']}", headers=alice).json()

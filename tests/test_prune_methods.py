@@ -14,7 +14,7 @@ import pytest
 from onnx import numpy_helper
 
 from tests.conftest import digits_classifier
-from workers.pipeline import run_job
+from workers.supervise import run_job
 
 FAST = {"batch_sizes": [1], "warmup": 1, "iterations": 4}
 
@@ -221,7 +221,7 @@ def test_a_model_with_an_op_pytorch_cannot_take_fails_naming_the_op_and_node(cli
 
 
 def test_params_and_macs_are_counted_from_the_graph(tmp_path, cnn):
-    from workers.measure.compute import count
+    from workers.onnx_tools.counting import count
 
     path = tmp_path / "cnn.onnx"
     path.write_bytes(cnn[0])

@@ -1,4 +1,4 @@
-"""workers.pruning on real data: a CNN trained here on scikit-learn's handwritten digits, eager and via onnx2torch."""
+"""workers.prune.algorithms on real data: a CNN trained here on scikit-learn's handwritten digits, eager and via onnx2torch."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +13,7 @@ from torch import nn
 from app.errors import StepFailed
 from tests.conftest import digits_classifier
 from workers.datasets import Dataset
-from workers.pruning import (
+from workers.prune.algorithms import (
     Masks,
     check_pattern,
     compressed_sizes,

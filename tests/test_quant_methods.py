@@ -19,7 +19,7 @@ from app.errors import StepFailed
 from tests.conftest import SHARED_MODELS, mlp_onnx_bytes, shared_model
 from workers import methods
 from workers.datasets import Dataset
-from workers.methods import onnx_prep
+from workers.quantize import onnx_prep
 
 STATIC, INT4, FP16 = "quantize.int8_static", "quantize.int4_weight_only", "quantize.fp16"
 
@@ -145,8 +145,8 @@ def test_hardcoded_lists_are_what_onnxruntime_has():
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
     from onnxruntime.transformers import float16
 
-    from workers.methods.quantize_fp16 import CONVERTER_DEFAULT_BLOCK_LIST
-    from workers.methods.quantize_int8_static import ORT_STATIC_OP_TYPES
+    from workers.quantize.fp16 import CONVERTER_DEFAULT_BLOCK_LIST
+    from workers.quantize.int8_static import ORT_STATIC_OP_TYPES
 
     assert set(ORT_STATIC_OP_TYPES) == set(QDQRegistry) | set(QLinearOpsRegistry)
     assert set(CONVERTER_DEFAULT_BLOCK_LIST) == set(float16.DEFAULT_OP_BLOCK_LIST)
@@ -464,7 +464,7 @@ def test_fp16_keeps_ops_without_float16_in_float32(tmp_path):
 
 def test_fp16_keeps_what_onnxruntime_refuses_in_float32(mlp_path, tmp_path, monkeypatch):
     """When ORT's CPU provider refuses a node in float16, its op type is kept float32 and the conversion retried."""
-    from workers.methods import quantize_fp16
+    from workers.quantize import fp16 as quantize_fp16
 
     real = quantize_fp16._load_and_run
     calls = []

@@ -12,7 +12,7 @@ from app.errors import StepFailed
 from tests.conftest import digits_classifier
 from workers import methods
 from workers.datasets import Dataset
-from workers.pipeline import run_job
+from workers.supervise import run_job
 
 AUTO = "quantize.auto"
 QUICK = {"latency_iterations": 5, "eval_max_samples": 64}
@@ -98,7 +98,7 @@ def test_auto_through_the_api_links_its_eval_dataset(client, alice, digits):
 
 
 def test_a_candidate_must_be_clearly_faster_to_win_on_latency():
-    from workers.methods.quantize_auto import MIN_SPEEDUP, _choose
+    from workers.quantize.auto import MIN_SPEEDUP, _choose
 
     params = methods.get(AUTO).params_model.model_validate({"eval_dataset_id": "d", "min_cosine": 0.9})
     noise = {"label": "fp16", "within_budget": True, "speedup": 1.01, "size_bytes": 50, "size_ratio": 0.5}

@@ -1,6 +1,6 @@
 """Recovery from the database's side (issue 9): claims, the reaper, lost messages, stale scratch folders.
 
-These drive workers.recovery.reap and workers.pipeline.run_job directly over the embedded broker and, for the
+These drive workers.recovery.reap and workers.supervise.run_job directly over the embedded broker and, for the
 broker inspection, over Redis; tests/test_faults.py kills real workers and restarts a real Redis.
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ def test_a_running_job_with_a_stale_heartbeat_is_requeued_and_sent_again(job_id,
     assert "stopped sending heartbeats 600 s ago" in messages_of(job_id)[-1]
     assert queued_messages(data_dir) == [job_id]
     # The next attempt drops nothing twice and finishes once.
-    from workers.pipeline import run_job
+    from workers.supervise import run_job
 
     run_job(job_id)
     row = job(job_id)
@@ -142,7 +142,7 @@ def test_the_broker_is_looked_into_on_redis_too(client, redis_prefix):
 
 
 def test_a_duplicate_message_for_a_live_attempt_is_dropped(job_id, data_dir):
-    from workers.pipeline import run_job
+    from workers.supervise import run_job
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -163,7 +163,7 @@ def test_a_duplicate_message_for_a_live_attempt_is_dropped(job_id, data_dir):
 
 def test_an_attempt_the_reaper_requeued_cannot_write_over_its_successor(job_id):
     from app.store import get_store
-    from workers.pipeline import Attempt, Superseded
+    from workers.supervise import Attempt, Superseded
 
     set_job(job_id, status="running", attempts=1, heartbeat_at=utcnow())
     with get_store().workdir() as folder:

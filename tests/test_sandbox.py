@@ -1,6 +1,6 @@
 """Each job runs in a fenced process of its own (issue 9): memory, CPU time, wall clock, no network.
 
-These run jobs the way a worker does (workers.pipeline.run_job starts the job's process), without a Celery
+These run jobs the way a worker does (workers.supervise.run_job starts the job's process), without a Celery
 worker around them; tests/test_faults.py does the same on the real stack.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from app.db import session_scope
 from app.dbmodels import Artifact
 from tests.conftest import ROOT, memory_hog_onnx, mlp_onnx_bytes, onnx_bytes, store_files
 from tests.stack import adopting_orphans, job_processes, wait_until
-from workers.pipeline import run_job
+from workers.supervise import run_job
 
 
 @pytest.fixture(autouse=True)
@@ -140,7 +140,7 @@ def test_an_artifact_outside_the_jobs_folder_is_never_stored(data_dir, tmp_path)
     """The worker trusts the job's process no further than its own folder: a process that names another file
     (a parser exploit, say) gets the job failed, and nothing of that file is stored."""
     from app.store import get_store
-    from workers.pipeline import Attempt
+    from workers.supervise import Attempt
     from app.errors import JobFailed
 
     secret = tmp_path / "secret.txt"

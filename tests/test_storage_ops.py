@@ -145,7 +145,7 @@ def test_s3_multipart_upload_of_a_large_blob(s3_settings, tmp_path):
 
 
 def test_a_job_runs_and_downloads_on_s3(s3_settings, data_dir, monkeypatch, client, alice, mlp_onnx):
-    from workers.pipeline import run_job
+    from workers.supervise import run_job
 
     raw, bucket = s3_settings
     monkeypatch.setenv("MODELPRESS_MEASURE_ISOLATED", "false")

@@ -133,7 +133,7 @@ def test_expired_key_is_refused_with_its_own_code(client):
 
 
 def test_another_tenants_objects_are_404_on_every_route(client, data_dir, mlp_onnx):
-    from workers.pipeline import run_job
+    from workers.supervise import run_job
 
     alice = {"Authorization": f"Bearer {make_key('alice')}"}
     bob = {"Authorization": f"Bearer {make_key('bob')}"}

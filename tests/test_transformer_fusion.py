@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import digits_classifier
 from workers import methods
-from workers.methods import transformer_fusion
+from workers.quantize import transformer_fusion
 
 DYNAMIC = "quantize.int8_dynamic"
 HIDDEN, HEADS, LAYERS, VOCAB, SEQ = 64, 4, 2, 100, 16

@@ -12,7 +12,7 @@ worker runs three passes over the upload:
    annotations that contradict it, else run with strict mode off, else skipped with the reason.
 
 The normalized model must compute what the upload computes: both run on the same synthetic inputs, made as the
-measurement makes them (workers.measure.inputs, with the job's input shapes), and each output must agree within
+measurement makes them (workers.onnx_tools.inputs, with the job's input shapes), and each output must agree within
 `TOLERANCE_TEXT`. Where the passes together disagree, each is tried alone and the ones that change outputs are
 dropped, with the figures. The upload stays the reference: the measurement compares it, not this model, with the
 result. Nothing here fails a job: whatever goes wrong is recorded and the steps take the upload as it came.
@@ -99,7 +99,7 @@ def normalize(original: Path, *, batch: int = 1, input_shapes: Any = None) -> In
     (StepContext.input_shapes), used to make the check's inputs as the measurement makes them. Never raises:
     whatever goes wrong is recorded and the steps take the upload as it came.
     """
-    from workers.methods.onnx_prep import short_error
+    from workers.quantize.onnx_prep import short_error
 
     started = time.perf_counter()
     present = set(original.parent.iterdir())
@@ -152,7 +152,7 @@ def _normalize(original: Path, *, batch: int, input_shapes: Any) -> Intake:
 def _apply(model: onnx.ModelProto, names: tuple[str, ...]) -> tuple[onnx.ModelProto, list[PassOutcome]]:
     """Run the named passes in order; each returns a new model (never changes its input), and one that raises
     leaves the model as it was."""
-    from workers.methods.onnx_prep import short_error
+    from workers.quantize.onnx_prep import short_error
 
     outcomes = []
     for name in names:
@@ -210,7 +210,7 @@ def raise_opset(model: onnx.ModelProto, target: int = TARGET_OPSET) -> tuple[onn
     converter covers opsets 18+ only and hands older ones to this same converter)."""
     from onnx import version_converter
 
-    from workers.methods.onnx_prep import _raise_ir_version, short_error
+    from workers.quantize.onnx_prep import _raise_ir_version, short_error
 
     current = _default_opset(model)
     if current is None:
@@ -233,7 +233,7 @@ def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassOutcome
     import onnx_ir as ir
     from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
-    from workers.methods.onnx_prep import _raise_ir_version
+    from workers.quantize.onnx_prep import _raise_ir_version
 
     before = _constants_per_graph(model)
     if not sum(before.values()):
@@ -268,7 +268,7 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassOutcome]:
     else run with strict mode off; else the model goes on without it, with the reason."""
     from onnx import shape_inference
 
-    from workers.methods.onnx_prep import short_error
+    from workers.quantize.onnx_prep import short_error
 
     def run(proto, strict: bool):
         return shape_inference.infer_shapes(proto, check_type=False, strict_mode=strict, data_prop=True)
@@ -309,13 +309,13 @@ PASS_FUNCTIONS = {"opset": raise_opset, "constants": fold_constants, "shape_infe
 
 
 def _default_opset(model: onnx.ModelProto) -> int | None:
-    from workers.methods.onnx_prep import default_opset
+    from workers.quantize.onnx_prep import default_opset
 
     return default_opset(model)
 
 
 def _constants_per_graph(model: onnx.ModelProto) -> dict[str, int]:
-    from workers.measure.size import graphs
+    from workers.onnx_tools.graph import graphs
 
     counts = {"main": 0, "subgraphs": 0}
     for graph in graphs(model.graph):
@@ -325,7 +325,7 @@ def _constants_per_graph(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _value_info_count(model: onnx.ModelProto) -> int:
-    from workers.measure.size import graphs
+    from workers.onnx_tools.graph import graphs
 
     return sum(len(g.value_info) for g in graphs(model.graph))
 
@@ -333,7 +333,7 @@ def _value_info_count(model: onnx.ModelProto) -> int:
 def _without_value_info(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     import onnx
 
-    from workers.measure.size import graphs
+    from workers.onnx_tools.graph import graphs
 
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
@@ -374,8 +374,8 @@ class OutputCheck:
     def prepare(cls, original: Path, model: onnx.ModelProto, *, batch: int, input_shapes: Any) -> OutputCheck:
         import numpy as np
 
-        from workers.measure.inputs import plan_inputs
-        from workers.methods.onnx_prep import short_error
+        from workers.onnx_tools.inputs import plan_inputs
+        from workers.quantize.onnx_prep import short_error
 
         try:
             session = _session(original)
@@ -400,11 +400,11 @@ class OutputCheck:
             return {"skipped": self.skipped, "tolerance": TOLERANCE_TEXT}
         return {"tolerance": TOLERANCE_TEXT, "batch": self.batch, "seed": CHECK_SEED,
                 "inputs": {name: list(value.shape) for name, value in self.feeds.items()},
-                "inputs_made": "as the measurement makes them (workers.measure.inputs), same seed for both models"}
+                "inputs_made": "as the measurement makes them (workers.onnx_tools.inputs), same seed for both models"}
 
     def compare(self, candidate: Path) -> tuple[bool, dict[str, Any]]:
         """(agrees, figures): the candidate's outputs against the upload's, on the same inputs."""
-        from workers.methods.onnx_prep import short_error
+        from workers.quantize.onnx_prep import short_error
 
         try:
             session = _session(candidate)

@@ -9,7 +9,7 @@ Run by Celery beat every `reaper_interval_s` (REAP_JOBS_TASK), and once when a w
   flushed, or the API died between its commit and its send) is sent again once it has waited
   `requeue_grace_s` (a message on its way is not taken for a lost one).
 
-Sending a job twice is harmless: a worker claims a job only once (workers.pipeline._claim).
+Sending a job twice is harmless: a worker claims a job only once (workers.supervise._claim).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The fences around one job's process: memory, CPU time, wall clock, network, and its parent's death.
 
-A worker runs every job in a child process (workers.job_process) that applies these limits to itself before it
+A worker runs every job in a child process (workers.job_child) that applies these limits to itself before it
 reads any byte of the user's model, so a hostile or simply enormous model exhausts the child, never the worker:
 the child's failure is the job's failure (`resource_limit`) and the worker takes the next job.
 

@@ -68,7 +68,7 @@ def to_torch(model_path: Path, *, sample: dict[str, np.ndarray] | None = None, s
     the check runs on inputs generated from the declared specs. Raises UnsupportedOp or
     ConversionMismatch; the file is never modified.
     """
-    from workers.measure.inputs import gather_vocabularies
+    from workers.onnx_tools.inputs import gather_vocabularies
 
     model_path = Path(model_path)
     try:
@@ -178,7 +178,7 @@ def example_feeds(bridged: Bridged, batch: int = 2, seed: int = 0) -> dict[str, 
     A free batch axis gets `batch`; other free axes a size guessed from their name; token ids
     stay inside the vocabulary of the table they index, masks are ones, floats standard normal.
     """
-    from workers.measure.inputs import ORT_DTYPES, plan_inputs
+    from workers.onnx_tools.inputs import ORT_DTYPES, plan_inputs
 
     type_names = {np.dtype(v): k for k, v in ORT_DTYPES.items()}
     specs = []

@@ -2,7 +2,7 @@
 
 A model uploaded in a format other than ONNX ("hf-zip": a Hugging Face transformers folder, the Keras formats)
 is converted by a job of its own kind (jobs.kind = "convert"), queued when the upload is committed and run in a
-fenced job process like every job (workers.pipeline, workers.job_process). The job process looks the upload's
+fenced job process like every job (workers.supervise, workers.job_child). The job process looks the upload's
 format up here and calls its converter.
 
 The contract of a converter, registered with `@register("<format>")`:

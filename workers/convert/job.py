@@ -1,7 +1,7 @@
 """A conversion job (jobs.kind = "convert") as its fenced process runs it: convert the upload, check the export
 like an upload, hand it to the worker as an artifact, and say what the worker stores as the new model.
 
-The worker (workers.pipeline._succeed) turns `report["converted"]` into a Model row linked to its source.
+The worker (workers.supervise._succeed) turns `report["converted"]` into a Model row linked to its source.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 def execute_conversion(run, workdir: Path, source_path: Path, source_format: str, spec: dict):
-    """Returns (report, summary, rows) like workers.execute.execute; rows stay empty (nothing is measured)."""
+    """Returns (report, summary, rows) like workers.steps.execute; rows stay empty (nothing is measured)."""
     run.progress(0.02, "converting", f"converting the {source_format} upload to ONNX", force=True)
     converter = convert.get(source_format)
     out_dir = workdir / "convert"

@@ -1,4 +1,5 @@
-"""Knowledge distillation: repeated-block detection for shallower students, and the distillation losses.
+"""Knowledge distillation. Method: kd (distill.kd). Algorithms: repeated-block detection for shallower students
+(blocks), and the distillation losses (losses).
 
 `workers.distill.blocks` reads ONNX only; `workers.distill.losses` needs torch.
 """

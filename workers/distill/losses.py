@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from workers.pruning.finetune import cross_entropy, output_tensors
+from workers.prune.algorithms.finetune import cross_entropy, output_tensors
 
 OUTPUT_LOSSES = ("auto", "kl", "mse", "cosine")
 Loss = Callable[[Any, Any, torch.Tensor | None], torch.Tensor]
 
 
 def kd_loss(*, temperature: float, alpha: float, output_loss: str) -> Loss:
-    """A `(student_outputs, teacher_outputs, labels) -> loss` callable for workers.pruning.finetune."""
+    """A `(student_outputs, teacher_outputs, labels) -> loss` callable for workers.prune.algorithms.finetune."""
     if output_loss not in OUTPUT_LOSSES:
         raise ValueError(f"output_loss must be one of {', '.join(OUTPUT_LOSSES)}")
 
@@ -81,6 +81,6 @@ class OnnxRuntimeTeacher:
 
 
 def _numpy_type(ort_type: str) -> np.dtype:
-    from workers.measure.inputs import ORT_DTYPES
+    from workers.onnx_tools.inputs import ORT_DTYPES
 
     return np.dtype(ORT_DTYPES[ort_type])

@@ -26,7 +26,7 @@ from workers.measure.accuracy import evaluate_dataset
 from workers.measure.energy import energy_entry, energy_estimate, energy_report, measure_windows, open_counter
 from workers.measure.environment import default_threads, describe, logical_cores
 from workers.measure.fidelity import OutputComparison, pair_outputs, summarize_outputs
-from workers.measure.inputs import ROLES, InputPlan, plan_inputs
+from workers.onnx_tools.inputs import ROLES, InputPlan, plan_inputs
 from workers.measure.latency import bound_call, choose_rounds, plain_call, round_order, split, time_calls
 from workers.measure.memory import RUNS as MEMORY_RUNS
 from workers.measure.memory import measure_memory
@@ -41,7 +41,8 @@ from workers.measure.runtime import (
     start_provider,
     unavailable_reason,
 )
-from workers.measure.size import load_structure, model_size
+from workers.measure.size import load_structure
+from workers.onnx_tools.graph import model_size
 from workers.measure.stats import NOISY_CV, show_speedup, speedup_interval, summarize
 
 __all__ = ["Stopped", "measure_pair"]

@@ -14,7 +14,7 @@ import numpy as np
 
 from app.errors import MeasurementFailed
 from workers.measure.fidelity import OutputComparison, summarize_outputs
-from workers.measure.inputs import ROLES, InputPlan
+from workers.onnx_tools.inputs import ROLES, InputPlan
 
 DEFAULT_BATCH = 32
 

@@ -7,6 +7,7 @@ import numpy as np
 
 from app.errors import MeasurementFailed
 from workers.measure.rounding import significant
+from workers.onnx_tools.similarity import cosine
 
 
 class OutputComparison:
@@ -93,15 +94,6 @@ class OutputComparison:
             return f"argmax over the last axis ({self.top1_width} values), one row per sample"
         return (f"argmax over the last axis ({self.top1_width} values) of each of {self.rows_per_sample} rows per "
                 "sample; meaningful only if that axis holds class scores")
-
-
-def cosine(x: np.ndarray, y: np.ndarray) -> float:
-    """Cosine similarity of two arrays (flattened, in float64); two zero arrays agree, one zero array does not."""
-    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
-    nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
-    if nx == 0.0 or ny == 0.0:
-        return 1.0 if nx == ny else 0.0
-    return max(-1.0, min(1.0, float(np.dot(x, y)) / (nx * ny)))
 
 
 def pair_outputs(baseline_session: Any, result_session: Any) -> tuple[list[tuple[int, int, str, str, str]], list[str]]:

@@ -59,29 +59,14 @@ def catalog() -> list[dict[str, Any]]:
 
 
 def _register_builtins() -> None:
-    from workers.methods import (
-        cluster_kmeans,
-        distill_kd,
-        prune_2_4,
-        prune_channels,
-        prune_magnitude,
-        quantize_auto,
-        quantize_fp16,
-        quantize_int4_weight_only,
-        quantize_int8_dynamic,
-        quantize_int8_static,
-    )
+    from workers.cluster import kmeans
+    from workers.distill import kd
+    from workers.prune import channels, magnitude, two_four
+    from workers.quantize import auto, fp16, int4_weight_only, int8_dynamic, int8_static
 
-    register(quantize_int8_dynamic.METHOD)
-    register(quantize_int8_static.METHOD)
-    register(quantize_int4_weight_only.METHOD)
-    register(quantize_fp16.METHOD)
-    register(quantize_auto.METHOD)
-    register(prune_channels.METHOD)
-    register(prune_magnitude.METHOD)
-    register(prune_2_4.METHOD)
-    register(distill_kd.METHOD)
-    register(cluster_kmeans.METHOD)
+    for module in (int8_dynamic, int8_static, int4_weight_only, fp16, auto, channels, magnitude, two_four, kd,
+                   kmeans):
+        register(module.METHOD)
 
 
 _register_builtins()

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from app.errors import StepFailed
 from workers.methods.base import Method, StepContext, StepOutput
-from workers.methods.prune_common import FineTuneParams, LayerName, convert, export, fine_tune, resolve_layers
+from workers.prune.common import FineTuneParams, LayerName, convert, export, fine_tune, resolve_layers
 
 
 class Prune24Params(FineTuneParams):
@@ -24,7 +24,7 @@ class Prune24Params(FineTuneParams):
 
 
 def run(input_path: Path, params: Prune24Params, out_dir: Path, ctx: StepContext) -> StepOutput:
-    from workers.pruning import Masks, check_pattern, cuda_semi_structured_speedup, nm_masks, sparsity_report
+    from workers.prune.algorithms import Masks, check_pattern, cuda_semi_structured_speedup, nm_masks, sparsity_report
 
     rnd = convert(input_path, ctx)
     ignored = resolve_layers(rnd.module, params.ignored_layers)

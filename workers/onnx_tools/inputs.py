@@ -177,7 +177,7 @@ class InputPlan:
 
 def gather_vocabularies(model) -> dict[str, int]:
     """Graph input name -> row count of the smallest initializer table a Gather looks it up in."""
-    from workers.measure.size import graphs
+    from workers.onnx_tools.graph import graphs
 
     found: dict[str, int] = {}
     for graph in graphs(model.graph):
@@ -368,7 +368,7 @@ def check_original_runs(model_path: Path, shapes: InputShapes) -> InputPlan | No
     import onnx
     import onnxruntime as ort
 
-    from workers.measure.size import model_size
+    from workers.onnx_tools.graph import model_size
 
     structure = onnx.load(str(model_path), load_external_data=False)
     open_dims = any(not dim.HasField("dim_value")

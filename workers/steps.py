@@ -1,4 +1,4 @@
-"""One job's steps, measurements and report, as the job's own process runs them (workers.job_process).
+"""One job's steps, measurements and report, as the job's own process runs them (workers.job_child).
 
 Nothing here touches the database, the broker or the artifact store: the process may have no network at all
 (workers.sandbox). It reads the job's inputs from local files the worker laid out, and tells the worker what
@@ -107,7 +107,7 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
     current = original
     steps = spec["steps"]
     input_shapes = _input_shapes(run, spec)
-    from workers.measure.inputs import check_original_runs
+    from workers.onnx_tools.inputs import check_original_runs
 
     run.progress(0.03, "loading", "checking that the model runs at the job's input shapes", force=True)
     check_original_runs(original, input_shapes)  # input_shape_required now, not after the steps
@@ -214,7 +214,7 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
 
 def _input_shapes(run: JobRun, spec: dict):
     """evaluate.input_shapes, then the sample shapes of the job's datasets: the eval dataset's, then each step's."""
-    from workers.measure.inputs import job_input_shapes
+    from workers.onnx_tools.inputs import job_input_shapes
 
     evaluate = spec["evaluate"]
     ids = [evaluate.get("eval_dataset_id")] + [step["params"].get(name) for step in spec["steps"]

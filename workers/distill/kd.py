@@ -1,11 +1,11 @@
 """distill.kd: knowledge distillation of the job's model (the teacher) into a smaller student.
 
 The student is an uploaded model with the same inputs and output shapes, or is derived from the teacher:
-"width" prunes every prunable layer's channels (workers.pruning.prune_channels), "depth" keeps every k-th of
+"width" prunes every prunable layer's channels (workers.prune.algorithms.prune_channels), "depth" keeps every k-th of
 the teacher's repeated blocks (transformer layers, residual blocks), found in the ONNX graph by
 workers.distill.blocks, initialised from the teacher's weights as DistilBERT does. The student then trains on
 the teacher's softened outputs (and the labels, when the data has them) with the fine-tuning loop of
-workers.pruning.finetune. A teacher that cannot be converted to PyTorch runs in ONNX Runtime instead: it
+workers.prune.algorithms.finetune. A teacher that cannot be converted to PyTorch runs in ONNX Runtime instead: it
 needs no gradients.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pydantic import Field, StringConstraints, model_validator
 
 from app.errors import StepFailed
 from workers.methods.base import Method, StepContext, StepOutput
-from workers.methods.prune_common import DatasetId, FineTuneParams
+from workers.prune.common import DatasetId, FineTuneParams
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -96,7 +96,7 @@ def run(input_path: Path, params: DistillParams, out_dir: Path, ctx: StepContext
 
     from workers import bridge
     from workers.distill.losses import kd_loss
-    from workers.pruning import finetune
+    from workers.prune.algorithms import finetune
 
     train = ctx.datasets.get("train_dataset_id")
     if train is None:
@@ -204,7 +204,7 @@ def _width_student(teacher_bridged, sample: dict[str, np.ndarray], details: dict
     import numpy as np
     import torch
 
-    from workers.pruning import prune_channels
+    from workers.prune.algorithms import prune_channels
 
     student = teacher_bridged.module          # the teacher is a copy of its own
     count = teacher_bridged.micro_batch or 2  # Torch-Pruning's trace: a fixed-batch module takes its batch only
@@ -388,7 +388,7 @@ def _in_order(teacher, student_names: list[str], teacher_names: list[str]):
 
 def _params(teacher_path: Path, student_path: Path) -> dict[str, Any]:
     """Weights of each, counted alike (shape constants of the graph are not parameters)."""
-    from workers.measure.compute import count
+    from workers.onnx_tools.counting import count
 
     teacher, student = count(teacher_path)["params"], count(student_path)["params"]
     return {"teacher": teacher, "student": student, "ratio": student / teacher if teacher else None}

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from workers.methods.base import Method, StepContext, StepOutput
-from workers.methods.prune_common import FineTuneParams, LayerName, convert, export, fine_tune, resolve_layers
+from workers.prune.common import FineTuneParams, LayerName, convert, export, fine_tune, resolve_layers
 
 DENSE_RUNTIME_NOTE = (
     "Unstructured zeros do not make dense runtimes faster: ONNX Runtime multiplies them like any other weight, so "
@@ -56,7 +56,7 @@ class PruneMagnitudeParams(FineTuneParams):
 
 
 def run(input_path: Path, params: PruneMagnitudeParams, out_dir: Path, ctx: StepContext) -> StepOutput:
-    from workers.pruning import Masks, compressed_sizes, polynomial_sparsity, sparsity_report
+    from workers.prune.algorithms import Masks, compressed_sizes, polynomial_sparsity, sparsity_report
 
     rnd = convert(input_path, ctx)
     ignored = resolve_layers(rnd.module, params.ignored_layers)

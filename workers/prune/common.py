@@ -107,7 +107,7 @@ def fine_tune(rnd: Round, params: FineTuneParams, ctx: StepContext, *, start: fl
               masks: Any = None, sparsity_schedule: Callable[[int], float] | None = None) -> dict[str, Any]:
     """Fine-tune rnd.module on the step's training data (progress between `start` and `end`), or say why not."""
     from workers import bridge
-    from workers.pruning import finetune
+    from workers.prune.algorithms import finetune
 
     train = ctx.datasets.get("train_dataset_id")
     if train is None:
@@ -147,7 +147,7 @@ def export(rnd: Round, out_dir: Path, ctx: StepContext) -> Path:
 def resolve_layers(module: torch.nn.Module, names: list[str]) -> list[str]:
     """Module names of the Conv/Linear layers a user named, by module name or by the ONNX node they came from."""
     from workers import bridge
-    from workers.pruning.magnitude import weighted_layers
+    from workers.prune.algorithms.magnitude import weighted_layers
 
     modules = dict(module.named_modules())
     resolved = [name if name in modules else bridge.module_name(name) for name in names]

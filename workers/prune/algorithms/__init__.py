@@ -5,10 +5,10 @@ except `compressed_sizes`, which measures a file on disk.
 """
 from __future__ import annotations
 
-from workers.pruning.channels import prune_channels
-from workers.pruning.finetune import finetune
-from workers.pruning.magnitude import Masks, compressed_sizes, magnitude_masks, polynomial_sparsity, sparsity_report
-from workers.pruning.semi_structured import check_pattern, cuda_semi_structured_speedup, linear_shapes, nm_masks
+from workers.prune.algorithms.channels import prune_channels
+from workers.prune.algorithms.finetune import finetune
+from workers.prune.algorithms.magnitude import Masks, compressed_sizes, magnitude_masks, polynomial_sparsity, sparsity_report
+from workers.prune.algorithms.semi_structured import check_pattern, cuda_semi_structured_speedup, linear_shapes, nm_masks
 
 __all__ = [
     "Masks",

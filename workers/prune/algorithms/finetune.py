@@ -3,7 +3,7 @@
 With labels the loss is cross-entropy on the first output; without them the pruned model learns to match
 the unpruned one (knowledge distillation), so any unlabelled sample of real inputs is enough. The best
 epoch by the eval metric is kept, so fine-tuning never returns a model worse than the best it saw.
-Knowledge distillation (workers.methods.distill_kd) runs the same loop with its own `loss` and a teacher
+Knowledge distillation (workers.distill.kd) runs the same loop with its own `loss` and a teacher
 that may be an ONNX Runtime session rather than a module.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 
 from app.errors import StepFailed
 from workers.datasets import Dataset
-from workers.pruning.magnitude import Masks
+from workers.prune.algorithms.magnitude import Masks
 
 TEMPERATURE = 2.0       # softens the teacher's class scores so that the runner-up classes teach too
 EVAL_BATCH = 256

@@ -2,7 +2,7 @@
 sends, and finish it.
 
 Postgres (or SQLite) holds the job's state; the worker process is its only writer while the job runs. The job's
-steps and measurements run in a child process (workers.job_process, limits in workers.sandbox) that has no
+steps and measurements run in a child process (workers.job_child, limits in workers.sandbox) that has no
 database, broker or network; it sends progress and artifacts on a pipe, which this process writes down, with a
 heartbeat every `heartbeat_interval_s`. A child that exhausts its limits fails its job (`resource_limit`) and
 the worker goes on with the next one.
@@ -41,7 +41,7 @@ from app.errors import JobFailed, ModelPressError
 from app.jobs.state import add_event, set_status
 from app.settings import Settings, get_settings
 from app.store import ArtifactStore, get_store
-from workers.job_process import OUTPUT, REQUEST, RESULT, STOP
+from workers.job_child import OUTPUT, REQUEST, RESULT, STOP
 from workers.sandbox import JobLimits, describe, how_it_ended, looks_out_of_memory, output_tail
 
 log = logging.getLogger("modelpress.worker")
@@ -246,7 +246,7 @@ def _drop_outputs(db, store: ArtifactStore, job_id: str) -> None:
 
 
 def _supervise(attempt: Attempt, claim: Claim, settings: Settings) -> dict:
-    """Run the job's process to its end; returns its result (see workers.job_process)."""
+    """Run the job's process to its end; returns its result (see workers.job_child)."""
     limits = JobLimits.from_settings(settings)
     folder, store = attempt.folder, attempt.store
     request = {
@@ -264,7 +264,7 @@ def _supervise(attempt: Attempt, claim: Claim, settings: Settings) -> dict:
     reply_read, reply_write = os.pipe()
     with open(folder / OUTPUT, "wb") as output:
         child = subprocess.Popen(
-            [sys.executable, "-m", "workers.job_process", str(folder), str(write_fd), str(reply_read)],
+            [sys.executable, "-m", "workers.job_child", str(folder), str(write_fd), str(reply_read)],
             pass_fds=(write_fd, reply_read), stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
             cwd=folder, env=_child_env(folder), start_new_session=True)
     os.close(write_fd)
@@ -305,7 +305,7 @@ def _run_in_this_process(attempt: Attempt, request: dict, settings: Settings, li
                          lines: queue.Queue) -> dict:
     """MODELPRESS_JOB_ISOLATED=false (debugging, tests that register methods in-process): the same run in a
     thread of this process, with no limits and no fence around it."""
-    from workers.job_process import run
+    from workers.job_child import run
 
     outcome: dict = {}
     answers: queue.Queue[str] = queue.Queue()

@@ -195,7 +195,7 @@ def _check(original: Path, clustered: Path, shapes=None) -> dict[str, Any]:
     import onnx
 
     from workers.bridge.check import figures, run_onnx, sample_count, session
-    from workers.measure.inputs import plan_inputs
+    from workers.onnx_tools.inputs import plan_inputs
 
     paths = {"baseline": original, "result": clustered}
     sessions = {role: session(path) for role, path in paths.items()}
@@ -210,7 +210,7 @@ def _check(original: Path, clustered: Path, shapes=None) -> dict[str, Any]:
 def _pack(original: Path, clustered: Path, dst: Path) -> dict[str, int]:
     import zstandard
 
-    from workers.pruning.magnitude import ZSTD_LEVEL, compressed_sizes
+    from workers.prune.algorithms.magnitude import ZSTD_LEVEL, compressed_sizes
 
     dst.write_bytes(zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(clustered.read_bytes()))
     return {"zstd_bytes": dst.stat().st_size, "input_zstd_bytes": compressed_sizes(original)["zstd"]}

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from workers.methods.base import Method, StepContext, StepOutput
-from workers.methods.prune_common import FineTuneParams, LayerName, convert, export, fine_tune, resolve_layers
+from workers.prune.common import FineTuneParams, LayerName, convert, export, fine_tune, resolve_layers
 
 
 class PruneChannelsParams(FineTuneParams):
@@ -75,7 +75,7 @@ class PruneChannelsParams(FineTuneParams):
 
 
 def run(input_path: Path, params: PruneChannelsParams, out_dir: Path, ctx: StepContext) -> StepOutput:
-    from workers.pruning import prune_channels
+    from workers.prune.algorithms import prune_channels
 
     rnd = convert(input_path, ctx)
     ignored = resolve_layers(rnd.module, params.ignored_layers)

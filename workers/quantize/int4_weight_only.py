@@ -29,7 +29,7 @@ from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from app.errors import StepFailed
 from workers.methods.base import Method, MethodParams, StepContext, StepOutput
-from workers.methods.quantize_int8_dynamic import NodeName, _check_excluded_nodes, _check_loads_with_same_io
+from workers.quantize.int8_dynamic import NodeName, _check_excluded_nodes, _check_loads_with_same_io
 
 # (algorithm -> bit widths whose result ONNX Runtime 1.32's CPU provider runs). Checked against ORT in
 # tests/test_quant_methods.py. GPTQ's port writes 4-bit weights whatever it is asked; HQQ's 8-bit
@@ -132,7 +132,7 @@ def quantize(input_path: Path, params: Int4WeightOnlyParams, out_dir: Path,
              ctx: StepContext | None = None) -> StepOutput:
     import onnx
 
-    from workers.methods import onnx_prep
+    from workers.quantize import onnx_prep
 
     ctx = ctx or StepContext()
     source = onnx.load(str(input_path), load_external_data=False)
@@ -160,7 +160,7 @@ def quantize(input_path: Path, params: Int4WeightOnlyParams, out_dir: Path,
 
         reader = None
         if params.algorithm == "gptq":
-            from workers.methods.quantize_int8_static import CalibrationReader, calibration_source
+            from workers.quantize.int8_static import CalibrationReader, calibration_source
 
             data = calibration_source(prepared.path, ctx.calibration, samples=params.calibration_samples,
                                       seed=ctx.seed, allow_random=False, shapes=ctx.input_shapes)
@@ -235,7 +235,7 @@ def quantize(input_path: Path, params: Int4WeightOnlyParams, out_dir: Path,
 
 def _matrices(graph, params: Int4WeightOnlyParams) -> list[dict[str, Any]]:
     """Every MatMul/Gemm with what it multiplies by, and why it will stay float (reason None: to quantize)."""
-    from workers.methods.onnx_prep import nodes_with_scope, site_label
+    from workers.quantize.onnx_prep import nodes_with_scope, site_label
 
     excluded = set(params.nodes_to_exclude)
     found = []
@@ -287,7 +287,7 @@ def _by_subgraph(matrices: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _run_quantizer(model, params: Int4WeightOnlyParams, reader, excluded: list[str]):
-    from workers.methods.onnx_prep import short_error
+    from workers.quantize.onnx_prep import short_error
 
     nbits = _import_nbits_quantizer()
     symmetric = params.is_symmetric()
@@ -370,7 +370,7 @@ def embeddings_apply(params: Int4WeightOnlyParams) -> bool:
 
 def _embedding_tables(graph) -> int:
     """Gathers that read rows of a constant float matrix (embedding tables)."""
-    from workers.methods.onnx_prep import nodes_with_scope
+    from workers.quantize.onnx_prep import nodes_with_scope
 
     return sum(1 for _, node, visible in nodes_with_scope(graph)
                if node.op_type == "Gather" and node.input and node.input[0] in visible
@@ -394,7 +394,7 @@ def _set_accuracy_level(graph, level: int) -> None:
     """HQQ writes no accuracy_level; set it on every MatMulNBits that lacks one."""
     from onnx import helper
 
-    from workers.methods.onnx_prep import all_nodes
+    from workers.quantize.onnx_prep import all_nodes
 
     for node in all_nodes(graph):
         if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
@@ -403,7 +403,7 @@ def _set_accuracy_level(graph, level: int) -> None:
 
 def _nothing_to_quantize(graph, matrices: list[dict[str, Any]]) -> StepFailed:
     if not matrices:
-        from workers.methods.onnx_prep import all_nodes
+        from workers.quantize.onnx_prep import all_nodes
 
         present = sorted({node.op_type for node in all_nodes(graph)})
         return StepFailed(

@@ -1,5 +1,5 @@
-"""A job's own process: `python -m workers.job_process <folder> <fd> <reply fd>`, started by the worker
-(workers.pipeline).
+"""A job's own process: `python -m workers.job_child <folder> <fd> <reply fd>`, started by the worker
+(workers.supervise).
 
 It fences itself in first (workers.sandbox: memory, CPU time, network, death with its parent), then runs the
 job's steps and measurements on the local files named in <folder>/request.json, sends progress and artifacts
@@ -47,7 +47,7 @@ def main(folder: Path, fd: int, reply_fd: int) -> int:
 
 def run(folder: Path, request: dict, sandbox: dict, limits, send, ask_cancelled=None) -> dict:
     from app.errors import ModelPressError
-    from workers.execute import Cancelled, JobRun, execute
+    from workers.steps import Cancelled, JobRun, execute
 
     job = JobRun(job_id=request["job_id"], folder=folder, send=send, stop_file=folder / STOP,
                  datasets={k: tuple(v) for k, v in request["datasets"].items()},

@@ -126,7 +126,7 @@ def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: St
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from workers.methods import onnx_prep
+    from workers.quantize import onnx_prep
 
     source = onnx.load(str(input_path), load_external_data=False)
     onnx_prep.name_nodes(source.graph)  # the same names prepare() gives, so exclusions match
@@ -235,7 +235,7 @@ def _localize_conv_weights(path: Path, work_dir: Path, warnings: list[str]) -> P
     onnx_prep.localize_outer_weights); returns the model to quantize."""
     import onnx
 
-    from workers.methods.onnx_prep import localize_outer_weights
+    from workers.quantize.onnx_prep import localize_outer_weights
 
     model = onnx.load(str(path))
     moved, copied = localize_outer_weights(model.graph, ("Conv",))
@@ -251,7 +251,7 @@ def _localize_conv_weights(path: Path, work_dir: Path, warnings: list[str]) -> P
 
 def _fuse(prepared: Path, work_dir: Path, params: Int8DynamicParams, requested: set[str], *,
           keep_nodes: list[str], shapes=None):
-    from workers.methods import transformer_fusion
+    from workers.quantize import transformer_fusion
 
     if params.fuse_transformer == "off":
         return transformer_fusion.Fusion(None, {"applied": False, "reason": "fuse_transformer is off"})
@@ -268,7 +268,7 @@ def _inside_report(graph, requested: set[str], excluded: list[str], depthwise: l
     """
     from collections import Counter
 
-    from workers.methods.onnx_prep import nodes_with_scope, site_label
+    from workers.quantize.onnx_prep import nodes_with_scope, site_label
 
     reported = set(REPORTED_OPS) & requested
     depthwise_set, excluded_set = set(depthwise), set(excluded)
@@ -330,7 +330,7 @@ def _quantized_weights(graph) -> dict[str, tuple[bool, set[str]]]:
     """Quantized weight initializers -> (quantized per channel?, op types that read them)."""
     import onnx
 
-    from workers.methods.onnx_prep import all_initializers, all_nodes
+    from workers.quantize.onnx_prep import all_initializers, all_nodes
 
     scales = {init.name: init for init in all_initializers(graph)}
     consumers: dict[str, set[str]] = {}
@@ -347,7 +347,7 @@ def _quantized_weights(graph) -> dict[str, tuple[bool, set[str]]]:
 
 
 def _check_excluded_nodes(names: list[str], graph, requested: set[str]) -> None:
-    from workers.methods.onnx_prep import all_nodes
+    from workers.quantize.onnx_prep import all_nodes
 
     known = [node.name for node in all_nodes(graph)]
     known_set = set(known)
@@ -376,7 +376,7 @@ def _weight_type(graph, params: Int8DynamicParams, requested: set[str], excluded
         return params.weight_type, "as requested"
     import numpy as np
 
-    from workers.methods.onnx_prep import all_initializers, all_nodes
+    from workers.quantize.onnx_prep import all_initializers, all_nodes
 
     sizes = {init.name: int(np.prod(init.dims)) if init.dims else 1 for init in all_initializers(graph)}
     conv = matmul = 0
@@ -408,7 +408,7 @@ def cpu_has_vnni() -> bool:
 
 def _grouped_convs(graph) -> list[str]:
     """Names of Conv nodes with group > 1 (depthwise and grouped convolutions)."""
-    from workers.methods.onnx_prep import all_nodes
+    from workers.quantize.onnx_prep import all_nodes
 
     names = []
     for node in all_nodes(graph):
@@ -425,14 +425,14 @@ def _nodes_to_quantize(graph, requested: set[str], gemm_rewritten: list[str]) ->
     """
     if "Gemm" not in requested or "MatMul" in requested:
         return None
-    from workers.methods.onnx_prep import all_nodes
+    from workers.quantize.onnx_prep import all_nodes
 
     from_gemm = set(gemm_rewritten)
     return [node.name for node in all_nodes(graph) if node.name in from_gemm or node.op_type in requested]
 
 
 def _nothing_to_quantize(graph, requested: set[str], excluded: list[str]) -> StepFailed:
-    from workers.methods.onnx_prep import all_nodes
+    from workers.quantize.onnx_prep import all_nodes
 
     present = sorted({node.op_type for node in all_nodes(graph)})
     recurrent = [f"; {UNQUANTIZED_RECURRENT[op]}" for op in present if op in UNQUANTIZED_RECURRENT]
@@ -448,7 +448,7 @@ def _nothing_to_quantize(graph, requested: set[str], excluded: list[str]) -> Ste
 def _check_loads_with_same_io(source, output: Path) -> None:
     import onnxruntime as ort
 
-    from workers.methods.onnx_prep import short_error
+    from workers.quantize.onnx_prep import short_error
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -172,7 +172,7 @@ def fuse(prepared: Path, out_dir: Path, *, keep_nodes: list[str], shapes=None) -
     try:
         counts = _run_ort_optimizer(prepared, fused_path, shape)
     except Exception as exc:
-        from workers.methods.onnx_prep import short_error
+        from workers.quantize.onnx_prep import short_error
 
         log.info("attention fusion failed on %s: %s", prepared, exc)
         return _refused(found, f"ONNX Runtime's transformer optimizer failed ({short_error(exc)})")
@@ -190,7 +190,7 @@ def fuse(prepared: Path, out_dir: Path, *, keep_nodes: list[str], shapes=None) -
     try:
         cosines = output_cosines(prepared, fused_path, shapes=shapes)
     except Exception as exc:
-        from workers.methods.onnx_prep import short_error
+        from workers.quantize.onnx_prep import short_error
 
         return _refused(details, f"the fused model could not be checked against the original ({short_error(exc)})")
     worst = min(cosines.values())
@@ -246,8 +246,8 @@ def output_cosines(original: Path, candidate: Path, *, seed: int = 0, shapes=Non
     import onnx
     import onnxruntime as ort
 
-    from workers.measure.fidelity import cosine
-    from workers.measure.inputs import plan_inputs
+    from workers.onnx_tools.similarity import cosine
+    from workers.onnx_tools.inputs import plan_inputs
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -211,8 +211,8 @@ def _sensitivity(original: Path, quantized: Path, evaluation, notes: list[str]) 
     import onnx
     import onnxruntime as ort
 
-    from workers.measure.fidelity import cosine
-    from workers.methods import onnx_prep
+    from workers.onnx_tools.similarity import cosine
+    from workers.quantize import onnx_prep
 
     source = onnx.load(str(original))
     onnx_prep.name_nodes(source.graph)

@@ -69,7 +69,7 @@ class Fp16Params(MethodParams):
 def convert(input_path: Path, params: Fp16Params, out_dir: Path, ctx: StepContext | None = None) -> StepOutput:
     import onnx
 
-    from workers.methods import onnx_prep
+    from workers.quantize import onnx_prep
 
     ctx = ctx or StepContext()
     float16 = _import_converter()
@@ -176,7 +176,7 @@ def _ops_without_float16(model, always_float: dict[str, list[int]]) -> set[str]:
     """
     from onnx import defs
 
-    from workers.methods.onnx_prep import default_opset
+    from workers.quantize.onnx_prep import default_opset
 
     opset = default_opset(model) or defs.onnx_opset_version()
     found = set()
@@ -197,7 +197,7 @@ def _ops_without_float16(model, always_float: dict[str, list[int]]) -> set[str]:
 
 def _always_float_inputs(float16, model) -> dict[str, list[int]]:
     """The converter's own float32-only inputs, with its opset rule for Resize (scales moved in opset 11)."""
-    from workers.methods.onnx_prep import default_opset
+    from workers.quantize.onnx_prep import default_opset
 
     inputs = dict(getattr(float16, "ALWAYS_FLOAT_INPUTS", {}))
     if (default_opset(model) or 11) <= 10:
@@ -215,7 +215,7 @@ def _load_and_run(original: Path, converted: Path, *, shapes=None) -> tuple[str 
     import onnxruntime as ort
 
     from app.errors import MeasurementFailed
-    from workers.measure.inputs import plan_inputs
+    from workers.onnx_tools.inputs import plan_inputs
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from app.errors import StepFailed
-from workers.pruning.magnitude import weighted_layers
+from workers.prune.algorithms.magnitude import weighted_layers
 
 NO_CUDA_REASON = "no CUDA device: 2:4 sparsity needs sparse tensor cores; no CPU speedup is expected"
 

@@ -24,7 +24,7 @@ from pydantic import Field, StringConstraints, WithJsonSchema, field_validator, 
 
 from app.errors import StepFailed
 from workers.methods.base import Method, MethodParams, StepContext, StepOutput, checked_op_types
-from workers.methods.quantize_int8_dynamic import NodeName, _check_excluded_nodes, _check_loads_with_same_io
+from workers.quantize.int8_dynamic import NodeName, _check_excluded_nodes, _check_loads_with_same_io
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -177,7 +177,7 @@ class CalibrationSource:
     described: str                              # "dataset <name>" or "random data"
     notes: list[str] = field(default_factory=list)
     arrays: dict[str, Any] | None = None        # dataset arrays (sample axis first)
-    plan: Any = None                            # workers.measure.inputs.InputPlan for random data
+    plan: Any = None                            # workers.onnx_tools.inputs.InputPlan for random data
     seed: int = 0
 
     def feed(self, index: int) -> dict[str, np.ndarray]:
@@ -234,8 +234,8 @@ def calibration_source(model_path: Path, dataset, *, samples: int, seed: int, al
     import onnxruntime as ort
 
     from app.errors import MeasurementFailed
-    from workers.measure.inputs import ORT_DTYPES, plan_inputs
-    from workers.methods.onnx_prep import short_error
+    from workers.onnx_tools.inputs import ORT_DTYPES, plan_inputs
+    from workers.quantize.onnx_prep import short_error
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -312,7 +312,7 @@ def quantize(input_path: Path, params: Int8StaticParams, out_dir: Path, ctx: Ste
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from workers.methods import onnx_prep
+    from workers.quantize import onnx_prep
 
     ctx = ctx or StepContext()
     source = onnx.load(str(input_path), load_external_data=False)
@@ -432,7 +432,7 @@ def _calibrate(model_path: Path, op_types: list[str], method, params: Int8Static
     """Collect activation ranges in chunks and write them to ORT's calibration cache; returns the chunk size."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
 
-    from workers.methods.onnx_prep import short_error
+    from workers.quantize.onnx_prep import short_error
 
     extra: dict[str, Any] = {}
     if method == CalibrationMethod.Entropy:

@@ -1,0 +1,1 @@
+"""Weight clustering methods. Methods: kmeans (cluster.kmeans)."""
