@@ -7,7 +7,7 @@ load_digits (real digits, real labels) and exported to ONNX. Then, in one proces
   student (`student: depth`, keep_every 3: 2 of the 6 blocks), each trained on the training split;
 - the same two student architectures (taken from the distilled ONNX files, weights re-initialised)
   trained from scratch on the labels only, for the same epochs, by the loop a user writes;
-- the recipes prune-finetune-int8, distill-int8 and deep-compression, expanded by workers.recipes
+- the recipes prune-finetune-int8, distill-int8 and deep-compression, expanded by app.catalog.recipes
   and run step by step through the worker's own methods.
 Every model is measured against the teacher with the worker's measurement code (latency
 interleaved with the teacher's, accuracy on the 397 held-out digits).
@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.prune import BATCH, digits_data, export, judge, train  # noqa: E402
 from bench.results import publish  # noqa: E402
-from workers import methods, recipes  # noqa: E402
+from app.catalog import recipes  # noqa: E402
+from workers import methods  # noqa: E402
 from workers.datasets import Dataset  # noqa: E402
 
 BATCHES = (1, 64)

@@ -17,11 +17,9 @@ from app.errors import StepFailed, UnknownMethod
 from tests.conftest import ROOT, mlp_onnx_bytes, shared_model
 from workers import methods
 from workers.quantize import onnx_prep
-from workers.quantize.int8_dynamic import (
-    CONV_INTEGER_WARNING,
-    ORT_DYNAMIC_OP_TYPES,
-    SUPPORTED_OP_TYPES,
-)
+from app import catalog as method_catalog
+from app.catalog.quantize.int8_dynamic import ORT_DYNAMIC_OP_TYPES, SUPPORTED_OP_TYPES
+from workers.quantize.int8_dynamic import CONV_INTEGER_WARNING
 
 INT8 = "quantize.int8_dynamic"
 
@@ -103,7 +101,7 @@ def mlp_path(tmp_path_factory) -> Path:
 # --- registry and params ---------------------------------------------------------------------------
 
 def test_catalog_lists_each_method_with_its_params_schema():
-    catalog = methods.catalog()
+    catalog = method_catalog.catalog()
     assert [m["id"] for m in catalog] == sorted(m["id"] for m in catalog)
     entry = next(m for m in catalog if m["id"] == INT8)
     assert entry["version"] == 2 and entry["description"]
@@ -150,11 +148,12 @@ def test_hardcoded_op_types_are_what_onnxruntime_dynamic_quantization_supports()
 
 
 def test_importing_the_registry_stays_light():
-    """The API process imports workers.methods to validate params; it must not drag in the runtimes."""
+    """The API process imports the catalog (app.catalog) to list methods and validate params; it must not drag
+    in the runtimes or any implementation."""
     code = (
-        "import sys, workers.methods as m; m.catalog(); "
+        "import sys, app.catalog as m; m.catalog(); "
         "m.get('quantize.int8_dynamic').params_model.model_validate({}); "
-        "heavy = [n for n in ('onnx', 'onnxruntime', 'torch', 'numpy') if n in sys.modules]; "
+        "heavy = [n for n in ('onnx', 'onnxruntime', 'torch', 'numpy', 'workers') if n in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

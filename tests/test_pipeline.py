@@ -12,7 +12,9 @@ from app.dbmodels import Artifact, Job, JobEvent, Measurement
 from app.errors import StepFailed
 from tests.conftest import row_count, store_files
 from workers import methods
-from workers.methods.base import Method, MethodParams, StepOutput
+from app import catalog
+from app.catalog.base import MethodParams, MethodSpec
+from workers.methods.base import StepOutput
 from workers.supervise import run_job
 
 FAST = {"batch_sizes": [1, 4], "warmup": 1, "iterations": 4}
@@ -42,12 +44,14 @@ def test_method(monkeypatch):
     added = []
 
     def _register(method_id: str, fn) -> None:
-        methods.register(Method(id=method_id, version=1, description="test only", params_model=MethodParams, run=fn))
+        catalog.register(MethodSpec(id=method_id, version=1, description="test only", params_model=MethodParams))
+        methods.implements(method_id)(fn)
         added.append(method_id)
 
     yield _register
     for method_id in added:
         methods.REGISTRY.pop(method_id, None)
+        catalog.SPECS.pop(method_id, None)
     get_settings.cache_clear()
 
 

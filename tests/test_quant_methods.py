@@ -131,7 +131,9 @@ def random_feeds(path: Path, batch: int = 4, scale: float = 1.0, seed: int = 0) 
 # --- catalog and params ----------------------------------------------------------------------------
 
 def test_catalog_publishes_the_three_methods_with_described_params():
-    catalog = {entry["id"]: entry for entry in methods.catalog()}
+    from app import catalog as method_catalog
+
+    catalog = {entry["id"]: entry for entry in method_catalog.catalog()}
     for method_id in (STATIC, INT4, FP16):
         schema = catalog[method_id]["params_schema"]
         assert catalog[method_id]["description"] and schema["additionalProperties"] is False
@@ -145,8 +147,8 @@ def test_hardcoded_lists_are_what_onnxruntime_has():
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
     from onnxruntime.transformers import float16
 
-    from workers.quantize.fp16 import CONVERTER_DEFAULT_BLOCK_LIST
-    from workers.quantize.int8_static import ORT_STATIC_OP_TYPES
+    from app.catalog.quantize.fp16 import CONVERTER_DEFAULT_BLOCK_LIST
+    from app.catalog.quantize.int8_static import ORT_STATIC_OP_TYPES
 
     assert set(ORT_STATIC_OP_TYPES) == set(QDQRegistry) | set(QLinearOpsRegistry)
     assert set(CONVERTER_DEFAULT_BLOCK_LIST) == set(float16.DEFAULT_OP_BLOCK_LIST)

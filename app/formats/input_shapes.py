@@ -7,7 +7,7 @@ symbolic dim name -> size. Axis 0, where the model leaves it symbolic, is the ba
 `evaluate.batch_sizes`, so any value (or null) there is ignored. Per axis, the size measured is, first that
 applies: the model's fixed size; the batch size; the size the user gave for that input and axis; the size the
 user gave for the dim's name (directly in "dims" or through another input of the same dim name); the samples of
-a dataset the job names (sample shape = array shape without axis 0); else a guess (see workers.measure.inputs).
+a dataset the job names (sample shape = array shape without axis 0); else a guess (see workers.onnx_tools.inputs).
 """
 from __future__ import annotations
 

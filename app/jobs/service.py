@@ -39,7 +39,7 @@ from app.limits import check_concurrent_jobs
 from app.queue import enqueue_job
 from app.settings import Settings
 from app.webhooks import service as webhooks
-from workers import methods
+from app import catalog
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,14 @@ def validate_steps(spec: JobCreate) -> list[dict]:
 
     Returns the steps with defaults filled in, so the worker runs exactly what was accepted.
     """
-    from workers import recipes
+    from app.catalog import recipes
 
     given = spec.steps if spec.steps is not None else [
         StepSpec.model_validate(step) for step in recipes.expand(spec.recipe or "", spec.params)]
     steps = []
     for index, step in enumerate(given):
         try:
-            method = methods.get(step.method)
+            method = catalog.get(step.method)
         except UnknownMethod as exc:  # it carries the known ids; add the field
             raise at_field(exc, f"steps[{index}].method") from None
         try:
@@ -101,7 +101,7 @@ def dataset_links(db: Session, tenant_id: str, model: Model, spec: JobCreate, st
     if spec.evaluate.eval_dataset_id:
         named.append(("eval", spec.evaluate.eval_dataset_id, "evaluate.eval_dataset_id"))
     for index, step in enumerate(steps):
-        for param in methods.get(step["method"]).dataset_params:
+        for param in catalog.get(step["method"]).dataset_params:
             value = step["params"].get(param)
             if value:
                 named.append((f"steps[{index}].{param}", value, f"steps[{index}].params.{param}"))
@@ -127,7 +127,7 @@ def model_links(db: Session, tenant_id: str, model: Model, steps: list[dict]) ->
     """
     links = []
     for index, step in enumerate(steps):
-        for param in methods.get(step["method"]).model_params:
+        for param in catalog.get(step["method"]).model_params:
             value = step["params"].get(param)
             if not value:
                 continue

@@ -11,40 +11,18 @@ again once packed with zstd (`pack: "zstd"`), since indices of a few shared valu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
 
 from app.errors import StepFailed
-from workers.methods.base import Method, MethodParams, StepContext, StepOutput
+from workers.methods.base import StepContext, StepOutput
+from app.catalog.cluster.kmeans import ClusterParams
+from workers.methods import implements
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
 WEIGHTED_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}  # op -> input index of its weight
-
-
-class ClusterParams(MethodParams):
-    clusters: int = Field(
-        16, ge=2, le=256,
-        description="Shared values per layer (k), zero included when the layer has pruned weights. 16 (4-bit "
-        "indices) kept AlexNet's and VGG-16's accuracy in Deep Compression; fewer shrinks more and costs more.",
-    )
-    min_weights: int = Field(
-        1024, ge=16, le=10**9,
-        description="Layers with fewer weights stay as they are: their codebook would cost more than it saves.",
-    )
-    iterations: int = Field(30, ge=1, le=1000, description="Lloyd iterations of k-means (it stops when stable).")
-    pack: Literal["none", "zstd"] = Field(
-        "zstd",
-        description="Also store the model zstd-packed (level 19) as an extra artifact (model.onnx.zst): the "
-        "smallest file to store or ship; unpack with `zstd -d` before loading.",
-    )
-    min_cosine: float = Field(
-        0.98, ge=0, le=1,
-        description="Refuse the result when its outputs' cosine to the input model's, on generated inputs, is "
-        "below this.",
-    )
 
 
 def kmeans_1d(values: np.ndarray, k: int, iterations: int) -> np.ndarray:
@@ -112,6 +90,7 @@ def cluster(weight: np.ndarray, k: int, iterations: int) -> tuple[np.ndarray, np
     return codebook, indices.astype(np.uint8).reshape(weight.shape)
 
 
+@implements("cluster.kmeans")
 def run(input_path: Path, params: ClusterParams, out_dir: Path, ctx: StepContext) -> StepOutput:
     import numpy as np
     import onnx
@@ -214,13 +193,3 @@ def _pack(original: Path, clustered: Path, dst: Path) -> dict[str, int]:
 
     dst.write_bytes(zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(clustered.read_bytes()))
     return {"zstd_bytes": dst.stat().st_size, "input_zstd_bytes": compressed_sizes(original)["zstd"]}
-
-
-METHOD = Method(
-    id="cluster.kmeans",
-    version=1,
-    description="Weight sharing (Deep Compression): k-means to `clusters` shared values per layer, zeros kept, "
-    "stored as a codebook plus uint8 indices, and a zstd-packed artifact. Same speed, much smaller file.",
-    params_model=ClusterParams,
-    run=run,
-)

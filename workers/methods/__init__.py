@@ -1,32 +1,26 @@
-"""The registry of compression methods, by id.
+"""The registry of method implementations, by catalog id.
 
     method = methods.get("quantize.int8_dynamic")
     params = method.params_model.model_validate({"per_channel": True})
     output = method.run(input_path, params, out_dir, methods.StepContext())
 
-Importing this package must stay cheap: the API imports it to list methods and
-validate params, so method modules import onnx, onnxruntime, torch and numpy
-inside their run functions only.
+Each method's id, version, params model and description live in the catalog (app.catalog, which the API
+imports); its implementation lives in workers/<family>/<method>.py and registers against the id:
+
+    @implements("quantize.int8_dynamic")
+    def quantize(input_path, params, out_dir, ctx): ...
 """
 from __future__ import annotations
 
-import logging
-from typing import Any
+from collections.abc import Callable
 
+from app import catalog
 from app.errors import UnknownMethod
 from workers.methods.base import Method, MethodParams, StepContext, StepOutput
 
-__all__ = ["REGISTRY", "Method", "MethodParams", "StepContext", "StepOutput", "catalog", "get", "register"]
+__all__ = ["REGISTRY", "Method", "MethodParams", "StepContext", "StepOutput", "get", "implements", "register"]
 
 REGISTRY: dict[str, Method] = {}
-
-
-def _drop_quantizer_chatter(record: logging.LogRecord) -> bool:
-    # ONNX Runtime's quantizer logs one INFO line per tensor on the root logger (thousands per model).
-    return not (record.levelno <= logging.INFO and str(record.msg).startswith("Quantization parameters"))
-
-
-logging.getLogger().addFilter(_drop_quantizer_chatter)
 
 
 def register(method: Method) -> Method:
@@ -38,6 +32,17 @@ def register(method: Method) -> Method:
     return method
 
 
+def implements(method_id: str) -> Callable[[Callable], Callable]:
+    """Register the decorated function as the implementation of the catalog's method `method_id`."""
+    spec = catalog.get(method_id)
+
+    def decorate(run: Callable) -> Callable:
+        register(Method.implementing(spec, run))
+        return run
+
+    return decorate
+
+
 def get(method_id: str) -> Method:
     try:
         return REGISTRY[method_id]
@@ -46,27 +51,11 @@ def get(method_id: str) -> Method:
         raise UnknownMethod(f"unknown method {method_id!r}; known methods: {known}", known=sorted(REGISTRY)) from None
 
 
-def catalog() -> list[dict[str, Any]]:
-    return [
-        {
-            "id": method.id,
-            "version": method.version,
-            "description": method.description,
-            "params_schema": method.params_model.model_json_schema(),
-        }
-        for method in sorted(REGISTRY.values(), key=lambda m: m.id)
-    ]
-
-
 def _register_builtins() -> None:
-    from workers.cluster import kmeans
-    from workers.distill import kd
-    from workers.prune import channels, magnitude, two_four
-    from workers.quantize import auto, fp16, int4_weight_only, int8_dynamic, int8_static
-
-    for module in (int8_dynamic, int8_static, int4_weight_only, fp16, auto, channels, magnitude, two_four, kd,
-                   kmeans):
-        register(module.METHOD)
+    from workers.cluster import kmeans  # noqa: F401  (each module registers its implementation on import)
+    from workers.distill import kd  # noqa: F401
+    from workers.prune import channels, magnitude, two_four  # noqa: F401
+    from workers.quantize import auto, fp16, int4_weight_only, int8_dynamic, int8_static  # noqa: F401
 
 
 _register_builtins()

@@ -1,9 +1,8 @@
-"""What a compression method is: a versioned params model plus one function.
+"""What a compression method is to the worker: its catalog spec (app.catalog) plus one function.
 
 A method reads its input model, writes a new model inside `out_dir` and returns
 where it put it, with JSON-able details for the job report. It never changes
-its input. This module imports nothing heavy: the API process imports it to
-validate params.
+its input. StepContext is what a step may use besides its input; StepOutput what it returns.
 """
 from __future__ import annotations
 
@@ -12,28 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
+from app.catalog.base import MethodParams, MethodSpec
 from app.formats.input_shapes import InputShapes
-
-
-class MethodParams(BaseModel):
-    """Base of every method's params; unknown fields are refused, not ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-def checked_op_types(value: list[str] | None, supported: tuple[str, ...], scheme: str) -> list[str] | None:
-    """Params validator body: every op type must be one `scheme` quantizes; repeats dropped, order kept."""
-    if value is None:
-        return None
-    unknown = [op for op in value if op not in supported]
-    if unknown:
-        raise ValueError(
-            f"not supported by {scheme}: {', '.join(map(repr, unknown))}; "
-            f"supported op types are {', '.join(supported)}"
-        )
-    return list(dict.fromkeys(value))
 
 
 @dataclass
@@ -97,3 +76,8 @@ class Method:
     # Params that name another uploaded model of the tenant (e.g. "student_model_id"): the API checks the
     # caller owns it and links it to the job; the pipeline unpacks it into StepContext.models.
     model_params: tuple[str, ...] = ()
+
+    @classmethod
+    def implementing(cls, spec: MethodSpec, run: Callable[[Path, MethodParams, Path, StepContext], StepOutput]) -> Method:
+        return cls(id=spec.id, version=spec.version, description=spec.description, params_model=spec.params_model,
+                   run=run, dataset_params=spec.dataset_params, model_params=spec.model_params)

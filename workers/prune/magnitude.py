@@ -8,12 +8,12 @@ like any other number. What shrinks is the model compressed for transfer or stor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, model_validator
 
-from workers.methods.base import Method, StepContext, StepOutput
-from workers.prune.common import FineTuneParams, LayerName, convert, export, fine_tune, resolve_layers
+from workers.methods.base import StepContext, StepOutput
+from workers.prune.common import convert, export, fine_tune, resolve_layers
+from app.catalog.prune.magnitude import PruneMagnitudeParams
+from workers.methods import implements
 
 DENSE_RUNTIME_NOTE = (
     "Unstructured zeros do not make dense runtimes faster: ONNX Runtime multiplies them like any other weight, so "
@@ -22,39 +22,7 @@ DENSE_RUNTIME_NOTE = (
 )
 
 
-class PruneMagnitudeParams(FineTuneParams):
-    sparsity: float = Field(
-        ..., gt=0, lt=1,
-        description="Fraction of the weights of Conv and Linear layers set to zero (biases and norms are kept).",
-    )
-    scope: Literal["global", "layer"] = Field(
-        "global",
-        description="global: one magnitude threshold over all layers (layers with many small weights lose more); "
-        "layer: every layer pruned to the same sparsity.",
-    )
-    schedule: Literal["oneshot", "gradual"] = Field(
-        "oneshot",
-        description="oneshot: prune to the target, then fine-tune with the zeros held; gradual: raise sparsity from "
-        "initial_sparsity to the target over the fine-tuning steps along a polynomial decay (as TensorFlow Model "
-        "Optimization's PolynomialDecay, power 3), which usually keeps more accuracy at high sparsity. Gradual "
-        "needs train_dataset_id.",
-    )
-    initial_sparsity: float = Field(0.0, ge=0, lt=1, description="Sparsity at the start of a gradual schedule.")
-    ignored_layers: list[LayerName] = Field(
-        default_factory=list, max_length=10_000,
-        description="Layers left dense, by ONNX node name (or module name as listed in the report).",
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> PruneMagnitudeParams:
-        if self.schedule == "gradual":
-            if self.train_dataset_id is None:
-                raise ValueError("schedule 'gradual' raises sparsity over fine-tuning steps: set train_dataset_id")
-            if self.initial_sparsity >= self.sparsity:
-                raise ValueError("initial_sparsity must be below sparsity")
-        return self
-
-
+@implements("prune.magnitude")
 def run(input_path: Path, params: PruneMagnitudeParams, out_dir: Path, ctx: StepContext) -> StepOutput:
     from workers.prune.algorithms import Masks, compressed_sizes, polynomial_sparsity, sparsity_report
 
@@ -93,14 +61,3 @@ def run(input_path: Path, params: PruneMagnitudeParams, out_dir: Path, ctx: Step
         + DENSE_RUNTIME_NOTE
     ]
     return StepOutput(model_path=path, details=rnd.details)
-
-
-METHOD = Method(
-    id="prune.magnitude",
-    version=1,
-    description="Unstructured magnitude pruning to a sparsity (global or per layer, one-shot or gradual), then "
-    "optional fine-tuning: smaller once compressed (zstd/gzip), not faster on dense runtimes.",
-    params_model=PruneMagnitudeParams,
-    run=run,
-    dataset_params=("train_dataset_id", "eval_dataset_id"),
-)

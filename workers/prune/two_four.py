@@ -9,20 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
 
 from app.errors import StepFailed
-from workers.methods.base import Method, StepContext, StepOutput
-from workers.prune.common import FineTuneParams, LayerName, convert, export, fine_tune, resolve_layers
+from workers.methods.base import StepContext, StepOutput
+from workers.prune.common import convert, export, fine_tune, resolve_layers
+from app.catalog.prune.two_four import Prune24Params
+from workers.methods import implements
 
 
-class Prune24Params(FineTuneParams):
-    ignored_layers: list[LayerName] = Field(
-        default_factory=list, max_length=10_000,
-        description="Layers left dense, by ONNX node name (or module name as listed in the report).",
-    )
-
-
+@implements("prune.2_4")
 def run(input_path: Path, params: Prune24Params, out_dir: Path, ctx: StepContext) -> StepOutput:
     from workers.prune.algorithms import Masks, check_pattern, cuda_semi_structured_speedup, nm_masks, sparsity_report
 
@@ -51,14 +46,3 @@ def run(input_path: Path, params: Prune24Params, out_dir: Path, ctx: StepContext
 def _first(skipped: dict[str, str], count: int = 3) -> str:
     shown = [f"{name}: {reason}" for name, reason in list(skipped.items())[:count]]
     return "; ".join(shown) + (f"; and {len(skipped) - count} more" if len(skipped) > count else "") or "none"
-
-
-METHOD = Method(
-    id="prune.2_4",
-    version=1,
-    description="2:4 semi-structured sparsity on Linear and 1x1 Conv weights (for GPUs with sparse tensor cores), "
-    "then optional fine-tuning with the pattern held. No speedup on CPUs or dense runtimes.",
-    params_model=Prune24Params,
-    run=run,
-    dataset_params=("train_dataset_id", "eval_dataset_id"),
-)

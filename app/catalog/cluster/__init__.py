@@ -1,0 +1,1 @@
+"""Params and specs of the cluster methods (the implementations: workers/cluster/)."""

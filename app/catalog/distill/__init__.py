@@ -1,0 +1,1 @@
+"""Params and specs of the distill methods (the implementations: workers/distill/)."""

@@ -1,0 +1,1 @@
+"""Params and specs of the prune methods (the implementations: workers/prune/)."""

@@ -1,0 +1,1 @@
+"""Params and specs of the quantize methods (the implementations: workers/quantize/)."""
