@@ -600,3 +600,37 @@ def test_int4_quantizes_embedding_tables(tmp_path):
     assert kept.details["embeddings_quantized"] == 0
     assert "1 embedding table(s) stay float (quantize_embeddings is off)" in kept.details["notes"]
     assert kept.model_path.stat().st_size > path.stat().st_size * 0.8
+
+
+def _reduce_then_matmul(path: Path) -> Path:
+    """x -> ReduceMean(axes=[1] as an attribute, opset 13) -> MatMul(64x64): opset 18 moved `axes` to an input."""
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "w")
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=1),
+             helper.make_node("Sub", ["x", "m"], ["c"]), helper.make_node("MatMul", ["c", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_int4_keeps_the_models_opset_so_older_ops_still_load(tmp_path):
+    """ONNX Runtime's quantizer stamps opset 21 on the model without converting its ops; PP-OCRv4's recognizer
+    and Magika (ReduceMean/ReduceMax with an `axes` attribute) then failed to load. The result keeps opset 13."""
+    out = run_method("quantize.int4_weight_only", _reduce_then_matmul(tmp_path / "m.onnx"), tmp_path / "out")
+    result = onnx.load(str(out.model_path))
+    assert {o.domain or "": o.version for o in result.opset_import}[""] == 13
+    assert any(node.op_type == "MatMulNBits" for node in result.graph.node)
+    x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+    ort.InferenceSession(str(out.model_path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+
+def test_static_refuses_a_model_that_is_quantized_already(tmp_path):
+    dynamic, static = methods.get("quantize.int8_dynamic"), methods.get("quantize.int8_static")
+    for folder in ("dyn", "static"):
+        (tmp_path / folder).mkdir()
+    source = dynamic.run(_reduce_then_matmul(tmp_path / "m.onnx"), dynamic.params_model.model_validate({}),
+                         tmp_path / "dyn", methods.StepContext())
+    with pytest.raises(StepFailed) as failed:
+        static.run(source.model_path, static.params_model.model_validate({"allow_random_calibration": True}),
+                   tmp_path / "static", methods.StepContext())
+    assert failed.value.code == "already_quantized" and "MatMulInteger" in failed.value.message

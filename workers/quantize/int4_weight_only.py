@@ -215,6 +215,8 @@ def _run_quantizer(model, params: Int4WeightOnlyParams, reader, excluded: list[s
         config = nbits.HQQWeightOnlyQuantConfig(block_size=params.block_size, bits=params.bits)
     else:
         config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader)
+    opsets = {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}
+    ir_version = model.ir_version
     quantizer = nbits.MatMulNBitsQuantizer(
         model, bits=params.bits, block_size=params.block_size, is_symmetric=symmetric,
         accuracy_level=params.accuracy_level, nodes_to_exclude=excluded, algo_config=config,
@@ -233,10 +235,32 @@ def _run_quantizer(model, params: Int4WeightOnlyParams, reader, excluded: list[s
     except StepFailed:
         raise
     except Exception as exc:
-        code = "calibration_failed" if params.algorithm == "gptq" else "step_failed"
+        code = "calibration_failed" if params.algorithm == "gptq" else "quantization_failed"
         raise StepFailed(f"ONNX Runtime's MatMulNBitsQuantizer ({params.algorithm}) failed: "
                          f"{short_error(exc, 400)}", code=code) from exc
-    return quantizer.model.model
+    return _restore_opset(quantizer.model.model, opsets, ir_version)
+
+
+INT4_TYPES = (21, 22)  # onnx.TensorProto.UINT4, INT4
+
+
+def _restore_opset(model, opsets: dict[str, int], ir_version: int):
+    """ONNX Runtime's quantizer stamps opset 21 and IR 10 on any model (for int4 tensors), without converting
+    its ops: an opset-12 ReduceMean keeps its `axes` attribute, which opset 18+ forbids, and the model no
+    longer loads (PP-OCRv4's recognizer, Magika). MatMulNBits lives in com.microsoft and needs neither; unless
+    the result holds int4 tensors in the default domain, the model gets its own opset and IR version back."""
+    from workers.quantize.onnx_prep import all_nodes
+
+    uses_int4 = any(t.data_type in INT4_TYPES for t in model.graph.initializer) or any(
+        node.domain in ("", "ai.onnx") and node.op_type in ("DequantizeLinear", "QuantizeLinear")
+        for node in all_nodes(model.graph))
+    if uses_int4:
+        return model
+    for entry in model.opset_import:
+        if (entry.domain or "ai.onnx") in opsets:
+            entry.version = opsets[entry.domain or "ai.onnx"]
+    model.ir_version = ir_version
+    return model
 
 
 def _cuda_available() -> bool:

@@ -115,7 +115,8 @@ def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: St
                 use_external_data_format=False, extra_options=extra_options,
             )
         except Exception as exc:
-            raise StepFailed(f"ONNX Runtime's quantize_dynamic failed: {onnx_prep.short_error(exc, 400)}") from exc
+            raise StepFailed(f"ONNX Runtime's quantize_dynamic failed: {onnx_prep.short_error(exc, 400)}",
+                             code="quantization_failed") from exc
     finally:
         shutil.rmtree(prep_dir, ignore_errors=True)
 
@@ -386,7 +387,8 @@ def _check_loads_with_same_io(source, output: Path) -> None:
     try:
         session = ort.InferenceSession(str(output), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise StepFailed(f"the quantized model does not load in ONNX Runtime: {short_error(exc, 400)}") from exc
+        raise StepFailed(f"the quantized model does not load in ONNX Runtime: {short_error(exc, 400)}",
+                         code="quantization_failed") from exc
     initializers = {init.name for init in source.graph.initializer}
     expected_inputs = [i.name for i in source.graph.input if i.name not in initializers]
     expected_outputs = [o.name for o in source.graph.output]

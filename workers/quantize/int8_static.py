@@ -131,7 +131,8 @@ def calibration_source(model_path: Path, dataset, *, samples: int, seed: int, al
     try:
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise StepFailed(f"the model does not load in ONNX Runtime: {short_error(exc, 400)}") from exc
+        raise StepFailed(f"the model does not load in ONNX Runtime: {short_error(exc, 400)}",
+                         code="quantization_failed") from exc
     specs = session.get_inputs()
     structure = onnx.load(str(model_path), load_external_data=False)
     try:
@@ -205,6 +206,7 @@ def quantize(input_path: Path, params: Int8StaticParams, out_dir: Path, ctx: Ste
 
     ctx = ctx or StepContext()
     source = onnx.load(str(input_path), load_external_data=False)
+    onnx_prep.refuse_quantized(source.graph, "quantize.int8_static")
     onnx_prep.name_nodes(source.graph)  # the same names prepare() gives, so exclusions match
     requested = list(params.op_types or ORT_STATIC_OP_TYPES)
     _check_excluded_nodes(params.nodes_to_exclude, source.graph, set(requested))
@@ -265,7 +267,8 @@ def quantize(input_path: Path, params: Int8StaticParams, out_dir: Path, ctx: Ste
                     calibration_cache_path=cache, use_external_data_format=False,
                 )
         except Exception as exc:
-            raise StepFailed(f"ONNX Runtime's quantize_static failed: {onnx_prep.short_error(exc, 400)}") from exc
+            raise StepFailed(f"ONNX Runtime's quantize_static failed: {onnx_prep.short_error(exc, 400)}",
+                             code="quantization_failed") from exc
     finally:
         shutil.rmtree(prep_dir, ignore_errors=True)
 

@@ -564,6 +564,27 @@ def op_counts(graph: onnx.GraphProto) -> Counter[str]:
     return Counter(node.op_type for node in all_nodes(graph))
 
 
+# Ops of a model that is quantized already: ONNX's QDQ and integer ops, ONNX Runtime's contrib ones.
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger", "QLinearConv",
+    "QLinearMatMul", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention",
+    "QGemm", "QLinearAdd", "QLinearMul", "MatMulNBits", "GatherBlockQuantized",
+})
+
+
+def refuse_quantized(graph, method: str) -> None:
+    """StepFailed(already_quantized) when the model holds quantized ops: calibrating a graph whose activations
+    are already quantized at run time breaks ONNX Runtime's static quantizer (a KeyError on a scale, on
+    ddddocr's int8 model), and it would quantize twice."""
+    from app.errors import StepFailed
+
+    found = Counter(node.op_type for node in all_nodes(graph) if node.op_type in QUANTIZED_OPS)
+    if found:
+        ops = ", ".join(f"{count} {op}" for op, count in found.most_common(4))
+        raise StepFailed(f"the model is quantized already ({ops}); {method} quantizes float models: upload the "
+                         "float model it was made from", code="already_quantized")
+
+
 def short_error(exc: BaseException, limit: int = 200) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if len(text) > limit:
