@@ -119,6 +119,7 @@ class Entry:
     source: Any  # Wheel | Shared | a callable returning a path (a model built here from shipped weights)
     licence: str
     input_shapes: dict[str, Any] | None = None  # evaluate.input_shapes, as a user gives them
+    input_values: dict[str, Any] | None = None  # evaluate.input_values: inputs that are not data (a sample rate)
     data: Callable[[], Data] | None = None
     upload: str = "onnx"  # "onnx", "hf-folder" (zip of a transformers folder), "keras"
     extra_methods: tuple[str, ...] = ()
@@ -384,9 +385,10 @@ CORPUS: list[Entry] = [
     Entry("silero-vad", "Silero VAD v6 (spox: If subgraphs, LSTM, recurrent state, sr input)",
           "audio, control flow, Constant weights",
           Wheel("silero-vad", "6.2.3", "silero_vad/data/silero_vad.onnx"), "MIT",
-          input_shapes={"input": [1, 512], "state": [2, 1, 128]},
+          input_shapes={"input": [1, 512], "state": [2, 1, 128]}, input_values={"sr": 16000},
           notes=["no dataset: its state [2, N, 128] is batched on axis 1 and sr is a scalar, and a dataset's axis 0 "
-                 "is the sample axis (an .npz with state [16, 2, 1, 128] is refused 422 dataset_mismatch)"]),
+                 "is the sample axis (an .npz with state [16, 2, 1, 128] is refused 422 dataset_mismatch); "
+                 "sr given as a value (evaluate.input_values), as the model runs at 8000 or 16000 only"]),
     Entry("silero-vad-fw", "Silero VAD v6 as shipped in faster-whisper (LSTM, h/c state)", "audio, LSTM",
           Wheel("faster-whisper", "1.2.1", "faster_whisper/assets/silero_vad_v6.onnx"), "MIT",
           input_shapes={"input": [4, 576]}),
@@ -539,6 +541,8 @@ class Runner:
             spec["eval_max_samples"] = 64
         if entry.input_shapes and self.shapes_supported:
             spec["input_shapes"] = entry.input_shapes
+        if entry.input_values:
+            spec["input_values"] = entry.input_values
         return spec
 
     def steps_for(self, method: str, ids: dict[str, str | None]) -> dict[str, Any]:
