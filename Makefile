@@ -8,7 +8,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP_INSTALL := $(BIN)/python -m pip install -q --disable-pip-version-check $(FIND_LINKS) -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test services bench clean kernels
+.PHONY: install run test lint services bench clean kernels
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
@@ -30,7 +30,14 @@ run: install
 services:
 	@bash scripts/services.sh
 
-test: install services
+# The static checks come first and each fails the build: ruff (lint), mypy (types), import-linter (the
+# architecture's import contracts); their settings are in pyproject.toml.
+lint: install
+	$(BIN)/ruff check app workers kernels bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: install lint services
 	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory kernels; \
 	else echo "nvcc not found: not building the CUDA kernels (kernels/ uses its PyTorch references)"; fi
 	$(BIN)/python -m pytest -q --durations=15

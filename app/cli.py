@@ -397,7 +397,6 @@ def _job_rows(job: dict) -> list[tuple[str, str]]:
 def _wait_with_progress(mp, job: dict) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
     from rich.table import Column
 
     console = Console(stderr=True)

@@ -9,11 +9,10 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.settings import get_settings
-
 # Every process that writes through these sessions (API, workers, CLI) tells the API processes' read caches
 # what changed: the notification hooks live in app.readcache and are registered by importing it.
-import app.readcache  # noqa: E402,F401
+import app.readcache  # noqa: F401
+from app.settings import get_settings
 
 
 def make_engine(url: str, **kwargs) -> Engine:

@@ -20,16 +20,16 @@ from app.deps import current_key
 from app.edge import RefuseUnstorableText
 from app.errors import ModelPressError
 from app.jobs.routes import router as jobs_router
-from app.metrics import install as install_metrics
 from app.measurements.routes import router as measurements_router
 from app.methods_api.routes import recipes_router
 from app.methods_api.routes import router as methods_router
+from app.metrics import install as install_metrics
 from app.models.routes import router as models_router
-from app.ui import mount_ui
 from app.queue import broker_reachable, get_celery
 from app.readcache import get_cache, start_listener
 from app.settings import get_settings
 from app.store import get_store
+from app.ui import mount_ui
 from app.webhooks.routes import router as webhooks_router
 
 log = logging.getLogger("modelpress.api")

@@ -78,7 +78,7 @@ QUEUES = ("cpu", "gpu")
 
 def redis_list_keys(channel, name: str) -> list[str]:
     """The Redis lists Celery's transport keeps for one queue: one per priority step."""
-    return [channel._q_for_pri(name, pri) for pri in channel.priority_steps]  # noqa: SLF001
+    return [channel._q_for_pri(name, pri) for pri in channel.priority_steps]
 
 
 def _job_id_of(payload: dict) -> str | None:

@@ -60,7 +60,7 @@ class KeyView:
     tenant: TenantView
 
     @classmethod
-    def of(cls, key) -> "KeyView":
+    def of(cls, key) -> KeyView:
         t = key.tenant
         return cls(id=key.id, tenant_id=key.tenant_id, scopes=tuple(key.scopes or ()),
                    expires_at=key.expires_at,

@@ -95,13 +95,13 @@ class Settings(BaseSettings):
     api_port: int = 8000
 
     @model_validator(mode="after")
-    def _recovery_timings_fit(self) -> "Settings":
+    def _recovery_timings_fit(self) -> Settings:
         if self.heartbeat_timeout_s < 2 * self.heartbeat_interval_s:
             raise ValueError("MODELPRESS_HEARTBEAT_TIMEOUT_S must be at least twice MODELPRESS_HEARTBEAT_INTERVAL_S")
         return self
 
     @model_validator(mode="after")
-    def _production_needs_servers(self) -> "Settings":
+    def _production_needs_servers(self) -> Settings:
         # The embedded defaults (SQLite, filesystem broker) are for one machine only.
         if self.mode == "production":
             if not self.database_url or self.database_url.startswith("sqlite"):

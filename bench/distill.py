@@ -25,13 +25,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.catalog import recipes  # noqa: E402
 from bench.prune import BATCH, digits_data, export, judge, train  # noqa: E402
 from bench.results import publish  # noqa: E402
-from app.catalog import recipes  # noqa: E402
 from workers import methods  # noqa: E402
 from workers.datasets import Dataset  # noqa: E402
 

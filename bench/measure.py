@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     started = time.time()
-    rows, hits = [], {b: 0 for b in BATCHES}
+    rows, hits = [], dict.fromkeys(BATCHES, 0)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         four, eight = mlp(tmp / "mlp4.onnx", 4), mlp(tmp / "mlp8.onnx", 8)

@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MODELS = ROOT.parent / "shared" / "models"
 
+from bench.results import publish  # noqa: E402
 from workers import methods  # noqa: E402
 from workers.datasets import Dataset  # noqa: E402
 from workers.measure import measure_pair  # noqa: E402
 from workers.onnx_tools.counting import count  # noqa: E402
-from bench.results import publish  # noqa: E402
 
 CHANNEL_RATIOS = (0.3, 0.5, 0.7)
 SPARSITIES = (0.5, 0.8, 0.9)

@@ -35,9 +35,10 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ BIN = Path(sys.executable).parent
 
 from app.client import Client, ModelPressError  # noqa: E402
 from bench.results import publish  # noqa: E402
-from tests.stack import free_port, wait_ready  # noqa: E402
+from bench.common import free_port, wait_ready  # noqa: E402
 
 QUANT = ("quantize.int8_dynamic", "quantize.int8_static", "quantize.fp16", "quantize.int4_weight_only",
          "quantize.auto")
@@ -320,7 +321,7 @@ def keras_mobilenet() -> Path:
     (no hub here). Needs TensorFlow in this environment."""
     out = CACHE / "models" / "mobilenetv2-035-96.keras"
     if not out.is_file():
-        import keras  # noqa: F401 (ImportError: no TensorFlow here; the row says so)
+        import keras
 
         model = keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, weights=None, classes=10)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -780,7 +781,7 @@ def main() -> int:
                 info = inspect(entry.path)
             else:
                 error = f"{entry.upload} upload ({entry.path.stat().st_size / 1e6:.1f} MB)"
-        except Exception as exc:  # noqa: BLE001 (a model that cannot be had is a row saying why)
+        except Exception as exc:
             error = f"not available: {type(exc).__name__}: {str(exc)[:160]}"
         infos[entry.key] = info
         inspections.append(inspection_row(entry, info, error))
@@ -822,7 +823,7 @@ def main() -> int:
                     continue
                 try:
                     data = entry.data() if entry.data else None
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     data = None
                     entry.notes.append(f"no dataset: {type(exc).__name__}: {exc}")
                 try:

@@ -37,7 +37,7 @@ def backend() -> dict[str, Any]:
         "library": str(_native.PATH) if _native.LIBRARY is not None else None,
         "reason": reason,
         "cuda": cuda,
-        "ops": {name: "cuda" if native else "reference" for name in ops.OPS},
+        "ops": dict.fromkeys(ops.OPS, "cuda" if native else "reference"),
     }
 
 

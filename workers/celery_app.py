@@ -13,5 +13,5 @@ app = celery
 celery.conf.beat_schedule = {**(celery.conf.beat_schedule or {}), **recovery_schedule(get_settings()),
                              **beat_schedule(get_settings())}
 
-import workers.tasks  # noqa: E402,F401  (registers the tasks on this app)
+import workers.tasks  # noqa: E402  (registers the tasks on this app)
 import workers.webhooks  # noqa: E402,F401

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 @dataclass
 class Dataset:
     inputs: dict[str, np.ndarray]

@@ -43,7 +43,7 @@ class JobLimits:
     nice: int = 0
 
     @classmethod
-    def from_settings(cls, settings) -> "JobLimits":
+    def from_settings(cls, settings) -> JobLimits:
         memory = settings.job_memory_limit_bytes
         if memory == 0:
             memory = int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

@@ -35,7 +35,16 @@ from sqlalchemy import delete, select, update
 from app.blobs import release_blob
 from app.db import session_scope
 from app.dbmodels import (
-    TERMINAL_STATUSES, Artifact, Blob, Dataset, Job, JobDataset, JobModel, Measurement, Model, utcnow,
+    TERMINAL_STATUSES,
+    Artifact,
+    Blob,
+    Dataset,
+    Job,
+    JobDataset,
+    JobModel,
+    Measurement,
+    Model,
+    utcnow,
 )
 from app.errors import JobFailed, ModelPressError
 from app.jobs.state import add_event, set_status
@@ -251,7 +260,8 @@ def _supervise(attempt: Attempt, claim: Claim, settings: Settings) -> dict:
     folder, store = attempt.folder, attempt.store
     request = {
         "job_id": attempt.job_id, "attempt": attempt.number, "parent_pid": os.getpid(), "limits": limits.to_json(),
-        "kind": claim.kind, "spec": claim.spec, "model": {"path": str(store.local_path(claim.model_sha)), "format": claim.model_format},
+        "kind": claim.kind, "spec": claim.spec,
+        "model": {"path": str(store.local_path(claim.model_sha)), "format": claim.model_format},
         "datasets": {i: [str(store.local_path(sha)), fmt, name] for i, (sha, fmt, name) in claim.datasets.items()},
         "models": {i: [str(store.local_path(sha)), fmt] for i, (sha, fmt) in claim.models.items()},
     }

@@ -10,8 +10,8 @@ from app.queue import RUN_JOB_TASK
 from app.retention import EXPIRE_ARTIFACTS_TASK, run_retention
 from app.store import get_store
 from workers.celery_app import celery
-from workers.supervise import run_job as _run_job
 from workers.recovery import REAP_JOBS_TASK, reap
+from workers.supervise import run_job as _run_job
 
 log = logging.getLogger("modelpress.worker")
 

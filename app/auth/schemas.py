@@ -16,7 +16,7 @@ class KeyCreate(BaseModel):
                                      description="or: seconds from now until it stops working")
 
     @model_validator(mode="after")
-    def _one_expiry(self) -> "KeyCreate":
+    def _one_expiry(self) -> KeyCreate:
         if self.expires_at is not None and self.expires_in_s is not None:
             raise ValueError("give expires_at or expires_in_s, not both")
         if self.expires_at is not None:

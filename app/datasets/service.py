@@ -10,9 +10,9 @@ from app.audit import service as audit
 from app.audit.service import Actor
 from app.blobs import keep_upload, release_blob
 from app.common import get_owned_or_404, newest_first_page
-from app.formats.dataset_files import format_for, inspect_dataset, read_specs
 from app.dbmodels import ACTIVE_STATUSES, Dataset, Job, JobDataset, storable
 from app.errors import DatasetInUse, DatasetNotFound
+from app.formats.dataset_files import format_for, inspect_dataset, read_specs
 from app.limits import check_upload_fits
 from app.settings import Settings
 from app.store import LocalStore

@@ -18,7 +18,12 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from app.errors import (
-    InvalidDataset, InvalidModel, PickleRefused, RemoteCodeRefused, Unprocessable, UnsupportedArchitecture,
+    InvalidDataset,
+    InvalidModel,
+    PickleRefused,
+    RemoteCodeRefused,
+    Unprocessable,
+    UnsupportedArchitecture,
 )
 from app.formats.onnx_files import _short
 

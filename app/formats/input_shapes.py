@@ -178,7 +178,7 @@ def resolve(declared: dict[str, list[Any] | None], shapes: InputShapes, *,
         shape = declared.get(name)
         if shape is None or len(sample) != len(shape) - 1:
             continue
-        for axis, (dim, size) in enumerate(zip(shape[1:], sample), start=1):
+        for dim, size in zip(shape[1:], sample):
             if isinstance(dim, str) and dim not in named:
                 named[dim] = (size, shapes.sample_sources.get(name, from_dataset(None)), "")
 

@@ -19,8 +19,9 @@ import json
 import mmap
 import zipfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 from app.errors import CustomObjectRefused, InvalidModel, UnsafeLayerRefused
 from app.formats.limits import Limits

@@ -18,12 +18,13 @@ import shutil
 import stat
 import zipfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 from app.errors import InvalidModel, PayloadTooLarge, UnsafeArchive
-from app.formats.onnx_wire import graph_depth
 from app.formats.limits import Limits
+from app.formats.onnx_wire import graph_depth
 from app.formats.pickles import PICKLE_SUFFIXES, starts_with_pickle
 
 ZIP_MAGIC = b"PK\x03\x04"

@@ -10,11 +10,11 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.common import at_field, echo_id, get_owned_or_404, newest_first_page
-from app.datasets import service as datasets_service
-from app.formats.dataset_files import check_against_model
+from app import catalog
 from app.audit import service as audit
 from app.audit.service import Actor
+from app.common import at_field, echo_id, get_owned_or_404, newest_first_page
+from app.datasets import service as datasets_service
 from app.dbmodels import TERMINAL_STATUSES, Artifact, AuditEntry, Job, JobDataset, JobEvent, JobModel, Model, Tenant
 from app.errors import (
     ArtifactExpired,
@@ -30,16 +30,16 @@ from app.errors import (
     ServiceUnavailable,
     UnknownMethod,
 )
+from app.formats.dataset_files import check_against_model
 from app.formats.input_shapes import ShapeError
 from app.formats.input_shapes import check_against_model as check_shapes_against_model
 from app.jobs.schemas import JobCreate, StepSpec
 from app.jobs.state import set_status
-from app.models import service as models_service
 from app.limits import check_concurrent_jobs
+from app.models import service as models_service
 from app.queue import enqueue_job
 from app.settings import Settings
 from app.webhooks import service as webhooks
-from app import catalog
 
 log = logging.getLogger(__name__)
 

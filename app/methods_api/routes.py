@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.deps import Caller
 from app import catalog
 from app.catalog import recipes
+from app.deps import Caller
 
 router = APIRouter(prefix="/methods", tags=["methods"])
 

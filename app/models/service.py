@@ -1,9 +1,8 @@
 """Models: upload (validate, store once per content), list, get, delete."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import logging
+from pathlib import Path
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
@@ -15,15 +14,14 @@ from app.common import get_owned_or_404, newest_first_page
 from app.dbmodels import ACTIVE_STATUSES, Job, JobModel, Model, storable
 from app.errors import ConversionFailed, ConversionPending, ModelInUse, ModelNotFound
 from app.formats.huggingface import check_task_field
-from app.limits import check_upload_fits
 from app.formats.onnx_files import validate_upload
-from app.models.schemas import ConversionPublic, ModelPublic
 from app.jobs.state import set_status
+from app.limits import check_upload_fits
+from app.models.schemas import ConversionPublic, ModelPublic
 from app.queue import enqueue_job
 from app.settings import Settings
 from app.store import LocalStore
 from app.uploads import Received
-
 
 log = logging.getLogger(__name__)
 # Formats the workers run as they are; any other stored format is converted to one of these first.

@@ -236,7 +236,7 @@ def _failing_node(model: onnx.ModelProto) -> tuple[str | None, str | None, Excep
             converter = get_converter(domain=node.domain, operation_type=node.op_type,
                                       version=imports.get(node.domain, 1))
             converter(onnx_node, graph)
-        except Exception as exc:  # noqa: BLE001 - any failure names the node
+        except Exception as exc:
             return node_label(node, index), node.op_type, exc
     return None, None, None
 

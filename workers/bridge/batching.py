@@ -30,7 +30,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from app.errors import StepFailed
-from workers.bridge.check import figures, failures
+from workers.bridge.check import failures, figures
 
 DEFAULT_CHUNK = 256     # samples per ONNX Runtime run on models whose batch axis is free
 
@@ -59,7 +59,7 @@ def agnostic_batch(model: onnx.ModelProto, batch: int) -> list[dict[str, Any]]:
         return []
     try:
         shapes = _inferred_shapes(model)
-    except Exception:  # noqa: BLE001 - without shapes nothing is rewritten; the batch check decides
+    except Exception:
         return []
     records = []
     for index, node in candidates:
@@ -97,7 +97,7 @@ def check_batching(module: nn.Module, input_names: list[str], output_names: list
     try:
         produced = run_module(module, input_names, [stacked])
         check = figures(expected, produced, output_names, inputs="stacked", samples=samples)
-    except Exception as exc:  # noqa: BLE001 - any failure means: not at this batch size
+    except Exception as exc:
         text = " ".join(str(exc).split())[:300] or type(exc).__name__
         return {"batched": False, "stacked_samples": samples, "error": text}
     problems = failures(check)
@@ -159,7 +159,7 @@ class SampleSplit(nn.Module):
                 return self._vectorized(count, inputs)
             except StepFailed:
                 raise
-            except Exception:  # noqa: BLE001 - an op vmap cannot batch: feed the pieces one by one
+            except Exception:
                 self.vectorized = False
         parts, single = [], False
         for start, stop in _pieces(count, self.size):

@@ -13,11 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
-from app.errors import StepFailed
-from workers.methods.base import StepContext, StepOutput
 from app.catalog.cluster.kmeans import ClusterParams
+from app.errors import StepFailed
 from workers.methods import implements
+from workers.methods.base import StepContext, StepOutput
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np

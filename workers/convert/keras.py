@@ -24,14 +24,14 @@ import os
 import re
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from app.errors import JobFailed, Unprocessable
-from app.formats.keras_files import (KERAS, SAVED_MODEL_PB, SAVEDMODEL_ZIP, describe_saved_model, inspect_keras,
-                             savedmodel_folder)
+from app.formats.keras_files import KERAS, SAVED_MODEL_PB, SAVEDMODEL_ZIP, describe_saved_model, inspect_keras, savedmodel_folder
 from app.formats.limits import Limits
 from app.formats.onnx_files import _short, safe_members, unpack_members
 from workers.convert import Converted, register
@@ -196,8 +196,8 @@ def _frameworks():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     try:
-        import tensorflow as tf
         import keras
+        import tensorflow as tf
         import tf2onnx
     except ImportError as exc:
         raise JobFailed(f"this worker cannot convert Keras models: {exc.name or exc} is not installed (TensorFlow "

@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
-from app.errors import StepFailed
-from workers.methods.base import StepContext, StepOutput
 from app.catalog.distill.kd import DistillParams
+from app.errors import StepFailed
 from workers.methods import implements
+from workers.methods.base import StepContext, StepOutput
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np

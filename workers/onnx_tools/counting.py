@@ -59,7 +59,7 @@ def _macs(model, batch: int) -> tuple[int | None, str | None]:
             dim.dim_value = batch
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - a model ONNX cannot infer is reported, not fatal
+    except Exception as exc:
         return None, f"ONNX shape inference failed: {exc}"
     shapes: dict[str, list[int]] = {}
     for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
@@ -73,7 +73,7 @@ def _macs(model, batch: int) -> tuple[int | None, str | None]:
     if wanted - shapes.keys():
         try:
             shapes.update(_run_for_shapes(model, sorted(wanted - shapes.keys())))
-        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        except Exception as exc:
             return None, f"shapes not inferable and the model did not run on zeros: {exc}"
     total = 0
     for node in inferred.graph.node:

@@ -4,7 +4,8 @@ Axis 0, when symbolic, is the batch axis. Other symbolic axes take the size the
 job gives (evaluate.input_shapes) or its datasets' samples hold (app.formats.input_shapes);
 only what nothing fills gets a size guessed from its name (sequence-like: 128,
 spatial: 224, else 1), and every guess is reported. A model that does not run at
-a guessed size fails with input_shape_required, naming the dims to give. Values follow the input's role as its name suggests: token ids stay
+a guessed size fails with input_shape_required, naming the dims to give. Values follow the input's role as its
+name suggests: token ids stay
 inside the vocabulary of the embedding they index, masks are ones, token types
 zeros, floats standard normal.
 """
@@ -52,7 +53,7 @@ class PlannedInput:
         shape = self.shape(batch)
         if self.kind == "value":
             given = np.asarray(self.value)
-            if given.shape == tuple(shape) or not self.declared["baseline"] and given.ndim:
+            if given.shape == tuple(shape) or (not self.declared["baseline"] and given.ndim):
                 return given.copy()
             try:  # a value given for one sample ([[1]] for [N, 1]) serves every batch size
                 return np.broadcast_to(given, shape).copy()

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-from workers.methods.base import StepContext, StepOutput
-from workers.prune.common import convert, export, fine_tune, resolve_layers
 from app.catalog.prune.channels import PruneChannelsParams
 from workers.methods import implements
+from workers.methods.base import StepContext, StepOutput
+from workers.prune.common import convert, export, fine_tune, resolve_layers
 
 
 @implements("prune.channels")

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
-from workers.methods.base import StepContext
 from app.catalog.prune.common import FineTuneParams
+from workers.methods.base import StepContext
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

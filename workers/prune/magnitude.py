@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-from workers.methods.base import StepContext, StepOutput
-from workers.prune.common import convert, export, fine_tune, resolve_layers
 from app.catalog.prune.magnitude import PruneMagnitudeParams
 from workers.methods import implements
+from workers.methods.base import StepContext, StepOutput
+from workers.prune.common import convert, export, fine_tune, resolve_layers
 
 DENSE_RUNTIME_NOTE = (
     "Unstructured zeros do not make dense runtimes faster: ONNX Runtime multiplies them like any other weight, so "

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
+from app.catalog.prune.two_four import Prune24Params
 from app.errors import StepFailed
+from workers.methods import implements
 from workers.methods.base import StepContext, StepOutput
 from workers.prune.common import convert, export, fine_tune, resolve_layers
-from app.catalog.prune.two_four import Prune24Params
-from workers.methods import implements
 
 
 @implements("prune.2_4")

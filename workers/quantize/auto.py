@@ -15,11 +15,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-
-from app.errors import ModelPressError, StepFailed
-from workers.methods.base import StepContext, StepOutput
 from app.catalog.quantize.auto import AutoParams
+from app.errors import ModelPressError, StepFailed
 from workers.methods import implements
+from workers.methods.base import StepContext, StepOutput
 
 INT8 = ("int8_dynamic", "int8_static")
 LAYER_OPS = frozenset({"Conv", "MatMul", "Gemm"})

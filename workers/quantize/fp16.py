@@ -16,11 +16,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-
-from app.errors import StepFailed
-from workers.methods.base import StepContext, StepOutput
 from app.catalog.quantize.fp16 import CONVERTER_DEFAULT_BLOCK_LIST, Fp16Params
+from app.errors import StepFailed
 from workers.methods import implements
+from workers.methods.base import StepContext, StepOutput
 
 MAX_RETRIES = 8  # rounds of "load, find the node ORT refuses, block its op type"
 NODE_IN_ERROR = (

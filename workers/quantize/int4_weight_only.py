@@ -25,12 +25,11 @@ import warnings as warnings_module
 from pathlib import Path
 from typing import Any
 
-
+from app.catalog.quantize.int4_weight_only import Int4WeightOnlyParams
 from app.errors import StepFailed
+from workers.methods import implements
 from workers.methods.base import StepContext, StepOutput
 from workers.quantize.int8_dynamic import _check_excluded_nodes, _check_loads_with_same_io
-from app.catalog.quantize.int4_weight_only import Int4WeightOnlyParams
-from workers.methods import implements
 
 MATRIX_OPS = ("MatMul", "Gemm")
 GPTQ_SUBGRAPH_REASON = (
@@ -226,7 +225,7 @@ def _run_quantizer(model, params: Int4WeightOnlyParams, reader, excluded: list[s
     if params.algorithm == "gptq" and excluded:
         # ORT's GPTQ path ignores nodes_to_exclude; "fp32" in its per-node config is how its RTN path skips a node.
         configure = quantizer._generate_q4_node_config
-        quantizer._generate_q4_node_config = lambda: {**configure(), **{name: "fp32" for name in excluded}}
+        quantizer._generate_q4_node_config = lambda: {**configure(), **dict.fromkeys(excluded, "fp32")}
     try:
         # GPTQ prints a progress bar; HQQ warns that torch.from_numpy got a read-only array.
         with contextlib.redirect_stdout(io.StringIO()), warnings_module.catch_warnings():

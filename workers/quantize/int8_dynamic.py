@@ -14,12 +14,10 @@ import difflib
 import shutil
 from pathlib import Path
 
-
-from app.errors import StepFailed
-from workers.methods.base import StepContext, StepOutput
 from app.catalog.quantize.int8_dynamic import SUPPORTED_OP_TYPES, Int8DynamicParams
+from app.errors import StepFailed
 from workers.methods import implements
-
+from workers.methods.base import StepContext, StepOutput
 
 CONV_INTEGER_WARNING = (
     "ConvInteger runs 4-16x slower than float Conv on x86 CPUs in ONNX Runtime; "

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
+from app.catalog.quantize.int8_static import ORT_STATIC_OP_TYPES, Int8StaticParams
 from app.errors import StepFailed
+from workers.methods import implements
 from workers.methods.base import StepContext, StepOutput
 from workers.quantize.int8_dynamic import _check_excluded_nodes, _check_loads_with_same_io
-from app.catalog.quantize.int8_static import ORT_STATIC_OP_TYPES, Int8StaticParams
-from workers.methods import implements
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np

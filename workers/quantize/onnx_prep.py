@@ -12,7 +12,6 @@ method modules that import this one are imported by the API process.
 from __future__ import annotations
 
 import contextlib
-
 import logging
 from collections import Counter
 from dataclasses import dataclass, field

@@ -246,8 +246,8 @@ def output_cosines(original: Path, candidate: Path, *, seed: int = 0, shapes=Non
     import onnx
     import onnxruntime as ort
 
-    from workers.onnx_tools.similarity import cosine
     from workers.onnx_tools.inputs import plan_inputs
+    from workers.onnx_tools.similarity import cosine
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -36,7 +36,7 @@ def finetune(
     module: nn.Module,
     *,
     train: Dataset,
-    eval: Dataset | None,  # noqa: A002 - the caller's vocabulary
+    eval: Dataset | None,
     input_names: list[str],
     teacher: Teacher | None = None,
     loss: Loss | None = None,
