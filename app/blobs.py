@@ -12,13 +12,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.dbmodels import Artifact, Blob, Dataset, Model
-from app.store import LocalStore
+from app.store import ArtifactStore
 from app.uploads import Received
 
 Row = TypeVar("Row")
 
 
-def keep_upload(*, db: Session, store: LocalStore, received: Received, make_row: Callable[[str, int], Row],
+def keep_upload(*, db: Session, store: ArtifactStore, received: Received, make_row: Callable[[str, int], Row],
                 check: Callable[[], object] | None = None,
                 before_commit: Callable[[Row], object] | None = None) -> Row:
     """Store a validated upload's bytes (once per content) and commit the row make_row(sha256, size) builds.
@@ -57,7 +57,7 @@ def blob_referenced(db: Session, sha256: str) -> bool:
     )
 
 
-def release_blob(*, db: Session, store: LocalStore, sha256: str) -> None:
+def release_blob(*, db: Session, store: ArtifactStore, sha256: str) -> None:
     """Drop a blob nothing points at any more (row first, file after the commit)."""
     if blob_referenced(db, sha256):
         return

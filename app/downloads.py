@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import Request, Response
@@ -67,6 +68,13 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if start >= size:
         raise Unsatisfiable()
     return ByteRange(start, min(end, size - 1))
+
+
+def download_filename(name: str, suffix: str, fallback: str) -> str:
+    """The name a download is saved under: the upload's own file name when it ends in `suffix`, else its stem (or
+    `fallback` when it has none) with `suffix`; never a folder part."""
+    stem = Path(name).name
+    return stem if stem.endswith(suffix) else f"{Path(stem).stem or fallback}{suffix}"
 
 
 def content_disposition(filename: str) -> str:

@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse
 from app.datasets import service, texts
 from app.datasets.schemas import DatasetPage, DatasetPublic
 from app.deps import AppSettings, Caller, CallerActor, DbSession, Store
+from app.downloads import blob_response
 from app.limits import upload_quota
 from app.uploads import receive_file
 
@@ -50,13 +51,11 @@ def get_dataset(dataset_id: str, db: DbSession, caller: Caller):
 
 
 @router.get("/{dataset_id}/download", response_class=FileResponse)
-def download_dataset(dataset_id: str, db: DbSession, caller: Caller, store: Store):
+def download_dataset(dataset_id: str, request: Request, db: DbSession, caller: Caller, store: Store):
     dataset = service.get(db=db, tenant_id=caller.id, dataset_id=dataset_id)
-    return FileResponse(
-        store.path(dataset.sha256),
-        media_type="application/octet-stream",
+    return blob_response(
+        request, store=store, sha256=dataset.sha256, size=dataset.size_bytes, media_type="application/octet-stream",
         filename=service.download_filename(dataset),
-        headers={"X-Content-SHA256": dataset.sha256},
     )
 
 

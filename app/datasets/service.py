@@ -6,6 +6,7 @@ from pathlib import Path
 from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session
 
+from app import downloads
 from app.audit import service as audit
 from app.audit.service import Actor
 from app.blobs import keep_upload, release_blob
@@ -15,12 +16,12 @@ from app.errors import DatasetInUse, DatasetNotFound
 from app.formats.dataset_files import format_for, inspect_dataset, read_specs
 from app.limits import check_upload_fits
 from app.settings import Settings
-from app.store import LocalStore
+from app.store import ArtifactStore
 from app.uploads import Received
 
 
 def create_from_upload(
-    *, db: Session, store: LocalStore, settings: Settings, actor: Actor, received: Received
+    *, db: Session, store: ArtifactStore, settings: Settings, actor: Actor, received: Received
 ) -> Dataset:
     """Validate a spooled upload (every check of the workers' loader, in bounded memory), then record it.
     Nothing is kept when anything fails."""
@@ -51,7 +52,7 @@ def list_page(*, db: Session, tenant_id: str, limit: int, cursor: str | None) ->
     return newest_first_page(db, query, Dataset, limit=limit, cursor=cursor)
 
 
-def delete(*, db: Session, store: LocalStore, actor: Actor, dataset_id: str) -> None:
+def delete(*, db: Session, store: ArtifactStore, actor: Actor, dataset_id: str) -> None:
     """Delete a dataset no queued or running job uses (409 otherwise); free its blob when nothing else uses it."""
     dataset = get_for_job(db=db, tenant_id=actor.tenant_id, dataset_id=dataset_id)
     active = db.scalar(
@@ -70,6 +71,4 @@ def delete(*, db: Session, store: LocalStore, actor: Actor, dataset_id: str) -> 
 
 
 def download_filename(dataset: Dataset) -> str:
-    suffix = f".{dataset.format}"
-    stem = Path(dataset.name).name
-    return stem if stem.endswith(suffix) else f"{Path(stem).stem or 'dataset'}{suffix}"
+    return downloads.download_filename(dataset.name, f".{dataset.format}", "dataset")

@@ -22,7 +22,7 @@ from app.dbmodels import Dataset
 from app.errors import InvalidDataset, TokenizerMissing, Unprocessable
 from app.models import service as models_service
 from app.settings import Settings
-from app.store import LocalStore
+from app.store import ArtifactStore
 from app.uploads import Received
 
 MAX_TEXTS = 10_000
@@ -33,7 +33,7 @@ MAX_TOKENIZER_BYTES = 64 << 20
 ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
 
 
-def create_from_texts(*, db: Session, store: LocalStore, settings: Settings, actor: Actor, received: Received,
+def create_from_texts(*, db: Session, store: ArtifactStore, settings: Settings, actor: Actor, received: Received,
                       workdir: Path) -> Dataset:
     model_id = (received.fields.get("model_id") or "").strip()
     if not model_id:
@@ -47,7 +47,7 @@ def create_from_texts(*, db: Session, store: LocalStore, settings: Settings, act
                                "the texts tokenized yourself as an .npz named after the model's inputs")
     texts, labels = _read_texts(received.path)
     max_length = _max_length(received.fields.get("max_length"), tokenizer_info["max_length"])
-    tokenizer = _load_tokenizer(store.path(model.sha256), tokenizer_info)
+    tokenizer = _load_tokenizer(store.local_path(model.sha256), tokenizer_info)
     tokenizer.enable_truncation(max_length)
     tokenizer.enable_padding(pad_id=tokenizer_info["pad_id"], pad_token=tokenizer_info["pad_token"],
                              length=max_length)

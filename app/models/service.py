@@ -7,6 +7,7 @@ from pathlib import Path
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from app import downloads
 from app.audit import service as audit
 from app.audit.service import Actor
 from app.blobs import keep_upload, release_blob
@@ -20,7 +21,7 @@ from app.limits import check_upload_fits
 from app.models.schemas import ConversionPublic, ModelPublic
 from app.queue import enqueue_job
 from app.settings import Settings
-from app.store import LocalStore
+from app.store import ArtifactStore
 from app.uploads import Received
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ ONNX_FORMATS = ("onnx", "onnx-zip")
 
 
 def create_from_upload(
-    *, db: Session, store: LocalStore, settings: Settings, actor: Actor, received: Received, workdir: Path
+    *, db: Session, store: ArtifactStore, settings: Settings, actor: Actor, received: Received, workdir: Path
 ) -> Model:
     """Validate a spooled upload, then record it. Nothing is kept when anything fails.
 
@@ -123,7 +124,7 @@ def list_page(*, db: Session, tenant_id: str, limit: int, cursor: str | None) ->
     return newest_first_page(db, query, Model, limit=limit, cursor=cursor)
 
 
-def delete(*, db: Session, store: LocalStore, actor: Actor, model_id: str) -> None:
+def delete(*, db: Session, store: ArtifactStore, actor: Actor, model_id: str) -> None:
     # Locked, so that a job cannot be queued on it between the check and the delete.
     model = get_owned_or_404(db, Model, tenant_id=actor.tenant_id, object_id=model_id, error=ModelNotFound, lock=True)
     # Active jobs on this model, or that use it in another role (a distillation student).
@@ -142,6 +143,4 @@ def delete(*, db: Session, store: LocalStore, actor: Actor, model_id: str) -> No
 
 
 def download_filename(model: Model) -> str:
-    suffix = ".onnx" if model.format == "onnx" else ".zip"
-    stem = Path(model.name).name
-    return stem if stem.endswith(suffix) else f"{Path(stem).stem or 'model'}{suffix}"
+    return downloads.download_filename(model.name, ".onnx" if model.format == "onnx" else ".zip", "model")

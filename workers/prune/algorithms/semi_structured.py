@@ -112,8 +112,8 @@ def cuda_semi_structured_speedup(module_or_linear_shapes: nn.Module | Sequence[t
             weight = weight * keep.view_as(weight)
             sparse = to_sparse_semi_structured(weight)
             x = torch.randn(tokens, in_features, dtype=torch.float16, device=device)
-            dense_ms = _time_ms(lambda: torch.nn.functional.linear(x, weight), repeats)
-            sparse_ms = _time_ms(lambda: torch.nn.functional.linear(x, sparse), repeats)
+            dense_ms = _time_ms(lambda x=x, weight=weight: torch.nn.functional.linear(x, weight), repeats)
+            sparse_ms = _time_ms(lambda x=x, sparse=sparse: torch.nn.functional.linear(x, sparse), repeats)
         except Exception as exc:  # shape or kernel refused: report, go on with the others
             entry["error"] = " ".join(str(exc).split())[:200]
             results.append(entry)
