@@ -17,6 +17,20 @@ from typing import Any
 
 from app.errors import JobFailed, ModelPressError
 from app.formats.onnx_files import materialize
+from app.reports import (
+    REPORT_VERSION,
+    ColdStartRole,
+    ColdStartSummary,
+    JobReport,
+    JobSummary,
+    Measurement,
+    P50Pair,
+    ReportArtifact,
+    StepRecord,
+    SummaryAccuracy,
+    SummaryFidelity,
+    TrajectoryEntry,
+)
 from app.settings import get_settings
 from app.store import file_sha256
 from workers import methods
@@ -190,26 +204,24 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
         else:
             rows += [r | {"model": f"step-{entry['index']}", "sha256": entry["artifact"]["sha256"]}
                      for r in step_rows if r["model"] == "result"]
-        trajectory.append(_trajectory_entry(entry, _summary(measured_step, [])))
-    summary = _summary(measured, steps_report)
-    summary["notes"] = [intake.note()] + summary["notes"]
+        trajectory.append(_trajectory_entry(entry, _summary(Measurement.model_validate(measured_step), [])))
+    measurement = Measurement.model_validate(measured)
+    summary = _summary(measurement, steps_report)
+    summary.notes = [intake.note()] + summary.notes
     if len(trajectory) > 1:
-        summary["trajectory"] = trajectory
-    report = {
-        "job_id": run.job_id,
-        "sandbox": run.sandbox,
-        "intake": intake.record,
-        "steps": steps_report,
-        "evaluate": evaluate,
-        "measurement": measured,
-        "summary": summary,
-    }
+        summary.trajectory = trajectory
+    report = JobReport(
+        report_version=REPORT_VERSION, job_id=run.job_id, sandbox=run.sandbox, intake=intake.record,
+        steps=[StepRecord.model_validate(s) for s in steps_report], evaluate=evaluate, measurement=measurement,
+        summary=summary, artifacts=[ReportArtifact.model_validate(a) for a in run.artifacts]
+        + [ReportArtifact(name="report.json", kind="report")],
+    )
     run.progress(0.97, "storing", "storing the report", force=True)
     report_path = workdir / "report.json"
-    report["artifacts"] = run.artifacts + [{"name": "report.json", "kind": "report"}]
-    report_path.write_text(json.dumps(report, indent=2, default=str))
+    written = report.model_dump(mode="json", fallback=str)  # as json.dumps(default=str) wrote it before
+    report_path.write_text(json.dumps(written, indent=2, default=str))
     run.store_artifact(report_path, name="report.json", kind="report", content_type="application/json")
-    return report, summary, rows
+    return written, written["summary"], rows
 
 
 def _input_shapes(run: JobRun, spec: dict):
@@ -225,13 +237,13 @@ def _input_shapes(run: JobRun, spec: dict):
 
 def _measure(run: JobRun, settings, evaluate: dict, original: Path, candidate: Path, share: tuple[float, float],
              input_shapes=None) -> dict:
-    from workers.measure import Stopped, measure_pair
+    from workers.measure import MeasureSpec, Stopped, measure_pair
     from workers.measure.isolated import measure_isolated
 
     def on_progress(fraction: float, message: str) -> None:
         run.progress(PREPARE + STEPS + MEASURE * (share[0] + (share[1] - share[0]) * fraction), "measuring", message)
 
-    options = dict(
+    spec = MeasureSpec(
         batch_sizes=evaluate["batch_sizes"], warmup=evaluate["warmup"], iterations=evaluate["iterations"],
         providers=evaluate.get("providers"), threads=settings.measure_threads or None, on_progress=on_progress,
         should_stop=run.cancel_requested_throttled,
@@ -242,72 +254,66 @@ def _measure(run: JobRun, settings, evaluate: dict, original: Path, candidate: P
     )
     try:
         if settings.measure_isolated:
-            return measure_isolated(original, candidate, timeout_s=settings.measure_timeout_s, **options)
-        return measure_pair(original, candidate, **options)
+            return measure_isolated(original, candidate, spec, timeout_s=settings.measure_timeout_s)
+        return measure_pair(original, candidate, spec)
     except Stopped:
         raise Cancelled() from None
 
 
-def _trajectory_entry(step: dict, summary: dict) -> dict:
+def _trajectory_entry(step: dict, summary: JobSummary) -> TrajectoryEntry:
     """One step's model against the original, in the summary's terms (size, p50, accuracy or fidelity)."""
-    accuracy = summary.get("accuracy") or {}
-    return {
-        "step": step["index"], "method": step["method"], "artifact": step["artifact"]["name"],
-        "size_bytes": summary.get("compressed_size_bytes"), "size_ratio": summary.get("size_ratio"),
-        "latency_p50_ms": {b: v["compressed"] for b, v in summary.get("latency_p50_ms", {}).items()},
-        "speedup": summary.get("speedup"),
-        "top1": accuracy.get("compressed_top1"), "top1_drop_points": accuracy.get("top1_drop_points"),
-        "cosine": (summary.get("fidelity") or {}).get("cosine_similarity"),
-    }
+    accuracy = summary.accuracy
+    return TrajectoryEntry(
+        step=step["index"], method=step["method"], artifact=step["artifact"]["name"],
+        size_bytes=summary.compressed_size_bytes, size_ratio=summary.size_ratio,
+        latency_p50_ms={b: v.compressed for b, v in summary.latency_p50_ms.items()},
+        speedup=summary.speedup,
+        top1=accuracy.compressed_top1 if accuracy else None,
+        top1_drop_points=accuracy.top1_drop_points if accuracy else None,
+        cosine=summary.fidelity.cosine_similarity if summary.fidelity else None,
+    )
 
 
-def _summary(measured: dict, steps_report: list[dict]) -> dict:
-    size = measured.get("size", {})
-    latency = measured.get("latency", {})
-    fidelity = measured.get("fidelity", {})
-    per_batch = latency.get("batch_sizes", [])
-    top1 = [o.get("top1_agreement") for o in fidelity.get("outputs", []) if o.get("top1_agreement") is not None]
-    return {
-        "original_size_bytes": size.get("baseline", {}).get("file_bytes"),
-        "compressed_size_bytes": size.get("result", {}).get("file_bytes"),
-        "size_ratio": size.get("ratio"),
-        "latency_p50_ms": {
-            str(b["batch_size"]): {"original": b["baseline"]["p50_ms"], "compressed": b["result"]["p50_ms"]}
-            for b in per_batch
-        },
-        "latency_p50_ratio": {str(b["batch_size"]): b["p50_ratio"] for b in per_batch},
-        "speedup": {str(b["batch_size"]): b["speedup"] for b in per_batch},
-        # "1.83x (1.79-1.88)": the ratio of medians and its 95% bootstrap interval over the paired rounds.
-        "speedup_ci": {str(b["batch_size"]): b["speedup_text"] for b in per_batch if "speedup_text" in b},
-        "noisy_batch_sizes": [b["batch_size"] for b in per_batch if b.get("noisy")],
-        "provider": latency.get("provider"),
-        "providers": {p["provider"]: ({str(b["batch_size"]): b["speedup_text"] for b in p["latency"]["batch_sizes"]}
-                                      if p["available"] else {"unavailable": p["reason"]})
-                      for p in measured.get("providers", [])},
-        "cold_start_ms": {role: {"load": c["load_ms"], "first_run": c["first_run_ms"]}
-                          for role, c in (measured.get("cold_start") or {}).items() if isinstance(c, dict)},
-        "energy_j_per_inference": (measured.get("energy") or {}).get("value"),
-        "energy_note": (measured.get("energy") or {}).get("reason"),
-        "fidelity": {
-            "cosine_similarity": fidelity.get("cosine_similarity"),
-            "max_abs_diff": fidelity.get("max_abs_diff"),
-            "top1_agreement": min(top1) if top1 else None,
-        },
-        "skipped_batch_sizes": latency.get("skipped", []),
+def _summary(measured: Measurement, steps_report: list[dict]) -> JobSummary:
+    latency, fidelity = measured.latency, measured.fidelity
+    per_batch = latency.batch_sizes
+    top1 = [o.top1_agreement for o in fidelity.outputs if o.top1_agreement is not None]
+    figures: dict[str, Any] = dict(
+        original_size_bytes=measured.size.baseline.file_bytes,
+        compressed_size_bytes=measured.size.result.file_bytes,
+        size_ratio=measured.size.ratio,
+        latency_p50_ms={str(b.batch_size): P50Pair(original=b.baseline.p50_ms, compressed=b.result.p50_ms)
+                        for b in per_batch},
+        latency_p50_ratio={str(b.batch_size): b.p50_ratio for b in per_batch},
+        speedup={str(b.batch_size): b.speedup for b in per_batch},
+        speedup_ci={str(b.batch_size): b.speedup_text for b in per_batch if b.speedup_text is not None},
+        noisy_batch_sizes=[b.batch_size for b in per_batch if b.noisy],
+        provider=latency.provider,
+        providers={p.provider: ({str(b.batch_size): b.speedup_text for b in p.latency.batch_sizes}
+                                if p.available and p.latency else {"unavailable": p.reason or ""})
+                   for p in measured.providers},
+        cold_start_ms={role: ColdStartSummary(load=c.load_ms, first_run=c.first_run_ms)
+                       for role, c in measured.cold_start.items() if isinstance(c, ColdStartRole)},
+        energy_j_per_inference=measured.energy.value,
+        energy_note=measured.energy.reason,
+        fidelity=SummaryFidelity(cosine_similarity=fidelity.cosine_similarity, max_abs_diff=fidelity.max_abs_diff,
+                                 top1_agreement=min(top1) if top1 else None),
+        skipped_batch_sizes=latency.skipped,
         # What a step warns about (a slower int8 kernel, zeros that dense runtimes do not skip) is as
         # much a result as the figures.
-        "notes": measured.get("notes", []) + [
+        notes=measured.notes + [
             f"step {s['index']} ({s['method']}): {warning}"
             for s in steps_report for warning in s["details"].get("warnings", [])
         ],
-        "steps": [s["method"] for s in steps_report],
+        steps=[s["method"] for s in steps_report],
         # What was measured (at the smallest batch size) and where each size came from, per axis.
-        "input_shapes": measured.get("input_shapes"),
-        "input_shapes_source": measured.get("input_shapes_source"),
-    } | _dataset_summary(measured.get("dataset"))
+        input_shapes=measured.input_shapes,
+        input_shapes_source=measured.input_shapes_source,
+    )
+    return JobSummary(**(figures | _dataset_summary(measured.dataset)))
 
 
-def _dataset_summary(on: dict | None) -> dict:
+def _dataset_summary(on: dict | None) -> dict[str, Any]:
     """With an eval dataset, fidelity is taken on it and accuracy is shown; random-input fidelity moves aside."""
     if not on:
         return {"fidelity_on": "synthetic random inputs (no eval dataset)", "accuracy": None}
@@ -315,15 +321,13 @@ def _dataset_summary(on: dict | None) -> dict:
     acc = on["accuracy"]
     return {
         "fidelity_on": f"dataset {on['dataset'] or ''}".strip() + f" ({on['samples']} samples)",
-        "fidelity": {
-            "cosine_similarity": fid["mean_cosine"], "worst_cosine": fid["worst_cosine"],
-            "max_abs_diff": fid["max_abs_diff"], "top1_agreement": fid["top1_agreement"],
-        },
-        "accuracy": None if acc is None else {
-            "samples": acc["samples"],
-            "original_top1": acc["original"]["top1"], "compressed_top1": acc["compressed"]["top1"],
-            "top1_drop_points": acc["top1_drop_points"],
-            "original_top5": acc["original"]["top5"], "compressed_top5": acc["compressed"]["top5"],
-        },
+        "fidelity": SummaryFidelity(cosine_similarity=fid["mean_cosine"], worst_cosine=fid["worst_cosine"],
+                                    max_abs_diff=fid["max_abs_diff"], top1_agreement=fid["top1_agreement"]),
+        "accuracy": None if acc is None else SummaryAccuracy(
+            samples=acc["samples"],
+            original_top1=acc["original"]["top1"], compressed_top1=acc["compressed"]["top1"],
+            top1_drop_points=acc["top1_drop_points"],
+            original_top5=acc["original"]["top5"], compressed_top5=acc["compressed"]["top5"],
+        ),
         "accuracy_note": on["accuracy_note"],
     }

@@ -5,6 +5,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.reports import AnySummary
+
 Provider = Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]
 WebhookEvent = Literal["queued", "running", "succeeded", "failed", "cancelled", "progress"]
 
@@ -166,7 +168,8 @@ class JobPublic(BaseModel):
     # Set when the retention policy deleted the job's artifacts (downloads answer 410 artifact_expired).
     expired_at: dt.datetime | None = None
     error: JobError | None
-    summary: dict[str, Any] | None
+    # Typed (app.reports); a stored summary the models do not describe is served as it was stored.
+    summary: AnySummary | dict[str, Any] | None = Field(union_mode="left_to_right")
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
 

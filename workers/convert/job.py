@@ -13,6 +13,7 @@ from pathlib import Path
 
 from app.errors import JobFailed, ModelPressError
 from app.formats.onnx_files import _short, validate_upload
+from app.reports import REPORT_VERSION, ConversionReport, ConversionSummary, ReportArtifact
 from app.settings import get_settings
 from workers import convert
 
@@ -51,17 +52,20 @@ def execute_conversion(run, workdir: Path, source_path: Path, source_format: str
         inspection["tokenizer"] = converted.details["tokenizer"]
     artifact = run.store_artifact(packed, name=packed.name, kind="model",
                                   content_type="application/zip" if fmt == "onnx-zip" else "application/octet-stream")
-    summary = {"converted_format": fmt, "converted_size_bytes": artifact["size_bytes"],
-               "task": converted.details.get("task"), "exporter": converted.details.get("exporter"),
-               "check": converted.details.get("check"), "duration_s": round(duration, 3)}
-    report = {"job_id": run.job_id, "kind": "convert", "sandbox": run.sandbox, "conversion": converted.details,
-              "converted": {"artifact": artifact["name"], "format": fmt, "inspection": inspection},
-              "summary": summary}
+    summary = ConversionSummary(
+        converted_format=fmt, converted_size_bytes=artifact["size_bytes"], task=converted.details.get("task"),
+        exporter=converted.details.get("exporter"), check=converted.details.get("check"),
+        duration_s=round(duration, 3))
+    report = ConversionReport(
+        report_version=REPORT_VERSION, job_id=run.job_id, kind="convert", sandbox=run.sandbox,
+        conversion=converted.details, converted={"artifact": artifact["name"], "format": fmt, "inspection": inspection},
+        summary=summary, artifacts=[ReportArtifact.model_validate(a) for a in run.artifacts]
+        + [ReportArtifact(name="report.json", kind="report")],
+    ).model_dump(mode="json", fallback=str)
     report_path = workdir / "report.json"
-    report["artifacts"] = run.artifacts + [{"name": "report.json", "kind": "report"}]
     report_path.write_text(json.dumps(report, indent=2, default=str))
     run.store_artifact(report_path, name="report.json", kind="report", content_type="application/json")
-    return report, summary, []
+    return report, report["summary"], []
 
 
 def pack(model_path: Path, files: list[Path], dest: Path) -> Path:

@@ -6,7 +6,10 @@ model swapping every round (ABBA) so drift and cache effects land on both.
 Every figure is measured here or is null with a reason; see DESIGN.md,
 "Measurements are the product".
 
-    measured = measure_pair(original, compressed, batch_sizes=[1, 8], warmup=10, iterations=100)
+    measured = measure_pair(original, compressed, MeasureSpec(batch_sizes=[1, 8], warmup=10, iterations=100))
+
+The phases, in order: load sessions, plan inputs, check runs (cold start), fidelity and dataset accuracy,
+per provider latency and energy, memory, assemble.
 
 Keys: environment, inputs, size, latency, fidelity, energy, memory, notes,
 measurements (flat rows for the measurements table).
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +28,8 @@ import numpy as np
 from app.errors import MeasurementFailed
 from workers.measure.accuracy import evaluate_dataset
 from workers.measure.energy import energy_entry, energy_estimate, energy_report, measure_windows, open_counter
-from workers.measure.environment import default_threads, describe, logical_cores
+from workers.measure.environment import describe, logical_cores
 from workers.measure.fidelity import OutputComparison, pair_outputs, summarize_outputs
-from workers.onnx_tools.inputs import ROLES, InputPlan, plan_inputs
 from workers.measure.latency import bound_call, choose_rounds, plain_call, round_order, split, time_calls
 from workers.measure.memory import RUNS as MEMORY_RUNS
 from workers.measure.memory import measure_memory
@@ -42,10 +45,12 @@ from workers.measure.runtime import (
     unavailable_reason,
 )
 from workers.measure.size import load_structure
-from workers.onnx_tools.graph import model_size
+from workers.measure.spec import MeasureSpec
 from workers.measure.stats import NOISY_CV, show_speedup, speedup_interval, summarize
+from workers.onnx_tools.graph import model_size
+from workers.onnx_tools.inputs import ROLES, InputPlan, plan_inputs
 
-__all__ = ["Stopped", "measure_pair"]
+__all__ = ["MeasureSpec", "Stopped", "measure_pair"]
 
 FIDELITY_SAMPLES = 16
 # Models up to this size (both files) are loaded again during the rounds (see _latency).
@@ -70,121 +75,53 @@ class _Progress:
             self.callback(min(1.0, self.done / self.total), message)
 
 
-def measure_pair(
-    baseline: Path,
-    result: Path,
-    *,
-    batch_sizes: list[int],
-    warmup: int,
-    iterations: int,
-    providers: list[str] | None = None,
-    threads: int | None = None,
-    seed: int = 0,
-    on_progress: Callable[[float, str], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    dataset: Any = None,
-    dataset_max_samples: int | None = None,
-    include_io: bool = False,
-    energy_estimate_tdp_watts: float | None = None,
-    input_shapes: Any = None,
-) -> dict[str, Any]:
-    """Size, latency, fidelity, energy and memory of `result` against `baseline`.
+@dataclass
+class _Measuring:
+    """One measurement under way: the checked spec, the two models' paths, and what the phases add."""
 
-    iterations is the number of timed calls per model and batch size; warmup the untimed calls before them
-    (each model also makes one untimed check call per batch size first, timed as its cold start). Latency and
+    spec: MeasureSpec
+    paths: dict[str, Path]
+    progress: _Progress
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def threads(self) -> int:
+        return int(self.spec.threads or 1)  # resolved by MeasureSpec.checked
+
+    def checkpoint(self) -> None:
+        if self.spec.should_stop is not None and self.spec.should_stop():
+            raise Stopped()
+
+
+def measure_pair(baseline: Path, result: Path, spec: MeasureSpec | None = None, **options: Any) -> dict[str, Any]:
+    """Size, latency, fidelity, energy and memory of `result` against `baseline`, as `spec` asks (a
+    MeasureSpec, or its fields as keyword arguments).
+
+    Each model also makes one untimed check call per batch size first, timed as its cold start. Latency and
     energy are measured on every provider asked for, CPU always; a provider that cannot start is listed with
     ONNX Runtime's reason and nothing is measured on it. Fidelity, dataset accuracy and memory are taken on the
-    first provider that starts. With a `dataset` (workers.datasets.Dataset), both models also run over its
-    samples: accuracy against its labels, fidelity on its inputs. include_io: on a GPU provider, count the
-    copies of inputs and outputs between host and device in each call. energy_estimate_tdp_watts: where no
-    counter is readable, add an estimate from this TDP, labelled as one. input_shapes (app.formats.input_shapes.InputShapes
-    or its to_json() form): the sizes of the models' dynamic dims, before any guess; the report's
-    `input_shapes` and `input_shapes_source` say what was measured and where each size came from. Raises MeasurementFailed when the
-    models cannot be loaded, run or compared (InputShapeRequired when the original does not run at guessed
-    sizes), Stopped when should_stop() says so.
+    first provider that starts. The report's `input_shapes` and `input_shapes_source` say what was measured and
+    where each size came from. Raises MeasurementFailed when the models cannot be loaded, run or compared
+    (InputShapeRequired when the original does not run at guessed sizes), Stopped when should_stop() says so.
 
     The per-call times are in report["samples"] (nanoseconds, per provider, batch size, model and round):
     they belong in an artifact, not in the job row.
     """
-    requested = sorted({int(b) for b in batch_sizes})
-    if not requested or requested[0] < 1:
-        raise ValueError(f"batch sizes must be positive integers, got {batch_sizes}")
-    if iterations < 1 or warmup < 0:
-        raise ValueError(f"need iterations >= 1 and warmup >= 0, got {iterations} and {warmup}")
-    paths = {"baseline": Path(baseline), "result": Path(result)}
-    progress = _Progress(on_progress)
-
-    def checkpoint() -> None:
-        if should_stop is not None and should_stop():
-            raise Stopped()
-
-    notes: list[str] = []
-    threads = int(threads) if threads else default_threads()
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-
-    structures = {role: load_structure(paths[role], role_name=ROLE_NAMES[role]) for role in ROLES}
-    size = _size_report(paths, structures, notes)
-
-    # Start every provider asked for; one that cannot start is reported, never replaced by another.
-    _warm_up_runtime(threads)
-    started: list[dict[str, Any]] = []
-    for provider in requested_providers(providers):
-        entry: dict[str, Any] = {"provider": provider, "available": False, "reason": unavailable_reason(provider)}
-        started.append(entry)
-        if entry["reason"]:
-            continue
-        sessions, load_ms = {}, {}
-        for role in ROLES:
-            clock = time.perf_counter()
-            session, why = start_provider(paths[role], role=role, provider=provider, threads=threads)
-            if session is None:
-                entry["reason"] = why
-                break
-            sessions[role], load_ms[role] = session, (time.perf_counter() - clock) * 1000
-        else:
-            entry.update(available=True, sessions=sessions, load_ms=load_ms)
-    for entry in started:
-        if not entry["available"]:
-            notes.append(f"{entry['provider']} was asked for and is not measured: {entry['reason']}")
+    if spec is None:
+        spec = MeasureSpec(**options)
+    elif options:
+        raise TypeError(f"give a MeasureSpec or its fields, not both (got {sorted(options)} beside the spec)")
+    run = _Measuring(spec=spec.checked(), paths={"baseline": Path(baseline), "result": Path(result)},
+                     progress=_Progress(spec.on_progress))
+    structures = {role: load_structure(run.paths[role], role_name=ROLE_NAMES[role]) for role in ROLES}
+    size = _size_report(run.paths, structures, run.notes)
+    started = _load_sessions(run)
     running = [e for e in started if e["available"]]
-    if not running:
-        raise MeasurementFailed("no execution provider could start: " + "; ".join(e["reason"] for e in started))
     primary = running[0]
-    sessions = primary["sessions"]
-
-    plan = plan_inputs(sessions, structures, shapes=input_shapes, probe=False)  # _check_runs runs them
+    plan, output_pairs = _plan(run, primary["sessions"], structures)
     del structures  # the parsed protobufs can be as large as the weights
-    notes += plan.notes
-    output_pairs, output_notes = pair_outputs(sessions["baseline"], sessions["result"])
-    notes += output_notes
-
-    to_measure, skipped = _batch_sizes_to_measure(requested, plan, notes)
-    progress.advance(0, "checking that both models run")
-    for entry in running:
-        entry["skipped"] = list(skipped)
-        entry["working"], entry["first_run_ms"] = _check_runs(entry["sessions"], plan, to_measure, seed,
-                                                             entry["skipped"], checkpoint)
-    working = primary["working"]
-
-    fidelity_batch = max((b for b in working if b <= FIDELITY_MAX_BATCH), default=working[0])
-    fidelity_runs = math.ceil(FIDELITY_SAMPLES / fidelity_batch)
-    memory_batch = working[-1]
-    dataset_samples = 0 if dataset is None else min(len(dataset), dataset_max_samples or len(dataset))
-    progress.total = (sum(2 * b * (warmup + iterations) for e in running for b in e["working"])
-                      + 2 * fidelity_batch * fidelity_runs + 2 * memory_batch * (MEMORY_RUNS + 2)
-                      + 2 * dataset_samples)
-
-    fidelity = _fidelity(sessions, plan, output_pairs, fidelity_batch, fidelity_runs, seed, progress, checkpoint)
-    on_dataset = None
-    if dataset is not None:
-        on_dataset = evaluate_dataset(
-            sessions, plan, output_pairs, dataset, max_samples=dataset_max_samples, checkpoint=checkpoint,
-            on_batch=lambda n: progress.advance(2 * n, f"evaluating on dataset {dataset.name or ''}".rstrip()),
-        )
-        notes += on_dataset["notes"]
-
-    del sessions  # from here on each provider's entry holds its sessions (the latency phase re-creates them)
+    working = _check_all(run, running, plan)
+    fidelity, on_dataset = _outputs(run, primary["sessions"], plan, output_pairs, working)
     rebalance = size["baseline"]["file_bytes"] + size["result"]["file_bytes"] <= REBALANCE_MAX_BYTES
     samples: dict[str, Any] = {"unit": "ns", "what": "per-call times, per provider, batch size, model and "
                                "round (the rounds alternate which model goes first)", "providers": {}}
@@ -193,52 +130,156 @@ def measure_pair(
         if not entry["available"]:
             provider_reports.append({"provider": entry["provider"], "available": False, "reason": entry["reason"]})
             continue
-        provider = entry["provider"]
-        on_device = provider != "CPUExecutionProvider"
-        latency, kept = _latency(entry, plan, warmup, iterations, seed, progress, checkpoint,
-                                 bound=on_device and not include_io,
-                                 reopen=_reopener(paths, provider, threads) if rebalance else None)
-        latency.update(provider=provider, threads=threads, skipped=entry["skipped"],
-                       include_io=include_io if on_device else True)
-        samples["providers"][provider] = kept
-        counter, counter_reason = open_counter(provider)
-        entries = []
-        if counter is not None:
-            for batch in entry["working"]:
-                feeds = plan.feeds(batch, np.random.default_rng([seed, 0, batch]))
-                calls = {role: _caller(entry["sessions"][role], feeds[role], on_device and not include_io)
-                         for role in ROLES}
-                try:
-                    entries.append(energy_entry(batch, measure_windows(counter, calls, checkpoint=checkpoint)))
-                except (OSError, ValueError) as exc:
-                    counter, counter_reason, entries = None, f"the energy counter stopped being readable: {exc}", []
-                    break
-        energy = energy_report(counter, entries, counter_reason)
-        if energy["value"] is None and energy_estimate_tdp_watts:
-            energy["estimate"] = energy_estimate(latency["batch_sizes"], tdp_watts=energy_estimate_tdp_watts,
-                                                 threads=threads, logical_cores=logical_cores())
-        provider_reports.append({
-            "provider": provider, "available": True, "primary": entry is primary,
-            "cold_start": {role: {"load_ms": significant(entry["load_ms"][role]),
-                                  "first_run_ms": significant(entry["first_run_ms"][role]),
-                                  "batch_size": entry["working"][0]} for role in ROLES}
-            | {"note": "load: creating the ONNX Runtime session from the file (read just before, so from the "
-                       "page cache); first run: the first call after it, at the smallest batch size. Process "
-                       "start and importing onnxruntime are not included"},
-            "latency": latency, "energy": energy,
-        })
+        measured, samples["providers"][entry["provider"]] = _measure_provider(run, entry, plan, rebalance)
+        provider_reports.append(measured | {"primary": entry is primary})
         entry.pop("sessions")  # this provider's sessions close before the next provider's are timed
     first = next(r for r in provider_reports if r.get("primary"))
-    checkpoint()
-    memory = measure_memory(paths, plan.feeds(memory_batch, np.random.default_rng([seed, 3, memory_batch])),
-                            batch_size=memory_batch, providers=session_providers(first["provider"]),
-                            threads=threads)
-    memory["arena"] = ARENA
-    progress.advance(2 * memory_batch * (MEMORY_RUNS + 2), "measured memory")
+    memory = _memory(run, plan, working[-1], first["provider"])
+    return _assemble(run, plan, working, size, provider_reports, first, fidelity, on_dataset, memory, samples)
 
-    notes += _findings(size, first["latency"], fidelity, memory, on_dataset)
+
+# --- phases ---------------------------------------------------------------------------------------
+
+def _load_sessions(run: _Measuring) -> list[dict[str, Any]]:
+    """Start every provider asked for; one that cannot start is reported, never replaced by another."""
+    _warm_up_runtime(run.threads)
+    started: list[dict[str, Any]] = []
+    for provider in requested_providers(run.spec.providers):
+        entry: dict[str, Any] = {"provider": provider, "available": False, "reason": unavailable_reason(provider)}
+        started.append(entry)
+        if entry["reason"]:
+            continue
+        sessions, load_ms = {}, {}
+        for role in ROLES:
+            clock = time.perf_counter()
+            session, why = start_provider(run.paths[role], role=role, provider=provider, threads=run.threads)
+            if session is None:
+                entry["reason"] = why
+                break
+            sessions[role], load_ms[role] = session, (time.perf_counter() - clock) * 1000
+        else:
+            entry.update(available=True, sessions=sessions, load_ms=load_ms)
+    for entry in started:
+        if not entry["available"]:
+            run.notes.append(f"{entry['provider']} was asked for and is not measured: {entry['reason']}")
+    if not any(e["available"] for e in started):
+        raise MeasurementFailed("no execution provider could start: " + "; ".join(e["reason"] for e in started))
+    return started
+
+
+def _plan(run: _Measuring, sessions: dict[str, Any], structures: dict[str, Any]) -> tuple[InputPlan, list]:
+    """The inputs both models are fed (sizes of dynamic dims, values), and which outputs compare."""
+    plan = plan_inputs(sessions, structures, shapes=run.spec.input_shapes, probe=False)  # _check_runs runs them
+    run.notes += plan.notes
+    output_pairs, output_notes = pair_outputs(sessions["baseline"], sessions["result"])
+    run.notes += output_notes
+    return plan, output_pairs
+
+
+def _check_all(run: _Measuring, running: list[dict[str, Any]], plan: InputPlan) -> list[int]:
+    """The batch sizes the first provider measures; each provider's entry gets its own working sizes, skipped
+    sizes and first-call times. Sets the progress bar's total from them."""
+    to_measure, skipped = _batch_sizes_to_measure(run.spec.batch_sizes, plan, run.notes)
+    run.progress.advance(0, "checking that both models run")
+    for entry in running:
+        entry["skipped"] = list(skipped)
+        entry["working"], entry["first_run_ms"] = _check_runs(entry["sessions"], plan, to_measure, run.spec.seed,
+                                                             entry["skipped"], run.checkpoint)
+    working = running[0]["working"]
+    spec = run.spec
+    fidelity_batch = _fidelity_batch(working)
+    dataset_samples = 0 if spec.dataset is None else min(len(spec.dataset),
+                                                         spec.dataset_max_samples or len(spec.dataset))
+    run.progress.total = (sum(2 * b * (spec.warmup + spec.iterations) for e in running for b in e["working"])
+                          + 2 * fidelity_batch * math.ceil(FIDELITY_SAMPLES / fidelity_batch)
+                          + 2 * working[-1] * (MEMORY_RUNS + 2) + 2 * dataset_samples)
+    return working
+
+
+def _fidelity_batch(working: list[int]) -> int:
+    return max((b for b in working if b <= FIDELITY_MAX_BATCH), default=working[0])
+
+
+def _outputs(run: _Measuring, sessions: dict[str, Any], plan: InputPlan, output_pairs: list,
+             working: list[int]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Fidelity on random inputs, and (with a dataset) accuracy and fidelity on its samples."""
+    batch = _fidelity_batch(working)
+    fidelity = _fidelity(sessions, plan, output_pairs, batch, math.ceil(FIDELITY_SAMPLES / batch), run.spec.seed,
+                         run.progress, run.checkpoint)
+    dataset = run.spec.dataset
+    if dataset is None:
+        return fidelity, None
+    on_dataset = evaluate_dataset(
+        sessions, plan, output_pairs, dataset, max_samples=run.spec.dataset_max_samples, checkpoint=run.checkpoint,
+        on_batch=lambda n: run.progress.advance(2 * n, f"evaluating on dataset {dataset.name or ''}".rstrip()),
+    )
+    run.notes += on_dataset["notes"]
+    return fidelity, on_dataset
+
+
+def _measure_provider(run: _Measuring, entry: dict[str, Any], plan: InputPlan,
+                      rebalance: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(latency, energy and cold start on one provider; its raw per-call samples)."""
+    spec, provider = run.spec, entry["provider"]
+    on_device = provider != "CPUExecutionProvider"
+    latency, kept = _latency(entry, plan, spec.warmup, spec.iterations, spec.seed, run.progress, run.checkpoint,
+                             bound=on_device and not spec.include_io,
+                             reopen=_reopener(run.paths, provider, run.threads) if rebalance else None)
+    latency.update(provider=provider, threads=run.threads, skipped=entry["skipped"],
+                   include_io=spec.include_io if on_device else True)
+    measured = {"provider": provider, "available": True, "primary": False,
+                "cold_start": _cold_start(entry), "latency": latency,
+                "energy": _energy(run, entry, plan, latency, bound=on_device and not spec.include_io)}
+    return measured, kept
+
+
+def _cold_start(entry: dict[str, Any]) -> dict[str, Any]:
+    return {role: {"load_ms": significant(entry["load_ms"][role]),
+                   "first_run_ms": significant(entry["first_run_ms"][role]),
+                   "batch_size": entry["working"][0]} for role in ROLES} | {
+        "note": "load: creating the ONNX Runtime session from the file (read just before, so from the "
+                "page cache); first run: the first call after it, at the smallest batch size. Process "
+                "start and importing onnxruntime are not included"}
+
+
+def _energy(run: _Measuring, entry: dict[str, Any], plan: InputPlan, latency: dict[str, Any], *,
+            bound: bool) -> dict[str, Any]:
+    """Energy per inference from the provider's counter, or null with the reason (and an estimate if asked)."""
+    counter, counter_reason = open_counter(entry["provider"])
+    entries = []
+    if counter is not None:
+        for batch in entry["working"]:
+            feeds = plan.feeds(batch, np.random.default_rng([run.spec.seed, 0, batch]))
+            calls = {role: _caller(entry["sessions"][role], feeds[role], bound) for role in ROLES}
+            try:
+                entries.append(energy_entry(batch, measure_windows(counter, calls, checkpoint=run.checkpoint)))
+            except (OSError, ValueError) as exc:
+                counter, counter_reason, entries = None, f"the energy counter stopped being readable: {exc}", []
+                break
+    energy = energy_report(counter, entries, counter_reason)
+    tdp = run.spec.energy_estimate_tdp_watts
+    if energy["value"] is None and tdp:
+        energy["estimate"] = energy_estimate(latency["batch_sizes"], tdp_watts=tdp, threads=run.threads,
+                                             logical_cores=logical_cores())
+    return energy
+
+
+def _memory(run: _Measuring, plan: InputPlan, batch: int, provider: str) -> dict[str, Any]:
+    """Peak resident memory of each model, each in a fresh process, at the largest batch size measured."""
+    run.checkpoint()
+    memory = measure_memory(run.paths, plan.feeds(batch, np.random.default_rng([run.spec.seed, 3, batch])),
+                            batch_size=batch, providers=session_providers(provider), threads=run.threads)
+    memory["arena"] = ARENA
+    run.progress.advance(2 * batch * (MEMORY_RUNS + 2), "measured memory")
+    return memory
+
+
+def _assemble(run: _Measuring, plan: InputPlan, working: list[int], size: dict, provider_reports: list[dict],
+              first: dict, fidelity: dict, on_dataset: dict | None, memory: dict, samples: dict) -> dict[str, Any]:
+    """The report: the primary provider's figures at the top level, every provider's under `providers`."""
+    notes = run.notes + _findings(size, first["latency"], fidelity, memory, on_dataset)
     report = {
-        "environment": describe(provider=first["provider"], threads=threads),
+        "environment": describe(provider=first["provider"], threads=run.threads),
         "inputs": [i.describe() for i in plan.inputs],
         # The shapes at the smallest batch size measured; per batch size in latency.batch_sizes[].input_shapes.
         "input_shapes": plan.shapes(working[0]),
@@ -257,8 +298,6 @@ def measure_pair(
     report["samples"] = samples
     return report
 
-
-# --- phases ---------------------------------------------------------------------------------------
 
 def _warm_up_runtime(threads: int) -> None:
     """Pay ONNX Runtime's one-time set-up in a process (its environment, kernel registries) on a one-node
@@ -386,7 +425,7 @@ def _latency(entry: dict[str, Any], plan: InputPlan, warmup: int, iterations: in
     for batch in entry["working"]:
         feeds = plan.feeds(batch, np.random.default_rng([seed, 0, batch]))
 
-        def warm_up(calls: dict[str, Callable[[], Any]], blocks_: list[int], advance: bool) -> None:
+        def warm_up(calls: dict[str, Callable[[], Any]], blocks_: list[int], advance: bool, batch: int = batch) -> None:
             for index, count in enumerate(blocks_):
                 checkpoint()
                 for role in round_order(index):

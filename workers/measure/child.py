@@ -27,7 +27,7 @@ def main(folder: Path, parent_pid: int) -> int:
         except (AttributeError, OSError):
             pinned = []
     from app.errors import ModelPressError
-    from workers.measure import Stopped, measure_pair
+    from workers.measure import MeasureSpec, Stopped, measure_pair
 
     dataset = None
     if request["dataset"]:
@@ -45,9 +45,9 @@ def main(folder: Path, parent_pid: int) -> int:
         print(json.dumps({"progress": fraction, "message": message}), flush=True)
 
     try:
-        report = measure_pair(Path(request["baseline"]), Path(request["result"]), threads=request["threads"],
-                              on_progress=progress, should_stop=stop_file.exists, dataset=dataset,
-                              **request["options"])
+        spec = MeasureSpec.from_json(request["spec"], on_progress=progress, should_stop=stop_file.exists,
+                                     dataset=dataset)
+        report = measure_pair(Path(request["baseline"]), Path(request["result"]), spec)
     except Stopped:
         return EXIT_STOPPED
     except ModelPressError as exc:

@@ -7,7 +7,7 @@ as the measurement's threads), measures, and writes the report into the folder. 
 child looks for at every round boundary. A child that dies (killed, out of memory, a crash inside ONNX
 Runtime) fails the measurement with its exit status and the end of its error output, and the worker goes on.
 
-    report = measure_isolated(original, compressed, batch_sizes=[1, 8], warmup=10, iterations=100)
+    report = measure_isolated(original, compressed, MeasureSpec(batch_sizes=[1, 8], warmup=10, iterations=100))
 """
 from __future__ import annotations
 
@@ -20,16 +20,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from app.errors import MeasurementFailed
-from app.formats.input_shapes import InputShapes
 from workers.measure import Stopped
 from workers.measure.environment import default_threads, pick_cores
+from workers.measure.spec import MeasureSpec
 from workers.sandbox import how_it_ended, output_tail
 
 REQUEST, RESULT, STOP, DATASET = "request.json", "result.json", "stop", "dataset.npz"
@@ -39,25 +39,26 @@ EXIT_FAILED, EXIT_STOPPED = 3, 4
 def measure_isolated(
     baseline: Path,
     result: Path,
+    spec: MeasureSpec | None = None,
     *,
-    on_progress: Callable[[float, str], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    dataset: Any = None,
-    threads: int | None = None,
     pin: bool = True,
     timeout_s: float = 3600,
     **options: Any,
 ) -> dict[str, Any]:
-    """measure_pair(baseline, result, **options) run in a child process; the same report, plus
-    report["environment"]["process"] saying how it was run."""
-    threads = int(threads) if threads else default_threads()
+    """measure_pair(baseline, result, spec) run in a child process (spec: a MeasureSpec, or its fields as
+    keyword arguments); the same report, plus report["environment"]["process"] saying how it was run."""
+    if spec is None:
+        spec = MeasureSpec(**options)
+    elif options:
+        raise TypeError(f"give a MeasureSpec or its fields, not both (got {sorted(options)} beside the spec)")
+    threads = int(spec.threads) if spec.threads else default_threads()
+    spec = replace(spec, threads=threads)
     cores = pick_cores(threads) if pin else []
-    if options.get("input_shapes") is not None:  # the request travels as JSON
-        options["input_shapes"] = InputShapes.coerce(options["input_shapes"]).to_json()
+    dataset = spec.dataset
     with tempfile.TemporaryDirectory(prefix="modelpress-measure-") as folder_name:
         folder = Path(folder_name)
         request = {"baseline": str(Path(baseline).resolve()), "result": str(Path(result).resolve()),
-                   "threads": threads, "cores": cores, "options": options, "dataset": None}
+                   "cores": cores, "spec": spec.to_json(), "dataset": None}
         if dataset is not None:
             arrays = {f"input:{name}": value for name, value in dataset.inputs.items()}
             if dataset.labels is not None:
@@ -71,7 +72,7 @@ def measure_isolated(
                                      stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
                                      cwd=folder, env=_child_env())
         try:
-            _follow(child, folder, on_progress, should_stop, timeout_s)
+            _follow(child, folder, spec.on_progress, spec.should_stop, timeout_s)
         finally:
             if child.poll() is None:
                 child.kill()

@@ -96,7 +96,7 @@ def run(input_path: Path, params: AutoParams, out_dir: Path, ctx: StepContext) -
 
 def _build_and_judge(index: int, method, scheme: str, excluded: list[str], input_path: Path, out_dir: Path,
                      params: AutoParams, evaluation, calibration, ctx: StepContext) -> dict[str, Any]:
-    from workers.measure import measure_pair
+    from workers.measure import MeasureSpec, measure_pair
 
     label = scheme + (f" ({len(excluded)} layer(s) in float)" if excluded else "")
     entry: dict[str, Any] = {"label": label, "scheme": scheme, "excluded_layers": excluded}
@@ -116,9 +116,9 @@ def _build_and_judge(index: int, method, scheme: str, excluded: list[str], input
         entry.update(status="not_applicable", code=exc.code, reason=exc.message)
         return entry
     try:
-        measured = measure_pair(input_path, built.model_path, batch_sizes=[params.latency_batch_size],
-                                warmup=max(3, params.latency_iterations // 10), iterations=params.latency_iterations,
-                                dataset=evaluation, input_shapes=ctx.input_shapes)
+        measured = measure_pair(input_path, built.model_path, MeasureSpec(
+            batch_sizes=[params.latency_batch_size], warmup=max(3, params.latency_iterations // 10),
+            iterations=params.latency_iterations, dataset=evaluation, input_shapes=ctx.input_shapes))
     except ModelPressError as exc:
         entry.update(status="failed_to_measure", code=exc.code, reason=exc.message)
         return entry

@@ -1,0 +1,349 @@
+"""The job report as typed, versioned models: what workers/steps.py writes to report.json and the job row, and
+what `GET /v1/jobs/{id}` (its `summary`) and `GET /v1/jobs/{id}/report` serve.
+
+Strict where the report does not vary (the summary's figures, a step's record, a latency entry), lenient
+(`extra="allow"`) where it legitimately does: a method's step details, the environment, the parts a
+measurement adds per provider or per dataset. Version 2 adds `report_version` itself and the placeholders
+`candidates` and `verdict` (filled by a goal search); a stored report without `report_version` is version 1
+and loads as one. Every model serializes the fields it was given and no others, so a stored report, old or
+new, serves with the same keys and values it was written with.
+
+Plain pydantic: the API imports this, so nothing heavy (no numpy, onnxruntime, torch, nothing of workers).
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag, TypeAdapter, model_serializer
+
+REPORT_VERSION = 2
+
+Number = int | float
+
+
+class _AsGiven(BaseModel):
+    """Serializes the fields that were set (given in the data, or by the code that built it), never a default
+    filled in on load: a report stored before a field existed serves without it, not with a null."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_serializer(mode="wrap")
+    def _as_given(self, handler):
+        data = handler(self)
+        if not isinstance(data, dict):
+            return data
+        kept = self.model_fields_set | set(self.model_extra or {})
+        return {key: value for key, value in data.items() if key in kept}
+
+
+class Open(_AsGiven):
+    """A part whose keys vary with the method, the provider or the run: the fields named are typed, the rest kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# --- measurement ----------------------------------------------------------------------------------
+
+class LatencyStats(Open):
+    """One model's per-call times at one batch size (workers.measure.stats.summarize)."""
+
+    count: int
+    mean_ms: Number
+    stdev_ms: Number
+    cv: Number
+    noisy: bool
+    min_ms: Number
+    p50_ms: Number
+    p90_ms: Number
+    p95_ms: Number
+    p99_ms: Number
+    max_ms: Number
+    throughput_per_s: Number | None
+
+
+class SpeedupInterval(Open):
+    speedup: Number
+    low: Number | None = None
+    high: Number | None = None
+
+
+class LatencyAtBatch(Open):
+    batch_size: int
+    baseline: LatencyStats
+    result: LatencyStats
+    p50_ratio: Number
+    speedup: Number
+    speedup_ci: SpeedupInterval
+    speedup_text: str | None = None
+    noisy: bool = False
+    input_shapes: dict[str, list[Any]] | None = None
+
+
+class SkippedBatch(_AsGiven):
+    batch_size: int
+    reason: str
+
+
+class Latency(Open):
+    provider: str | None = None
+    threads: int | None = None
+    warmup: int
+    iterations: int
+    batch_sizes: list[LatencyAtBatch]
+    skipped: list[SkippedBatch] = []
+    samples_artifact: str | None = None
+
+
+class ModelSize(Open):
+    file_bytes: int
+    parameters: int | None = None
+    initializer_bytes: int | None = None
+
+
+class Size(Open):
+    baseline: ModelSize
+    result: ModelSize
+    ratio: Number | None
+
+
+class ColdStartRole(_AsGiven):
+    load_ms: Number
+    first_run_ms: Number
+    batch_size: int
+
+
+class Energy(Open):
+    value: dict[str, Number] | None
+    unit: str = "J"
+    reason: str | None = None
+
+
+class OutputFidelity(Open):
+    name: str
+    top1_agreement: Number | None = None
+
+
+class Fidelity(Open):
+    cosine_similarity: Number | None
+    max_abs_diff: Number | None
+    samples: int
+    runs: int
+    batch_size: int
+    outputs: list[OutputFidelity]
+
+
+class ProviderMeasurement(Open):
+    """One execution provider: measured (latency, energy, cold start), or not available and why."""
+
+    provider: str
+    available: bool
+    reason: str | None = None
+    primary: bool | None = None
+    cold_start: dict[str, ColdStartRole | str] | None = None
+    latency: Latency | None = None
+    energy: Energy | None = None
+
+
+class Measurement(Open):
+    """The original and the result measured side by side (workers.measure.measure_pair)."""
+
+    environment: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    input_shapes: dict[str, list[Any]] | None = None
+    input_shapes_source: dict[str, Any] | None = None
+    size: Size
+    latency: Latency
+    # Not in reports of the first measurement releases.
+    cold_start: dict[str, ColdStartRole | str] = {}
+    providers: list[ProviderMeasurement] = []
+    fidelity: Fidelity
+    dataset: dict[str, Any] | None = None
+    energy: Energy
+    memory: dict[str, Any]
+    notes: list[str]
+
+
+# --- steps and summary ----------------------------------------------------------------------------
+
+class StepArtifact(Open):
+    name: str
+    kind: str
+    sha256: str
+    size_bytes: int
+
+
+class StepRecord(_AsGiven):
+    index: int
+    method: str
+    version: str | int
+    params: dict[str, Any]
+    duration_s: Number
+    # What the method says about its run: its own keys (warnings, per-layer choices, ...).
+    details: dict[str, Any]
+    artifact: StepArtifact
+
+
+class P50Pair(_AsGiven):
+    original: Number | None
+    compressed: Number | None
+
+
+class SummaryFidelity(_AsGiven):
+    cosine_similarity: Number | None
+    max_abs_diff: Number | None
+    top1_agreement: Number | None
+    worst_cosine: Number | None = None
+
+
+class SummaryAccuracy(_AsGiven):
+    samples: int
+    original_top1: Number | None
+    compressed_top1: Number | None
+    top1_drop_points: Number | None
+    original_top5: Number | None
+    compressed_top5: Number | None
+
+
+class ColdStartSummary(_AsGiven):
+    load: Number
+    first_run: Number
+
+
+class TrajectoryEntry(_AsGiven):
+    """One step's model against the original, in the summary's terms."""
+
+    step: int
+    method: str
+    artifact: str
+    size_bytes: int | None
+    size_ratio: Number | None
+    latency_p50_ms: dict[str, Number | None]
+    speedup: dict[str, Number | None] | None
+    top1: Number | None
+    top1_drop_points: Number | None
+    cosine: Number | None
+
+
+class JobSummary(_AsGiven):
+    """A compression job's headline figures (the job row's `summary`; batch sizes as string keys)."""
+
+    original_size_bytes: int | None = None
+    compressed_size_bytes: int | None = None
+    size_ratio: Number | None = None
+    latency_p50_ms: dict[str, P50Pair] = {}
+    latency_p50_ratio: dict[str, Number] = {}
+    speedup: dict[str, Number] = {}
+    # "1.83x (1.79-1.88)": the ratio of medians and its 95% bootstrap interval over the paired rounds.
+    speedup_ci: dict[str, str] = {}
+    noisy_batch_sizes: list[int] = []
+    provider: str | None = None
+    # Per provider: speedup text per batch size, or {"unavailable": reason}.
+    providers: dict[str, dict[str, str]] = {}
+    cold_start_ms: dict[str, ColdStartSummary] = {}
+    energy_j_per_inference: dict[str, Number] | None = None
+    energy_note: str | None = None
+    fidelity: SummaryFidelity | None = None
+    fidelity_on: str | None = None
+    accuracy: SummaryAccuracy | None = None
+    accuracy_note: str | None = None
+    skipped_batch_sizes: list[SkippedBatch] = []
+    notes: list[str] = []
+    steps: list[str] = []
+    input_shapes: dict[str, list[Any]] | None = None
+    input_shapes_source: dict[str, Any] | None = None
+    trajectory: list[TrajectoryEntry] | None = None
+
+
+class ConversionSummary(_AsGiven):
+    """A conversion job's summary (jobs.kind = "convert": an upload exported to ONNX)."""
+
+    converted_format: str
+    converted_size_bytes: int
+    task: str | None = None
+    exporter: str | None = None
+    check: dict[str, Any] | str | None = None
+    duration_s: Number
+
+
+def _summary_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "convert" if "converted_format" in value else "compress"
+    return "convert" if isinstance(value, ConversionSummary) else "compress"
+
+
+AnySummary = Annotated[
+    Annotated[JobSummary, Tag("compress")] | Annotated[ConversionSummary, Tag("convert")],
+    Discriminator(_summary_kind),
+]
+
+
+# --- placeholders a goal search fills (the next issue) ------------------------------------------------
+
+class Candidate(Open):
+    """One measured model of a search: how it was made and what it measured."""
+
+    name: str
+    steps: list[str] = []
+    measurement: Measurement | None = None
+    summary: JobSummary | None = None
+
+
+class Verdict(_AsGiven):
+    verdict: Literal["beneficial", "not_beneficial"]
+    reason: str
+
+
+# --- reports --------------------------------------------------------------------------------------
+
+class ReportArtifact(Open):
+    name: str
+    kind: str
+
+
+class JobReport(_AsGiven):
+    """report.json of a compression job."""
+
+    # Absent in reports written before versioning: those are version 1.
+    report_version: int = 1
+    job_id: str
+    sandbox: dict[str, Any] = {}
+    intake: dict[str, Any] | None = None
+    steps: list[StepRecord]
+    evaluate: dict[str, Any]
+    measurement: Measurement
+    summary: JobSummary
+    candidates: list[Candidate] | None = None
+    verdict: Verdict | None = None
+    artifacts: list[ReportArtifact] = []
+
+
+class ConversionReport(_AsGiven):
+    """report.json of a conversion job: what was exported, and the stored ONNX model's inspection."""
+
+    report_version: int = 1
+    job_id: str
+    kind: Literal["convert"]
+    sandbox: dict[str, Any] = {}
+    conversion: dict[str, Any]
+    converted: dict[str, Any]
+    summary: ConversionSummary
+    artifacts: list[ReportArtifact] = []
+
+
+def _report_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "convert" if value.get("kind") == "convert" else "compress"
+    return "convert" if isinstance(value, ConversionReport) else "compress"
+
+
+AnyReport = Annotated[
+    Annotated[JobReport, Tag("compress")] | Annotated[ConversionReport, Tag("convert")],
+    Discriminator(_report_kind),
+]
+
+_REPORTS: TypeAdapter[JobReport | ConversionReport] = TypeAdapter(AnyReport)
+
+
+def load_report(stored: dict[str, Any]) -> JobReport | ConversionReport:
+    """A stored report (any version) as its model; one without report_version loads as version 1."""
+    return _REPORTS.validate_python(stored)
