@@ -4,17 +4,25 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from sqlalchemy.orm import Session
 
 from app.errors import ModelPressError, NotFound
 
-T = TypeVar("T")
+
+class Owned(Protocol):
+    """A row that belongs to one tenant."""
+
+    @property
+    def tenant_id(self) -> str | None: ...
 
 
-def get_owned_or_404(db: Session, model: type[T], *, tenant_id: str, object_id: str, error: type[NotFound],
-                     lock: bool = False) -> T:
+OwnedT = TypeVar("OwnedT", bound=Owned)
+
+
+def get_owned_or_404(db: Session, model: type[OwnedT], *, tenant_id: str, object_id: str, error: type[NotFound],
+                     lock: bool = False) -> OwnedT:
     """Another tenant's object is a 404 like a missing one: its existence is not revealed.
 
     lock=True row-locks it until commit, so that a concurrent delete cannot drop it from under the

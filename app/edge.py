@@ -44,8 +44,9 @@ def _first_unstorable(value, path: str) -> tuple[str, str] | None:
     if isinstance(value, dict):
         for key, item in value.items():
             here = f"{path}.{key}" if path else str(key)
-            if isinstance(key, str) and UNSTORABLE.search(key):
-                return here, UNSTORABLE.search(key).group()
+            found = UNSTORABLE.search(key) if isinstance(key, str) else None
+            if found:
+                return here, found.group()
             hit = _first_unstorable(item, here)
             if hit:
                 return hit

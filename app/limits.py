@@ -99,8 +99,8 @@ def check_concurrent_jobs(db: Session, tenant: Tenant, settings: Settings) -> No
     limit = effective(tenant.max_concurrent_jobs, settings.max_concurrent_jobs)
     if limit <= 0:
         return
-    active = db.scalar(select(func.count()).select_from(Job)
-                       .where(Job.tenant_id == tenant.id, Job.status.in_(ACTIVE_STATUSES)))
+    active = db.execute(select(func.count()).select_from(Job)
+                        .where(Job.tenant_id == tenant.id, Job.status.in_(ACTIVE_STATUSES))).scalar_one()
     if active >= limit:
         raise QuotaExceeded(f"the tenant has {active} queued or running job(s), its limit is {limit}; submit again "
                             "when one finishes (or cancel one)", retry_after_s=settings.quota_retry_after_s,

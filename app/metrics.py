@@ -95,6 +95,8 @@ class DatabaseCollector(Collector):
 
         durations: dict[str, list[float]] = {}
         for status, started, ended in finished:
+            if started is None or ended is None:
+                continue  # the query selects only jobs with both
             durations.setdefault(status, []).append(max((_aware(ended) - _aware(started)).total_seconds(), 0.0))
         histogram = GaugeHistogramMetricFamily(
             "modelpress_job_duration_seconds",
@@ -274,7 +276,7 @@ def install(app: FastAPI, settings: Settings | None = None) -> None:
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return Response("a valid metrics token is needed\n", status_code=401, media_type="text/plain",
                                 headers={"WWW-Authenticate": "Bearer"})
-        encoder, content_type = choose_encoder(request.headers.get("accept"))
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
         return Response(encoder(metrics.registry), media_type=content_type)
 
     app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], include_in_schema=False)

@@ -218,7 +218,7 @@ class TrajectoryEntry(_AsGiven):
     size_bytes: int | None
     size_ratio: Number | None
     latency_p50_ms: dict[str, Number | None]
-    speedup: dict[str, Number | None] | None
+    speedup: dict[str, Number] | None
     top1: Number | None
     top1_drop_points: Number | None
     cosine: Number | None

@@ -17,6 +17,20 @@ from app.edge import check_text
 from app.errors import ModelPressError, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
 MAX_FORM_FIELD_BYTES = 64 * 1024
+
+
+@dataclass
+class _MultipartState:
+    """What the multipart parser's callbacks carry from one call to the next."""
+
+    header_field: bytes = b""
+    header_value: bytes = b""
+    headers: dict[str, bytes] = field(default_factory=dict)
+    name: str | None = None  # the current part's form name
+    buf: bytearray | None = None  # a form field's bytes (the file part streams to disk instead)
+    file_seen: bool = False
+    file_name: str = ""
+    file_size: int = 0
 # What a multipart body may hold besides its file (boundaries, part headers, a few form fields).
 MULTIPART_SLACK_BYTES = 4 * MAX_FORM_FIELD_BYTES
 
@@ -87,55 +101,53 @@ async def _receive_multipart(request: Request, *, dest: Path, check: Callable[[i
     if not boundary:
         raise Unprocessable("multipart body without a boundary", code="invalid_multipart")
 
-    state = {"header_field": b"", "header_value": b"", "headers": {}, "name": None, "filename": None, "buf": None}
+    state = _MultipartState()
     fields: dict[str, str] = {}
     digest = hashlib.sha256()
-    sizes = {"file": 0}
-    seen_file = {"done": False, "filename": None}
     out = open(dest, "wb")
 
     def on_part_begin() -> None:
-        state.update(headers={}, name=None, filename=None, buf=None)
+        state.headers, state.name, state.buf = {}, None, None
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["header_field"] += data[start:end]
+        state.header_field += data[start:end]
 
     def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["header_value"] += data[start:end]
+        state.header_value += data[start:end]
 
     def on_header_end() -> None:
-        state["headers"][state["header_field"].decode("latin-1").lower()] = state["header_value"]
-        state["header_field"] = b""
-        state["header_value"] = b""
+        state.headers[state.header_field.decode("latin-1").lower()] = state.header_value
+        state.header_field = b""
+        state.header_value = b""
 
     def on_headers_finished() -> None:
-        _, disp = parse_options_header(state["headers"].get("content-disposition", b""))
+        _, disp = parse_options_header(state.headers.get("content-disposition", b""))
         name = disp.get(b"name", b"").decode("utf-8", "replace")
         filename = disp.get(b"filename")
-        state["name"] = name
+        state.name = name
         if name == "file":
-            if seen_file["done"]:
+            if state.file_seen:
                 raise Unprocessable("send one file per upload", code="invalid_multipart")
-            seen_file["done"] = True
-            seen_file["filename"] = (filename or b"").decode("utf-8", "replace")
+            state.file_seen = True
+            state.file_name = (filename or b"").decode("utf-8", "replace")
         else:
-            state["buf"] = bytearray()
+            state.buf = bytearray()
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
-        if state["name"] == "file":
-            sizes["file"] += len(chunk)
-            check(sizes["file"])
+        if state.name == "file":
+            state.file_size += len(chunk)
+            check(state.file_size)
             digest.update(chunk)
             out.write(chunk)
-        else:
-            state["buf"] += chunk
-            if len(state["buf"]) > MAX_FORM_FIELD_BYTES:
-                raise Unprocessable(f"form field {state['name']!r} is too long", code="invalid_multipart")
+        elif state.buf is not None:
+            state.buf += chunk
+            if len(state.buf) > MAX_FORM_FIELD_BYTES:
+                raise Unprocessable(f"form field {state.name!r} is too long", code="invalid_multipart")
 
     def on_part_end() -> None:
-        if state["name"] and state["name"] != "file":
-            fields[state["name"]] = bytes(state["buf"] or b"").decode("utf-8", "replace")
+        if state.name and state.name != "file":
+            fields[state.name] = bytes(state.buf or b"").decode("utf-8", "replace")
 
     parser = MultipartParser(
         boundary,
@@ -159,12 +171,12 @@ async def _receive_multipart(request: Request, *, dest: Path, check: Callable[[i
         raise Unprocessable(f"malformed multipart body: {exc}", code="invalid_multipart") from exc
     finally:
         out.close()
-    if not seen_file["done"]:
+    if not state.file_seen:
         raise Unprocessable("the multipart body has no 'file' field", code="missing_file")
-    filename = fields.get("filename") or seen_file["filename"] or ""
+    filename = fields.get("filename") or state.file_name
     if not filename:
         raise Unprocessable("the 'file' part has no filename (e.g. model.onnx)", code="missing_filename")
     check_text("the file's filename", filename)
     for name, value in fields.items():
         check_text(f"form field {name!r}", name + value)
-    return Received(dest, filename, digest.hexdigest(), sizes["file"], fields)
+    return Received(dest, filename, digest.hexdigest(), state.file_size, fields)

@@ -396,7 +396,7 @@ class OutputCheck:
         return cls(feeds=feeds, expected=expected, output_names=[o.name for o in session.get_outputs()], batch=size)
 
     def describe(self) -> dict[str, Any]:
-        if self.skipped:
+        if self.skipped or self.feeds is None:  # (feeds are made whenever the check is not skipped)
             return {"skipped": self.skipped, "tolerance": TOLERANCE_TEXT}
         return {"tolerance": TOLERANCE_TEXT, "batch": self.batch, "seed": CHECK_SEED,
                 "inputs": {name: list(value.shape) for name, value in self.feeds.items()},
@@ -412,7 +412,7 @@ class OutputCheck:
             if not self.original_loads:
                 return True, {"passed": None}  # it fails as the upload does; the measurement will say so
             return False, {"passed": False, "failed": f"it does not load in ONNX Runtime ({short_error(exc)})"}
-        if self.skipped:
+        if self.skipped or self.feeds is None or self.expected is None:  # (both are made unless skipped)
             return True, {"passed": None}
         names = [o.name for o in session.get_outputs()]
         if names != self.output_names:

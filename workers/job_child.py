@@ -15,7 +15,9 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REQUEST, RESULT, STOP, OUTPUT = "request.json", "result.json", "stop", "output.log"
 # ONNX Runtime's words for an op it has no kernel for (a custom domain's, or one newer than it knows).
@@ -56,9 +58,12 @@ def run(folder: Path, request: dict, sandbox: dict, limits, send, ask_cancelled=
     workdir = folder / "work"
     workdir.mkdir(exist_ok=True)
     try:
+        runner: Callable[..., Any] = execute
         if request.get("kind") == "convert":  # an upload in another format exported to ONNX (workers/convert)
-            from workers.convert.job import execute_conversion as execute
-        report, summary, rows = execute(job, workdir, Path(request["model"]["path"]), request["model"]["format"],
+            from workers.convert.job import execute_conversion
+
+            runner = execute_conversion
+        report, summary, rows = runner(job, workdir, Path(request["model"]["path"]), request["model"]["format"],
                                         request["spec"])
         return {"status": "succeeded", "report": report, "summary": summary, "rows": rows}
     except Cancelled:

@@ -43,13 +43,13 @@ def reap(settings: Settings | None = None, *, now: dt.datetime | None = None) ->
     """One sweep. Returns the ids it requeued (lost workers), failed (out of attempts) and re-sent (lost messages)."""
     settings = settings or get_settings()
     now = now or utcnow()
-    outcome = {"requeued": [], "failed": [], "resent": []}
-    requeued = []
+    outcome: dict[str, list[str]] = {"requeued": [], "failed": [], "resent": []}
+    requeued: list[tuple[str, str]] = []
     for job_id in _stale_running(now, settings):
         verdict, queue = _requeue_or_fail(job_id, now, settings)
         if verdict:
             outcome[verdict].append(job_id)
-        if verdict == "requeued":
+        if verdict == "requeued" and queue is not None:  # (a requeued job always has its queue)
             requeued.append((job_id, queue))
     outcome["resent"] = _resend_lost_messages(now, settings)
     if any(outcome.values()):

@@ -28,9 +28,10 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import CursorResult, Update, delete, select, update
+from sqlalchemy.orm import Session
 
 from app.blobs import release_blob
 from app.db import session_scope
@@ -55,6 +56,11 @@ from workers.sandbox import JobLimits, describe, how_it_ended, looks_out_of_memo
 
 log = logging.getLogger("modelpress.worker")
 MAX_MESSAGE_BYTES = 1 << 20
+
+
+def _rows_updated(db: Session, statement: Update) -> int:
+    """Rows an UPDATE changed (its result is a CursorResult; Session.execute is typed as returning a Result)."""
+    return cast("CursorResult[Any]", db.execute(statement)).rowcount
 
 
 class Superseded(Exception):
@@ -108,7 +114,7 @@ class Attempt:
         with session_scope() as db:
             owned = (Job.id == self.job_id, Job.attempts == self.number, Job.status == "running")
             if beat:
-                if db.execute(update(Job).where(*owned).values(heartbeat_at=utcnow())).rowcount != 1:
+                if _rows_updated(db, update(Job).where(*owned).values(heartbeat_at=utcnow())) != 1:
                     raise Superseded(f"job {self.job_id} is no longer attempt {self.number}'s")
                 return bool(db.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
             cancel = db.scalar(select(Job.cancel_requested).where(*owned))
@@ -197,8 +203,7 @@ def _claim(job_id: str, store: ArtifactStore, settings: Settings) -> Claim | Non
             return None
         # The claim itself: only one of two racing workers moves attempts on (SQLite has no row locks).
         seen = job.attempts
-        won = db.execute(update(Job).where(Job.id == job.id, Job.attempts == seen).values(attempts=seen + 1))
-        if won.rowcount != 1:
+        if _rows_updated(db, update(Job).where(Job.id == job.id, Job.attempts == seen).values(attempts=seen + 1)) != 1:
             log.info("job %s was claimed by another worker at the same time", job_id)
             return None
         db.refresh(job)
@@ -223,8 +228,8 @@ def _claim(job_id: str, store: ArtifactStore, settings: Settings) -> Claim | Non
             .join(JobModel, JobModel.model_id == Model.id).where(JobModel.job_id == job.id)
         ).all()
         return Claim(attempt=job.attempts, model_sha=model.sha256, model_format=model.format, spec=dict(job.spec),
-                     datasets={row[0]: tuple(row[1:]) for row in linked},
-                     models={row[0]: tuple(row[1:]) for row in others}, kind=job.kind or "compress")
+                     datasets={row[0]: (row[1], row[2], row[3]) for row in linked},
+                     models={row[0]: (row[1], row[2]) for row in others}, kind=job.kind or "compress")
 
 
 def _alive(job: Job, settings: Settings) -> bool:

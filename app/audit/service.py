@@ -21,6 +21,13 @@ class Actor:
     key_id: str | None = None
     client_ip: str | None = None
 
+    @property
+    def tenant(self) -> str:
+        """The tenant whose resources the action is on; only a key's actor has one (the operator manages keys)."""
+        if self.tenant_id is None:
+            raise TypeError("the operator acts on no tenant's models, datasets or jobs")
+        return self.tenant_id
+
 
 def record(db: Session, actor: Actor, action: str, *, object_type: str | None = None, object_id: str | None = None,
            tenant_id: str | None = None, **detail: Any) -> AuditEntry:

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -172,8 +172,9 @@ class Client:
                 attempt += 1
                 continue
             finally:
-                if hasattr(body, "close"):
-                    body.close()
+                close = getattr(body, "close", None)
+                if close is not None:
+                    close()
             if response.is_success or response.status_code in ok:
                 return response
             if response.status_code in (429, 503) and attempt < self.retries:
@@ -195,7 +196,7 @@ class Client:
             data = bytes(source)
             filename = filename or "upload.bin"
 
-            def content() -> bytes:
+            def content() -> bytes | BinaryIO:
                 return data
         else:
             file = Path(source)
@@ -203,7 +204,7 @@ class Client:
                 raise FileNotFoundError(f"{file}: no such file")
             filename = filename or file.name
 
-            def content():  # reopened per attempt; httpx sends its length as Content-Length
+            def content() -> bytes | BinaryIO:  # reopened per attempt; httpx sends its length as Content-Length
                 return open(file, "rb")
         headers = {"Content-Type": "application/octet-stream", "X-Filename": filename}
         return self._json("POST", path, content=content, headers=headers, repeatable=False)

@@ -30,8 +30,8 @@ def create_from_upload(
     name = (received.fields.get("name") or Path(received.filename).name)[:255]
     return keep_upload(
         db=db, store=store, received=received,
-        check=lambda: check_upload_fits(db, actor.tenant_id, settings, received.size_bytes),
-        make_row=lambda sha, size: Dataset(tenant_id=actor.tenant_id, name=name, format=fmt, sha256=sha,
+        check=lambda: check_upload_fits(db, actor.tenant, settings, received.size_bytes),
+        make_row=lambda sha, size: Dataset(tenant_id=actor.tenant, name=name, format=fmt, sha256=sha,
                                            size_bytes=size, inspection=storable(inspection)),
         before_commit=lambda dataset: audit.record(db, actor, "dataset.upload", object_type="dataset",
                                                    object_id=dataset.id, name=name, sha256=dataset.sha256,
@@ -54,7 +54,7 @@ def list_page(*, db: Session, tenant_id: str, limit: int, cursor: str | None) ->
 
 def delete(*, db: Session, store: ArtifactStore, actor: Actor, dataset_id: str) -> None:
     """Delete a dataset no queued or running job uses (409 otherwise); free its blob when nothing else uses it."""
-    dataset = get_for_job(db=db, tenant_id=actor.tenant_id, dataset_id=dataset_id)
+    dataset = get_for_job(db=db, tenant_id=actor.tenant, dataset_id=dataset_id)
     active = db.scalar(
         select(func.count(distinct(JobDataset.job_id)))
         .select_from(JobDataset)

@@ -39,7 +39,7 @@ def create_from_texts(*, db: Session, store: ArtifactStore, settings: Settings, 
     if not model_id:
         raise Unprocessable("a texts dataset (.json) needs a model_id form field naming the Hugging Face model whose "
                             "tokenizer tokenizes it", code="missing_model_id")
-    source = models_service.get(db=db, tenant_id=actor.tenant_id, model_id=model_id)
+    source = models_service.get(db=db, tenant_id=actor.tenant, model_id=model_id)
     model = models_service.converted_for_use(db=db, model=source)
     tokenizer_info = model.inspection.get("tokenizer")
     if not isinstance(tokenizer_info, dict):
@@ -57,7 +57,7 @@ def create_from_texts(*, db: Session, store: ArtifactStore, settings: Settings, 
     if labels is not None:
         arrays["labels"] = np.array(labels, dtype=np.int64)
     path = workdir / "texts.npz"
-    np.savez(path, **arrays)
+    np.savez(path, allow_pickle=False, **arrays)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     name = (received.fields.get("name") or Path(received.filename).stem + ".npz")[:255]
     tokenized = Received(path, Path(name).stem + ".npz", digest, path.stat().st_size,

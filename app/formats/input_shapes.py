@@ -13,11 +13,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 DIMS_KEY = "dims"
 MAX_SIZE = 1 << 24
 GIVEN, DECLARED, BATCH, GUESSED = "given by the user", "declared by the model", "batch size", "guessed"
+
+
+class ShapeWhere(TypedDict, total=False):
+    """Where a ShapeError points: only the keys it knows."""
+
+    input: str
+    axis: int
+    dim: str
 
 
 class ShapeError(ValueError):
@@ -27,7 +35,13 @@ class ShapeError(ValueError):
                  dim: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.where = {k: v for k, v in (("input", input), ("axis", axis), ("dim", dim)) if v is not None}
+        self.where = ShapeWhere()
+        if input is not None:
+            self.where["input"] = input
+        if axis is not None:
+            self.where["axis"] = axis
+        if dim is not None:
+            self.where["dim"] = dim
 
 
 def how_to_give(shapes: dict[str, list[Any]], open_axes: dict[str, list[tuple[int, str | None]]]) -> str:
@@ -174,11 +188,11 @@ def resolve(declared: dict[str, list[Any] | None], shapes: InputShapes, *,
                 raise ShapeError(f"dim {dim!r} is given as {named[dim][0]} ({named[dim][2]}) and as {size} ({where})",
                                  input=name, axis=axis, dim=dim)
             named.setdefault(dim, (size, GIVEN, where))
-    for name, sample in shapes.samples.items():
+    for name, sampled in shapes.samples.items():
         shape = declared.get(name)
-        if shape is None or len(sample) != len(shape) - 1:
+        if shape is None or len(sampled) != len(shape) - 1:
             continue
-        for dim, size in zip(shape[1:], sample):
+        for dim, size in zip(shape[1:], sampled):
             if isinstance(dim, str) and dim not in named:
                 named[dim] = (size, shapes.sample_sources.get(name, from_dataset(None)), "")
 

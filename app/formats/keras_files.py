@@ -353,7 +353,8 @@ def _signature(wire: Wire, start: int, end: int) -> dict[str, list]:
 
 
 def _tensor_info(wire: Wire, start: int, end: int) -> dict[str, Any]:
-    dtype, shape = None, None
+    dtype: str | None = None
+    shape: list[int | None] | None = None
     for number, wtype, s, e, value in wire.fields(start, end):
         if number == 2 and value is not None:
             dtype = TF_DTYPES.get(value, f"tf_dtype_{value}")

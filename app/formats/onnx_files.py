@@ -18,7 +18,7 @@ import shutil
 import stat
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -417,9 +417,11 @@ def _check_ops(model) -> None:
                     custom.add((domain, node.op_type))
                     continue
                 version = opsets.get(domain)
-                key = (domain or "ai.onnx", node.op_type, version)
-                if version is None or key in defined:
+                if version is None:
                     continue  # no opset import for the domain: the checker says so
+                key = (domain or "ai.onnx", node.op_type, version)
+                if key in defined:
+                    continue
                 try:
                     onnx.defs.get_schema(node.op_type, version, domain)
                     defined.add(key)
@@ -435,19 +437,19 @@ def _check_ops(model) -> None:
             code="unsupported_op", unsupported_ops=[{"domain": d, "op_type": op} for d, op in ops[:MAX_LISTED_OPS]],
         )
     if undefined:
-        ops = sorted(undefined)
+        missing = sorted(undefined)
         raise InvalidModel(
             "the model uses ops its ONNX opset does not define, which ONNX Runtime cannot run: "
-            + _listing(f"{op} ({d} opset {v})" for d, op, v in ops),
+            + _listing(f"{op} ({d} opset {v})" for d, op, v in missing),
             code="unsupported_op",
-            unsupported_ops=[{"domain": d, "op_type": op, "opset": v} for d, op, v in ops[:MAX_LISTED_OPS]],
+            unsupported_ops=[{"domain": d, "op_type": op, "opset": v} for d, op, v in missing[:MAX_LISTED_OPS]],
         )
 
 
-def _listing(names: Iterator[str], shown: int = 10) -> str:
-    names = list(names)
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
+def _listing(names: Iterable[str], shown: int = 10) -> str:
+    listed = list(names)
+    more = f" and {len(listed) - shown} more" if len(listed) > shown else ""
+    return ", ".join(listed[:shown]) + more
 
 
 def _opsets(opset_import) -> dict[str, int]:
@@ -631,9 +633,11 @@ def safe_members(archive: zipfile.ZipFile, limits: Limits) -> list[zipfile.ZipIn
 def archive_bytes(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> int:
     """The zip's size on disk (its members' compressed sizes when it is not a plain file)."""
     try:
-        return os.fstat(archive.fp.fileno()).st_size
+        if archive.fp is not None:
+            return os.fstat(archive.fp.fileno()).st_size
     except (AttributeError, OSError, ValueError):
-        return sum(info.compress_size for info in infos)
+        pass
+    return sum(info.compress_size for info in infos)
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

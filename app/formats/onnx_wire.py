@@ -163,7 +163,8 @@ class _Copy:
             self.count(end - start)
             return bytes(self.wire.data[start:end])  # small: as it is
         data_start, data_end = raw[-1]  # protobuf keeps the last value of a repeated scalar field
-        dims, data_type, name = [], 0, ""
+        dims: list[int] = []
+        data_type, name = 0, ""
         out = bytearray()
         for number, wire, s, e, value in fields:
             if number == TENSOR_RAW_DATA:

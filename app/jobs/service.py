@@ -155,14 +155,14 @@ def create(
     *, db: Session, settings: Settings, actor: Actor, spec: JobCreate, idempotency_key: str | None
 ) -> tuple[Job, bool]:
     """Returns (job, created). A repeated Idempotency-Key returns the first job."""
-    tenant_id = actor.tenant_id
+    tenant_id = actor.tenant
     digest = request_hash(spec)
     if idempotency_key:
         existing = _by_idempotency_key(db, tenant_id, idempotency_key)
         if existing is not None:
             return _same_request_or_error(existing, digest), False
     # The tenant row stays locked until commit: two submissions cannot both take its last job slot.
-    check_concurrent_jobs(db, db.get(Tenant, tenant_id, with_for_update=True), settings)
+    check_concurrent_jobs(db, db.get_one(Tenant, tenant_id, with_for_update=True), settings)
     # Locked until commit: a concurrent delete cannot drop the model from under the new job.
     model = get_owned_or_404(db, Model, tenant_id=tenant_id, object_id=spec.model_id, error=ModelNotFound, lock=True)
     # An upload in another format (a Hugging Face folder) runs as the ONNX model the worker converted it to.
@@ -243,7 +243,7 @@ def list_page(
 
 
 def cancel(*, db: Session, actor: Actor, job_id: str) -> Job:
-    job = get_owned_or_404(db, Job, tenant_id=actor.tenant_id, object_id=job_id, error=JobNotFound, lock=True)
+    job = get_owned_or_404(db, Job, tenant_id=actor.tenant, object_id=job_id, error=JobNotFound, lock=True)
     if job.status in TERMINAL_STATUSES:
         raise JobNotCancellable(f"job {job.id} has already {job.status}")
     if job.status == "queued":

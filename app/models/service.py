@@ -51,8 +51,8 @@ def create_from_upload(
 
     model = keep_upload(
         db=db, store=store, received=received,
-        check=lambda: check_upload_fits(db, actor.tenant_id, settings, received.size_bytes),
-        make_row=lambda sha, size: Model(tenant_id=actor.tenant_id, name=name, format=fmt, sha256=sha,
+        check=lambda: check_upload_fits(db, actor.tenant, settings, received.size_bytes),
+        make_row=lambda sha, size: Model(tenant_id=actor.tenant, name=name, format=fmt, sha256=sha,
                                          size_bytes=size, inspection=storable(inspection)),
         before_commit=before_commit)
     for job in conversion:
@@ -104,7 +104,7 @@ def converted_for_use(*, db: Session, model: Model, lock: bool = False) -> Model
         return model
     if state["converted_model_id"]:
         query = select(Model).where(Model.id == state["converted_model_id"])
-        return db.scalar(query.with_for_update() if lock else query)
+        return db.scalars(query.with_for_update() if lock else query).one()
     if state["status"] in ACTIVE_STATUSES:
         raise ConversionPending(f"model {model.id} is being converted to ONNX (job {state['job_id']}, "
                                 f"{state['status']}); retry when GET /v1/models/{model.id} shows its conversion "
@@ -126,7 +126,7 @@ def list_page(*, db: Session, tenant_id: str, limit: int, cursor: str | None) ->
 
 def delete(*, db: Session, store: ArtifactStore, actor: Actor, model_id: str) -> None:
     # Locked, so that a job cannot be queued on it between the check and the delete.
-    model = get_owned_or_404(db, Model, tenant_id=actor.tenant_id, object_id=model_id, error=ModelNotFound, lock=True)
+    model = get_owned_or_404(db, Model, tenant_id=actor.tenant, object_id=model_id, error=ModelNotFound, lock=True)
     # Active jobs on this model, or that use it in another role (a distillation student).
     linked = select(JobModel.job_id).where(JobModel.model_id == model.id)
     active = db.scalar(

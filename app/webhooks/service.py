@@ -38,7 +38,7 @@ _last_progress: dict[str, float] = {}
 def rotate_secret(*, db: Session, tenant_id: str, actor: Actor) -> str:
     """A new signing secret for the tenant (the old one stops working); returned once, never shown again."""
     secret = "whsec_" + secrets.token_urlsafe(32)
-    tenant = db.get(Tenant, tenant_id, with_for_update=True)
+    tenant = db.get_one(Tenant, tenant_id, with_for_update=True)
     rotated = tenant.webhook_secret is not None
     tenant.webhook_secret = secret
     audit.record(db, actor, "webhook_secret.rotate" if rotated else "webhook_secret.create", object_type="tenant",

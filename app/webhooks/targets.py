@@ -84,7 +84,7 @@ def resolve(host: str, port: int) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise WebhookUrlUnresolvable(f"webhook host {host!r} does not resolve: {exc}", field="webhook_url") from None
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))  # an address string for INET and INET6
 
 
 def host_port(url: str) -> tuple[str, int]:

@@ -212,6 +212,7 @@ def _convert(model: onnx.ModelProto) -> torch.fx.GraphModule:
         if label is None:
             raise StepFailed(f"onnx2torch could not convert the model: {_short(exc)}",
                              code="conversion_failed") from exc
+        cause = cause or exc  # (a node found failing comes with its own exception)
         if isinstance(cause, NotImplementedError):
             raise UnsupportedOp(f"op '{op}' at node '{label}' cannot be converted to PyTorch with its attributes: "
                                 f"{_short(cause)}", ops=[op]) from exc

@@ -26,8 +26,8 @@ def _unavailable(*_args: Any, **_kwargs: Any) -> Any:
 def _stub_modules() -> dict[str, types.ModuleType]:
     package = types.ModuleType("torchvision")
     ops = types.ModuleType("torchvision.ops")
-    ops.nms = ops.roi_align = ops.box_convert = _unavailable
-    package.ops = ops
+    ops.__dict__.update(nms=_unavailable, roi_align=_unavailable, box_convert=_unavailable)
+    package.__dict__["ops"] = ops
     package.__path__ = []  # a package, so `from torchvision.ops import x` resolves the submodule
     return {"torchvision": package, "torchvision.ops": ops}
 

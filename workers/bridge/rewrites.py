@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import onnx
@@ -156,7 +157,7 @@ def _plan_opset(model: onnx.ModelProto, original: int) -> int:
         for index, node in hopeless or [(i, n) for i, n in default_nodes
                                         if not _convertible_at(n, original, original, registry)]:
             unsupported.setdefault(("", node.op_type, original), []).append(node_label(node, index))
-    if unsupported:
+    if unsupported or chosen is None:  # (no opset chosen always leaves nodes unsupported)
         raise UnsupportedOp(_unsupported_message(unsupported), ops=sorted({op for _, op, _ in unsupported}))
     return chosen
 
@@ -172,7 +173,7 @@ def _unsupported_message(found: dict[tuple[str, str, int], list[str]]) -> str:
 
 # --- the rewrites -----------------------------------------------------------------------------------
 
-def _attributes(node: onnx.NodeProto) -> dict[str, object]:
+def _attributes(node: onnx.NodeProto) -> dict[str, Any]:  # onnx's attribute values are of any kind
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 

@@ -33,11 +33,18 @@ def make_trainable(module: fx.GraphModule) -> list[str]:
     return notes
 
 
+def module_path(node: fx.Node) -> str:
+    """The dotted path a get_attr or call_module node names (fx types a target as a str or a callable)."""
+    if not isinstance(node.target, str):
+        raise TypeError(f"the {node.op} node {node.name} names no attribute path")
+    return node.target
+
+
 def _constant(module: fx.GraphModule, node: object) -> torch.Tensor | None:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
     value = module
-    for part in node.target.split("."):
+    for part in module_path(node).split("."):
         value = getattr(value, part)
     return value if isinstance(value, torch.Tensor) else None
 
@@ -121,22 +128,25 @@ def _bias_add(module: fx.GraphModule, matmul: fx.Node, out_features: int) -> tup
     if len(matmul.users) != 1:
         return None, None
     user = next(iter(matmul.users))
-    if user.op != "call_module" or not _is_add(module.get_submodule(user.target)) or len(user.args) != 2:
+    if user.op != "call_module" or not _is_add(module.get_submodule(module_path(user))) or len(user.args) != 2:
         return None, None
     other = user.args[1] if user.args[0] is matmul else user.args[0]
     bias = _constant(module, other)
-    if bias is None or tuple(bias.shape) != (out_features,) or len(other.users) != 1 or other is matmul:
+    if bias is None or not isinstance(other, fx.Node) or tuple(bias.shape) != (out_features,) or len(other.users) != 1 \
+            or other is matmul:
         return None, None
     return user, bias
 
 
 def _promote_weights(module: fx.GraphModule) -> int:
     container = getattr(module, "initializers", None)   # absent when no node reads an initializer
+    if container is None:
+        return 0
     count = 0
     for node in module.graph.nodes:
         if node.op != "get_attr" or not node.target.startswith("initializers."):
             continue
-        name = node.target.split(".", 1)[1]
+        name = module_path(node).split(".", 1)[1]
         value = container._buffers.get(name)
         if value is None or not value.is_floating_point() or value.dim() == 0 or value.numel() < 2:
             continue
@@ -151,7 +161,7 @@ def _promote_weights(module: fx.GraphModule) -> int:
 def _weight_operand(module: fx.GraphModule, user: fx.Node, operand: fx.Node) -> bool:
     if user.op != "call_module":
         return False
-    positions = WEIGHT_CONSUMERS.get(type(module.get_submodule(user.target)).__name__, ())
+    positions = WEIGHT_CONSUMERS.get(type(module.get_submodule(module_path(user))).__name__, ())
     return any(i < len(user.args) and user.args[i] is operand for i in positions)
 
 

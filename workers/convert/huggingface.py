@@ -193,8 +193,9 @@ def save_tokenizer(folder: Path, out_dir: Path, config, names: list[str]) -> dic
         raise JobFailed(f"the folder's tokenizer ({type(tokenizer).__name__}) has no fast (Rust) version to save as "
                         "tokenizer.json", code="conversion_failed")
     tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 512)
+    pad = tokenizer.pad_token_id
+    pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+    positions = getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 512)
     # RoBERTa-style positions start after the padding index.
     usable = positions - (getattr(config, "pad_token_id", 0) or 0) - 1 if config.model_type in (
         "roberta", "xlm-roberta") else positions

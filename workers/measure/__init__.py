@@ -341,7 +341,9 @@ def _check_runs(sessions, plan: InputPlan, to_measure: list[int], seed: int, ski
                 checkpoint: Callable[[], None]) -> tuple[list[int], dict[str, float]]:
     """One untimed call per model and batch size; a batch size either model cannot run is skipped. Also
     gives each model's first call's time (its cold start), at the first batch size that runs."""
-    working, failures, first_ms = [], [], {}
+    working: list[int] = []
+    failures: list[str] = []
+    first_ms: dict[str, float] = {}
     original_failed: list[tuple[int, Exception]] = []
     for batch in to_measure:
         checkpoint()
@@ -439,7 +441,7 @@ def _latency(entry: dict[str, Any], plan: InputPlan, warmup: int, iterations: in
         strata: list[int] = []
         for index, count in enumerate(blocks):
             checkpoint()
-            if every is not None and index and index % every == 0:
+            if every is not None and reopen is not None and index and index % every == 0:
                 calls.clear()
                 order = order[::-1]
                 entry["sessions"] = reopen(order)

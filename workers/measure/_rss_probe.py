@@ -61,7 +61,7 @@ def main() -> None:
     session = ort.InferenceSession(model, sess_options=options, providers=json.loads(providers))
     for _ in range(int(runs)):
         session.run(None, feeds)
-    found = {
+    found: dict[str, int | str | None] = {
         "peak_rss_increase_bytes": status_bytes("VmHWM") - before,
         "retained_rss_increase_bytes": status_bytes("VmRSS") - before,
     }

@@ -8,7 +8,7 @@ diff, top-1 agreement). Nothing here runs on random inputs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -18,6 +18,13 @@ from workers.onnx_tools.inputs import ROLES, InputPlan
 
 DEFAULT_BATCH = 32
 
+
+
+class TopK(TypedDict):
+    """Top-1 and top-5 accuracy as fractions (top-5 only with more than five classes)."""
+
+    top1: float
+    top5: float | None
 
 class _Scores:
     """Counts correct top-1/top-5 predictions of one model against the labels."""
@@ -33,7 +40,7 @@ class _Scores:
             self.top5 += int((top5 == labels[:, None]).any(axis=1).sum())
         self.count += len(labels)
 
-    def report(self, classes: int) -> dict[str, float | None]:
+    def report(self, classes: int) -> TopK:
         return {
             "top1": round(self.top1 / self.count, 6),
             "top5": round(self.top5 / self.count, 6) if classes > 5 else None,
@@ -138,7 +145,7 @@ def evaluate_dataset(
             "compressed": result,
             "top1_drop_points": round(100 * (original["top1"] - result["top1"]), 4),
             "top5_drop_points": (round(100 * (original["top5"] - result["top5"]), 4)
-                                 if original["top5"] is not None else None),
+                                 if original["top5"] is not None and result["top5"] is not None else None),
         }
     return {
         "dataset": dataset.name,

@@ -98,6 +98,7 @@ def nvml_counter() -> tuple[NvmlCounter | None, str]:
 
 def open_counter(provider: str, *, powercap: Path = POWERCAP):
     """The counter that covers the device the provider runs on, or None and why not."""
+    counter: NvmlCounter | RaplCounter | None
     if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
         counter, why = nvml_counter()
     else:
@@ -151,7 +152,7 @@ def energy_entry(batch: int, totals: dict[str, dict[str, float]]) -> dict:
         "batch_size": batch,
         "baseline_j_per_inference": significant(per["baseline"]),
         "result_j_per_inference": significant(per["result"]),
-        "ratio": round(per["result"] / per["baseline"], 4) if per["baseline"] else None,
+        "ratio": round(per["result"] / per["baseline"], 4) if per["baseline"] and per["result"] is not None else None,
         "baseline_watts": significant(base["joules"] / base["seconds"]) if base["seconds"] else None,
         "result_watts": significant(res["joules"] / res["seconds"]) if res["seconds"] else None,
         "baseline_window_s": significant(base["seconds"], 4), "result_window_s": significant(res["seconds"], 4),

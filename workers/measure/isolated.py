@@ -91,8 +91,11 @@ def _child_env() -> dict[str, str]:
 def _follow(child: subprocess.Popen, folder: Path, on_progress, should_stop, timeout_s: float) -> None:
     lines: queue.Queue[str | None] = queue.Queue()
 
+    stdout = child.stdout
+    assert stdout is not None  # started with stdout=PIPE
+
     def read() -> None:
-        for raw in child.stdout:
+        for raw in stdout:
             lines.put(raw.decode("utf-8", "replace"))
         lines.put(None)
 

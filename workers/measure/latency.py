@@ -63,10 +63,15 @@ def bound_call(session: Any, feed: dict[str, np.ndarray], device: str = "cuda") 
     for output in session.get_outputs():
         binding.bind_output(output.name, device)
     binding.synchronize_inputs()
+    return _BoundCall(session, binding, values)
 
-    def call() -> None:
-        session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
 
-    call.keep = (binding, values)  # the device buffers live as long as the call
-    return call
+class _BoundCall:
+    """One timed call on an I/O binding; it holds the device buffers (values) as long as it lives."""
+
+    def __init__(self, session: Any, binding: Any, values: list[Any]) -> None:
+        self.session, self.binding, self.values = session, binding, values
+
+    def __call__(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+        self.binding.synchronize_outputs()

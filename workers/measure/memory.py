@@ -22,7 +22,7 @@ RUNS = 2  # the first run sizes ONNX Runtime's arena; the second shows it reused
 def _probe(role: str, model: Path, feeds: dict[str, np.ndarray], providers: list[str], threads: int,
            folder: Path, timeout_s: float) -> dict[str, Any]:
     feeds_path = folder / f"{role}-inputs.npz"
-    np.savez(feeds_path, **feeds)
+    np.savez(feeds_path, allow_pickle=False, **feeds)
     # -P: the probe's own folder must not come first on sys.path and shadow standard modules.
     argv = [sys.executable, "-P", str(PROBE), str(model), str(feeds_path), json.dumps(providers), str(threads),
             str(RUNS)]

@@ -323,7 +323,9 @@ def _fix_batch(plan: InputPlan, planned: list[tuple[PlannedInput, list[int | str
         plan.fixed_reason = "the model has no batch dimension (all its inputs are scalars)"
         return
     item, merged = next(((i, m) for i, m in ranked if len(m) >= 2), ranked[0])
-    size = int(merged[0])
+    size = merged[0]
+    if not isinstance(size, int):
+        raise TypeError(f"_fix_batch called with a free first axis on input {item.name!r}")
     base, res = item.declared["baseline"], item.declared["result"]
     if isinstance(base[0], int) and isinstance(res[0], int):
         where = ""

@@ -95,7 +95,8 @@ def quantize(input_path: Path, params: Int4WeightOnlyParams, out_dir: Path,
     result_nodes = list(onnx_prep.all_nodes(result.graph))
     remaining = {node.name for node in result_nodes if node.op_type in MATRIX_OPS}
     nbits_nodes = [node for node in result_nodes if node.op_type == "MatMulNBits"]
-    quantized, left = [], []
+    quantized: list[dict[str, Any]] = []
+    left: list[dict[str, Any]] = []
     for matrix in matrices:
         if matrix["reason"] is None and matrix["node"] in remaining:
             matrix["reason"] = "left by ONNX Runtime's quantizer"

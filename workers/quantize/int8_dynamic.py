@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import shutil
 from pathlib import Path
+from typing import Any
 
 from app.catalog.quantize.int8_dynamic import SUPPORTED_OP_TYPES, Int8DynamicParams
 from app.errors import StepFailed
@@ -98,7 +99,7 @@ def quantize(input_path: Path, params: Int8DynamicParams, out_dir: Path, ctx: St
         if nodes_to_quantize == []:
             raise _nothing_to_quantize(source.graph, requested, params.nodes_to_exclude)
         # ONNX shape inference cannot type the outputs of ORT's contrib ops (Attention): say they are float.
-        extra_options = {"DefaultTensorType": onnx.TensorProto.FLOAT} if fusion.path is not None else {}
+        extra_options: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT} if fusion.path is not None else {}
         if has_subgraphs:
             # ORT's quantizer then quantizes If/Loop/Scan bodies too; it reads weights inside them only from
             # initializers, which is why prepare() folded the subgraphs' Constant nodes first.

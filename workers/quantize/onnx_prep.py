@@ -211,7 +211,8 @@ def localize_outer_weights(graph: onnx.GraphProto, op_types) -> tuple[int, int]:
                   if node.op_type in wanted and len(node.input) > 1 and node.input[1] not in local]
     if not wants:
         return 0, 0
-    holders = {}  # weight name -> (graph holding it, initializer), from the outside in
+    # weight name -> (graph holding it, initializer), from the outside in
+    holders: dict[str, tuple[onnx.GraphProto, onnx.TensorProto]] = {}
     for each in all_graphs(graph):
         for init in each.initializer:
             holders.setdefault(init.name, (each, init))
@@ -452,7 +453,7 @@ def rewrite_gemm_as_matmul(graph: onnx.GraphProto, *, outer: dict | None = None,
             weight_name = fresh(f"{weight.name}_matmul")
             graph.initializer.append(numpy_helper.from_array(array, weight_name))
             orphan_candidates.add(weight.name)
-        if bias_name and beta != 1.0:
+        if bias_name and bias is not None and beta != 1.0:  # (a named bias that is no initializer went above)
             scaled = numpy_helper.to_array(bias) * beta
             new_bias = fresh(f"{bias_name}_scaled")
             graph.initializer.append(numpy_helper.from_array(scaled, new_bias))

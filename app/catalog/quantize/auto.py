@@ -12,7 +12,7 @@ from app.catalog.base import MethodParams, MethodSpec
 
 Scheme = Literal["int8_dynamic", "int8_static", "int4_weight_only", "fp16"]
 
-ALL_SCHEMES: tuple[str, ...] = ("int8_dynamic", "int8_static", "int4_weight_only", "fp16")
+ALL_SCHEMES: tuple[Scheme, ...] = ("int8_dynamic", "int8_static", "int4_weight_only", "fp16")
 
 class AutoParams(MethodParams):
     eval_dataset_id: str = Field(

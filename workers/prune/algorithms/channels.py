@@ -16,12 +16,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from app.errors import StepFailed
+from workers.bridge.trainable import module_path
 
 IMPORTANCES = ("l1", "l2", "taylor", "bn_scale")
 TARGET_TOLERANCE = 0.03         # the reached params/MACs ratio is within this of the target
@@ -68,15 +69,14 @@ def prune_channels(
     started, `module` may be left half-pruned: prune a copy to keep it.
     """
     given = {"ratio": ratio, "target_params_ratio": target_params_ratio, "target_macs_ratio": target_macs_ratio}
-    chosen = [name for name, value in given.items() if value is not None]
+    chosen = [(name, value) for name, value in given.items() if value is not None]
     if len(chosen) != 1:
         raise StepFailed(
             "give exactly one of ratio, target_params_ratio and target_macs_ratio"
-            + (f" (got {', '.join(chosen)})" if chosen else ""),
+            + (f" (got {', '.join(name for name, _ in chosen)})" if chosen else ""),
             code="invalid_params",
         )
-    mode = chosen[0]
-    amount = float(given[mode])
+    mode, amount = chosen[0][0], float(chosen[0][1])
     if not 0.0 < amount < 1.0:
         raise StepFailed(f"{mode} must be between 0 and 1 (exclusive), got {amount}", code="invalid_params")
     if importance not in IMPORTANCES:
@@ -111,7 +111,7 @@ def prune_channels(
     channels_before = {name: _out_channels(layer) for name, layer in names.items()}
 
     # "unsafe" collects the groups found to break the model, shared by the search's trials and the final pass.
-    settings = dict(importance=importance, ignored=sorted(set(ignored) | set(kept_whole)), round_to=round_to,
+    settings: dict[str, Any] = dict(importance=importance, ignored=sorted(set(ignored) | set(kept_whole)), round_to=round_to,
                     iterative_steps=iterative_steps, taylor_batches=taylor_batches, loss_fn=loss_fn,
                     reference=reference, keep_head=keep_head, unsafe=[], passes=0)
     search: list[dict[str, float]] = []
@@ -420,7 +420,11 @@ def _prunable_names(module: nn.Module) -> dict[str, nn.Module]:
 
 
 def _out_channels(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return layer.out_channels
+    raise TypeError(f"{type(layer).__name__} has no output channels to prune")
 
 
 def _resolve_ignored(module: nn.Module, names: list[str]) -> list[str]:
@@ -462,7 +466,8 @@ def _head_layers(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
             handle.remove()
     heads: list[str] = []
     visited: set[Any] = set()
-    stack = [t.grad_fn for t in _flatten(outputs) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    stack: list[torch.autograd.graph.Node | None] = [
+        t.grad_fn for t in _flatten(outputs) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     while stack:
         fn = stack.pop()
         if fn is None or fn in visited:
@@ -523,14 +528,15 @@ def _constant(module: torch.fx.GraphModule, node: Any) -> torch.Tensor | None:
         return None
     if node.op == "get_attr":
         value = module
-        for part in node.target.split("."):
+        for part in module_path(node).split("."):
             value = getattr(value, part)
         return value if isinstance(value, torch.Tensor) else None
     if node.op == "call_module":
-        target = module.get_submodule(node.target)
+        target = module.get_submodule(module_path(node))
         kind = type(target).__name__
-        if kind == "OnnxConstant" and not node.args and isinstance(getattr(target, "value", None), torch.Tensor):
-            return target.value
+        constant = getattr(target, "value", None)
+        if kind == "OnnxConstant" and not node.args and isinstance(constant, torch.Tensor):
+            return constant
         if kind == "OnnxCopyIdentity" and len(node.args) == 1:
             return _constant(module, node.args[0])
     return None
@@ -562,14 +568,17 @@ def _flatten_reshape(module: torch.fx.GraphModule, node: torch.fx.Node) -> str |
 
 def _module_batchnorm(module: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
     source, *stats = node.args
-    tensors = [_constant(module, arg) for arg in stats]
+    tensors = [t for t in (_constant(module, arg) for arg in stats) if t is not None]
     shape = _shape(source)
-    if any(t is None for t in tensors) or shape is None or not 3 <= len(shape) <= 5:
+    if len(tensors) != len(stats) or shape is None or not 3 <= len(shape) <= 5:
         return None
     weight, bias, mean, var = (t.detach().clone().float() for t in tensors)
     kind = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)]
-    old = module.get_submodule(node.target)
-    layer = kind(weight.numel(), eps=old.epsilon, momentum=old.momentum)
+    old = module.get_submodule(module_path(node))
+    # onnx2torch's OnnxBatchNorm keeps ONNX's epsilon and momentum as plain attributes
+    layer = kind(weight.numel(), eps=cast(float, old.epsilon), momentum=cast(float | None, old.momentum))
+    if layer.weight is None or layer.bias is None or layer.running_mean is None or layer.running_var is None:
+        raise TypeError("a new BatchNorm (affine, tracking statistics) has all four tensors")
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
@@ -577,7 +586,7 @@ def _module_batchnorm(module: torch.fx.GraphModule, node: torch.fx.Node) -> str 
         layer.running_var.copy_(var)
     layer.to(weight.device)
     layer.train(old.training)
-    module.add_submodule(node.target, layer)  # replaces the OnnxBatchNorm under the same name
+    module.add_submodule(module_path(node), layer)  # replaces the OnnxBatchNorm under the same name
     node.args = (source,)
     return f"BatchNormalization {node.target!r} with constant statistics became an nn.{kind.__name__}"
 

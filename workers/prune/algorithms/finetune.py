@@ -93,11 +93,17 @@ def finetune(
     generator = torch.Generator().manual_seed(seed)
     final_sparsity = sparsity_schedule(total_steps) if sparsity_schedule is not None else None
 
+    def at_final_sparsity() -> bool:
+        """No schedule, or the masks are at its final sparsity (a schedule comes with masks: checked above)."""
+        if sparsity_schedule is None or masks is None or final_sparsity is None:
+            return True
+        return math.isclose(masks.sparsity or 0.0, final_sparsity, abs_tol=1e-4)
+
     if masks is not None:
         masks.apply()
     metric_before = measure()
     # Epoch 0 (the model as given) is a candidate unless gradual pruning has yet to reach its final sparsity.
-    at_final = sparsity_schedule is None or math.isclose(masks.sparsity or 0.0, final_sparsity, abs_tol=1e-4)
+    at_final = at_final_sparsity()
     best_metric = metric_before if at_final else -math.inf
     best_epoch = 0
     best_state = copy.deepcopy(module.state_dict()) if at_final else None
@@ -126,6 +132,7 @@ def finetune(
                 elif labels is not None:
                     value = cross_entropy(outputs, labels)
                 else:
+                    assert teacher is not None  # no labels, no loss and no teacher was refused above
                     with torch.no_grad():
                         targets = teacher(*inputs)
                     value = _distillation(outputs, targets)
@@ -135,7 +142,7 @@ def finetune(
             scaler.update()
             scheduler.step()
             step += 1
-            if sparsity_schedule is not None:
+            if sparsity_schedule is not None and masks is not None:  # (a schedule comes with masks)
                 wanted = sparsity_schedule(step)
                 if not math.isclose(wanted, masks.sparsity or 0.0, abs_tol=1e-4):
                     masks.recompute(wanted)
@@ -147,12 +154,12 @@ def finetune(
         metric = measure()
         entry = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "eval_metric": metric,
                  "metric_name": metric_name, "seconds": round(time.monotonic() - started, 3)}
-        if sparsity_schedule is not None:
+        if sparsity_schedule is not None and masks is not None:
             entry["sparsity"] = masks.sparsity
         history.append(entry)
         if on_epoch is not None:
             on_epoch(dict(entry))
-        candidate = sparsity_schedule is None or math.isclose(masks.sparsity or 0.0, final_sparsity, abs_tol=1e-4)
+        candidate = at_final_sparsity()
         if candidate and metric > best_metric:
             best_metric, best_epoch, stale = metric, epoch, 0
             best_state = copy.deepcopy(module.state_dict())
@@ -264,6 +271,7 @@ def _distillation(outputs: Any, targets: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def _accuracy(module: nn.Module, data: Dataset, input_names: list[str], device: torch.device, amp: bool) -> float:
+    assert data.labels is not None  # the caller measures accuracy only on labelled data
     module.eval()
     correct = 0
     for start in range(0, len(data), EVAL_BATCH):

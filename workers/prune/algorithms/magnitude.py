@@ -22,12 +22,15 @@ GZIP_LEVEL = 9
 ZSTD_LEVEL = 19
 
 
-def weighted_layers(module: nn.Module, ignored_layers: Iterable[str] = ()) -> dict[str, nn.Module]:
+WeightedLayer = nn.modules.conv._ConvNd | nn.Linear
+
+
+def weighted_layers(module: nn.Module, ignored_layers: Iterable[str] = ()) -> dict[str, WeightedLayer]:
     """Conv*/Linear layers by name (each module once), less the ignored ones; unknown names are refused."""
     ignored = list(ignored_layers)
     known = dict(module.named_modules())
     unknown = [name for name in ignored if name not in known or name == ""]
-    layers: dict[str, nn.Module] = {}
+    layers: dict[str, WeightedLayer] = {}
     seen: set[int] = set()
     for name, layer in known.items():
         if isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) and id(layer) not in seen:

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from app.errors import StepFailed
-from workers.prune.algorithms.magnitude import weighted_layers
+from workers.prune.algorithms.magnitude import WeightedLayer, weighted_layers
 
 NO_CUDA_REASON = "no CUDA device: 2:4 sparsity needs sparse tensor cores; no CPU speedup is expected"
 
 
-def _matrix(layer: nn.Module) -> tuple[torch.Tensor | None, str | None]:
+def _matrix(layer: WeightedLayer) -> tuple[torch.Tensor | None, str | None]:
     """The weight as [out, in] (a view), or None and why the layer does not qualify."""
     weight = layer.weight
     if isinstance(layer, nn.Linear):
@@ -40,7 +40,7 @@ def nm_masks(module: nn.Module, n: int = 2, m: int = 4,
     for name, layer in weighted_layers(module, ignored_layers).items():
         matrix, reason = _matrix(layer)
         if matrix is None:
-            skipped[name] = reason
+            skipped[name] = reason or "not a matmul weight"
             continue
         rows, cols = matrix.shape
         if cols % m:
@@ -82,8 +82,8 @@ def linear_shapes(module: nn.Module) -> list[tuple[int, int]]:
     shapes: list[tuple[int, int]] = []
     for layer in weighted_layers(module).values():
         matrix, _reason = _matrix(layer)
-        if matrix is not None and tuple(matrix.shape) not in shapes:
-            shapes.append(tuple(matrix.shape))
+        if matrix is not None and (matrix.shape[0], matrix.shape[1]) not in shapes:
+            shapes.append((matrix.shape[0], matrix.shape[1]))
     return shapes
 
 
