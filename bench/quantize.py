@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MODELS = ROOT.parent / "shared" / "models"
 
-from bench.results import publish  # noqa: E402
 from bench.common import digits_classifier  # noqa: E402
+from bench.results import publish  # noqa: E402
 from workers import methods  # noqa: E402
 from workers.datasets import Dataset  # noqa: E402
 from workers.measure import measure_pair  # noqa: E402

@@ -50,8 +50,8 @@ CACHE = ROOT / "bench" / ".zoo-cache"
 BIN = Path(sys.executable).parent
 
 from app.client import Client, ModelPressError  # noqa: E402
-from bench.results import publish  # noqa: E402
 from bench.common import free_port, wait_ready  # noqa: E402
+from bench.results import publish  # noqa: E402
 
 QUANT = ("quantize.int8_dynamic", "quantize.int8_static", "quantize.fp16", "quantize.int4_weight_only",
          "quantize.auto")

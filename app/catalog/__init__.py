@@ -12,28 +12,18 @@ from __future__ import annotations
 from typing import Any
 
 from app.catalog.base import MethodParams, MethodSpec, checked_op_types
-from app.errors import UnknownMethod
+from app.catalog.registry import Registry
 
 __all__ = ["SPECS", "MethodParams", "MethodSpec", "catalog", "checked_op_types", "get", "register"]
 
-SPECS: dict[str, MethodSpec] = {}
+_SPECS: Registry[MethodSpec] = Registry()
+SPECS = _SPECS.entries  # id -> spec
+get = _SPECS.get
 
 
 def register(spec: MethodSpec) -> MethodSpec:
     """Add a method's spec; a second, different spec under a taken id is a bug."""
-    existing = SPECS.get(spec.id)
-    if existing is not None and existing != spec:
-        raise ValueError(f"method id {spec.id!r} is already registered")
-    SPECS[spec.id] = spec
-    return spec
-
-
-def get(method_id: str) -> MethodSpec:
-    try:
-        return SPECS[method_id]
-    except KeyError:
-        known = ", ".join(sorted(SPECS)) or "none"
-        raise UnknownMethod(f"unknown method {method_id!r}; known methods: {known}", known=sorted(SPECS)) from None
+    return _SPECS.add(spec.id, spec)
 
 
 def catalog() -> list[dict[str, Any]]:

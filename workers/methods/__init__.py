@@ -15,21 +15,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from app import catalog
-from app.errors import UnknownMethod
+from app.catalog.registry import Registry
 from workers.methods.base import Method, MethodParams, StepContext, StepOutput
 
 __all__ = ["REGISTRY", "Method", "MethodParams", "StepContext", "StepOutput", "get", "implements", "register"]
 
-REGISTRY: dict[str, Method] = {}
+_METHODS: Registry[Method] = Registry()
+REGISTRY = _METHODS.entries  # id -> implementation
+get = _METHODS.get
 
 
 def register(method: Method) -> Method:
     """Add a method; registering a second, different method under a taken id is a bug."""
-    existing = REGISTRY.get(method.id)
-    if existing is not None and existing != method:
-        raise ValueError(f"method id {method.id!r} is already registered")
-    REGISTRY[method.id] = method
-    return method
+    return _METHODS.add(method.id, method)
 
 
 def implements(method_id: str) -> Callable[[Callable], Callable]:
@@ -41,14 +39,6 @@ def implements(method_id: str) -> Callable[[Callable], Callable]:
         return run
 
     return decorate
-
-
-def get(method_id: str) -> Method:
-    try:
-        return REGISTRY[method_id]
-    except KeyError:
-        known = ", ".join(sorted(REGISTRY)) or "none"
-        raise UnknownMethod(f"unknown method {method_id!r}; known methods: {known}", known=sorted(REGISTRY)) from None
 
 
 def _register_builtins() -> None:
