@@ -273,6 +273,9 @@ class S3Store(_ScratchSpace):
             partial.unlink(missing_ok=True)
         return cached
 
+    # Readers written for the local store (a tokenizer file, say) get a verified local copy.
+    path = local_path
+
     def delete(self, sha256: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.key(sha256))
         self._cached(sha256).unlink(missing_ok=True)
