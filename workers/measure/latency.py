@@ -71,6 +71,7 @@ class _BoundCall:
 
     def __init__(self, session: Any, binding: Any, values: list[Any]) -> None:
         self.session, self.binding, self.values = session, binding, values
+        self.keep = (binding, values)  # as the function attribute before: the binding reads outputs back
 
     def __call__(self) -> None:
         self.session.run_with_iobinding(self.binding)
