@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MODELS = ROOT.parent / "shared" / "models"
 
-from tests.conftest import mlp_onnx_bytes  # noqa: E402
+from bench.common import mlp_onnx_bytes  # noqa: E402
 from workers import methods  # noqa: E402
 from workers.measure import measure_pair  # noqa: E402
 

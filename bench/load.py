@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import free_port  # noqa: E402
 from bench.results import publish  # noqa: E402
-from tests.stack import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -157,7 +157,7 @@ def _cmdline(pid: int) -> str:
 
 
 def mlp_onnx(hidden: int) -> bytes:
-    from tests.conftest import mlp_onnx_bytes
+    from bench.common import mlp_onnx_bytes
 
     return mlp_onnx_bytes(hidden=hidden)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,10 @@ from pathlib import Path
 
 import httpx
 
+from bench.common import free_port, wait_ready  # noqa: F401 - re-exported: the tests start services with them
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(check, timeout: float, every: float = 0.2):
@@ -82,21 +77,6 @@ def job_processes() -> list[str]:
 def modelpress(*args: str, env: dict, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "modelpress"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=120, check=True, **kwargs)
-
-
-def wait_ready(base_url: str, procs: list[subprocess.Popen], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{base_url} not ready after {timeout}s")
 
 
 @contextmanager
@@ -166,7 +146,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         import redis
 
         self.log = open(self.folder / f"redis-{self.port}.log", "a")
@@ -195,3 +175,10 @@ class RedisServer:
         import redis
 
         return redis.Redis.from_url(self.url, socket_timeout=3)
+
+
+def cli(service, *args: str, key: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
+    env.update(MODELPRESS_URL=service["url"], MODELPRESS_API_KEY=key or service["key"], COLUMNS="160")
+    return subprocess.run([str(BIN / "modelpress"), *args], env=env, cwd=cwd or service["tmp"],
+                          capture_output=True, text=True, timeout=240)
