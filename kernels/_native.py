@@ -17,7 +17,7 @@ PATH_VARIABLE = "MODELPRESS_KERNELS_LIB"
 ABI_VERSION = 1  # MP_KERNELS_ABI_VERSION in csrc/modelpress_kernels.h
 
 # (restype, argtypes) of every exported function, in the order of csrc/modelpress_kernels.h; checked against the
-# header's prototypes by tests/test_kernels.py. cudaStream_t and device pointers travel as c_void_p.
+# header's prototypes by tests/kernels/test_kernels.py. cudaStream_t and device pointers travel as c_void_p.
 SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "mp_kernels_version": (c_int, []),
     "mp_kernels_error_string": (c_char_p, [c_int]),

@@ -18,18 +18,18 @@ if command -v redis-cli >/dev/null; then
     fi
   fi
 fi
-# docker-compose validates docker-compose.yml offline (tests/test_compose.py).
+# docker-compose validates docker-compose.yml offline (tests/platform/test_compose.py).
 if ! command -v docker-compose >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing docker-compose (apt)"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null 2>&1 \
     || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null 2>&1; } \
-    || echo "could not install docker-compose; tests/test_compose.py will say so"
+    || echo "could not install docker-compose; tests/platform/test_compose.py will say so"
 fi
-# Debian's Chromium drives the dashboard's browser tests (tests/test_ui.py, Playwright).
+# Debian's Chromium drives the dashboard's browser tests (tests/api/test_ui.py, Playwright).
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing chromium (apt)"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
     || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } \
-    || echo "could not install chromium; tests/test_ui.py will say so"
+    || echo "could not install chromium; tests/api/test_ui.py will say so"
 fi
 exit 0

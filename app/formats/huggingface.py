@@ -39,7 +39,7 @@ SLOW_TOKENIZER_FILES = ("vocab.txt", "vocab.json", "spiece.model", "sentencepiec
 PICKLE_NAMES = ("pytorch_model.bin", "training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 
-# model_type -> the tasks it converts for and what it takes (tested in tests/test_huggingface.py).
+# model_type -> the tasks it converts for and what it takes (tested in tests/formats/test_huggingface.py).
 SUPPORTED: dict[str, dict[str, Any]] = {
     "bert": {"modality": "text", "token_type_ids": True},
     "distilbert": {"modality": "text", "token_type_ids": False},

@@ -8,7 +8,7 @@
  * Element types are given as MP_FLOAT32 / MP_FLOAT16 / MP_BFLOAT16. Sizes are int64_t; indexing inside
  * the kernels is 64-bit throughout.
  *
- * Keep this file, kernels/_native.py (argtypes) and tests/test_kernels.py (SYMBOLS) in step: bump
+ * Keep this file, kernels/_native.py (argtypes) and tests/kernels/test_kernels.py (SYMBOLS) in step: bump
  * MP_KERNELS_ABI_VERSION whenever a signature changes, and the Python side refuses a library built
  * for another version.
  */

@@ -271,7 +271,7 @@ def _cuda_available() -> bool:
 
 def _quantize_with_kernels(quantizer, nbits, device: str) -> bool:
     """Let kernels.quantize_blockwise (on `device`: the CUDA kernel on a GPU worker) quantize the MatMul weights in
-    place of ORT's CPU loop: the same RTN codes, scales and zero points byte for byte (tests/test_kernels.py), so
+    place of ORT's CPU loop: the same RTN codes, scales and zero points byte for byte (tests/kernels/test_kernels.py), so
     the model file is the same; ORT still rewrites the graph. False (ORT does it all) for what the kernel lacks."""
     import torch
 

@@ -12,7 +12,7 @@ from app.catalog.base import MethodParams, MethodSpec
 
 # ONNX Runtime's float16.DEFAULT_OP_BLOCK_LIST (1.32): ops the converter keeps float32 unless told
 # otherwise. Hardcoded for the params schema (the API process does not import onnxruntime);
-# tests/test_quant_methods.py checks it against ORT.
+# tests/methods/test_quant_methods.py checks it against ORT.
 CONVERTER_DEFAULT_BLOCK_LIST = (
     "ArrayFeatureExtractor", "Binarizer", "CastMap", "CategoryMapper", "CumSum", "DictVectorizer",
     "FeatureVectorizer", "Imputer", "LabelEncoder", "LinearClassifier", "LinearRegressor", "Max", "Min",

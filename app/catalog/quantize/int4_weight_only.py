@@ -12,7 +12,7 @@ from app.catalog.base import MethodParams, MethodSpec
 from app.catalog.quantize.int8_dynamic import NodeName
 
 # (algorithm -> bit widths whose result ONNX Runtime 1.32's CPU provider runs). Checked against ORT in
-# tests/test_quant_methods.py. GPTQ's port writes 4-bit weights whatever it is asked; HQQ's 8-bit
+# tests/methods/test_quant_methods.py. GPTQ's port writes 4-bit weights whatever it is asked; HQQ's 8-bit
 # weights carry float zero points, which the CPU MatMulNBits kernel refuses.
 SUPPORTED_BITS = {"rtn": (2, 4, 8), "hqq": (2, 4), "gptq": (4,)}
 

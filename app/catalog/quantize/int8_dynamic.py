@@ -12,7 +12,7 @@ from app.catalog.base import MethodParams, MethodSpec, checked_op_types
 
 # The op types ONNX Runtime's dynamic (IntegerOps) quantization handles: the keys of
 # onnxruntime.quantization.registry.IntegerOpsRegistry. Hardcoded because the API
-# process must not import onnxruntime; tests/test_methods.py checks them against it.
+# process must not import onnxruntime; tests/methods/test_methods.py checks them against it.
 ORT_DYNAMIC_OP_TYPES = ("Attention", "Conv", "EmbedLayerNormalization", "Gather", "LSTM", "MatMul", "Transpose")
 
 # Gemm is not among them; onnx_prep rewrites Gemm with constant weights as MatMul + Add.

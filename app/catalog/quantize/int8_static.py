@@ -19,7 +19,7 @@ from app.catalog.quantize.int8_dynamic import NodeName
 
 # The op types quantize_static quantizes by default: the keys of ORT's QLinearOpsRegistry and
 # QDQRegistry together. Hardcoded because the API process must not import onnxruntime;
-# tests/test_quant_methods.py checks them against it.
+# tests/methods/test_quant_methods.py checks them against it.
 ORT_STATIC_OP_TYPES = (
     "Add", "ArgMax", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv", "ConvTranspose", "CumSum",
     "EmbedLayerNormalization", "Flatten", "Gather", "GatherElements", "Gemm", "GlobalAveragePool",
