@@ -144,11 +144,7 @@ def unpack_hf_folder(path: Path, dest: Path, limits: Limits, *, task: str | None
     trusts nothing it did not check); return the folder holding config.json and its inspection."""
     from app.formats import huggingface
 
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise InvalidModel(f"not a valid zip archive ({_short(exc)})") from None
-    with archive:
+    with open_zip(path) as archive:
         members = safe_members(archive, limits)
         inspection = huggingface.inspect_folder(archive, members, task=task)
         root = unpack_members(archive, members, dest, limits)
@@ -540,13 +536,17 @@ def _check_external_files(model, model_dir: Path) -> None:
 
 # --- zip archives -----------------------------------------------------------------------------
 
-def _extract_zip(path: Path, dest: Path, limits: Limits, *, filename: str) -> Path:
-    """Unpack a zip upload into `dest` after checking every member; return the .onnx inside."""
+def open_zip(path: Path) -> zipfile.ZipFile:
+    """The upload as a zip archive, or InvalidModel saying why it is not one."""
     try:
-        archive = zipfile.ZipFile(path)
+        return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise InvalidModel(f"not a valid zip archive ({_short(exc)})") from None
-    with archive:
+
+
+def _extract_zip(path: Path, dest: Path, limits: Limits, *, filename: str) -> Path:
+    """Unpack a zip upload into `dest` after checking every member; return the .onnx inside."""
+    with open_zip(path) as archive:
         members = safe_members(archive, limits)
         models = [m for m in members if m.filename.lower().endswith(".onnx")]
         if not models and any(m.filename.lower().endswith(".pkl") for m in members):
