@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port  # noqa: E402
+from bench.common import free_port, wait_ready  # noqa: E402
 from bench.results import publish  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -103,17 +103,10 @@ class Deployment:
         return proc
 
     def _wait_ready(self) -> None:
-        import httpx
-
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError((self.folder / "api.log").read_text())
+        try:
+            wait_ready(self.base, self.procs)
+        except (TimeoutError, RuntimeError) as exc:
+            raise TimeoutError(f"{exc}\n{(self.folder / 'api.log').read_text()}") from None
 
     def http(self):
         import httpx

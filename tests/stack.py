@@ -110,6 +110,28 @@ def base_env(data_dir: Path, **extra: str) -> dict:
     return env
 
 
+@contextmanager
+def production_stack(folder: Path, database_url: str, redis_url: str, queue_prefix: str, tenants=("acme",)):
+    """The production deployment as processes: PostgreSQL, Redis, a migrated database, one API and one worker.
+    Yields (base URL, {tenant: API key}); prints the processes' logs when the block fails."""
+    env = base_env(folder / "data", MODELPRESS_MODE="production", MODELPRESS_DATABASE_URL=database_url,
+                   MODELPRESS_BROKER_URL=redis_url, MODELPRESS_QUEUE_PREFIX=queue_prefix)
+    modelpress("migrate", env=env)
+    keys = {tenant: modelpress("keys", "create", "--tenant", tenant, env=env).stdout.split("api key: ")[1].split()[0]
+            for tenant in tenants}
+    port = free_port()
+    api = [str(BIN / "modelpress"), "api", "--port", str(port), "--log-level", "warning"]
+    worker = [str(BIN / "modelpress"), "worker", "--queues", "gpu,cpu", "--loglevel", "info"]
+    with processes(api, worker, env=env, log_dir=folder) as procs:
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(base, procs)
+            yield base, keys
+        except BaseException:
+            print(logs(folder))
+            raise
+
+
 def wait_for_job(http: httpx.Client, job_id: str, timeout: float = 240) -> dict:
     deadline = time.monotonic() + timeout
     etag = None

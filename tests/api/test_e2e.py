@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import REDIS_URL, SHARED_MODELS, digits_classifier, mlp_onnx_bytes, redis_or_skip
-from tests.stack import BIN, base_env, free_port, logs, modelpress, processes, wait_for_job, wait_ready
+from tests.stack import (BIN, base_env, free_port, logs, processes, production_stack, wait_for_job,
+                         wait_ready)
 
 pytestmark = pytest.mark.integration
 
@@ -285,42 +286,28 @@ def test_embedded_default_make_run_path(tmp_path):
 
 def test_production_postgres_redis_worker(tmp_path, postgres_database, queue_prefix):
     redis_or_skip()
-    data_dir = tmp_path / "data"
-    env = base_env(data_dir, MODELPRESS_MODE="production", MODELPRESS_DATABASE_URL=postgres_database,
-                   MODELPRESS_BROKER_URL=REDIS_URL, MODELPRESS_QUEUE_PREFIX=queue_prefix)
-    modelpress("migrate", env=env)
-    created = modelpress("keys", "create", "--tenant", "acme", env=env).stdout
-    key = re.search(r"api key: (\S+)", created).group(1)
-    other = re.search(r"api key: (\S+)", modelpress("keys", "create", "--tenant", "globex", env=env).stdout).group(1)
-    port = free_port()
-    api = [str(BIN / "modelpress"), "api", "--port", str(port), "--log-level", "warning"]
-    worker = [str(BIN / "modelpress"), "worker", "--queues", "gpu,cpu", "--loglevel", "info"]
-    with processes(api, worker, env=env, log_dir=tmp_path) as procs:
-        base = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(base, procs)
-            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
-                result = compress_and_check(http, mlp_onnx_bytes(), "mlp.onnx", mlp_feeds())
-                job_id = result["job"]["id"]
-                # Idempotent task: delivering the same job id again changes nothing.
-                import redis
-                from celery import Celery
+    with production_stack(tmp_path, postgres_database, REDIS_URL, queue_prefix, tenants=("acme", "globex")) as (
+            base, keys):
+        key, other = keys["acme"], keys["globex"]
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+            result = compress_and_check(http, mlp_onnx_bytes(), "mlp.onnx", mlp_feeds())
+            job_id = result["job"]["id"]
+            # Idempotent task: delivering the same job id again changes nothing.
+            import redis
+            from celery import Celery
 
-                sender = Celery(broker=REDIS_URL)
-                sender.send_task("modelpress.run_job", args=[job_id], queue=f"{queue_prefix}cpu")
-                queue = redis.Redis.from_url(REDIS_URL)
-                deadline = time.monotonic() + 30
-                while queue.llen(f"{queue_prefix}cpu") and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                assert queue.llen(f"{queue_prefix}cpu") == 0, "the worker did not take the redelivered message"
-                time.sleep(2)  # let the worker finish handling it
-                assert wait_for_job(http, job_id)["attempts"] == 1
-            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {other}"}) as intruder:
-                assert intruder.get(f"/v1/jobs/{job_id}").status_code == 404
-                assert intruder.get(f"/v1/jobs/{job_id}/artifacts/model.onnx").status_code == 404
-        except BaseException:
-            print(logs(tmp_path))
-            raise
+            sender = Celery(broker=REDIS_URL)
+            sender.send_task("modelpress.run_job", args=[job_id], queue=f"{queue_prefix}cpu")
+            queue = redis.Redis.from_url(REDIS_URL)
+            deadline = time.monotonic() + 30
+            while queue.llen(f"{queue_prefix}cpu") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert queue.llen(f"{queue_prefix}cpu") == 0, "the worker did not take the redelivered message"
+            time.sleep(2)  # let the worker finish handling it
+            assert wait_for_job(http, job_id)["attempts"] == 1
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {other}"}) as intruder:
+            assert intruder.get(f"/v1/jobs/{job_id}").status_code == 404
+            assert intruder.get(f"/v1/jobs/{job_id}/artifacts/model.onnx").status_code == 404
     # Results live in PostgreSQL: the measurement rows are there.
     import psycopg
 

@@ -21,7 +21,7 @@ import tensorflow as tf  # noqa: E402
 from app.dbmodels import Blob, Job, Model  # noqa: E402
 from app.errors import JobFailed  # noqa: E402
 from tests.helpers import REDIS_URL, redis_or_skip, row_count, store_files, tmp_leftovers  # noqa: E402
-from tests.stack import BIN, base_env, free_port, logs, modelpress, processes, wait_for_job, wait_ready  # noqa: E402
+from tests.stack import production_stack, wait_for_job  # noqa: E402
 from workers import convert  # noqa: E402
 from workers.supervise import run_job  # noqa: E402
 
@@ -127,34 +127,22 @@ def test_keras_upload_on_postgres_redis_and_a_real_worker(tmp_path, postgres_dat
 
     redis_or_skip()
     model = small_cnn(seed=4)
-    env = base_env(tmp_path / "data", MODELPRESS_MODE="production", MODELPRESS_DATABASE_URL=postgres_database,
-                   MODELPRESS_BROKER_URL=REDIS_URL, MODELPRESS_QUEUE_PREFIX=queue_prefix)
-    modelpress("migrate", env=env)
-    key = modelpress("keys", "create", "--tenant", "acme", env=env).stdout.split("api key: ")[1].split()[0]
-    port = free_port()
-    api = [str(BIN / "modelpress"), "api", "--port", str(port), "--log-level", "warning"]
-    worker = [str(BIN / "modelpress"), "worker", "--queues", "gpu,cpu", "--loglevel", "info"]
-    with processes(api, worker, env=env, log_dir=tmp_path) as procs:
-        base = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(base, procs)
-            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
-                resp = http.post("/v1/models", files={"file": ("cnn.keras", keras_bytes(model, tmp_path))})
-                assert resp.status_code == 201, resp.text
-                source = resp.json()
-                conversion = wait_for_job(http, source["conversion"]["job_id"])
-                assert conversion["status"] == "succeeded", conversion
-                source = http.get(f"/v1/models/{source['id']}").json()
-                converted_id = source["conversion"]["converted_model_id"]
-                job = http.post("/v1/jobs", json={"model_id": source["id"], "evaluate": FAST,
-                                                  "steps": [{"method": "quantize.int8_dynamic"}]}).json()
-                assert job["model_id"] == converted_id
-                job = wait_for_job(http, job["id"])
-                assert job["status"] == "succeeded", job
-                result = http.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx").content
-        except BaseException:
-            print(logs(tmp_path))
-            raise
+    with production_stack(tmp_path, postgres_database, REDIS_URL, queue_prefix) as (base, keys):
+        key = keys["acme"]
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+            resp = http.post("/v1/models", files={"file": ("cnn.keras", keras_bytes(model, tmp_path))})
+            assert resp.status_code == 201, resp.text
+            source = resp.json()
+            conversion = wait_for_job(http, source["conversion"]["job_id"])
+            assert conversion["status"] == "succeeded", conversion
+            source = http.get(f"/v1/models/{source['id']}").json()
+            converted_id = source["conversion"]["converted_model_id"]
+            job = http.post("/v1/jobs", json={"model_id": source["id"], "evaluate": FAST,
+                                              "steps": [{"method": "quantize.int8_dynamic"}]}).json()
+            assert job["model_id"] == converted_id
+            job = wait_for_job(http, job["id"])
+            assert job["status"] == "succeeded", job
+            result = http.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx").content
     x = np.random.default_rng(9).random((3, 12, 12, 1), dtype=np.float32)
     quantized = onnx_session(result).run(None, {"image": x})[0]
     # int8 weights: the same predictions as Keras, to quantization's accuracy.
