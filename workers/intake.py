@@ -441,6 +441,8 @@ def compare_output(name: str, expected, got) -> dict[str, Any]:
     """One output of the normalized model against the upload's, as TOLERANCE_TEXT says."""
     import numpy as np
 
+    from workers.onnx_tools import similarity
+
     expected, got = np.asarray(expected), np.asarray(got)
     entry: dict[str, Any] = {"name": name, "shape": list(expected.shape)}
     if expected.shape != got.shape or expected.dtype != got.dtype:
@@ -459,11 +461,7 @@ def compare_output(name: str, expected, got) -> dict[str, Any]:
     want, have = want[~nan_want], have[~nan_want]
     diff = float(np.max(np.abs(want - have))) if want.size else 0.0
     scale = float(np.max(np.abs(want))) if want.size else 0.0
-    norms = float(np.linalg.norm(want) * np.linalg.norm(have))
-    if norms == 0.0:
-        cosine = 1.0 if diff == 0.0 else 0.0
-    else:
-        cosine = float(np.dot(want, have) / norms)
+    cosine = similarity.cosine(want, have)
     allowed = ABS_SCALE * (1.0 + scale)
     within = diff <= allowed and cosine >= MIN_COSINE
     return entry | {"within": within, "max_abs_diff": diff, "max_abs": scale, "cosine": round(cosine, 9),

@@ -8,7 +8,6 @@ The JSON is a list of strings, or {"texts": [...], "labels": [...]} with one int
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from app.dbmodels import Dataset
 from app.errors import InvalidDataset, TokenizerMissing, Unprocessable
 from app.models import service as models_service
 from app.settings import Settings
-from app.store import ArtifactStore
+from app.store import ArtifactStore, file_sha256
 from app.uploads import Received
 
 MAX_TEXTS = 10_000
@@ -58,7 +57,7 @@ def create_from_texts(*, db: Session, store: ArtifactStore, settings: Settings, 
         arrays["labels"] = np.array(labels, dtype=np.int64)
     path = workdir / "texts.npz"
     np.savez(path, allow_pickle=False, **arrays)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     name = (received.fields.get("name") or Path(received.filename).stem + ".npz")[:255]
     tokenized = Received(path, Path(name).stem + ".npz", digest, path.stat().st_size,
                          {"name": name})

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import DatasetMismatch, InvalidDataset
+from app.formats.input_shapes import shape_text
 from app.formats.onnx_files import ARCHIVE_RATIO_FLOOR_BYTES, archive_bytes
 from app.formats.pickles import starts_with_pickle
 
@@ -170,7 +171,7 @@ def check_against_model(dataset_inspection: dict[str, Any], model_inspection: di
     arrays = {a["name"]: a for a in dataset_inspection["arrays"]}
     for model_input in model_inspection["inputs"]:
         name, dtype, shape = model_input["name"], model_input["dtype"], model_input["shape"]
-        expected = f"{dtype} {_shape_text(shape)}"
+        expected = f"{dtype} {shape_text(shape)}"
         detail = {"array": name, "expected": {"dtype": dtype, "shape": shape}}
         array = arrays.get(name)
         if array is None:
@@ -192,16 +193,11 @@ def check_against_model(dataset_inspection: dict[str, Any], model_inspection: di
         )
         if len(got) != len(shape) or fixed_differs:
             raise DatasetMismatch(
-                f"{role} dataset array {name!r} has shape {_shape_text(got)}; the model input expects {expected} "
+                f"{role} dataset array {name!r} has shape {shape_text(got)}; the model input expects {expected} "
                 "(axis 0 is the sample axis)",
                 **detail,
             )
 
-
-def _shape_text(shape: list[Any] | None) -> str:
-    if shape is None:
-        return "[any shape]"
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def _check_dtype(name: str, dtype: np.dtype) -> None:

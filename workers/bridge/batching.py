@@ -132,7 +132,7 @@ class SampleSplit(nn.Module):
     of `size` is padded with its last sample, whose extra outputs are dropped. In train mode batch
     norms stay in eval mode: statistics of `size` samples (often one) would wreck their running ones.
     With `vectorized`, the pieces run in one call through torch.func.vmap (each call sees exactly
-    `size` samples; 5x faster than a loop on a small CNN here); where vmap meets an op it cannot
+    `size` samples, usually much faster than a loop); where vmap meets an op it cannot
     batch, the loop takes over for good.
     """
 
