@@ -252,6 +252,14 @@ class JobSummary(_AsGiven):
     input_shapes: dict[str, list[Any]] | None = None
     input_shapes_source: dict[str, Any] | None = None
     trajectory: list[TrajectoryEntry] | None = None
+    # A target runtime (app.targets.schemas): {runtime, device, precision}; speedup is then the total gain (the
+    # result on the target against the original on ONNX Runtime fp32), split into the runtime's gain (the original
+    # on the target at f32) and the compression's (the result against that), each per batch size with its interval.
+    target: dict[str, Any] | None = None
+    runtime_speedup: dict[str, Number] | None = None
+    runtime_speedup_ci: dict[str, str] | None = None
+    compression_speedup: dict[str, Number] | None = None
+    compression_speedup_ci: dict[str, str] | None = None
 
 
 class ConversionSummary(_AsGiven):
@@ -315,6 +323,9 @@ class JobReport(_AsGiven):
     candidates: list[Candidate] | None = None
     verdict: Verdict | None = None
     artifacts: list[ReportArtifact] = []
+    # The target runtime the result was lowered to: its spec, the lowering's record (precision, NNCF, accuracy
+    # control) and the artifacts it wrote.
+    target: dict[str, Any] | None = None
 
 
 class ConversionReport(_AsGiven):

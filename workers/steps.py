@@ -179,17 +179,32 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
 
     run.check_cancel()
     evaluate = spec["evaluate"]
+    target = spec.get("target")
+    if target is not None and target.get("runtime", "onnxruntime") != "onnxruntime":
+        # A target runtime: the steps' model is lowered to it and measured there, beside the original on ONNX
+        # Runtime and on the target at f32 (the runtime's gain and the compression's).
+        from workers.openvino.job import lower_for_target
+
+        lowered = lower_for_target(run, target, current, workdir, evaluate, input_shapes,
+                                   share=(PREPARE + STEPS * (0.8 if steps else 0.0), PREPARE + STEPS))
+        steps_report.append(lowered.record)
+        step_paths = [lowered.path]
+        run.progress(PREPARE + STEPS, "measuring", f"measuring the original on ONNX Runtime and on {lowered.label}, "
+                     "and the result on it, side by side", force=True)
+        target_report = lowered.report
+    else:
+        target, target_report = None, None
     # Every step's model is measured against the original, so the report shows the trajectory; the last
     # step's measurement is the job's result.
     rows: list[dict] = []
     trajectory = []
-    for position, (entry, path) in enumerate(zip(steps_report, step_paths)):
-        last = position == len(steps) - 1
-        share = (position / len(steps), (position + 1) / len(steps))
+    for position, (entry, path) in enumerate(zip(steps_report[-len(step_paths):], step_paths)):
+        last = position == len(step_paths) - 1
+        share = (position / len(step_paths), (position + 1) / len(step_paths))
         what = "the result" if last else f"step {entry['index']}'s model ({entry['method']})"
         run.progress(PREPARE + STEPS + MEASURE * share[0], "measuring",
                      f"measuring the original and {what} side by side", force=True)
-        measured_step = _measure(run, settings, evaluate, original, path, share, input_shapes)
+        measured_step = _measure(run, settings, evaluate, original, path, share, input_shapes, target=target)
         # Raw per-call times go to an artifact of their own; the report and the job row keep the statistics.
         samples_path = workdir / ("latency-samples.json" if last else f"step-{entry['index']}-latency-samples.json")
         samples_path.write_text(json.dumps(measured_step.pop("samples", {})))
@@ -216,6 +231,8 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
         summary=summary, artifacts=[ReportArtifact.model_validate(a) for a in run.artifacts]
         + [ReportArtifact(name="report.json", kind="report")],
     )
+    if target_report is not None:
+        report.target = target_report
     run.progress(0.97, "storing", "storing the report", force=True)
     report_path = workdir / "report.json"
     written = report.model_dump(mode="json", fallback=str)  # as json.dumps(default=str) wrote it before
@@ -230,13 +247,14 @@ def _input_shapes(run: JobRun, spec: dict):
 
     evaluate = spec["evaluate"]
     ids = [evaluate.get("eval_dataset_id")] + [step["params"].get(name) for step in spec["steps"]
-                                               for name in methods.get(step["method"]).dataset_params]
+                                               for name in methods.get(step["method"]).dataset_params] + [
+        (spec.get("target") or {}).get("calibration_dataset_id")]
     return job_input_shapes(evaluate.get("input_shapes"), [run.dataset(i) for i in dict.fromkeys(ids) if i],
                             evaluate.get("input_values"))
 
 
 def _measure(run: JobRun, settings, evaluate: dict, original: Path, candidate: Path, share: tuple[float, float],
-             input_shapes=None) -> dict:
+             input_shapes=None, target: dict | None = None) -> dict:
     from workers.measure import MeasureSpec, Stopped, measure_pair
     from workers.measure.isolated import measure_isolated
 
@@ -250,7 +268,7 @@ def _measure(run: JobRun, settings, evaluate: dict, original: Path, candidate: P
         dataset=run.dataset(evaluate["eval_dataset_id"]) if evaluate.get("eval_dataset_id") else None,
         dataset_max_samples=evaluate.get("eval_max_samples"), include_io=bool(evaluate.get("include_io")),
         energy_estimate_tdp_watts=evaluate.get("tdp_watts") if evaluate.get("energy_estimate") else None,
-        input_shapes=input_shapes,
+        input_shapes=input_shapes, target=target,
     )
     try:
         if settings.measure_isolated:
@@ -310,6 +328,20 @@ def _summary(measured: Measurement, steps_report: list[dict]) -> JobSummary:
         input_shapes=measured.input_shapes,
         input_shapes_source=measured.input_shapes_source,
     )
+    if fidelity.model_extra and fidelity.model_extra.get("worst_sample_cosine") is not None:
+        figures["fidelity"].worst_cosine = fidelity.model_extra["worst_sample_cosine"]
+    target = measured.environment.get("target")
+    if target:
+        extra = [b.model_extra or {} for b in per_batch]
+        figures.update(
+            target=target,
+            runtime_speedup={str(b.batch_size): e["runtime_speedup"] for b, e in zip(per_batch, extra)},
+            runtime_speedup_ci={str(b.batch_size): e["runtime_speedup_text"] for b, e in zip(per_batch, extra)
+                                if e.get("runtime_speedup_text")},
+            compression_speedup={str(b.batch_size): e["compression_speedup"] for b, e in zip(per_batch, extra)},
+            compression_speedup_ci={str(b.batch_size): e["compression_speedup_text"] for b, e in zip(per_batch, extra)
+                                    if e.get("compression_speedup_text")},
+        )
     return JobSummary(**(figures | _dataset_summary(measured.dataset)))
 
 

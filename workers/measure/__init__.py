@@ -47,6 +47,7 @@ from workers.measure.runtime import (
 from workers.measure.size import load_structure
 from workers.measure.spec import MeasureSpec
 from workers.measure.stats import NOISY_CV, show_speedup, speedup_interval, summarize
+from workers.measure.targets import MEASURED_ROLES, feed_of, ir_size, is_ir
 from workers.onnx_tools.graph import model_size
 from workers.onnx_tools.inputs import ROLES, InputPlan, plan_inputs
 
@@ -113,8 +114,10 @@ def measure_pair(baseline: Path, result: Path, spec: MeasureSpec | None = None, 
         raise TypeError(f"give a MeasureSpec or its fields, not both (got {sorted(options)} beside the spec)")
     run = _Measuring(spec=spec.checked(), paths={"baseline": Path(baseline), "result": Path(result)},
                      progress=_Progress(spec.on_progress))
-    structures = {role: load_structure(run.paths[role], role_name=ROLE_NAMES[role]) for role in ROLES}
+    structures = {role: load_structure(run.paths[role], role_name=ROLE_NAMES[role]) for role in ROLES
+                  if not is_ir(run.paths[role])}
     size = _size_report(run.paths, structures, run.notes)
+    structures.setdefault("result", structures["baseline"])  # an IR result: the inputs are the original's
     started = _load_sessions(run)
     running = [e for e in started if e["available"]]
     primary = running[0]
@@ -134,15 +137,20 @@ def measure_pair(baseline: Path, result: Path, spec: MeasureSpec | None = None, 
         provider_reports.append(measured | {"primary": entry is primary})
         entry.pop("sessions")  # this provider's sessions close before the next provider's are timed
     first = next(r for r in provider_reports if r.get("primary"))
-    memory = _memory(run, plan, working[-1], first["provider"])
+    memory = _memory(run, plan, working[-1], first["provider"], first_entry=started[0])
     return _assemble(run, plan, working, size, provider_reports, first, fidelity, on_dataset, memory, samples)
 
 
 # --- phases ---------------------------------------------------------------------------------------
 
 def _load_sessions(run: _Measuring) -> list[dict[str, Any]]:
-    """Start every provider asked for; one that cannot start is reported, never replaced by another."""
+    """Start every provider asked for; one that cannot start is reported, never replaced by another. On a target
+    runtime (spec.target), the one entry of workers.measure.targets instead."""
     _warm_up_runtime(run.threads)
+    if run.spec.target is not None:
+        from workers.measure.targets import load_target
+
+        return [load_target(run.spec.target, run.paths, threads=run.threads)]
     started: list[dict[str, Any]] = []
     for provider in requested_providers(run.spec.providers):
         entry: dict[str, Any] = {"provider": provider, "available": False, "reason": unavailable_reason(provider)}
@@ -206,6 +214,10 @@ def _outputs(run: _Measuring, sessions: dict[str, Any], plan: InputPlan, output_
     batch = _fidelity_batch(working)
     fidelity = _fidelity(sessions, plan, output_pairs, batch, math.ceil(FIDELITY_SAMPLES / batch), run.spec.seed,
                          run.progress, run.checkpoint)
+    if "runtime" in sessions:  # the original on the target runtime at f32, against ONNX Runtime: the runtime's share
+        fidelity["runtime"] = _fidelity({"baseline": sessions["baseline"], "result": sessions["runtime"]}, plan,
+                                        output_pairs, batch, math.ceil(FIDELITY_SAMPLES / batch), run.spec.seed,
+                                        _Progress(None), run.checkpoint)
     dataset = run.spec.dataset
     if dataset is None:
         return fidelity, None
@@ -221,10 +233,12 @@ def _measure_provider(run: _Measuring, entry: dict[str, Any], plan: InputPlan,
                       rebalance: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """(latency, energy and cold start on one provider; its raw per-call samples)."""
     spec, provider = run.spec, entry["provider"]
-    on_device = provider != "CPUExecutionProvider"
+    # A CPU target runtime takes host arrays like ONNX Runtime's CPU provider: nothing to bind on a device.
+    on_device = provider != "CPUExecutionProvider" and "target" not in entry
     latency, kept = _latency(entry, plan, spec.warmup, spec.iterations, spec.seed, run.progress, run.checkpoint,
                              bound=on_device and not spec.include_io,
-                             reopen=_reopener(run.paths, provider, run.threads) if rebalance else None)
+                             reopen=(entry["reopen"] if "reopen" in entry else
+                                     _reopener(run.paths, provider, run.threads)) if rebalance else None)
     latency.update(provider=provider, threads=run.threads, skipped=entry["skipped"],
                    include_io=spec.include_io if on_device else True)
     measured = {"provider": provider, "available": True, "primary": False,
@@ -236,7 +250,7 @@ def _measure_provider(run: _Measuring, entry: dict[str, Any], plan: InputPlan,
 def _cold_start(entry: dict[str, Any]) -> dict[str, Any]:
     return {role: {"load_ms": significant(entry["load_ms"][role]),
                    "first_run_ms": significant(entry["first_run_ms"][role]),
-                   "batch_size": entry["working"][0]} for role in ROLES} | {
+                   "batch_size": entry["working"][0]} for role in entry["sessions"]} | {
         "note": "load: creating the ONNX Runtime session from the file (read just before, so from the "
                 "page cache); first run: the first call after it, at the smallest batch size. Process "
                 "start and importing onnxruntime are not included"}
@@ -264,11 +278,15 @@ def _energy(run: _Measuring, entry: dict[str, Any], plan: InputPlan, latency: di
     return energy
 
 
-def _memory(run: _Measuring, plan: InputPlan, batch: int, provider: str) -> dict[str, Any]:
+def _memory(run: _Measuring, plan: InputPlan, batch: int, provider: str,
+            first_entry: dict[str, Any] | None = None) -> dict[str, Any]:
     """Peak resident memory of each model, each in a fresh process, at the largest batch size measured."""
     run.checkpoint()
+    engines = (first_entry or {}).get("engines")
     memory = measure_memory(run.paths, plan.feeds(batch, np.random.default_rng([run.spec.seed, 3, batch])),
-                            batch_size=batch, providers=session_providers(provider), threads=run.threads)
+                            batch_size=batch, providers=session_providers(provider) if engines is None else
+                            engines["baseline"], threads=run.threads,
+                            result_providers=None if engines is None else engines["result"])
     memory["arena"] = ARENA
     run.progress.advance(2 * batch * (MEMORY_RUNS + 2), "measured memory")
     return memory
@@ -278,8 +296,14 @@ def _assemble(run: _Measuring, plan: InputPlan, working: list[int], size: dict, 
               first: dict, fidelity: dict, on_dataset: dict | None, memory: dict, samples: dict) -> dict[str, Any]:
     """The report: the primary provider's figures at the top level, every provider's under `providers`."""
     notes = run.notes + _findings(size, first["latency"], fidelity, memory, on_dataset)
+    environment = describe(provider=first["provider"], threads=run.threads)
+    if run.spec.target is not None:
+        from workers.measure.environment import package_version
+
+        environment["target"] = dict(run.spec.target)
+        environment["versions"]["openvino"] = package_version("openvino")
     report = {
-        "environment": describe(provider=first["provider"], threads=run.threads),
+        "environment": environment,
         "inputs": [i.describe() for i in plan.inputs],
         # The shapes at the smallest batch size measured; per batch size in latency.batch_sizes[].input_shapes.
         "input_shapes": plan.shapes(working[0]),
@@ -317,7 +341,8 @@ def _warm_up_runtime(threads: int) -> None:
 
 
 def _size_report(paths: dict[str, Path], structures: dict[str, Any], notes: list[str]) -> dict[str, Any]:
-    size: dict[str, Any] = {role: model_size(paths[role], structures[role]) for role in ROLES}
+    size: dict[str, Any] = {role: ir_size(paths[role]) if is_ir(paths[role]) else model_size(paths[role], structures[role])
+                            for role in ROLES}
     base, res = size["baseline"]["file_bytes"], size["result"]["file_bytes"]
     size["ratio"] = round(res / base, 4) if base else None
     if base and res > base:
@@ -348,10 +373,10 @@ def _check_runs(sessions, plan: InputPlan, to_measure: list[int], seed: int, ski
     for batch in to_measure:
         checkpoint()
         feeds = plan.feeds(batch, np.random.default_rng([seed, 1, batch]))
-        for role in ROLES:
+        for role in sessions:
             try:
                 clock = time.perf_counter()
-                sessions[role].run(None, feeds[role])
+                sessions[role].run(None, feed_of(feeds, role))
                 first_ms.setdefault(role, (time.perf_counter() - clock) * 1000)
             except Exception as exc:
                 reason = f"{ROLE_NAMES[role]} fails to run at batch {batch}: {ort_error_text(exc)}"
@@ -423,21 +448,22 @@ def _latency(entry: dict[str, Any], plan: InputPlan, warmup: int, iterations: in
     # A new session set every `every` rounds (at least two sets, at most SESSION_SETS).
     every = max(2, math.ceil(len(blocks) / SESSION_SETS)) if reopen is not None and len(blocks) >= 4 else None
     per_batch, kept = [], {}
-    order = ROLES
+    order = tuple(entry["sessions"])
     for batch in entry["working"]:
         feeds = plan.feeds(batch, np.random.default_rng([seed, 0, batch]))
 
         def warm_up(calls: dict[str, Callable[[], Any]], blocks_: list[int], advance: bool, batch: int = batch) -> None:
             for index, count in enumerate(blocks_):
                 checkpoint()
-                for role in round_order(index):
+                for role in round_order(index, tuple(calls)):
                     time_calls(calls[role], count)
                 if advance:
                     progress.advance(2 * batch * count, f"warming up at batch {batch}")
 
-        calls = {role: _caller(entry["sessions"][role], feeds[role], bound) for role in ROLES}
+        roles = tuple(role for role in MEASURED_ROLES if role in entry["sessions"])
+        calls = {role: _caller(entry["sessions"][role], feed_of(feeds, role), bound) for role in roles}
         warm_up(calls, warmup_blocks, True)
-        rounds: dict[str, list[list[int]]] = {role: [] for role in ROLES}
+        rounds: dict[str, list[list[int]]] = {role: [] for role in roles}
         strata: list[int] = []
         for index, count in enumerate(blocks):
             checkpoint()
@@ -445,18 +471,18 @@ def _latency(entry: dict[str, Any], plan: InputPlan, warmup: int, iterations: in
                 calls.clear()
                 order = order[::-1]
                 entry["sessions"] = reopen(order)
-                calls = {role: _caller(entry["sessions"][role], feeds[role], bound) for role in ROLES}
+                calls = {role: _caller(entry["sessions"][role], feed_of(feeds, role), bound) for role in roles}
                 warm_up(calls, warmup_blocks or [2], False)
-            for role in round_order(index):
+            for role in round_order(index, roles):
                 rounds[role].append([])
                 time_calls(calls[role], count, rounds[role][-1])
             strata.append(0 if every is None else index // every)
             progress.advance(2 * batch * count, f"timing batch {batch}: round {index + 1}/{len(blocks)}")
-        flat = {role: [t for r in rounds[role] for t in r] for role in ROLES}
+        flat = {role: [t for r in rounds[role] for t in r] for role in roles}
         interval = speedup_interval(rounds["baseline"], rounds["result"], seed=seed,
                                     strata=strata if every is not None else None)
         base_p50, result_p50 = float(np.median(flat["baseline"])), float(np.median(flat["result"]))
-        summary = {role: summarize(flat[role], batch) for role in ROLES}
+        summary = {role: summarize(flat[role], batch) for role in roles}
         per_batch.append({
             "batch_size": batch,
             "input_shapes": plan.shapes(batch),
@@ -468,6 +494,13 @@ def _latency(entry: dict[str, Any], plan: InputPlan, warmup: int, iterations: in
             "speedup_text": show_speedup(interval),
             "noisy": summary["baseline"]["noisy"] or summary["result"]["noisy"],
         })
+        if "runtime" in roles:  # a target runtime: the runtime's gain and the compression's, each with its interval
+            per_batch[-1]["runtime"] = summary["runtime"]
+            for name, (slow, fast) in (("runtime", ("baseline", "runtime")), ("compression", ("runtime", "result"))):
+                part = speedup_interval(rounds[slow], rounds[fast], seed=seed,
+                                        strata=strata if every is not None else None)
+                per_batch[-1].update({f"{name}_speedup": part["speedup"], f"{name}_speedup_ci": part,
+                                      f"{name}_speedup_text": show_speedup(part)})
         kept[str(batch)] = rounds | {"session_set": strata}
     report = {
         "warmup": warmup,

@@ -39,6 +39,10 @@ def device_used_bytes():
 def main() -> None:
     model, feeds_path, providers, threads, runs = sys.argv[1:6]
     import numpy as np
+
+    if isinstance(json.loads(providers), dict):
+        openvino_main(model, feeds_path, json.loads(providers)["openvino"], int(threads), int(runs))
+        return
     import onnxruntime as ort
 
     with np.load(feeds_path) as data:
@@ -70,6 +74,36 @@ def main() -> None:
         found["device_memory_increase_bytes"] = None if device_after is None else device_after - device_before
         found["device_memory_reason"] = reason
     print(json.dumps(found))
+
+
+def openvino_main(model: str, feeds_path: str, config: dict, threads: int, runs: int) -> None:
+    """The same figure for a model on OpenVINO's CPU plugin (the IR or ONNX file compiled at config's precision)."""
+    import numpy as np
+    import openvino as ov
+
+    hints = {"f32": "f32", "bf16": "bf16", "int8": "f32"}  # as workers.openvino.session.PRECISION_HINTS
+    with np.load(feeds_path) as data:
+        feeds = {name: data[name] for name in data.files}
+    core = ov.Core()
+    before = status_bytes("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError as exc:
+        print(json.dumps({"error": f"cannot reset the peak-RSS mark (/proc/self/clear_refs): {exc}"}))
+        return
+    read = core.read_model(model)
+    read.reshape({port.get_any_name(): list(feeds[name].shape) for port in read.inputs
+                  for name in port.get_names() if name in feeds})
+    compiled = core.compile_model(read, config.get("device", "CPU"), {
+        "INFERENCE_PRECISION_HINT": hints[config["precision"]], "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    by_port = [next(feeds[n] for n in port.get_names() if n in feeds) for port in compiled.inputs]
+    for _ in range(runs):
+        request.infer(by_port)
+    print(json.dumps({"peak_rss_increase_bytes": status_bytes("VmHWM") - before,
+                      "retained_rss_increase_bytes": status_bytes("VmRSS") - before}))
 
 
 if __name__ == "__main__":

@@ -130,5 +130,8 @@ def summarize_outputs(comparisons: list[OutputComparison], *, batch_size: int, r
         "inputs": "synthetic random inputs (see `inputs`), a fresh draw for every run; not a data set",
         "outputs": outputs,
         "cosine_similarity": min(cosines) if cosines else None,
+        # The worst single sample of any output: a precision that breaks some inputs shows here, not in the mean.
+        "worst_sample_cosine": min((o["min_sample_cosine"] for o in outputs if o["min_sample_cosine"] is not None),
+                                   default=None),
         "max_abs_diff": max(diffs) if diffs else None,
     }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -24,9 +25,13 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def round_order(index: int) -> tuple[str, str]:
-    """ABBA: the model that goes first swaps every round, so neither always runs on a warmer cache."""
-    return ("baseline", "result") if index % 2 == 0 else ("result", "baseline")
+def round_order(index: int, roles: tuple[str, ...] = ("baseline", "result")) -> tuple[str, ...]:
+    """ABBA: the model that goes first swaps every round, so neither always runs on a warmer cache. With three
+    models, the rounds cycle through all six orders, so each model goes first, second and last equally often."""
+    if len(roles) == 2:
+        return roles if index % 2 == 0 else roles[::-1]
+    orders = list(itertools.permutations(roles))
+    return orders[index % len(orders)]
 
 
 def time_calls(call: Callable[[], Any], count: int, into: list[int] | None = None) -> None:

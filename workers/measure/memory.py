@@ -19,7 +19,7 @@ PROBE = Path(__file__).with_name("_rss_probe.py")
 RUNS = 2  # the first run sizes ONNX Runtime's arena; the second shows it reused
 
 
-def _probe(role: str, model: Path, feeds: dict[str, np.ndarray], providers: list[str], threads: int,
+def _probe(role: str, model: Path, feeds: dict[str, np.ndarray], providers: list[str] | dict[str, Any], threads: int,
            folder: Path, timeout_s: float) -> dict[str, Any]:
     feeds_path = folder / f"{role}-inputs.npz"
     np.savez(feeds_path, allow_pickle=False, **feeds)
@@ -38,9 +38,13 @@ def _probe(role: str, model: Path, feeds: dict[str, np.ndarray], providers: list
 
 
 def measure_memory(paths: dict[str, Path], feeds: dict[str, dict[str, np.ndarray]], *, batch_size: int,
-                   providers: list[str], threads: int, timeout_s: float = 600) -> dict[str, Any]:
+                   providers: list[str], threads: int, timeout_s: float = 600,
+                   result_providers: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
+    """result_providers: what the result runs on when it is not `providers` (a target runtime: {"openvino":
+    {"precision": ..., "device": "CPU"}})."""
+    engines = {"baseline": providers, "result": providers if result_providers is None else result_providers}
     with tempfile.TemporaryDirectory(prefix="modelpress-rss-") as tmp:
-        measured = {role: _probe(role, paths[role], feeds[role], providers, threads, Path(tmp), timeout_s)
+        measured = {role: _probe(role, paths[role], feeds[role], engines[role], threads, Path(tmp), timeout_s)
                     for role in ("baseline", "result")}
     errors = [f"{role}: {m['error']}" for role, m in measured.items() if "error" in m]
     report: dict[str, Any] = {
@@ -59,6 +63,9 @@ def measure_memory(paths: dict[str, Path], feeds: dict[str, dict[str, np.ndarray
         ratio=round(res["peak_rss_increase_bytes"] / base["peak_rss_increase_bytes"], 4)
         if base["peak_rss_increase_bytes"] > 0 else None,
     )
+    if isinstance(result_providers, dict):
+        report["runtimes"] = {"baseline": "ONNX Runtime " + providers[0], "result": "OpenVINO " + json.dumps(
+            result_providers.get("openvino"))}
     if providers[0] != "CPUExecutionProvider":
         report["scope"] = "host memory, and device memory in device_memory_increase_bytes"
         report["device_method"] = ("NVML's used memory on GPU 0 after the runs minus before the session was "

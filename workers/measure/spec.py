@@ -36,6 +36,9 @@ class MeasureSpec:
     include_io: bool = False
     energy_estimate_tdp_watts: float | None = None
     input_shapes: Any = None
+    # A target runtime ({"runtime": "openvino", "device": "cpu", "precision": "bf16"}): the result (and the
+    # original, at f32) run on it, beside the original on ONNX Runtime's CPU provider (workers.measure.targets).
+    target: dict[str, Any] | None = None
     on_progress: Callable[[float, str], None] | None = field(default=None, compare=False, repr=False)
     should_stop: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
