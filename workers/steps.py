@@ -213,6 +213,9 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
         measured_step["latency"]["samples_artifact"] = samples["name"]
         environment = measured_step.get("environment")
         step_rows = [r | {"environment": environment} for r in measured_step.pop("measurements", [])]
+        if target is not None:  # the figures of the IR (result) and of the upload on the target runtime (runtime)
+            shas = {"result": entry["artifact"]["sha256"], "runtime": file_sha256(model_path)}
+            step_rows = [r | {"sha256": shas[r["model"]]} if r["model"] in shas else r for r in step_rows]
         if last:
             measured = measured_step
             rows += step_rows

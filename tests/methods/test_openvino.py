@@ -3,6 +3,8 @@ three-way measurement (ONNX Runtime fp32 original, OpenVINO f32 original, OpenVI
 checked here against the raw per-call times."""
 from __future__ import annotations
 
+import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +184,66 @@ def test_a_real_detector_lowers_and_runs_at_each_precision(tmp_path):
         got = compiled(x[:1])
         for index, want in enumerate(expected):
             assert cosines(want, np.asarray(got[index])).min() > floor, (precision, index)
+
+
+# --- end to end: `modelpress run` (its worker registers the OpenVINO targets it can serve) ---------------------
+
+def npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_an_openvino_int8_job_end_to_end_with_the_ir_loaded_back(http, digits, tmp_path):
+    """No steps: the target's precision is the compression. With a labelled eval dataset, int8 is NNCF's
+    accuracy-controlled quantization; the IR is downloaded, unzipped and run as the report says, and the job's
+    figures are checked against that."""
+    from tests.stack import wait_for_job
+
+    path, x, y = digits
+    model = http.post("/v1/models", files={"file": ("digits-cnn.onnx", path.read_bytes())}).json()
+    evaluation = http.post("/v1/datasets", files={"file": ("eval.npz", npz(images=x[100:], labels=y[100:]))})
+    calibration = http.post("/v1/datasets", files={"file": ("calib.npz", npz(images=x[:100]))})
+    assert evaluation.status_code == calibration.status_code == 201, evaluation.text
+    # The worker registers what it serves once it is ready, which may be a moment after the API answers.
+    deadline = time.monotonic() + 90
+    while True:
+        targets = http.get("/v1/targets").json()
+        if any(t["runtime"] == "openvino" and t["precision"] == "int8" for t in targets["targets"]):
+            break
+        assert time.monotonic() < deadline, targets
+        time.sleep(0.5)
+    spec = {"model_id": model["id"],
+            "target": {"runtime": "openvino", "device": "cpu", "precision": "int8", "max_accuracy_drop": 0.02,
+                       "calibration_dataset_id": calibration.json()["id"]},
+            "evaluate": {"batch_sizes": [1], "warmup": 2, "iterations": 12,
+                         "eval_dataset_id": evaluation.json()["id"]}}
+    created = http.post("/v1/jobs", json=spec)
+    assert created.status_code == 202, created.text
+    assert created.json()["queue"] == "openvino.cpu.int8"
+    job = wait_for_job(http, created.json()["id"])
+    assert job["status"] == "succeeded", job
+    summary = job["summary"]
+    assert summary["target"] == {"runtime": "openvino", "device": "cpu", "precision": "int8"} | {
+        k: v for k, v in summary["target"].items() if k not in ("runtime", "device", "precision")}
+    assert set(summary["runtime_speedup"]) == set(summary["compression_speedup"]) == {"1"}
+    assert summary["speedup"]["1"] == pytest.approx(summary["runtime_speedup"]["1"] *
+                                                    summary["compression_speedup"]["1"], rel=2e-3)
+    report = http.get(f"/v1/jobs/{job['id']}/report").json()
+    lowering = report["target"]["lowering"]
+    assert lowering["nncf"]["mode"] == "accuracy_control" and lowering["nncf"]["calibration"].startswith("dataset")
+    assert [s["method"] for s in report["steps"]] == ["lower.openvino"]
+    names = {a["name"] for a in http.get(f"/v1/jobs/{job['id']}/artifacts").json()}
+    assert "model_openvino.zip" in names and "model.onnx" not in names
+    archive = tmp_path / "model_openvino.zip"
+    archive.write_bytes(http.get(f"/v1/jobs/{job['id']}/artifacts/model_openvino.zip").content)
+    out, _ = run_ir_as_a_user_would(archive, tmp_path / "user", x[100:])
+    original = (reference(path, x[100:]).argmax(1) == y[100:]).mean()
+    accuracy = summary["accuracy"]
+    assert accuracy["original_top1"] == pytest.approx(original, abs=1e-6)
+    # the job measured what the user downloads: the same top-1 on the same samples
+    assert accuracy["compressed_top1"] == pytest.approx((out.argmax(1) == y[100:]).mean(), abs=1e-6)
+    assert accuracy["original_top1"] - accuracy["compressed_top1"] <= 0.02 + 1e-9
+    rows = http.get(f"/v1/jobs/{job['id']}/measurements", params={"metric": "p50_ms"}).json()["items"]
+    assert {r["model_role"] for r in rows} == {"baseline", "runtime", "result"}
+    assert {r["provider"] for r in rows} == {"OpenVINO CPU (int8)"}

@@ -587,10 +587,13 @@ def _rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         provider = measured["provider"]
         for entry in measured["latency"]["batch_sizes"]:
             batch = entry["batch_size"]
-            for role in ROLES:
+            for role in (r for r in MEASURED_ROLES if r in entry):  # "runtime": the original on a target runtime
                 for metric in LATENCY_METRICS:
                     add(role, batch, metric, entry[role][metric], UNITS.get(metric, "ms"), provider)
             add("result", batch, "speedup", entry["speedup"], "x", provider)
+            for part in ("runtime", "compression"):
+                if f"{part}_speedup" in entry:
+                    add("result", batch, f"{part}_speedup", entry[f"{part}_speedup"], "x", provider)
             add("result", batch, "speedup_ci_low", entry["speedup_ci"].get("low"), "x", provider)
             add("result", batch, "speedup_ci_high", entry["speedup_ci"].get("high"), "x", provider)
         for role in ROLES:
