@@ -83,3 +83,31 @@ def test_labels_without_a_score_output_give_a_reason(tmp_path):
     on = measure_pair(path, path, batch_sizes=[1], warmup=0, iterations=1, dataset=data)["dataset"]
     assert on["accuracy"] is None and "no output has the shape [batch, classes]" in on["accuracy_note"]
     assert on["fidelity"]["worst_cosine"] == 1.0
+
+
+def test_padded_positions_are_left_out_of_fidelity():
+    """A transformer's outputs at attention_mask 0 are never read; a result that moves only them is faithful."""
+    import numpy as np
+
+    from workers.measure.fidelity import OutputComparison, padding_mask, summarize_outputs
+
+    rng = np.random.default_rng(0)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int64)
+    hidden = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    moved = hidden.copy()
+    moved[0, 3:] = rng.standard_normal((2, 8)) * 100  # only the padding of sample 0 changes
+    keep = padding_mask({"input_ids": np.ones((2, 5), np.int64), "attention_mask": mask}, 2)
+    assert keep is not None and keep.sum() == 8
+    masked, plain = OutputComparison("h", "h", "float"), OutputComparison("h", "h", "float")
+    masked.add(hidden, moved, 2, keep)
+    plain.add(hidden, moved, 2)
+    report = summarize_outputs([masked], batch_size=2, runs=1)
+    assert report["worst_sample_cosine"] == 1.0 and report["max_abs_diff"] == 0
+    assert "2 padded position(s)" in report["outputs"][0]["padding_left_out"]
+    assert summarize_outputs([plain], batch_size=2, runs=1)["worst_sample_cosine"] < 0.5
+    # a change at a real position still counts
+    moved[1, 0] += 1.0
+    again = OutputComparison("h", "h", "float")
+    again.add(hidden, moved, 2, keep)
+    assert summarize_outputs([again], batch_size=2, runs=1)["worst_sample_cosine"] < 1.0
+    assert padding_mask({"attention_mask": np.ones((2, 5), np.int64)}, 2) is None

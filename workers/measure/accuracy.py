@@ -13,7 +13,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from app.errors import MeasurementFailed
-from workers.measure.fidelity import OutputComparison, summarize_outputs
+from workers.measure.fidelity import OutputComparison, padding_mask, summarize_outputs
 from workers.onnx_tools.inputs import ROLES, InputPlan
 
 DEFAULT_BATCH = 32
@@ -109,8 +109,9 @@ def evaluate_dataset(
                 raise MeasurementFailed(f"the {'original' if role == 'baseline' else 'compressed'} model fails on "
                                         f"dataset samples {start}..{stop - 1}: {exc}") from exc
         size = stop - start
+        keep = padding_mask(feeds["baseline"], size)
         for comparison, (i, j, *_rest) in zip(comparisons, output_pairs):
-            comparison.add(outputs["baseline"][i], outputs["result"][j], size)
+            comparison.add(outputs["baseline"][i], outputs["result"][j], size, keep)
         if labels is not None:
             if runs == 0:
                 target, accuracy_note = classification_output(

@@ -10,6 +10,18 @@ from workers.measure.rounding import significant
 from workers.onnx_tools.similarity import cosine
 
 
+def padding_mask(feed: dict[str, np.ndarray], batch: int) -> np.ndarray | None:
+    """[batch, sequence] booleans, False at padding, from an `attention_mask` input that has zeros; else None.
+
+    A transformer's outputs at padded positions are never read (the next layer or the pooling masks them out), and
+    they move freely under quantization: comparing them would call a faithful model unfaithful."""
+    for name, value in feed.items():
+        if "attention_mask" in name.lower() and value.ndim == 2 and value.shape[0] == batch:
+            keep = np.asarray(value) != 0
+            return None if keep.all() else keep
+    return None
+
+
 class OutputComparison:
     """Accumulates one output's differences over many runs."""
 
@@ -24,8 +36,11 @@ class OutputComparison:
         self.top1_equal, self.top1_rows, self.top1_width, self.rows_per_sample = 0, 0, 0, 0
         self.nonfinite = {"baseline": 0, "result": 0}
         self.nonfinite_mismatch = 0
+        self.padded_positions = 0
 
-    def add(self, baseline: np.ndarray, result: np.ndarray, batch: int) -> None:
+    def add(self, baseline: np.ndarray, result: np.ndarray, batch: int, keep: np.ndarray | None = None) -> None:
+        """keep: padding_mask() of the inputs; an output whose first two axes are [batch, sequence] is compared at
+        the kept positions only."""
         baseline, result = np.asarray(baseline), np.asarray(result)
         if baseline.shape != result.shape:
             raise MeasurementFailed(f"output '{self.name}' has shape {list(baseline.shape)} in the original model "
@@ -38,6 +53,14 @@ class OutputComparison:
         self.nonfinite["result"] += int((~finite_r).sum())
         self.nonfinite_mismatch += int((finite_b != finite_r).sum())
         both = finite_b & finite_r
+        row_keep = None
+        if keep is not None and baseline.ndim >= 2 and tuple(baseline.shape[:2]) == keep.shape:
+            # Padded positions are zero in both (they add nothing to a cosine, a difference or a count).
+            positions = keep.reshape(keep.shape + (1,) * (baseline.ndim - 2))
+            both = both & positions
+            self.padded_positions += int((~keep).sum())
+            if baseline.ndim >= 3:
+                row_keep = np.broadcast_to(positions[..., 0], baseline.shape[:-1]).reshape(-1)
         b, r = np.where(both, b, 0.0), np.where(both, r, 0.0)
         diff = np.abs(b - r)
         if diff.size:
@@ -59,10 +82,12 @@ class OutputComparison:
                 width = baseline.shape[-1]
                 top_b = np.argmax(b.reshape(-1, width), axis=1)
                 top_r = np.argmax(r.reshape(-1, width), axis=1)
+                if row_keep is not None:
+                    top_b, top_r = top_b[row_keep], top_r[row_keep]
                 self.top1_equal += int((top_b == top_r).sum())
                 self.top1_rows += top_b.size
                 self.top1_width = width
-                self.rows_per_sample = top_b.size // rows
+                self.rows_per_sample = max(1, top_b.size // rows)
 
     def report(self) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -83,6 +108,9 @@ class OutputComparison:
             entry["equal_fraction"] = round(self.equal / self.elements, 6) if self.elements else None
         if any(self.nonfinite.values()):
             entry["nonfinite_values"] = dict(self.nonfinite, mismatched_positions=self.nonfinite_mismatch)
+        if self.padded_positions:
+            entry["padding_left_out"] = (f"{self.padded_positions} padded position(s) (attention_mask 0) were left "
+                                         "out of every figure of this output: nothing reads them")
         return entry
 
     def _top1_note(self) -> str:
