@@ -275,6 +275,16 @@ def parse_value(text: str) -> tuple[str, Any]:
                                          "sr=16000)") from None
 
 
+def parse_target(text: str) -> dict[str, str]:
+    """`openvino:cpu:bf16` -> {"runtime": "openvino", "device": "cpu", "precision": "bf16"} (the precision may be left
+    out: the target's default). The server checks the values and that a worker serves the target."""
+    parts = [part.strip().lower() for part in text.split(":")]
+    if len(parts) not in (2, 3) or not all(parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not RUNTIME:DEVICE[:PRECISION] (e.g. --target openvino:cpu:bf16; "
+                                         "modelpress targets lists what the workers serve)")
+    return dict(zip(("runtime", "device", "precision"), parts))
+
+
 def input_shapes_spec(shapes: list[tuple[str, list[int | None]]] | None,
                       dims: list[tuple[str, int]] | None) -> dict[str, Any] | None:
     """evaluate.input_shapes from --input-shape and --dim (the server checks them against the model)."""
@@ -330,6 +340,7 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
         rows.append((f"speedup, batch {batch}", shown))
     if summary.get("provider"):
         rows.append(("provider", str(summary["provider"])))
+    rows += target_rows(summary)
     accuracy = summary.get("accuracy")
     if accuracy:
         change = -accuracy["top1_drop_points"]
@@ -363,6 +374,22 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def target_rows(summary: dict) -> list[tuple[str, str]]:
+    """A job with a target: where it ran, and its speedup split into the runtime's gain (the original on the target
+    vs ONNX Runtime fp32) and the compression's (the result vs the original, both on the target); the speedup rows
+    above are their product."""
+    target = summary.get("target")
+    if not target:
+        return []
+    name = "/".join(str(target[k]) for k in ("runtime", "device", "precision") if target.get(k))
+    rows = [("target", name + (f" on {target['device_name']}" if target.get("device_name") else ""))]
+    for label, key in (("runtime gain", "runtime_speedup"), ("compression gain", "compression_speedup")):
+        texts = summary.get(f"{key}_ci") or {}
+        for batch, value in (summary.get(key) or {}).items():
+            rows.append((f"{label}, batch {batch}", texts.get(batch) or (f"{value:.2f}x" if value is not None else "?")))
+    return rows
+
+
 def _table(title: str, rows: list[tuple[str, str]]):
     from rich.table import Table
     from rich.text import Text
@@ -386,6 +413,9 @@ def _job_rows(job: dict) -> list[tuple[str, str]]:
     recipe = (job.get("recipe") or {}).get("id")
     rows = [("id", job["id"]), ("status", job["status"]), ("progress", f"{100 * job['progress']:.0f}%"),
             ("steps", f"{steps} (recipe {recipe})" if recipe else steps), ("model", str(job.get("model_id")))]
+    if job.get("target"):
+        rows.append(("target", "/".join(str(job["target"][k]) for k in ("runtime", "device", "precision")
+                                        if job["target"].get(k))))
     for field in ("name", "stage", "message", "created_at", "started_at", "finished_at"):
         if job.get(field):
             rows.append((field.replace("_", " "), str(job[field])))
@@ -447,14 +477,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
         evaluate["input_shapes"] = input_shapes
     if args.input_value:
         evaluate["input_values"] = dict(args.input_value)
+    target = dict(args.target) if args.target else None
+    if args.calibration_dataset:
+        if target is None:
+            raise UsageError("--calibration-dataset goes with --target RUNTIME:DEVICE:int8")
+        target["calibration_dataset_id"] = args.calibration_dataset
+    if not (args.method or args.recipe) and (target is None or (target["runtime"], target["device"]) == ("onnxruntime", "cpu")):
+        raise UsageError("give --method or --recipe (only a --target other than onnxruntime:cpu may go without: its "
+                         "lowering is the compression)")
     with _client(args) as mp:
         model = mp.upload_model(model_path)
         if args.recipe:
             job = mp.submit_job(model["id"], recipe=args.recipe, params=params, evaluate=evaluate or None,
-                                name=args.name)
+                                name=args.name, target=target)
         else:
-            job = mp.submit_job(model["id"], steps=[{"method": args.method, "params": params}],
-                                evaluate=evaluate or None, name=args.name)
+            steps = [{"method": args.method, "params": params}] if args.method else None
+            job = mp.submit_job(model["id"], steps=steps, evaluate=evaluate or None, name=args.name, target=target)
         _stderr(f"uploaded {model_path.name} as model {model['id']}; job {job['id']} queued")
         if not (args.wait or args.output):
             if args.json:
@@ -553,6 +591,35 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_targets(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        found = mp.targets()
+    if args.json:
+        _print_json(found)
+    else:
+        _console().print(targets_table(found["targets"]))
+    return 0
+
+
+def targets_table(targets: list[dict]):
+    """GET /v1/targets' targets as a table: name, queue, live workers, their devices, runtime versions."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table("target", "queue", "workers", "devices", "versions", title="targets the live workers serve",
+                  title_justify="left")
+    for t in targets:
+        name = "/".join(str(t[k]) for k in ("runtime", "device", "precision") if t.get(k))
+        devices = "; ".join(d["name"] + (f" ({', '.join(d['isa'])})" if d.get("isa") else "")
+                            + (f" ({_fmt_bytes(d['memory_bytes'])})" if d.get("memory_bytes") else "")
+                            for d in t.get("devices") or [])
+        versions = ", ".join(f"{k} {v}" for k, v in (t.get("versions") or {}).items())
+        workers = str(t["workers"]) + (" (jobs wait for one)" if t.get("default") and not t["workers"] else "")
+        table.add_row(Text(name + (" (default)" if t.get("default") else "")), Text(t["queue"]), Text(workers),
+                      Text(devices or "-"), Text(versions or "-"))
+    return table
+
+
 def _add_client_commands(sub) -> None:
     server = argparse.ArgumentParser(add_help=False)
     server.add_argument("--url", help=f"the service (env MODELPRESS_URL; default {DEFAULT_URL})")
@@ -563,7 +630,7 @@ def _add_client_commands(sub) -> None:
                               "its progress and the measured summary; with -o save the compressed model. "
                               "Exit status: 0 done, 1 job failed or cancelled (or a server error), 2 usage error.")
     compress.add_argument("model", help="an .onnx file (or a .zip of .onnx + external data)")
-    what = compress.add_mutually_exclusive_group(required=True)
+    what = compress.add_mutually_exclusive_group()
     what.add_argument("--method", help="a method id (modelpress methods), e.g. quantize.int8_dynamic")
     what.add_argument("--recipe", help="a recipe id, e.g. prune-finetune-int8")
     compress.add_argument("--param", action="append", type=parse_param, metavar="KEY=VALUE",
@@ -578,6 +645,12 @@ def _add_client_commands(sub) -> None:
                           help="size of a symbolic dim of the model by name, e.g. H=48 (repeatable)")
     compress.add_argument("--input-value", action="append", type=parse_value, metavar="INPUT=VALUE",
                           help="a fixed value (JSON) for an input that is not data, e.g. sr=16000 (repeatable)")
+    compress.add_argument("--target", type=parse_target, metavar="RUNTIME:DEVICE[:PRECISION]",
+                          help="build and measure the result for this target, e.g. openvino:cpu, openvino:cpu:bf16, "
+                          "openvino:cpu:int8 (modelpress targets lists them; default onnxruntime:cpu); without "
+                          "--method or --recipe, the target's lowering is the whole compression")
+    compress.add_argument("--calibration-dataset", metavar="DATASET_ID",
+                          help="with --target ...:int8: the dataset NNCF calibrates on")
     compress.add_argument("--name", help="a name for the job")
     compress.add_argument("--wait", action="store_true", help="show progress until the job finishes")
     compress.add_argument("-o", "--output", metavar="OUT.onnx", help="save the compressed model here (implies --wait)")
@@ -608,6 +681,10 @@ def _add_client_commands(sub) -> None:
     methods.add_argument("--json", action="store_true")
     methods.set_defaults(func=cmd_methods, usage=methods)
 
+    targets = sub.add_parser("targets", parents=[server], help="what the deployment's workers serve (--target)")
+    targets.add_argument("--json", action="store_true")
+    targets.set_defaults(func=cmd_targets, usage=targets)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelpress", description=__doc__)
@@ -628,7 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="start a Celery worker")
-    worker.add_argument("--queues", default="gpu,cpu", help="comma-separated: gpu,cpu")
+    worker.add_argument("--queues", default="gpu,cpu",
+                        help="comma-separated: gpu,cpu; the worker also consumes the queue of every target it serves "
+                        "(MODELPRESS_WORKER_TARGETS)")
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument("--loglevel", default="info")
     worker.add_argument("--beat", action="store_true",

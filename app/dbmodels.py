@@ -208,6 +208,26 @@ class Job(Base):
     worker_id: Mapped[str | None] = mapped_column(String(255), default=None)
 
 
+class Worker(Base):
+    """A Celery worker as it registered itself when it started (workers.registry): the queues it consumes, the
+    targets it serves and the hardware and runtimes it found. It refreshes last_seen_at while it runs and deletes
+    its row on a clean shutdown; a row not seen for `worker_stale_s` is a worker gone without saying so (kept, but
+    not live: GET /v1/targets and job routing leave it out)."""
+
+    __tablename__ = "workers"
+    # Celery's node name (modelpress-123@host), unique among the running workers of a deployment.
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list[str]] = mapped_column(Json, default=list)
+    # [{runtime, device, precision, queue}] (app.targets.schemas.queue_for names each queue)
+    targets: Mapped[list[dict[str, Any]]] = mapped_column(Json, default=list)
+    # What workers.targets.probe found: CPU (name, cores, ISA flags), memory, GPUs, runtime versions and devices.
+    capabilities: Mapped[dict[str, Any]]
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 class JobDataset(Base):
     """A dataset a job uses, in one role (e.g. "calibration"); delete answers 409 while the job is active."""
 

@@ -193,6 +193,13 @@ class InvalidInputShape(Unprocessable):
     code, title = "invalid_input_shape", "Invalid input shape"
 
 
+class NoWorkerForTarget(Unprocessable):
+    """A job's target (runtime, device, precision) that no live registered worker serves; `targets` lists those
+    that live workers do serve (GET /v1/targets)."""
+
+    code, title = "no_worker_for_target", "No worker serves this target"
+
+
 class WebhookSecretMissing(Unprocessable):
     code, title = "webhook_secret_missing", "No webhook signing secret"
 

@@ -29,6 +29,7 @@ from app.queue import broker_reachable, get_celery
 from app.readcache import get_cache, start_listener
 from app.settings import get_settings
 from app.store import get_store
+from app.targets.routes import router as targets_router
 from app.ui import mount_ui
 from app.webhooks.routes import router as webhooks_router
 
@@ -124,6 +125,7 @@ def create_app() -> FastAPI:
     v1.include_router(measurements_router)
     v1.include_router(methods_router)
     v1.include_router(recipes_router)
+    v1.include_router(targets_router)
     v1.include_router(webhooks_router)
     v1.include_router(keys_router)
     v1.include_router(audit_router)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterable
 
 from celery import Celery
 
@@ -73,7 +74,7 @@ def broker_reachable() -> tuple[bool, str]:
         return False, f"broker unreachable: {exc}"
 
 
-QUEUES = ("cpu", "gpu")
+QUEUES = ("cpu", "gpu")  # ONNX Runtime's queues; every other target has one of its own (app.targets.schemas.queue_for)
 
 
 def redis_list_keys(channel, name: str) -> list[str]:
@@ -98,14 +99,15 @@ def _job_id_of(payload: dict) -> str | None:
         return None
 
 
-def queued_job_ids(settings: Settings) -> set[str] | None:
-    """Ids of the jobs whose message waits in the broker or is held, unacknowledged, by a worker.
+def queued_job_ids(settings: Settings, queues: Iterable[str] = ()) -> set[str] | None:
+    """Ids of the jobs whose message waits in the broker (in QUEUES and `queues`: a target's queue, say) or is held,
+    unacknowledged, by a worker.
 
     None when this broker cannot be looked into (then nothing can be said to be missing). A job `queued` in the
     database but absent here has lost its message (a Redis restart or flush) and must be sent again.
     """
     ids: set[str] = set()
-    names = [settings.queue_name(queue) for queue in QUEUES]
+    names = [settings.queue_name(queue) for queue in dict.fromkeys([*QUEUES, *queues])]
     if settings.celery_broker_url.startswith("filesystem"):
         folder = settings.broker_folder / "queue"
         wanted = {f"{name}.msg" for name in names}

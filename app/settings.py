@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(default=3, ge=1)
     reaper_interval_s: float = Field(default=30.0, ge=1)
     requeue_grace_s: float = Field(default=30.0, ge=0)
+    # Worker registry (issue 18): the targets a worker serves, of those its hardware and runtimes make servable:
+    # "auto" (all), or comma-separated prefixes of runtime.device.precision (`onnxruntime`, `openvino.cpu`,
+    # `openvino.cpu.f32`). A worker refreshes its row every worker_heartbeat_s; one not seen for worker_stale_s
+    # counts as gone (GET /v1/targets leaves it out, and jobs are not routed to what only it served).
+    worker_targets: str = Field(default="auto", max_length=1000)
+    worker_heartbeat_s: float = Field(default=30.0, gt=0)
+    worker_stale_s: float = Field(default=120.0, gt=0)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
 
@@ -98,6 +105,8 @@ class Settings(BaseSettings):
     def _recovery_timings_fit(self) -> Settings:
         if self.heartbeat_timeout_s < 2 * self.heartbeat_interval_s:
             raise ValueError("MODELPRESS_HEARTBEAT_TIMEOUT_S must be at least twice MODELPRESS_HEARTBEAT_INTERVAL_S")
+        if self.worker_stale_s < 2 * self.worker_heartbeat_s:
+            raise ValueError("MODELPRESS_WORKER_STALE_S must be at least twice MODELPRESS_WORKER_HEARTBEAT_S")
         return self
 
     @model_validator(mode="after")

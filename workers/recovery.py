@@ -94,7 +94,8 @@ def _resend_lost_messages(now: dt.datetime, settings: Settings) -> list[str]:
     if not waiting:
         return []
     try:
-        in_broker = queued_job_ids(settings)
+        # Every queue a waiting job was sent to: a target's own queue (openvino.cpu.f32, ...) as well as cpu and gpu.
+        in_broker = queued_job_ids(settings, queues={queue for _, queue in waiting})
     except Exception as exc:  # the broker is down: the next sweep will look again
         log.warning("recovery: cannot look into the broker (%s); lost messages are looked for next time", exc)
         return []

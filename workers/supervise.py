@@ -146,10 +146,11 @@ class Attempt:
         self.artifacts.append({"name": name, "sha256": sha, "size_bytes": size})
 
 
-def run_job(job_id: str) -> None:
+def run_job(job_id: str, *, node: str | None = None) -> None:
+    """Run one job to its end. `node`: the Celery worker's name, which the job's "running" event gives."""
     settings = get_settings()
     store = get_store()
-    claim = _claim(job_id, store, settings)
+    claim = _claim(job_id, store, settings, node)
     if claim is None:
         return
     if claim.attempt > 1:
@@ -177,7 +178,7 @@ def run_job(job_id: str) -> None:
                 attempt=claim.attempt)
 
 
-def _claim(job_id: str, store: ArtifactStore, settings: Settings) -> Claim | None:
+def _claim(job_id: str, store: ArtifactStore, settings: Settings, node: str | None = None) -> Claim | None:
     with session_scope() as db:
         job = db.get(Job, job_id, with_for_update=True)
         if job is None:
@@ -213,7 +214,8 @@ def _claim(job_id: str, store: ArtifactStore, settings: Settings) -> Claim | Non
         job.progress, job.stage, job.error_code, job.error_message = 0.0, "preparing", None, None
         job.worker_id, job.heartbeat_at = worker_id(), utcnow()
         again = " again after a lost worker" if seen else ""
-        set_status(db, job, "running", message=f"attempt {job.attempts}: started{again}")
+        where = f" on worker {node}" if node else ""
+        set_status(db, job, "running", message=f"attempt {job.attempts}: started{again}{where}")
         model = db.get(Model, job.model_id) if job.model_id else None
         if model is None:
             job.error_code, job.error_message = "model_not_found", "the job's model was deleted before the job ran"

@@ -4,11 +4,12 @@ from __future__ import annotations
 import logging
 import threading
 
-from celery.signals import worker_ready
+from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
 
 from app.queue import RUN_JOB_TASK
 from app.retention import EXPIRE_ARTIFACTS_TASK, run_retention
 from app.store import get_store
+from workers import registry
 from workers.celery_app import celery
 from workers.recovery import REAP_JOBS_TASK, reap
 from workers.supervise import run_job as _run_job
@@ -16,9 +17,10 @@ from workers.supervise import run_job as _run_job
 log = logging.getLogger("modelpress.worker")
 
 
-@celery.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_job(job_id: str) -> None:
-    _run_job(job_id)
+@celery.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_job(self, job_id: str) -> None:
+    # The worker's node name goes into the job's "running" event: which worker took it, as the registry names it.
+    _run_job(job_id, node=self.request.hostname)
 
 
 @celery.task(name=EXPIRE_ARTIFACTS_TASK, ignore_result=True)
@@ -33,6 +35,29 @@ def reap_jobs() -> dict:
     the scratch folders their job processes left (live ones are locked)."""
     get_store().clean_tmp()
     return reap()
+
+
+@celeryd_after_setup.connect
+def _serve_targets(sender, instance, **_kwargs) -> None:
+    # Before the pool and the consumer start: the queues of the targets this worker serves join its -Q queues.
+    try:
+        registry.prepare(str(sender), instance.app)
+    except Exception:
+        log.exception("choosing this worker's targets failed; it consumes its -Q queues only")
+
+
+@worker_ready.connect
+def _register(sender, **_kwargs) -> None:
+    # sender: the worker's consumer. Registered only now, when it takes jobs from every queue it names.
+    try:
+        registry.register(sender.hostname, sender.app)
+    except Exception:
+        log.exception("registering this worker failed; GET /v1/targets does not list it")
+
+
+@worker_shutdown.connect
+def _unregister(**_kwargs) -> None:
+    registry.unregister()
 
 
 @worker_ready.connect

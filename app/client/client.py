@@ -228,8 +228,10 @@ class Client:
 
     def submit_job(self, model_id: str, steps: list[dict | str] | None = None, recipe: str | None = None,
                    params: dict | None = None, evaluate: dict | None = None, *, name: str | None = None,
-                   queue: str | None = None, idempotency_key: str | None = None) -> dict:
-        """Queue a job: steps (dicts {method, params}, or method ids) or a recipe with its params.
+                   queue: str | None = None, target: dict | None = None, idempotency_key: str | None = None) -> dict:
+        """Queue a job: steps (dicts {method, params}, or method ids) or a recipe with its params; `target`, e.g.
+        {"runtime": "openvino", "device": "cpu", "precision": "bf16"} (see `targets()`), where the result is built
+        for and measured (with a target other than ONNX Runtime on the CPU, steps may be left out).
 
         The Idempotency-Key (a fresh uuid unless given) makes a retried submission return the first job.
         """
@@ -246,6 +248,8 @@ class Client:
             spec["name"] = name
         if queue is not None:
             spec["queue"] = queue
+        if target is not None:
+            spec["target"] = target
         key = idempotency_key or str(uuid.uuid4())
         return self._json("POST", "/v1/jobs", json=spec, headers={"Idempotency-Key": key})
 
@@ -370,3 +374,8 @@ class Client:
 
     def recipes(self) -> list[dict]:
         return self._json("GET", "/v1/recipes")
+
+    def targets(self) -> dict:
+        """What the deployment's live workers serve: {targets: [{runtime, device, precision, queue, default, workers,
+        devices, versions}], workers: [...]} (the default target is listed even with no worker)."""
+        return self._json("GET", "/v1/targets")

@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.reports import AnySummary
+from app.targets.schemas import TargetSpec
 
 Provider = Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]
 WebhookEvent = Literal["queued", "running", "succeeded", "failed", "cancelled", "progress"]
@@ -91,12 +92,18 @@ class JobCreate(Strict):
     model_id: str
     steps: list[StepSpec] | None = Field(
         default=None, min_length=1, max_length=16,
-        description="The steps, in order; each takes the previous step's model. Give steps or a recipe.")
+        description="The steps, in order; each takes the previous step's model. Give steps or a recipe (or, with a "
+        "target other than ONNX Runtime on the CPU, neither: the target's lowering and precision are the compression).")
     recipe: str | None = Field(default=None, description="A recipe id from GET /v1/recipes, instead of steps.")
     params: dict[str, Any] = Field(default_factory=dict, description="The recipe's params (its JSON Schema).")
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     name: str | None = Field(default=None, max_length=255)
     queue: Literal["cpu", "gpu"] | None = Field(default=None, description="Worker queue; the server's default if absent")
+    target: TargetSpec | None = Field(
+        default=None,
+        description="The runtime and device the result is built for and measured on (GET /v1/targets lists what the "
+        "workers serve). Default: ONNX Runtime on the CPU, as without a target. Another target is accepted only while "
+        "a live worker serves it (422 no_worker_for_target otherwise).")
     webhook_url: str | None = Field(
         default=None, max_length=2048,
         description="An http(s) URL that receives a signed POST of the job JSON on each event in webhook_events "
@@ -133,8 +140,11 @@ class JobCreate(Strict):
 
     @model_validator(mode="after")
     def _steps_or_recipe(self) -> JobCreate:
-        if (self.steps is None) == (self.recipe is None):
+        if self.steps is not None and self.recipe is not None:
             raise ValueError("give either steps or a recipe")
+        if self.steps is None and self.recipe is None and (self.target is None or self.target.is_default):
+            raise ValueError("give either steps or a recipe (only a target other than onnxruntime on the cpu may go "
+                             "without: its lowering is the compression)")
         if self.params and self.recipe is None:
             raise ValueError("params belong to a recipe; a step's params go inside the step")
         if self.webhook_events is not None and self.webhook_url is None:
@@ -170,6 +180,8 @@ class JobPublic(BaseModel):
     error: JobError | None
     # Typed (app.reports); a stored summary the models do not describe is served as it was stored.
     summary: AnySummary | dict[str, Any] | None = Field(union_mode="left_to_right")
+    # The target the job was submitted with (its precision filled in); null: ONNX Runtime on the CPU.
+    target: TargetSpec | dict[str, Any] | None = Field(default=None, union_mode="left_to_right")
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
 

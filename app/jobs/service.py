@@ -39,6 +39,8 @@ from app.limits import check_concurrent_jobs
 from app.models import service as models_service
 from app.queue import enqueue_job
 from app.settings import Settings
+from app.targets import service as targets
+from app.targets.schemas import queue_for, target_name
 from app.webhooks import service as webhooks
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ def validate_steps(spec: JobCreate) -> list[dict]:
     """
     from app.catalog import recipes
 
+    if spec.steps is None and spec.recipe is None:
+        return []  # a target's lowering alone (JobCreate allows it only with a target other than the default)
     given = spec.steps if spec.steps is not None else [
         StepSpec.model_validate(step) for step in recipes.expand(spec.recipe or "", spec.params)]
     steps = []
@@ -100,6 +104,8 @@ def dataset_links(db: Session, tenant_id: str, model: Model, spec: JobCreate, st
     named: list[tuple[str, str, str]] = []  # (role, dataset id, field)
     if spec.evaluate.eval_dataset_id:
         named.append(("eval", spec.evaluate.eval_dataset_id, "evaluate.eval_dataset_id"))
+    if spec.target is not None and spec.target.calibration_dataset_id:
+        named.append(("target.calibration", spec.target.calibration_dataset_id, "target.calibration_dataset_id"))
     for index, step in enumerate(steps):
         for param in catalog.get(step["method"]).dataset_params:
             value = step["params"].get(param)
@@ -147,6 +153,22 @@ def model_links(db: Session, tenant_id: str, model: Model, steps: list[dict]) ->
     return links
 
 
+def route(*, db: Session, settings: Settings, spec: JobCreate) -> tuple[str, dict | None]:
+    """(the job's queue, its target as job.spec stores it). Without a target, or with the default one (ONNX Runtime
+    on the CPU), the queue is the one asked for or the server's default, as ever: such a job may wait for a worker.
+    Any other target goes to its own queue, and only while a live worker serves it."""
+    target = spec.target
+    stored = None if target is None else target.model_dump(mode="json") | {"precision": target.effective_precision}
+    if target is None or target.is_default:
+        return spec.queue or settings.default_queue, stored
+    queue = queue_for(*target.key())
+    if spec.queue is not None and spec.queue != queue:
+        raise InvalidParams(f"queue: {spec.queue!r} does not serve the target {target_name(*target.key())}, "
+                            f"whose jobs go to the queue {queue!r}; leave queue out", field="queue")
+    targets.check_served(db=db, settings=settings, target=target)
+    return queue, stored
+
+
 def request_hash(spec: JobCreate) -> str:
     return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
@@ -173,10 +195,12 @@ def create(
     others = model_links(db, tenant_id, model, steps)
     if spec.webhook_url:
         webhooks.check_target(db=db, settings=settings, tenant_id=tenant_id, url=spec.webhook_url)
+    queue, target = route(db=db, settings=settings, spec=spec)
     job = Job(
-        tenant_id=tenant_id, model_id=model.id, name=spec.name, queue=spec.queue or settings.default_queue,
+        tenant_id=tenant_id, model_id=model.id, name=spec.name, queue=queue,
         spec={"steps": steps, "evaluate": spec.evaluate.model_dump(mode="json")}
-        | ({"recipe": {"id": spec.recipe, "params": spec.params}} if spec.recipe else {}),
+        | ({"recipe": {"id": spec.recipe, "params": spec.params}} if spec.recipe else {})
+        | ({"target": target} if target is not None else {}),
         status="queued", progress=0.0, stage="queued", idempotency_key=idempotency_key, request_hash=digest,
         webhook_url=spec.webhook_url,
         webhook_events=(spec.webhook_events or webhooks.DEFAULT_EVENTS) if spec.webhook_url else None,

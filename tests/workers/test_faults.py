@@ -164,7 +164,9 @@ def test_a_job_process_killed_with_sigkill_is_picked_up_again_and_finishes_once(
         job = check_finished_once(stack, http, job_id)
         assert job["attempts"] == 2
         messages = [e["message"] for e in http.get(f"/v1/jobs/{job_id}/events").json() if e["kind"] == "state"]
-        assert "attempt 2: started again after a lost worker" in messages
+        # (the message ends naming the Celery worker that took it: "... on worker modelpress-<pid>@<host>")
+        assert any(m.startswith(f"attempt 2: started again after a lost worker on worker modelpress-{worker.pid}@")
+                   for m in messages), messages
         assert worker.poll() is None  # the worker itself lives on
     wait_until(lambda: not job_processes(), 30)  # the killed attempt's job process died with it
     # Attempt 2 removed attempt 1's scratch folder, and its own went when it finished.

@@ -9,6 +9,7 @@ import { modelPage } from "./pages/model.js";
 import { modelsPage } from "./pages/models.js";
 import { newJobPage } from "./pages/newjob.js";
 import { signinPage } from "./pages/signin.js";
+import { targetsPage } from "./pages/targets.js";
 import { uploadPage } from "./pages/upload.js";
 
 const ROUTES = [
@@ -19,6 +20,7 @@ const ROUTES = [
   { pattern: /^\/upload$/, page: uploadPage, nav: "upload" },
   { pattern: /^\/models$/, page: modelsPage, nav: "models" },
   { pattern: /^\/models\/([\w-]+)$/, page: modelPage, nav: "models" },
+  { pattern: /^\/targets$/, page: targetsPage, nav: "targets" },
 ];
 
 let cleanup = null;

@@ -12,6 +12,10 @@ export const SERIES = {
   original: { label: "original", short: "orig.", color: "#56657a", pattern: "solid" },
   compressed: { label: "compressed", short: "comp.", color: "#1f6fbf", pattern: "hatch" },
   estimate: { label: "estimate", short: "est.", color: "#9a6a12", pattern: "dots" },
+  // A target's speedups (the job page's gains): the runtime's, the compression's, and their product.
+  runtime: { label: "runtime gain", short: "runtime", color: "#7a4f9e", pattern: "dots" },
+  compression: { label: "compression gain", short: "compr.", color: "#1f6fbf", pattern: "hatch" },
+  total: { label: "total", short: "total", color: "#2f7d5b", pattern: "solid" },
   single: { label: "", short: "", color: "#2f7d5b", pattern: "solid" },
 };
 

@@ -40,6 +40,41 @@ function headline(summary) {
     h("div", { class: "stat" }, h("div", { class: "stat-title" }, title), h("div", { class: "stat-value" }, big), h("div", { class: "stat-note" }, small))));
 }
 
+// A job with a target: its total speedup (the result on the target vs the original on ONNX Runtime fp32) is the
+// runtime's gain (the original on the target vs on ONNX Runtime) times the compression's (the result vs the
+// original, both on the target). Shown side by side per batch size, when the summary has them.
+function gainsSection(summary) {
+  const target = summary.target;
+  if (!target) return null;
+  const name = [target.runtime, target.device, target.precision].filter(Boolean).join("/");
+  const runtime = summary.runtime_speedup || {};
+  const compression = summary.compression_speedup || {};
+  const total = summary.speedup || {};
+  const batches = [...new Set([...Object.keys(runtime), ...Object.keys(compression), ...Object.keys(total)])]
+    .sort((a, b) => Number(a) - Number(b));
+  const text = (values, texts, batch) => (texts || {})[batch] || (values[batch] !== undefined && values[batch] !== null ? `${num(values[batch])}x` : "—");
+  const parts = [h("p", { class: "small muted" }, `Measured on ${name}${target.device_name ? ` (${target.device_name})` : ""}, `
+    + "beside ONNX Runtime fp32 on the same worker. Total = runtime gain × compression gain.")];
+  if (batches.length) {
+    parts.push(figure("gains-chart", "Speedup over the original on ONNX Runtime fp32: the runtime's gain and the compression's", groupedBarChart({
+      title: `runtime gain, compression gain and total speedup on ${name}`,
+      description: batches.map((b) => `batch ${b}: runtime ${text(runtime, summary.runtime_speedup_ci, b)}, compression ${text(compression, summary.compression_speedup_ci, b)}, total ${text(total, summary.speedup_ci, b)}`).join("; "),
+      // A gain not measured is drawn as "n/a", never as zero.
+      groups: batches.map((b) => ({ label: `batch ${b}`, bars: [["runtime", runtime], ["compression", compression], ["total", total]]
+        .map(([series, values]) => ({ series, value: values[b] ?? null })) })),
+      yLabel: "speedup (×, higher is better)", xLabel: "batch size", format: (v) => `${num(v)}x`,
+    })));
+    parts.push(h("table", { class: "compact", id: "gains-table" },
+      h("caption", null, "Speedup per batch size, with its 95% interval"),
+      h("thead", null, h("tr", null, ["batch", `runtime gain (original: ${target.runtime} vs onnxruntime)`, `compression gain (result vs original, on ${target.runtime})`, "total"].map((c) => h("th", null, c)))),
+      h("tbody", null, batches.map((b) => h("tr", { "data-batch": b }, h("td", null, b),
+        h("td", { "data-gain": "runtime" }, text(runtime, summary.runtime_speedup_ci, b)),
+        h("td", { "data-gain": "compression" }, text(compression, summary.compression_speedup_ci, b)),
+        h("td", { "data-gain": "total" }, text(total, summary.speedup_ci, b)))))));
+  }
+  return section("gains", `Target ${name}: the runtime's gain and the compression's`, parts);
+}
+
 function latencySection(measurement) {
   const providers = (measurement.providers || []).length ? measurement.providers
     : [{ provider: measurement.latency?.provider || "CPUExecutionProvider", available: true, latency: measurement.latency }];
@@ -353,7 +388,9 @@ export function jobPage(main, { params }) {
     const steps = job.recipe?.id ? `recipe ${job.recipe.id}: ${(job.steps || []).map((s) => s.method).join(" → ")}` : (job.steps || []).map((s) => s.method).join(" → ");
     facts.replaceChildren(kv([
       ["id", h("code", null, job.id)], ["model", job.model_id ? h("a", { href: `#/models/${job.model_id}` }, shortId(job.model_id)) : "—"],
-      ["steps", steps], ["batch sizes", (job.evaluate?.batch_sizes || []).join(", ")],
+      ["steps", steps || (job.target ? "none: the target's lowering only" : "")],
+      ["target", job.target ? [job.target.runtime, job.target.device, job.target.precision].filter(Boolean).join("/") : "onnxruntime/cpu (default)"],
+      ["batch sizes", (job.evaluate?.batch_sizes || []).join(", ")],
       ["input shapes", inputShapesText(job)],
       ["created", when(job.created_at)], ["ran for", job.started_at ? duration(job.started_at, job.finished_at) : "—"],
       ["queue / attempts", `${job.queue} / ${job.attempts}`],
@@ -387,7 +424,7 @@ export function jobPage(main, { params }) {
     if (reportData) {
       const summary = reportData.summary || job.summary || {};
       const measurement = reportData.measurement || {};
-      parts.push(headline(summary), latencySection(measurement), sizeSection(measurement, summary), qualitySection(summary, measurement),
+      parts.push(headline(summary), gainsSection(summary), latencySection(measurement), sizeSection(measurement, summary), qualitySection(summary, measurement),
         energySection(measurement, summary), trajectorySection(summary), notesSection(summary), stepsSection(reportData),
         environmentSection(measurement.environment));
     } else if (job.status !== "succeeded") {

@@ -6,6 +6,10 @@ import { allPages, api } from "../api.js";
 import { clear, errorBox, h } from "../dom.js";
 import { bytes } from "../format.js";
 import { schemaForm } from "../schema-form.js";
+import { targetName } from "./targets.js";
+
+// Used only when GET /v1/targets cannot be read: the default target, which every deployment has.
+const DEFAULT_TARGETS = [{ runtime: "onnxruntime", device: "cpu", precision: null, queue: "cpu", default: true, workers: 0, devices: [], versions: {} }];
 
 // Used only when /openapi.json cannot be read.
 const FALLBACK_EVALUATE = {
@@ -69,8 +73,9 @@ export function newJobPage(main, { query, navigate }) {
   main.append(body);
 
   (async () => {
-    const [methods, recipes, models, datasets, evaluate] = await Promise.all([
+    const [methods, recipes, models, datasets, evaluate, found] = await Promise.all([
       api("/v1/methods"), api("/v1/recipes"), allPages("/v1/models"), allPages("/v1/datasets"), evaluateSchema(),
+      api("/v1/targets").catch(() => ({ targets: DEFAULT_TARGETS })),
     ]);
     const uploads = { models, datasets };
     if (!models.length) {
@@ -84,9 +89,21 @@ export function newJobPage(main, { query, navigate }) {
     const queueSelect = h("select", { id: "job-queue", name: "queue" },
       h("option", { value: "" }, "server default"), h("option", { value: "cpu" }, "cpu"), h("option", { value: "gpu" }, "gpu"));
 
+    // The target: the default, or one a live worker serves (GET /v1/targets); the precision is part of the choice.
+    const targets = found.targets.filter((t) => t.default || t.workers > 0);
+    const targetSelect = h("select", { id: "job-target", name: "target" }, targets.map((t, i) => h("option", { value: i, "data-target": targetName(t) },
+      t.default ? `${targetName(t)} (default)` : `${targetName(t)} — ${t.workers} worker${t.workers === 1 ? "" : "s"}${t.devices.length ? `, ${t.devices[0].name}` : ""}`)));
+    const calibrationSelect = h("select", { id: "target-calibration", name: "calibration_dataset_id" },
+      h("option", { value: "" }, "the eval dataset's inputs, else random inputs"),
+      datasets.map((d) => h("option", { value: d.id }, `${d.name} (${d.id.slice(0, 8)})`)));
+    const calibrationField = h("div", { class: "field", hidden: true },
+      h("label", { for: "target-calibration" }, "int8 calibration dataset"), calibrationSelect);
+    const chosenTarget = () => targets[Number(targetSelect.value)] || targets[0];
+
     // Steps or a recipe.
     const modeSteps = h("input", { type: "radio", name: "mode", value: "steps", id: "mode-steps", checked: true });
     const modeRecipe = h("input", { type: "radio", name: "mode", value: "recipe", id: "mode-recipe" });
+    const modeNone = h("input", { type: "radio", name: "mode", value: "none", id: "mode-none", disabled: true });
     const stepsBox = h("div", { id: "steps" });
     const steps = [];
     function renumber() {
@@ -126,6 +143,18 @@ export function newJobPage(main, { query, navigate }) {
     }
     modeSteps.addEventListener("change", switchMode);
     modeRecipe.addEventListener("change", switchMode);
+    modeNone.addEventListener("change", switchMode);
+    function switchTarget() {
+      const target = chosenTarget();
+      // Another target has its own queue, and may go without steps: its lowering and precision are the compression.
+      queueSelect.disabled = !target.default;
+      if (!target.default) queueSelect.value = "";
+      modeNone.disabled = target.default;
+      if (target.default && modeNone.checked) modeSteps.checked = true;
+      calibrationField.hidden = target.precision !== "int8";
+      switchMode();
+    }
+    targetSelect.addEventListener("change", switchTarget);
 
     const evaluateForm = schemaForm(evaluate, { ...uploads, prefix: "evaluate" });
     const submit = h("button", { type: "submit", class: "primary", id: "start-job" }, "Start the job");
@@ -134,11 +163,17 @@ export function newJobPage(main, { query, navigate }) {
         h("div", { class: "field" }, h("label", { for: "job-model" }, "Model to compress"), modelSelect),
         h("div", { class: "grid-2" },
           h("div", { class: "field" }, h("label", { for: "job-name" }, "Job name"), nameInput),
-          h("div", { class: "field" }, h("label", { for: "job-queue" }, "Worker queue"), queueSelect))),
+          h("div", { class: "field" }, h("label", { for: "job-queue" }, "Worker queue"), queueSelect)),
+        h("div", { class: "grid-2" },
+          h("div", { class: "field" }, h("label", { for: "job-target" }, "Target (runtime / device / precision)"), targetSelect,
+            h("p", { class: "muted small" }, "Where the result is built and measured, beside ONNX Runtime fp32 on the same worker. ",
+              h("a", { href: "#/targets" }, "What the workers serve"))),
+          calibrationField)),
       h("section", { class: "card" }, h("h2", null, "Compression"),
         h("div", { class: "mode", role: "radiogroup", "aria-label": "steps or recipe" },
           h("label", { class: "check" }, modeSteps, " Steps (methods, in order)"),
-          h("label", { class: "check" }, modeRecipe, " A recipe (a named chain)")),
+          h("label", { class: "check" }, modeRecipe, " A recipe (a named chain)"),
+          h("label", { class: "check" }, modeNone, " None: the target's lowering and precision only")),
         stepsSection, recipeSection),
       h("section", { class: "card" }, h("h2", null, "Evaluation"),
         h("p", { class: "muted small" }, "How the original and the compressed model are measured side by side."),
@@ -153,11 +188,15 @@ export function newJobPage(main, { query, navigate }) {
         if (modeRecipe.checked) {
           spec.recipe = recipeSelect.value;
           spec.params = recipeForm.read();
-        } else {
+        } else if (!modeNone.checked) {
           spec.steps = steps.map((s) => s.read());
         }
         if (nameInput.value.trim()) spec.name = nameInput.value.trim();
-        if (queueSelect.value) spec.queue = queueSelect.value;
+        const target = chosenTarget();
+        if (!target.default) {
+          spec.target = { runtime: target.runtime, device: target.device, precision: target.precision };
+          if (target.precision === "int8" && calibrationSelect.value) spec.target.calibration_dataset_id = calibrationSelect.value;
+        } else if (queueSelect.value) spec.queue = queueSelect.value;
       } catch (err) {
         problems.append(errorBox(err));
         return;
