@@ -65,6 +65,19 @@ def test_cpu_info_reads_the_model_cores_and_isa_flags():
     assert info["logical_cores"] >= 1
 
 
+def test_gpus_are_read_from_nvidia_smi_without_torch(tmp_path, monkeypatch):
+    """What nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits prints (MiB), from a stand-in."""
+    from workers.targets import gpus
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert gpus() == []  # no nvidia-smi: no GPU
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf 'NVIDIA H200, 143771\\nNVIDIA A10G, 23028\\n'\n")
+    fake.chmod(0o755)
+    assert gpus() == [{"name": "NVIDIA H200", "memory_bytes": 143771 * 1024**2},
+                      {"name": "NVIDIA A10G", "memory_bytes": 23028 * 1024**2}]
+
+
 def test_servable_targets_follow_the_hardware_and_the_runtimes():
     from workers.targets import servable_targets
 
