@@ -81,8 +81,10 @@ def test_a_new_report_is_version_2_with_the_fields_of_version_1(client, alice, f
     report = client.get(f"/v1/jobs/{job_id}/report", headers=alice).json()
     assert report["report_version"] == REPORT_VERSION == 2
     assert isinstance(load_report(report), JobReport)
-    # The same fields as before (the dashboard reads them), report_version added; figures differ per run.
-    assert keys(report) - keys(V1["report"]) == {"/report_version"}
+    # The same fields as before (the dashboard reads them), report_version and the worst sample's cosine added;
+    # figures differ per run.
+    assert keys(report) - keys(V1["report"]) == {"/report_version", "/measurement/fidelity/worst_sample_cosine",
+                                                 "/measurement/dataset/fidelity/worst_sample_cosine"}
     assert keys(V1["report"]) - keys(report) == set()
     assert keys(job["summary"]) == keys(V1["job"]["summary"])
     assert job["summary"] == report["summary"]
