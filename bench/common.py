@@ -7,9 +7,22 @@ import io
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
+
+
+def snapshot(rev: str, folder: Path, repo: Path) -> tuple[Path, str]:
+    """The repository at commit `rev`, unpacked into folder/src (git archive), and the commit's short hash: code for a
+    service to run that others' uncommitted edits of the working tree cannot change mid-benchmark."""
+    out = folder / "src"
+    out.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", rev], cwd=repo, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=repo, check=True, capture_output=True,
+                            text=True).stdout.strip()
+    return out, commit
 
 
 def free_port() -> int:

@@ -50,7 +50,7 @@ CACHE = ROOT / "bench" / ".zoo-cache"
 BIN = Path(sys.executable).parent
 
 from app.client import Client, ModelPressError  # noqa: E402
-from bench.common import free_port, wait_ready  # noqa: E402
+from bench.common import free_port, snapshot, wait_ready  # noqa: E402
 from bench.results import publish  # noqa: E402
 
 QUANT = ("quantize.int8_dynamic", "quantize.int8_static", "quantize.fp16", "quantize.int4_weight_only",
@@ -803,12 +803,7 @@ def main() -> int:
             raise _Replay
         source = ROOT
         if args.at:
-            source = folder / "src"
-            source.mkdir()
-            archive = subprocess.run(["git", "archive", args.at], cwd=ROOT, check=True, capture_output=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
-            commit = subprocess.run(["git", "rev-parse", "--short", args.at], cwd=ROOT, check=True,
-                                    capture_output=True, text=True).stdout.strip()
+            source, commit = snapshot(args.at, folder, ROOT)
             print(f"service code: snapshot of {args.at} ({commit}) in {source}", flush=True)
         with Embedded(folder, source) as service, Client(service.url, service.key, timeout=300) as mp:
             schema = mp._json("GET", "/openapi.json")
