@@ -80,6 +80,8 @@ class Claim:
     datasets: dict[str, tuple[str, str, str]]  # id -> (sha256, format, name)
     models: dict[str, tuple[str, str]]  # id -> (sha256, format)
     kind: str = "compress"  # or "convert" (workers/convert)
+    # A goal search's candidates kept from a lost attempt: artifact name -> sha256.
+    resume: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -208,9 +210,12 @@ def _claim(job_id: str, store: ArtifactStore, settings: Settings, node: str | No
             log.info("job %s was claimed by another worker at the same time", job_id)
             return None
         db.refresh(job)
+        resume: dict[str, str] = {}
         if seen:
-            # An earlier attempt died mid-job: drop what it left, then start over.
-            _drop_outputs(db, store, job.id)
+            # An earlier attempt died mid-job: drop what it left, then start over; a goal search keeps the
+            # candidates it stored (workers.search.run resumes from them).
+            kept = SEARCH_KINDS if job.spec.get("goal") else ()
+            resume = _drop_outputs(db, store, job.id, keep_kinds=kept)
         job.progress, job.stage, job.error_code, job.error_message = 0.0, "preparing", None, None
         job.worker_id, job.heartbeat_at = worker_id(), utcnow()
         again = " again after a lost worker" if seen else ""
@@ -231,7 +236,8 @@ def _claim(job_id: str, store: ArtifactStore, settings: Settings, node: str | No
         ).all()
         return Claim(attempt=job.attempts, model_sha=model.sha256, model_format=model.format, spec=dict(job.spec),
                      datasets={row[0]: (row[1], row[2], row[3]) for row in linked},
-                     models={row[0]: (row[1], row[2]) for row in others}, kind=job.kind or "compress")
+                     models={row[0]: (row[1], row[2]) for row in others}, kind=job.kind or "compress",
+                     resume=resume)
 
 
 def _alive(job: Job, settings: Settings) -> bool:
@@ -252,13 +258,21 @@ def _alive(job: Job, settings: Settings) -> bool:
     return True
 
 
-def _drop_outputs(db, store: ArtifactStore, job_id: str) -> None:
-    shas = list(db.scalars(select(Artifact.sha256).where(Artifact.job_id == job_id)))
-    db.execute(delete(Artifact).where(Artifact.job_id == job_id))
+SEARCH_KINDS = ("candidate", "candidate-record")
+
+
+def _drop_outputs(db, store: ArtifactStore, job_id: str, keep_kinds: tuple[str, ...] = ()) -> dict[str, str]:
+    """Delete a dead attempt's artifacts and measurements, except those of `keep_kinds`: returns those kept,
+    artifact name -> sha256."""
+    kept: dict[str, str] = dict(db.execute(select(Artifact.name, Artifact.sha256).where(
+        Artifact.job_id == job_id, Artifact.kind.in_(keep_kinds))).all()) if keep_kinds else {}
+    shas = list(db.scalars(select(Artifact.sha256).where(Artifact.job_id == job_id, Artifact.kind.not_in(keep_kinds))))
+    db.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.kind.not_in(keep_kinds)))
     db.execute(delete(Measurement).where(Measurement.job_id == job_id))
     db.flush()
     for sha in shas:
         release_blob(db=db, store=store, sha256=sha)
+    return kept
 
 
 def _supervise(attempt: Attempt, claim: Claim, settings: Settings) -> dict:
@@ -271,6 +285,7 @@ def _supervise(attempt: Attempt, claim: Claim, settings: Settings) -> dict:
         "model": {"path": str(store.local_path(claim.model_sha)), "format": claim.model_format},
         "datasets": {i: [str(store.local_path(sha)), fmt, name] for i, (sha, fmt, name) in claim.datasets.items()},
         "models": {i: [str(store.local_path(sha)), fmt] for i, (sha, fmt) in claim.models.items()},
+        "resume": {name: str(store.local_path(sha)) for name, sha in claim.resume.items()},
     }
     lines: queue.Queue[bytes | None] = queue.Queue()
     if not settings.job_isolated:
@@ -533,7 +548,11 @@ def _headline(summary: dict) -> str:
     cos = summary.get("fidelity", {}).get("cosine_similarity")
     if cos is not None:
         parts.append(f"cosine {cos:.4f}")
-    return "done: " + ", ".join(parts) if parts else "done"
+    done = "done: " + ", ".join(parts) if parts else "done"
+    verdict = summary.get("verdict")
+    if verdict:  # the message leads with the verdict and its reason
+        return f"{verdict['verdict'].replace('_', ' ')}: {verdict['reason']}. {done}"
+    return done
 
 
 # A job's scratch folder (<data>/store/tmp/work-XXXX, its inputs under work/): a message names files relative to it.

@@ -69,6 +69,19 @@ class EvaluateSpec(Strict):
         examples=[{"sr": 16000}],
         max_length=64,
     )
+    # The budget the job's verdict judges the result against (workers.verdict).
+    objective: Literal["latency", "size"] = Field(
+        default="latency", description="What the result must improve to be judged beneficial: `latency` (the "
+        "speedup's 95% interval above 1.00 at objective_batch_size) or `size` (a smaller file).")
+    objective_batch_size: int | None = Field(
+        default=None, description="The batch size the latency objective is judged at; one of batch_sizes. "
+        "Default: the smallest of batch_sizes.")
+    min_cosine: float = Field(
+        default=0.99, ge=0, le=1, description="The worst sample's output cosine against the original (on the eval "
+        "dataset, else on random inputs) must be at least this for a beneficial verdict.")
+    max_accuracy_drop: float = Field(
+        default=1.0, ge=0, le=100, description="Top-1 accuracy may drop by at most this many points for a beneficial "
+        "verdict (only where the eval dataset has labels).")
 
     @field_validator("batch_sizes")
     @classmethod
@@ -85,6 +98,58 @@ class EvaluateSpec(Strict):
                              "(it cannot be read from the host)")
         if self.tdp_watts is not None and not self.energy_estimate:
             raise ValueError("tdp_watts is used only with energy_estimate: true")
+        if self.objective_batch_size is not None and self.objective_batch_size not in self.batch_sizes:
+            raise ValueError(f"objective_batch_size {self.objective_batch_size} is not one of batch_sizes "
+                             f"{self.batch_sizes}: the objective is judged on a measured batch size")
+        return self
+
+
+Family = Literal["quantize", "mixed_precision", "prune", "distill", "cluster", "targets"]
+FAMILIES: tuple[str, ...] = ("quantize", "mixed_precision", "prune", "distill", "cluster", "targets")
+
+
+class GoalDatasets(Strict):
+    eval_dataset_id: str | None = Field(
+        default=None, description="Samples every candidate is judged on (accuracy with labels, fidelity always). "
+        "Default: evaluate.eval_dataset_id; with neither, random inputs at the job's input shapes (the report says so).")
+    calibration_dataset_id: str | None = Field(
+        default=None, description="Samples the int8 candidates calibrate on. Default: the eval dataset's inputs.")
+    train_dataset_id: str | None = Field(
+        default=None, description="Labelled samples for the candidates that train (channel pruning with "
+        "fine-tuning, distillation); without it those families are skipped, and the report says so.")
+
+
+class GoalSpec(Strict):
+    """What a user needs instead of the steps to get there: the search tries the allowed families and every
+    target this deployment's worker serves, measures each candidate, and hands over the best one that meets the
+    budget, or none, with the evidence."""
+
+    objective: Literal["latency", "size", "energy"] = Field(
+        default="latency", description="What to improve: p50 latency at batch_size, file size, or energy per "
+        "inference (only where a RAPL or NVML counter is readable).")
+    batch_size: int = Field(default=1, ge=1, le=1024, description="The batch size the latency objective is at.")
+    min_cosine: float | None = Field(
+        default=0.99, gt=0, le=1, description="The worst sample's output cosine against the original (on the eval "
+        "dataset, else on random inputs) must be at least this. null: judged by max_accuracy_drop alone.")
+    max_accuracy_drop: float | None = Field(
+        default=None, ge=0, le=100, description="Top-1 accuracy may drop by at most this many points on the "
+        "labelled eval dataset (needs labels).")
+    max_latency_ms: float | None = Field(default=None, gt=0, description="p50 at batch_size must be at most this.")
+    max_size_bytes: int | None = Field(default=None, gt=0, description="The result's files must be at most this.")
+    time_budget_s: int = Field(default=900, ge=30, le=24 * 3600,
+                               description="The search stops starting candidates once this is spent.")
+    families: list[Family] | None = Field(
+        default=None, min_length=1, description="The method families the search may use (default: all that "
+        f"apply): {', '.join(FAMILIES)}. `targets`: every runtime the worker serves (OpenVINO f32, bf16, int8).")
+    datasets: GoalDatasets = Field(default_factory=GoalDatasets)
+
+    @model_validator(mode="after")
+    def _a_budget(self) -> GoalSpec:
+        if self.min_cosine is None and self.max_accuracy_drop is None:
+            raise ValueError("a goal needs a fidelity budget: min_cosine, max_accuracy_drop or both (without one, "
+                             "any broken model would meet it)")
+        if self.families is not None:
+            self.families = list(dict.fromkeys(self.families))
         return self
 
 
@@ -99,6 +164,10 @@ class JobCreate(Strict):
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     name: str | None = Field(default=None, max_length=255)
     queue: Literal["cpu", "gpu"] | None = Field(default=None, description="Worker queue; the server's default if absent")
+    goal: GoalSpec | None = Field(
+        default=None, description="What you need instead of steps: the search finds the best model that meets it, "
+        "or the evidence that none does. A job with only model_id runs the default goal (fastest at batch 1 within "
+        "cosine 0.99).")
     target: TargetSpec | None = Field(
         default=None,
         description="The runtime and device the result is built for and measured on (GET /v1/targets lists what the "
@@ -142,9 +211,13 @@ class JobCreate(Strict):
     def _steps_or_recipe(self) -> JobCreate:
         if self.steps is not None and self.recipe is not None:
             raise ValueError("give either steps or a recipe")
-        if self.steps is None and self.recipe is None and (self.target is None or self.target.is_default):
-            raise ValueError("give either steps or a recipe (only a target other than onnxruntime on the cpu may go "
-                             "without: its lowering is the compression)")
+        if self.goal is not None and (self.steps is not None or self.recipe is not None or self.target is not None):
+            raise ValueError("a goal replaces steps, a recipe and a target: the search chooses them (and tries every "
+                             "target the workers serve)")
+        if self.steps is None and self.recipe is None and self.goal is None and (
+                self.target is None or self.target.is_default):
+            # Only a model: the default goal (fastest at batch 1 within cosine 0.99).
+            self.goal = GoalSpec()
         if self.params and self.recipe is None:
             raise ValueError("params belong to a recipe; a step's params go inside the step")
         if self.webhook_events is not None and self.webhook_url is None:
@@ -182,6 +255,8 @@ class JobPublic(BaseModel):
     summary: AnySummary | dict[str, Any] | None = Field(union_mode="left_to_right")
     # The target the job was submitted with (its precision filled in); null: ONNX Runtime on the CPU.
     target: TargetSpec | dict[str, Any] | None = Field(default=None, union_mode="left_to_right")
+    # The goal a search job was submitted with (defaults filled in); null for a steps job.
+    goal: dict[str, Any] | None = None
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import delete, select
@@ -106,6 +107,11 @@ def dataset_links(db: Session, tenant_id: str, model: Model, spec: JobCreate, st
         named.append(("eval", spec.evaluate.eval_dataset_id, "evaluate.eval_dataset_id"))
     if spec.target is not None and spec.target.calibration_dataset_id:
         named.append(("target.calibration", spec.target.calibration_dataset_id, "target.calibration_dataset_id"))
+    if spec.goal is not None:
+        for key in ("eval", "calibration", "train"):
+            value = getattr(spec.goal.datasets, f"{key}_dataset_id")
+            if value and not (key == "eval" and value == spec.evaluate.eval_dataset_id):
+                named.append((f"goal.{key}", value, f"goal.datasets.{key}_dataset_id"))
     for index, step in enumerate(steps):
         for param in catalog.get(step["method"]).dataset_params:
             value = step["params"].get(param)
@@ -169,6 +175,34 @@ def route(*, db: Session, settings: Settings, spec: JobCreate) -> tuple[str, dic
     return queue, stored
 
 
+TRAINING_FAMILIES = ("prune", "distill")
+
+
+def check_goal(spec: JobCreate, links: dict[str, Any]) -> dict[str, Any] | None:
+    """What job.spec keeps of a goal ({"goal": ..., "evaluate": ...}), after the checks the datasets allow: a budget
+    in accuracy points needs labels (422 needs_labels), families that train need a train dataset when they are the
+    only ones asked for (422 dataset_required). The goal's eval dataset becomes the job's (the final measurement
+    runs on it) and its batch size one of the measured ones."""
+    goal = spec.goal
+    if goal is None:
+        return None
+    eval_dataset = links.get("goal.eval") or links.get("eval")
+    if goal.max_accuracy_drop is not None and (eval_dataset is None or not eval_dataset.inspection.get("has_labels")):
+        raise InvalidParams(
+            "goal.max_accuracy_drop is in points of top-1 accuracy, which needs an eval dataset with a 'labels' array "
+            + ("(none is named: goal.datasets.eval_dataset_id)" if eval_dataset is None else
+               f"({eval_dataset.name} has none)") + "; use min_cosine instead, or name a labelled dataset",
+            code="needs_labels", field="goal.max_accuracy_drop")
+    if goal.families and set(goal.families) <= set(TRAINING_FAMILIES) and not goal.datasets.train_dataset_id:
+        raise InvalidParams(f"goal.families {goal.families} all train, which needs goal.datasets.train_dataset_id "
+                            "(a labelled dataset)", code="dataset_required", field="goal.datasets.train_dataset_id")
+    evaluate = spec.evaluate.model_dump(mode="json")
+    if eval_dataset is not None:
+        evaluate["eval_dataset_id"] = eval_dataset.id
+    evaluate["batch_sizes"] = sorted(set(evaluate["batch_sizes"]) | {goal.batch_size})
+    return {"goal": goal.model_dump(mode="json"), "evaluate": evaluate}
+
+
 def request_hash(spec: JobCreate) -> str:
     return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
@@ -193,6 +227,7 @@ def create(
     check_input_shapes(spec, model)
     links = dataset_links(db, tenant_id, model, spec, steps)
     others = model_links(db, tenant_id, model, steps)
+    goal = check_goal(spec, dict(links))
     if spec.webhook_url:
         webhooks.check_target(db=db, settings=settings, tenant_id=tenant_id, url=spec.webhook_url)
     queue, target = route(db=db, settings=settings, spec=spec)
@@ -200,6 +235,7 @@ def create(
         tenant_id=tenant_id, model_id=model.id, name=spec.name, queue=queue,
         spec={"steps": steps, "evaluate": spec.evaluate.model_dump(mode="json")}
         | ({"recipe": {"id": spec.recipe, "params": spec.params}} if spec.recipe else {})
+        | (goal or {})
         | ({"target": target} if target is not None else {}),
         status="queued", progress=0.0, stage="queued", idempotency_key=idempotency_key, request_hash=digest,
         webhook_url=spec.webhook_url,

@@ -47,5 +47,5 @@ def to_public(job: Job) -> JobPublic:
         finished_at=job.finished_at, expired_at=job.expired_at,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         summary=job.summary, webhook_url=job.webhook_url, webhook_events=job.webhook_events,
-        target=job.spec.get("target"),
+        target=job.spec.get("target"), goal=job.spec.get("goal"),
     )

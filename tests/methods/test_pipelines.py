@@ -138,7 +138,8 @@ def test_deep_compression_recipe_packs_a_small_artifact_with_few_shared_values(c
     ({"recipe": "prune-finetune-int8", "params": {}}, "train_dataset_id"),
     ({"recipe": "prune-finetune-int8", "params": {"train_dataset_id": "x", "ratio": 2}}, "params.ratio"),
     ({"recipe": "deep-compression", "steps": [{"method": "quantize.fp16"}]}, "either steps or a recipe"),
-    ({}, "either steps or a recipe"),
+    # (a model alone is the default goal: tests/methods/test_goal.py)
+    ({"goal": {}, "steps": [{"method": "quantize.fp16"}]}, "a goal replaces steps"),
 ])
 def test_bad_recipe_requests_are_422(client, alice, digits, body, needle):
     resp = client.post("/v1/jobs", headers=alice, json={"model_id": digits["model"], **body})

@@ -2,6 +2,7 @@
 from the job's datasets, the IR written and handed to the worker as an artifact, and the record the report keeps."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,9 @@ class LoweredForJob:
 
 
 def lower_for_target(run, target: dict[str, Any], model: Path, workdir: Path, evaluate: dict[str, Any], input_shapes,
-                     *, share: tuple[float, float]) -> LoweredForJob:
+                     *, share: tuple[float, float], store: bool = True) -> LoweredForJob:
+    """store=False: the IR stays in workdir (a goal search's candidate, stored by the search), with its
+    compile_config.json beside model.xml."""
     from workers.measure.environment import default_threads
     from workers.measure.targets import target_label
 
@@ -58,8 +61,9 @@ def lower_for_target(run, target: dict[str, Any], model: Path, workdir: Path, ev
     run.progress(share[0], f"lowering to {label}", f"lowering the model to {label}", force=True)
     lowered = lower(model, workdir / "openvino", precision=precision, threads=threads, calibration=calibration,
                     validation=validation, max_accuracy_drop=target.get("max_accuracy_drop"), progress=progress)
+    (lowered.xml.parent / "compile_config.json").write_text(json.dumps(lowered.details["compile_config"]))
     artifact = run.store_artifact(lowered.zip(workdir / IR_ARTIFACT), name=IR_ARTIFACT, kind="model",
-                                  content_type="application/zip")
+                                  content_type="application/zip") if store else {}
     record = {"index": index, "method": "lower.openvino", "version": 1,
               "params": {k: v for k, v in target.items() if v is not None},
               "duration_s": round(time.perf_counter() - started, 3), "details": lowered.details, "artifact": artifact}

@@ -1,0 +1,674 @@
+"""The goal search: a job that states what it needs (app.jobs.schemas.GoalSpec) gets the best model that meets
+it, or the evidence that none does.
+
+Candidates are built by the methods' own code (workers.steps.run_method) and the targets' lowering, each measured
+against the original with the job's harness (workers.measure, interleaved, with its interval) and judged against
+the goal's budget (workers.verdict). The plan starts with what is cheap and often enough (a runtime switch, the
+int8 schemes), then reacts to what it measured: an int8 model that broke the outputs comes back with its most
+sensitive nodes in float (mixed precision, the nodes ranked by workers.search.sensitivity), one that runs slower
+comes back without the ops that slow it (ConvInteger on x86), the best faithful model is chained into the next
+family (pruned -> int8, QDQ -> OpenVINO). Pruning and distillation run only with a train dataset.
+
+Every candidate is stored as it finishes (its model, kind `candidate`, and its record, kind `candidate-record`):
+a worker lost mid-search resumes from them (workers.supervise keeps them on a retry and lays them out in
+request["resume"]). The time budget holds: a candidate starts only while its expected cost fits, and the final
+measurement is reserved. Cancel stops at the next candidate.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.errors import JobFailed, ModelPressError
+from app.reports import (
+    REPORT_VERSION,
+    Candidate,
+    JobReport,
+    Measurement,
+    ReportArtifact,
+    StepRecord,
+)
+from app.settings import get_settings
+
+# Share of the progress bar: the search, then the final measurement and the report.
+SEARCH, FINAL = 0.80, 0.15
+# A candidate's measurement: short (the final one is the job's evaluate settings).
+CANDIDATE_WARMUP, CANDIDATE_ITERATIONS, CANDIDATE_EVAL_SAMPLES = 3, 30, 64
+MIXED_COUNTS = (1, 2, 4, 8, 16)
+PRUNE_RATIOS = (0.25, 0.5)
+RECORD_KIND, MODEL_KIND = "candidate-record", "candidate"
+
+
+@dataclass
+class Plan:
+    """One candidate to build: its steps on the intake model (or on another candidate's model: `base`), then
+    optionally a target's lowering."""
+
+    name: str
+    family: str
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    target: dict[str, Any] | None = None
+    base: str | None = None  # the candidate whose model the steps start from
+    why: str = ""
+
+
+@dataclass
+class Tried:
+    plan: Plan
+    status: str  # measured | failed | skipped
+    seconds: float = 0.0
+    summary: dict[str, Any] | None = None
+    verdict: dict[str, Any] | None = None
+    artifact: str | None = None
+    error: dict[str, str] | None = None
+    path: Path | None = None
+    measurement: dict[str, Any] | None = None
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        return {"plan": asdict(self.plan), "status": self.status, "seconds": round(self.seconds, 3),
+                "summary": self.summary, "verdict": self.verdict, "artifact": self.artifact, "error": self.error,
+                "details": self.details}
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any], path: Path | None) -> Tried:
+        return cls(plan=Plan(**data["plan"]), status=data["status"], seconds=data.get("seconds", 0.0),
+                   summary=data.get("summary"), verdict=data.get("verdict"), artifact=data.get("artifact"),
+                   error=data.get("error"), path=path, details=data.get("details") or [])
+
+    @property
+    def beneficial(self) -> bool:
+        return bool(self.verdict and self.verdict.get("verdict") == "beneficial")
+
+
+@dataclass
+class Search:
+    run: Any
+    workdir: Path
+    original: Path
+    intake: Any
+    spec: dict[str, Any]
+    input_shapes: Any
+    started: float = field(default_factory=time.monotonic)
+    tried: dict[str, Tried] = field(default_factory=dict)
+    queue: list[Plan] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    measure_seconds: list[float] = field(default_factory=list)
+    sensitivity: Any = None
+
+    @property
+    def goal(self) -> dict[str, Any]:
+        return self.spec["goal"]
+
+    @property
+    def deadline(self) -> float:
+        return self.started + float(self.goal["time_budget_s"])
+
+    def allowed(self, family: str) -> bool:
+        families = self.goal.get("families")
+        return families is None or family in families
+
+
+def search(run, workdir: Path, *, original: Path, intake, spec: dict[str, Any], input_shapes):
+    """Run the goal search; returns (report, summary, measurement rows) like workers.steps.execute."""
+    state = Search(run=run, workdir=workdir, original=original, intake=intake, spec=spec, input_shapes=input_shapes)
+    _resume(state)
+    state.queue = _first_plans(state)
+    total_hint = len(state.queue)
+    while state.queue:
+        plan = state.queue.pop(0)
+        if plan.name in state.tried:
+            _react(state, state.tried[plan.name])
+            continue
+        run.check_cancel()
+        done = sum(1 for t in state.tried.values() if t.status != "skipped")
+        best = _best(state)
+        run.progress(0.05 + SEARCH * min(0.99, (time.monotonic() - state.started) / state.goal["time_budget_s"]),
+                     "searching", f"candidate {done + 1} ({plan.name}); {len(state.queue)} more planned; best so far: "
+                     + (_short(best) if best else "none beneficial yet"), force=True)
+        if not _fits(state):
+            tried = Tried(plan=plan, status="skipped", error={
+                "code": "time_budget", "message": f"not started: the time budget ({state.goal['time_budget_s']} s) "
+                "would not hold it and the final measurement"})
+            state.tried[plan.name] = tried
+            continue
+        tried = _try(state, plan)
+        state.tried[plan.name] = tried
+        _store_record(state, tried)
+        _react(state, tried)
+        total_hint = max(total_hint, len(state.tried) + len(state.queue))
+    return _finish(state)
+
+
+# --- planning --------------------------------------------------------------------------------------------------
+
+def _datasets(state: Search) -> dict[str, str | None]:
+    goal_sets = state.goal.get("datasets") or {}
+    evaluation = state.spec["evaluate"].get("eval_dataset_id")
+    return {"eval": evaluation, "calibration": goal_sets.get("calibration_dataset_id") or evaluation,
+            "train": goal_sets.get("train_dataset_id")}
+
+
+def _served_targets() -> list[dict[str, Any]]:
+    """The OpenVINO targets this worker serves (the same choice its registration made)."""
+    try:
+        from workers.targets import probe, worker_targets
+
+        chosen = worker_targets(probe(), get_settings().worker_targets, [])
+    except Exception:  # no OpenVINO here: the targets family has nothing to offer
+        return []
+    return [t for t in chosen if t.get("runtime") != "onnxruntime"]
+
+
+def _first_plans(state: Search) -> list[Plan]:
+    sets = _datasets(state)
+    objective = state.goal["objective"]
+    calibration = ({"calibration_dataset_id": sets["calibration"]} if sets["calibration"]
+                   else {"allow_random_calibration": True})
+    if not sets["calibration"]:
+        state.notes.append("no calibration or eval dataset: the int8 candidates calibrate on random inputs, which "
+                           "rarely match real activations; give goal.datasets.calibration_dataset_id")
+    plans: list[Plan] = []
+    if state.allowed("targets"):
+        served = _served_targets()
+        precisions = [t["precision"] for t in served if t.get("runtime") == "openvino" and t.get("device") == "cpu"]
+        for precision in ("f32", "bf16", "int8"):
+            if precision in precisions:
+                target: dict[str, Any] = {"runtime": "openvino", "device": "cpu", "precision": precision}
+                if precision == "int8" and sets["calibration"]:
+                    target["calibration_dataset_id"] = sets["calibration"]
+                plans.append(Plan(f"openvino-{precision}", "targets", target=target,
+                                  why="a runtime switch is a candidate like any other"))
+        if not served:
+            state.notes.append("this worker serves no target besides ONNX Runtime on the CPU: no runtime switch "
+                               "was tried (GET /v1/targets)")
+    if state.allowed("quantize"):
+        plans.append(Plan("int8_static", "quantize", steps=[_step("quantize.int8_static", per_channel=True,
+                                                                  **calibration)]))
+        plans.append(Plan("int8_dynamic", "quantize", steps=[_step("quantize.int8_dynamic")]))
+        plans.append(Plan("fp16", "quantize", steps=[_step("quantize.fp16")]))
+        if objective == "size":
+            plans.append(Plan("int4_weight_only", "quantize", steps=[_step("quantize.int4_weight_only")]))
+    if state.allowed("cluster") and objective == "size":
+        plans.append(Plan("cluster", "cluster", steps=[_step("cluster.kmeans")]))
+    if state.allowed("prune"):
+        if sets["train"]:
+            for ratio in PRUNE_RATIOS:
+                plans.append(Plan(f"prune-{ratio:g}", "prune", steps=[_step(
+                    "prune.channels", ratio=ratio, train_dataset_id=sets["train"], eval_dataset_id=sets["eval"],
+                    epochs=3)]))
+        else:
+            state.notes.append("channel pruning was not tried: it needs goal.datasets.train_dataset_id to fine-tune "
+                               "(pruned without fine-tuning, a model rarely keeps its outputs)")
+    if state.allowed("distill"):
+        if sets["train"]:
+            plans.append(Plan("distill-width-0.5", "distill", steps=[_step(
+                "distill.kd", train_dataset_id=sets["train"], eval_dataset_id=sets["eval"], epochs=5)]))
+        elif state.goal.get("families") and "distill" in state.goal["families"]:
+            state.notes.append("distillation was not tried: it needs goal.datasets.train_dataset_id")
+    return plans
+
+
+def _step(method: str, **params: Any) -> dict[str, Any]:
+    """A step with its params validated and defaults filled, as the job would store it."""
+    from workers import methods
+
+    model = methods.get(method).params_model.model_validate({k: v for k, v in params.items() if v is not None})
+    return {"method": method, "params": model.model_dump(mode="json")}
+
+
+def _react(state: Search, tried: Tried) -> None:
+    """New plans from what a candidate measured: mixed precision, leaner int8, chains."""
+    plan = tried.plan
+    planned = {p.name for p in state.queue} | set(state.tried)
+
+    def add(new: Plan, *, first: bool = False) -> None:
+        if new.name not in planned:
+            planned.add(new.name)
+            state.queue.insert(0, new) if first else state.queue.append(new)
+
+    if tried.status != "measured":
+        return
+    fidelity_ok, faster = _fidelity_holds(tried), _faster(tried)
+    if plan.family == "quantize" and plan.name in ("int8_static", "int8_dynamic") and state.allowed("mixed_precision"):
+        if not fidelity_ok:
+            # The most sensitive node first; more are planned as each count is measured (below).
+            add(Plan(f"{plan.name}-float{MIXED_COUNTS[0]}", "mixed_precision",
+                     why=f"{plan.name} broke the outputs: its most sensitive node stays float"))
+        if plan.name == "int8_dynamic" and not faster and _has_conv(state.intake.path):
+            add(Plan("int8_dynamic-matmul", "mixed_precision", steps=[_step(
+                "quantize.int8_dynamic", op_types=["MatMul", "Gemm"])],
+                why="int8_dynamic was not faster: ConvInteger is slower than float Conv on x86, so Conv stays float"))
+    if plan.family == "mixed_precision" and "-float" in plan.name and not fidelity_ok:
+        scheme, kept_float = plan.name.split("-float")
+        larger = [c for c in MIXED_COUNTS if c > int(kept_float)]
+        if larger:
+            add(Plan(f"{scheme}-float{larger[0]}", "mixed_precision",
+                     why=f"{plan.name} still broke the outputs: {larger[0]} node(s) stay float"), first=True)
+    # Chains: a faithful ONNX model goes on to the next family.
+    if fidelity_ok and plan.target is None:
+        if plan.family == "prune" and state.allowed("quantize"):
+            add(Plan(f"{plan.name}+int8_static", "prune", steps=[_step(
+                "quantize.int8_static", per_channel=True, **(
+                    {"calibration_dataset_id": _datasets(state)["calibration"]} if _datasets(state)["calibration"]
+                    else {"allow_random_calibration": True}))], base=plan.name, why="a faithful pruned model, quantized"))
+        if plan.family in ("quantize", "mixed_precision", "prune") and "int8" in plan.name and state.allowed("targets") \
+                and any(t["precision"] == "int8" for t in _served_targets()):
+            add(Plan(f"{plan.name}+openvino", "targets", base=plan.name,
+                     target={"runtime": "openvino", "device": "cpu", "precision": "int8"},
+                     why="a faithful int8 (QDQ) model, run by OpenVINO's int8 kernels"))
+
+
+def _has_conv(path: Path) -> bool:
+    import onnx
+
+    return any(n.op_type == "Conv" for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+# --- one candidate -------------------------------------------------------------------------------------------
+
+def _try(state: Search, plan: Plan) -> Tried:
+    from workers.steps import run_method
+
+    started = time.monotonic()
+    out = state.workdir / "candidates" / plan.name
+    out.mkdir(parents=True, exist_ok=True)
+    tried = Tried(plan=plan, status="failed")
+    try:
+        current = state.intake.path
+        if plan.base:
+            base = state.tried.get(plan.base)
+            if base is None or base.path is None:
+                raise JobFailed(f"its base candidate {plan.base} has no model", code="candidate_missing")
+            current = base.path
+        steps = list(plan.steps)
+        if plan.family == "mixed_precision" and "-float" in plan.name and not steps:
+            steps = [_mixed_step(state, plan)]
+            plan.steps = steps
+        for index, step in enumerate(steps, start=1):
+            step_dir = out / f"step-{index}"
+            step_dir.mkdir(exist_ok=True)
+            output, method = run_method(state.run, step, current, step_dir, state.workdir, state.input_shapes,
+                                        seed=index, label=f"candidate {plan.name}",
+                                        progress=lambda *_args, **_kw: None)
+            tried.details.append({"method": method.id, "details": output.details})
+            current = output.model_path
+        measured_path = current
+        if plan.target is not None:
+            from workers.openvino.job import lower_for_target
+
+            lowered = lower_for_target(state.run, plan.target, current, out, state.spec["evaluate"],
+                                       state.input_shapes, share=(0.0, 0.0), store=False)
+            tried.details.append({"method": "lower.openvino", "details": lowered.record["details"]})
+            measured_path = lowered.path
+        tried.path = measured_path
+        measure_started = time.monotonic()
+        measured = _measure_candidate(state, measured_path, plan.target)
+        state.measure_seconds.append(time.monotonic() - measure_started)
+        tried.measurement = measured
+        tried.summary, tried.verdict = _judge(state, measured)
+        tried.status = "measured"
+        tried.artifact = _store_model(state, plan, measured_path)
+    except ModelPressError as exc:
+        if exc.code == "cancelled":
+            raise
+        tried.error = {"code": exc.code, "message": exc.message}
+    except Exception as exc:  # a candidate that fails is evidence, not the end of the search
+        from workers.steps import Cancelled
+
+        if isinstance(exc, Cancelled):
+            raise
+        tried.error = {"code": "candidate_failed", "message": f"{type(exc).__name__}: {exc}"[:1500]}
+    tried.seconds = time.monotonic() - started
+    return tried
+
+
+def _mixed_step(state: Search, plan: Plan) -> dict[str, Any]:
+    """The scheme again with the `count` nodes that cost it the most fidelity left in float."""
+    scheme, count = plan.name.split("-float")
+    ranking = _sensitivity_ranking(state, scheme)
+    excluded = [row["node"] for row in ranking[: int(count)]]
+    if not excluded:
+        raise JobFailed("the sensitivity ranking found no quantized node", code="nothing_to_exclude")
+    base = state.tried[scheme].plan.steps[0]
+    return {"method": base["method"], "params": base["params"] | {"nodes_to_exclude": excluded}}
+
+
+def _sensitivity_ranking(state: Search, scheme: str) -> list[dict[str, Any]]:
+    """Nodes ranked by the output error their int8 version costs (workers.search.sensitivity), computed once."""
+    if state.sensitivity is None:
+        state.sensitivity = _compute_sensitivity(state, scheme)
+    return state.sensitivity["ranking"]
+
+
+def _compute_sensitivity(state: Search, scheme: str) -> dict[str, Any]:
+    feeds, source = _sample_feeds(state, 16)
+    calibration, _ = _sample_feeds(state, 32, calibration=True)
+    quantized = state.tried[scheme].path
+    try:
+        from workers.search.sensitivity import node_sensitivity
+
+        table = node_sensitivity(state.intake.path, feeds=feeds, calibration=calibration, quantized_path=quantized,
+                                 deadline=min(state.deadline, time.monotonic() + 0.25 * state.goal["time_budget_s"]))
+        data = table.to_json()
+        ranking = [{"node": row["node"]} for row in data["rows"]]
+        return {"ranking": ranking, "table": data, "source": source}
+    except ImportError:  # the ranking quantize.auto uses: the error each layer adds in the quantized model
+        from workers.datasets import Dataset
+        from workers.quantize.auto import _sensitivity
+
+        names = list(feeds[0])
+        import numpy as np
+
+        evaluation = Dataset({n: np.concatenate([f[n] for f in feeds]) for n in names}, name=source)
+        ranking = _sensitivity(state.intake.path, quantized, evaluation, state.notes) if quantized else []
+        return {"ranking": ranking, "table": None, "source": source}
+
+
+def _sample_feeds(state: Search, count: int, *, calibration: bool = False) -> tuple[list[dict[str, Any]], str]:
+    """Feeds of one sample each (the fixed batch where the model has one): the eval (or calibration) dataset's
+    first samples, else random ones at the job's input shapes."""
+    from workers.quantize.int8_static import calibration_source
+
+    sets = _datasets(state)
+    dataset_id = sets["calibration" if calibration else "eval"]
+    dataset = state.run.dataset(dataset_id) if dataset_id else None
+    source = calibration_source(state.intake.path, dataset, samples=count, seed=7, allow_random=dataset is None,
+                                shapes=state.input_shapes)
+    return [source.feed(i) for i in range(source.count)], source.described
+
+
+def _measure_candidate(state: Search, path: Path, target: dict[str, Any] | None) -> dict[str, Any]:
+    from workers.steps import _measure
+
+    evaluate = dict(state.spec["evaluate"])
+    evaluate.update(batch_sizes=[state.goal["batch_size"]], warmup=min(CANDIDATE_WARMUP, evaluate["warmup"]),
+                    iterations=min(CANDIDATE_ITERATIONS, evaluate["iterations"]),
+                    eval_max_samples=min(CANDIDATE_EVAL_SAMPLES, evaluate.get("eval_max_samples") or
+                                         CANDIDATE_EVAL_SAMPLES), providers=["CPUExecutionProvider"])
+    measured = _measure(state.run, get_settings(), evaluate, state.original, path, (0.0, 0.0), state.input_shapes,
+                        target=target)
+    measured.pop("samples", None)
+    measured.pop("measurements", None)
+    return measured
+
+
+def _judge(state: Search, measured: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    from workers.steps import _summary
+    from workers.verdict import Budget, judge
+
+    summary = _summary(Measurement.model_validate(measured), [])
+    verdict = judge(summary, Budget.from_goal(state.goal))
+    summary.verdict = verdict
+    return summary.model_dump(mode="json"), verdict.model_dump(mode="json")
+
+
+def _store_model(state: Search, plan: Plan, path: Path) -> str:
+    """The candidate's model as a downloadable artifact (an IR is zipped with its config)."""
+    index = len([t for t in state.tried.values() if t.artifact]) + 1
+    if path.suffix == ".xml":
+        from workers.openvino.lower import Lowered
+
+        config = json.loads((path.parent / "compile_config.json").read_text()) \
+            if (path.parent / "compile_config.json").is_file() else {}
+        archive = Lowered(xml=path, bin=path.with_suffix(".bin"), precision=plan.target["precision"] if plan.target
+                          else "f32", details={"compile_config": config}).zip(path.parent / "candidate.zip")
+        name = f"candidate-{index:02d}-{plan.name}.zip"
+        state.run.store_artifact(archive, name=name, kind=MODEL_KIND, content_type="application/zip")
+        return name
+    name = f"candidate-{index:02d}-{plan.name}.onnx"
+    state.run.store_artifact(path, name=name, kind=MODEL_KIND, content_type="application/octet-stream")
+    return name
+
+
+def _store_record(state: Search, tried: Tried) -> None:
+    folder = state.workdir / "records"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{tried.plan.name}.json"
+    path.write_text(json.dumps(tried.record(), default=str))
+    state.run.store_artifact(path, name=f"candidate-record-{tried.plan.name}.json", kind=RECORD_KIND,
+                             content_type="application/json")
+
+
+def _resume(state: Search) -> None:
+    """Candidates a lost attempt finished: their records and models, laid out by the worker (request["resume"])."""
+    resume: dict[str, str] = getattr(state.run, "resume", {}) or {}
+    records = {name: path for name, path in resume.items() if name.startswith("candidate-record-")}
+    for name, path in sorted(records.items()):
+        data = json.loads(Path(path).read_text())
+        model = resume.get(data.get("artifact") or "")
+        local = None
+        if model:
+            local = state.workdir / "resumed" / Path(data["artifact"]).name
+            local.parent.mkdir(parents=True, exist_ok=True)
+            if data["artifact"].endswith(".zip"):
+                import zipfile
+
+                target = local.with_suffix("")
+                with zipfile.ZipFile(model) as archive:
+                    archive.extractall(target)
+                local = target / "model.xml"
+            else:
+                shutil.copyfile(model, local)
+        tried = Tried.from_record(data, local)
+        state.tried[tried.plan.name] = tried
+        state.run.artifacts.append({"name": name, "kind": RECORD_KIND})
+        if tried.artifact:
+            state.run.artifacts.append({"name": tried.artifact, "kind": MODEL_KIND})
+    if records:
+        state.notes.append(f"resumed after a lost worker: {len(records)} candidate(s) measured by the earlier "
+                           "attempt were kept, not built again")
+
+
+# --- the time budget, the best, the end ------------------------------------------------------------------------
+
+def _fits(state: Search) -> bool:
+    """Whether another candidate, and then the final measurement, still fit in the time budget."""
+    now = time.monotonic()
+    spent = [t.seconds for t in state.tried.values() if t.status != "skipped"]
+    typical = (sorted(spent)[len(spent) // 2] if spent else 0.0)
+    final = 2.5 * max(state.measure_seconds, default=0.0)
+    return now + typical + final <= state.deadline
+
+
+def _fidelity_holds(tried: Tried) -> bool:
+    checks = (tried.verdict or {}).get("checks") or []
+    fidelity = [c for c in checks if c.get("name") in ("min_cosine", "max_accuracy_drop")]
+    return bool(fidelity) and all(c.get("passed") for c in fidelity)
+
+
+def _faster(tried: Tried) -> bool:
+    speedup = (tried.summary or {}).get("speedup") or {}
+    return any(v > 1.0 for v in speedup.values())
+
+
+def _objective_key(state: Search, tried: Tried) -> tuple:
+    summary = tried.summary or {}
+    objective = state.goal["objective"]
+    batch = str(state.goal["batch_size"])
+    if objective == "size":
+        return (-(summary.get("size_ratio") or math.inf),)
+    if objective == "energy":
+        energy = summary.get("energy_j_per_inference") or {}
+        return (-(energy.get(batch) or math.inf),)
+    improvement = (tried.verdict or {}).get("improvement") or {}
+    return (improvement.get("low") or 0.0, (summary.get("speedup") or {}).get(batch) or 0.0)
+
+
+def _best(state: Search) -> Tried | None:
+    good = [t for t in state.tried.values() if t.status == "measured" and t.beneficial]
+    return max(good, key=lambda t: _objective_key(state, t), default=None)
+
+
+def _closest(state: Search) -> Tried | None:
+    """What came closest when nothing was beneficial: the best objective among the faithful, else the most
+    faithful."""
+    measured = [t for t in state.tried.values() if t.status == "measured"]
+    faithful = [t for t in measured if _fidelity_holds(t)]
+    if faithful:
+        return max(faithful, key=lambda t: _objective_key(state, t))
+    return max(measured, key=lambda t: ((t.summary or {}).get("fidelity") or {}).get("worst_cosine") or 0.0,
+               default=None)
+
+
+def _short(tried: Tried) -> str:
+    speedup = ((tried.summary or {}).get("speedup_ci") or {})
+    text = next(iter(speedup.values()), None)
+    return f"{tried.plan.name} {text}" if text else tried.plan.name
+
+
+def _finish(state: Search):
+    from workers.steps import _summary
+    from workers.verdict import Budget, judge
+
+    run = state.run
+    best = _best(state)
+    evaluate = state.spec["evaluate"]
+    chosen = best or _closest(state)
+    measurement: dict[str, Any] | None = None
+    rows: list[dict[str, Any]] = []
+    if best is not None and best.path is not None:
+        run.progress(0.05 + SEARCH, "measuring", f"measuring the best candidate ({best.plan.name}) with the job's "
+                     "evaluate settings", force=True)
+        from workers.steps import _measure
+
+        final = _measure(run, get_settings(), evaluate, state.original, best.path, (0.0, 1.0), state.input_shapes,
+                         target=best.plan.target)
+        samples = state.workdir / "latency-samples.json"
+        samples.write_text(json.dumps(final.pop("samples", {})))
+        stored = run.store_artifact(samples, name=samples.name, kind="samples", content_type="application/json")
+        final["latency"]["samples_artifact"] = stored["name"]
+        environment = final.get("environment")
+        rows = [r | {"environment": environment} for r in final.pop("measurements", [])]
+        measurement = final
+    elif chosen is not None:
+        measurement = chosen.measurement
+    if measurement is None:
+        raise JobFailed("no candidate could be built and measured: " + "; ".join(
+            f"{t.plan.name}: {t.error['message'] if t.error else t.status}" for t in state.tried.values())[:3000],
+            code="search_failed")
+    budget = Budget.from_goal(state.goal)
+    summary = _summary(Measurement.model_validate(measurement), [])
+    verdict = judge(summary, budget)
+    if best is None:
+        reason = "no candidate met the goal" + (f"; the closest was {chosen.plan.name}: "
+                                               f"{(chosen.verdict or {}).get('reason', '')}" if chosen else "")
+        verdict = verdict.model_copy(update={"verdict": "not_beneficial", "reason": reason})
+    if best is not None and verdict.verdict != "beneficial":
+        verdict = verdict.model_copy(update={"reason": f"{best.plan.name} met the goal in the search "
+                                             f"({_short(best)}) but not when measured again with the job's evaluate "
+                                             f"settings: {verdict.reason}"})
+    summary.verdict = verdict
+    handed = None
+    if best is not None and verdict.verdict == "beneficial" and best.path is not None:
+        handed = _hand_over(state, best)
+    summary.notes = [state.intake.note()] + state.notes + summary.notes + (
+        [] if handed else ["nothing is handed over as the result: no candidate met the goal; every candidate is "
+                           "downloadable (candidate-*) and the report says what came closest"])
+    summary.steps = [s["method"] for s in (best.plan.steps if best else [])] + (
+        ["lower.openvino"] if best and best.plan.target else [])
+    candidates = [_candidate(t) for t in state.tried.values()]
+    report = JobReport(
+        report_version=REPORT_VERSION, job_id=run.job_id, sandbox=run.sandbox, intake=state.intake.record,
+        steps=[StepRecord.model_validate(s) for s in _steps_record(best, handed)] if best and handed else [],
+        evaluate=evaluate, measurement=Measurement.model_validate(measurement), summary=summary,
+        candidates=candidates, verdict=verdict,
+        artifacts=[ReportArtifact.model_validate(a) for a in run.artifacts] + [ReportArtifact(name="report.json",
+                                                                                                kind="report")],
+    )
+    report.search = _search_record(state, best, chosen, handed)
+    pareto = _pareto(state)
+    if pareto is not None and "pareto" in JobReport.model_fields:
+        report.pareto = pareto
+    if state.sensitivity and state.sensitivity.get("table") and "sensitivity" in JobReport.model_fields:
+        setattr(report, "sensitivity", state.sensitivity["table"])  # noqa: B010 (until the field is typed)
+    run.progress(0.97, "storing", "storing the report", force=True)
+    written = report.model_dump(mode="json", fallback=str)
+    path = state.workdir / "report.json"
+    path.write_text(json.dumps(written, indent=2, default=str))
+    run.store_artifact(path, name="report.json", kind="report", content_type="application/json")
+    return written, written["summary"], rows
+
+
+def _hand_over(state: Search, best: Tried) -> dict[str, Any]:
+    """The chosen candidate under the result's name: model.onnx, or model_openvino.zip for an IR."""
+    if best.path is not None and best.path.suffix == ".xml":
+        archive = best.path.parent / "candidate.zip"
+        return state.run.store_artifact(archive, name="model_openvino.zip", kind="model", content_type="application/zip")
+    return state.run.store_artifact(best.path, name="model.onnx", kind="model", content_type="application/octet-stream")
+
+
+def _steps_record(best: Tried, handed: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chosen candidate's steps as a steps job records them; the model handed over is the last one's artifact."""
+    from workers import methods
+
+    records = []
+    steps = list(best.plan.steps) + ([{"method": "lower.openvino", "params": best.plan.target}]
+                                     if best.plan.target else [])
+    for index, step in enumerate(steps, start=1):
+        version = methods.get(step["method"]).version if step["method"] != "lower.openvino" else 1
+        details = best.details[index - 1]["details"] if index - 1 < len(best.details) else {}
+        records.append({"index": index, "method": step["method"], "version": version, "params": step["params"],
+                        "duration_s": round(best.seconds, 3) if index == len(steps) else 0.0, "details": details,
+                        "artifact": handed})
+    return records
+
+
+def _candidate(tried: Tried) -> Candidate:
+    from app.reports import JobSummary
+
+    steps = [s["method"] for s in tried.plan.steps] + (["lower.openvino"] if tried.plan.target else [])
+    data: dict[str, Any] = {"name": tried.plan.name, "steps": steps, "family": tried.plan.family,
+                            "status": tried.status, "seconds": round(tried.seconds, 2), "artifact": tried.artifact,
+                            "verdict": tried.verdict, "error": tried.error, "why": tried.plan.why or None,
+                            "base": tried.plan.base, "target": tried.plan.target,
+                            "params": [s["params"] for s in tried.plan.steps]}
+    if tried.summary is not None:
+        data["summary"] = JobSummary.model_validate(tried.summary)
+    return Candidate.model_validate(data)
+
+
+def _pareto(state: Search) -> Any:
+    try:
+        from workers.verdict import pareto_front
+    except ImportError:
+        return None
+    batch = str(state.goal["batch_size"])
+    points = []
+    for tried in state.tried.values():
+        if tried.status != "measured" or not tried.summary:
+            continue
+        summary = tried.summary
+        p50 = (summary.get("latency_p50_ms") or {}).get(batch) or {}
+        fidelity = summary.get("fidelity") or {}
+        points.append({"name": tried.plan.name, "p50_ms": p50.get("compressed"),
+                       "size_bytes": summary.get("compressed_size_bytes"),
+                       "worst_cosine": fidelity.get("worst_cosine") or fidelity.get("cosine_similarity"),
+                       "energy_j": (summary.get("energy_j_per_inference") or {}).get(batch)})
+    return pareto_front(points) if points else None
+
+
+def _search_record(state: Search, best: Tried | None, chosen: Tried | None, handed: dict | None) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for tried in state.tried.values():
+        counts[tried.status] = counts.get(tried.status, 0) + 1
+    return {
+        "goal": state.goal, "elapsed_s": round(time.monotonic() - state.started, 1),
+        "time_budget_s": state.goal["time_budget_s"], "candidates": counts,
+        # chosen: the candidate handed over; best_in_search: the best beneficial one in the brief measurements (its
+        # final measurement with the job's settings may still fail the goal); closest: what came closest otherwise.
+        "chosen": best.plan.name if best and handed else None,
+        "best_in_search": best.plan.name if best else None,
+        "closest": None if best else (chosen.plan.name if chosen else None),
+        "result_artifact": handed["name"] if handed else None,
+        "candidate_measurement": {"batch_size": state.goal["batch_size"], "warmup": CANDIDATE_WARMUP,
+                                  "iterations": CANDIDATE_ITERATIONS, "eval_max_samples": CANDIDATE_EVAL_SAMPLES,
+                                  "note": "each candidate is measured briefly against the original; the one handed "
+                                          "over is measured again with the job's evaluate settings"},
+        "notes": state.notes,
+    }
