@@ -281,3 +281,35 @@ def test_a_model_exhausting_memory_fails_its_job_and_the_worker_goes_on(stack):
         assert job["status"] == "failed" and job["error"]["code"] == "resource_limit", job
         assert wait_for_job(http, fine, timeout=180)["status"] == "succeeded"
     assert worker.poll() is None
+
+
+def test_a_goal_search_whose_worker_is_killed_resumes_from_its_stored_candidates(stack):
+    """Issue 19: candidates are stored as they finish, so a lost worker costs the candidate under way, not the
+    search: the next attempt keeps the records and models of the first and builds only what is left."""
+    stack.api()
+    worker = stack.worker()
+    with stack.http() as http:
+        model_id = upload(http, mlp_onnx_bytes(hidden=512))
+        resp = http.post("/v1/jobs", json={"model_id": model_id, "evaluate": FAST | {"iterations": 20},
+                                           "goal": {"families": ["quantize", "mixed_precision", "targets"],
+                                                    "time_budget_s": 600}})
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["id"]
+
+        def records() -> dict[str, str]:
+            return {a["name"]: a["sha256"] for a in http.get(f"/v1/jobs/{job_id}/artifacts").json()
+                    if a["kind"] == "candidate-record"}
+
+        first = wait_until(lambda: (lambda found: found if len(found) >= 2 else None)(records()), timeout=240)
+        (worker_id,), = stack.sql("SELECT worker_id FROM jobs WHERE id = %s", job_id)
+        os.kill(int(worker_id.rpartition(":")[2]), signal.SIGKILL)
+        job = wait_for_job(http, job_id, timeout=600)
+        assert job["status"] == "succeeded", (job, stack.logs())
+        assert job["attempts"] == 2
+        after = records()
+        assert {name: after.get(name) for name in first} == first  # kept as attempt 1 stored them
+        report = http.get(f"/v1/jobs/{job_id}/report").json()
+        assert any(note.startswith("resumed after a lost worker") for note in report["search"]["notes"]), report["search"]
+        names = [c["name"] for c in report["candidates"]]
+        assert len(names) == len(set(names))  # nothing built twice
+        assert worker.poll() is None
