@@ -117,6 +117,14 @@ class Search:
 def search(run, workdir: Path, *, original: Path, intake, spec: dict[str, Any], input_shapes):
     """Run the goal search; returns (report, summary, measurement rows) like workers.steps.execute."""
     state = Search(run=run, workdir=workdir, original=original, intake=intake, spec=spec, input_shapes=input_shapes)
+    if state.goal["objective"] == "energy":
+        from workers.measure.energy import open_counter
+
+        counter, why = open_counter("CPUExecutionProvider")
+        if counter is None:
+            raise JobFailed(f"the goal's objective is energy, which this worker cannot measure: {why}; choose "
+                            "latency or size, or run on a host whose RAPL counters are readable",
+                            code="energy_unmeasurable")
     _resume(state)
     state.queue = _first_plans(state)
     total_hint = len(state.queue)
