@@ -323,8 +323,11 @@ def _fmt_bytes(size: float | None) -> str:
 
 
 def summary_rows(summary: dict) -> list[tuple[str, str]]:
-    """The job summary as (what, value) rows a person reads: size, speed per batch size, accuracy, notes."""
+    """The job summary as (what, value) rows a person reads: the verdict and why, size, speed per batch size,
+    accuracy, notes."""
     rows: list[tuple[str, str]] = []
+    if summary.get("verdict"):
+        rows.append(("verdict", f"{verdict_word(summary)}: {summary['verdict']['reason']}"))
     if summary.get("size_ratio") is not None:
         rows.append(("size", f"{_fmt_bytes(summary.get('original_size_bytes'))} -> "
                              f"{_fmt_bytes(summary.get('compressed_size_bytes'))} (x{summary['size_ratio']:.2f})"))
@@ -372,6 +375,49 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
     for note in summary.get("notes") or []:
         rows.append(("note", str(note)))
     return rows
+
+
+def verdict_word(summary: dict) -> str:
+    """"beneficial" / "not beneficial", or "" for a summary written before verdicts."""
+    return ((summary.get("verdict") or {}).get("verdict") or "").replace("_", " ")
+
+
+def pareto_table(report: dict):
+    """The report's Pareto front as a table (None when the report has none): each model's p50, size, worst-sample
+    cosine and energy, and whether it is on the front or which models beat it."""
+    points = report.get("pareto")
+    if not points:
+        return None
+    from rich.table import Table
+    from rich.text import Text
+
+    batch = ((report.get("summary") or {}).get("verdict") or {}).get("budget", {}).get("batch_size")
+    energy = all(p.get("energy_j") is not None for p in points)
+    table = Table(title="Pareto front: a model is on it when no other is as good on every count and better on one",
+                  title_justify="left")
+    for column in ("model", f"p50 ms{f' @{batch}' if batch else ''}", "size", "worst cosine") + (
+            ("energy J",) if energy else ()) + ("front",):
+        table.add_column(column, overflow="fold")
+    for point in points:
+        front = "on the front" if point["on_front"] else "dominated by " + ", ".join(point["dominated_by"])
+        cells = [point["name"], "?" if point.get("p50_ms") is None else f"{point['p50_ms']:.4g}",
+                 _fmt_bytes(point.get("size_bytes")),
+                 "?" if point.get("worst_cosine") is None else f"{point['worst_cosine']:.4f}"]
+        table.add_row(*map(Text, cells + ([f"{point['energy_j']:.4g}"] if energy else []) + [front]))
+    return table
+
+
+def _print_pareto(mp, job: dict) -> None:
+    """A succeeded job's Pareto front, read from its report; nothing for a report without one."""
+    from app.client import ModelPressError
+
+    try:
+        table = pareto_table(mp.report(job["id"]))
+    except ModelPressError as exc:  # the summary is printed already; the front is an extra
+        _stderr(f"no Pareto front: {exc}")
+        return
+    if table is not None:
+        _console().print(table)
 
 
 def target_rows(summary: dict) -> list[tuple[str, str]]:
@@ -453,7 +499,9 @@ def _finished(job: dict, *, as_json: bool) -> int:
     if as_json:
         _print_json(job)
     elif job["status"] == "succeeded" and job.get("summary"):
-        _console().print(_table(f"job {job['id']}: succeeded", summary_rows(job["summary"])))
+        word = verdict_word(job["summary"])
+        _console().print(_table(f"job {job['id']}: succeeded" + (f", {word}" if word else ""),
+                                summary_rows(job["summary"])))
     if job["status"] == "succeeded":
         return 0
     error = job.get("error") or {"code": job["status"], "message": job.get("message") or ""}
@@ -507,6 +555,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                     f"modelpress jobs cancel {job['id']})")
             return 130
         code = _finished(job, as_json=args.json)
+        if code == 0 and not args.json:
+            _print_pareto(mp, job)
         if code == 0 and args.output:
             saved = mp.download(job["id"], "model.onnx", dest=args.output)
             _stderr(f"saved the compressed model to {saved} ({_fmt_bytes(saved.stat().st_size)}, sha256 checked)")
@@ -549,13 +599,15 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 def cmd_jobs_show(args: argparse.Namespace) -> int:
     with _client(args) as mp:
         job = mp.job(args.job_id)
-    if args.json:
-        _print_json(job)
-        return 0
-    console = _console()
-    console.print(_table(f"job {job['id']}", _job_rows(job)))
-    if job.get("summary"):
-        console.print(_table("summary", summary_rows(job["summary"])))
+        if args.json:
+            _print_json(job)
+            return 0
+        console = _console()
+        console.print(_table(f"job {job['id']}", _job_rows(job)))
+        if job.get("summary"):
+            console.print(_table("summary", summary_rows(job["summary"])))
+        if job["status"] == "succeeded":
+            _print_pareto(mp, job)
     return 0
 
 

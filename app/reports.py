@@ -3,10 +3,10 @@ what `GET /v1/jobs/{id}` (its `summary`) and `GET /v1/jobs/{id}/report` serve.
 
 Strict where the report does not vary (the summary's figures, a step's record, a latency entry), lenient
 (`extra="allow"`) where it legitimately does: a method's step details, the environment, the parts a
-measurement adds per provider or per dataset. Version 2 adds `report_version` itself and the placeholders
-`candidates` and `verdict` (filled by a goal search); a stored report without `report_version` is version 1
-and loads as one. Every model serializes the fields it was given and no others, so a stored report, old or
-new, serves with the same keys and values it was written with.
+measurement adds per provider or per dataset. Version 2 adds `report_version` itself, `candidates` (filled by a
+goal search), the `verdict` every job now ends with and the `pareto` front of its models; a stored report without
+`report_version` is version 1 and loads as one. Every model serializes the fields it was given and no others, so a
+stored report, old or new, serves with the same keys and values it was written with.
 
 Plain pydantic: the API imports this, so nothing heavy (no numpy, onnxruntime, torch, nothing of workers).
 """
@@ -163,6 +163,83 @@ class Measurement(Open):
     notes: list[str]
 
 
+# --- verdict and Pareto front (workers.verdict) --------------------------------------------------------
+
+class Budget(BaseModel):
+    """What a job is judged against: its objective and the constraints the result must hold. A steps job takes
+    it from `evaluate` (objective, objective_batch_size, min_cosine, max_accuracy_drop), a goal job from `goal`.
+    Serialized whole: a verdict says every limit it applied."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    objective: Literal["latency", "size", "energy"] = "latency"
+    # The batch size the latency objective (and max_latency_ms) is judged at; null: the smallest measured.
+    batch_size: int | None = None
+    # The worst sample's output cosine against the original; null: not checked (a goal judged on accuracy alone).
+    min_cosine: Number | None = 0.99
+    # Points of top-1 accuracy; applies only where the eval dataset has labels. null: not checked.
+    max_accuracy_drop: Number | None = 1.0
+    max_latency_ms: Number | None = None
+    max_size_bytes: int | None = None
+
+    @classmethod
+    def from_evaluate(cls, evaluate: dict[str, Any]) -> Budget:
+        """A steps job's budget: its evaluate spec (a job stored before budgets existed gets the defaults)."""
+        sizes = evaluate.get("batch_sizes") or [1]
+        given = {"objective": evaluate.get("objective"), "batch_size": evaluate.get("objective_batch_size"),
+                 "min_cosine": evaluate.get("min_cosine"), "max_accuracy_drop": evaluate.get("max_accuracy_drop")}
+        return cls(**{"batch_size": min(sizes)} | {k: v for k, v in given.items() if v is not None})
+
+    @classmethod
+    def from_goal(cls, goal: dict[str, Any], batch_sizes: list[int] | None = None) -> Budget:
+        """A goal job's budget: its goal's fields of the same names, taken as given (a null min_cosine or
+        max_accuracy_drop is not checked); batch_size, when absent, is the smallest of batch_sizes."""
+        names = ("objective", "batch_size", "min_cosine", "max_accuracy_drop", "max_latency_ms", "max_size_bytes")
+        given = {name: goal[name] for name in names if name in goal}
+        if given.get("batch_size") is None:
+            given["batch_size"] = min(batch_sizes or [1])
+        return cls(**given)
+
+
+CheckName = Literal["objective", "min_cosine", "max_accuracy_drop", "max_latency_ms", "max_size_bytes"]
+
+
+class VerdictCheck(_AsGiven):
+    """One thing the verdict checked: the objective or a constraint, its figure, its limit and a sentence."""
+
+    name: CheckName
+    value: Number | None
+    limit: Number | None
+    passed: bool
+    text: str
+
+
+class Verdict(_AsGiven):
+    verdict: Literal["beneficial", "not_beneficial"]
+    # One sentence naming the figures: every failed check, or (beneficial) every check.
+    reason: str
+    # The fields below are absent in verdicts written before they existed.
+    objective: Literal["latency", "size", "energy"] | None = None
+    checks: list[VerdictCheck] = []
+    # What the objective measured: latency {"speedup", "low", "high", "batch_size"}; size {"size_ratio",
+    # "original_bytes", "compressed_bytes"}; energy {"energy_ratio", "original_j", "compressed_j"}.
+    improvement: dict[str, Number | None] | None = None
+    budget: Budget | None = None
+
+
+class ParetoPoint(_AsGiven):
+    """One model of a job (the original, a step's, a candidate) on the front over latency, size, fidelity and
+    energy, or the names of the models that dominate it."""
+
+    name: str
+    p50_ms: Number | None
+    size_bytes: int | None
+    worst_cosine: Number | None
+    energy_j: Number | None = None
+    on_front: bool
+    dominated_by: list[str] = []
+
+
 # --- steps and summary ----------------------------------------------------------------------------
 
 class StepArtifact(Open):
@@ -181,6 +258,14 @@ class StepRecord(_AsGiven):
     # What the method says about its run: its own keys (warnings, per-layer choices, ...).
     details: dict[str, Any]
     artifact: StepArtifact
+
+
+class IntervalBounds(_AsGiven):
+    """A speedup's 95% bootstrap interval as numbers (null with the reason where there is none: one round)."""
+
+    low: Number | None
+    high: Number | None
+    reason: str | None = None
 
 
 class P50Pair(_AsGiven):
@@ -222,6 +307,10 @@ class TrajectoryEntry(_AsGiven):
     top1: Number | None
     top1_drop_points: Number | None
     cosine: Number | None
+    # Not in reports written before verdicts: the worst sample's cosine and the energy per inference (where a
+    # counter was read), the Pareto front's other dimensions.
+    worst_cosine: Number | None = None
+    energy_j: Number | None = None
 
 
 class JobSummary(_AsGiven):
@@ -235,6 +324,8 @@ class JobSummary(_AsGiven):
     speedup: dict[str, Number] = {}
     # "1.83x (1.79-1.88)": the ratio of medians and its 95% bootstrap interval over the paired rounds.
     speedup_ci: dict[str, str] = {}
+    # The same intervals as numbers, per batch size (the verdict reads them).
+    speedup_interval: dict[str, IntervalBounds] = {}
     noisy_batch_sizes: list[int] = []
     provider: str | None = None
     # Per provider: speedup text per batch size, or {"unavailable": reason}.
@@ -260,6 +351,8 @@ class JobSummary(_AsGiven):
     runtime_speedup_ci: dict[str, str] | None = None
     compression_speedup: dict[str, Number] | None = None
     compression_speedup_ci: dict[str, str] | None = None
+    # beneficial or not, and why (workers.verdict.judge); absent in summaries written before verdicts.
+    verdict: Verdict | None = None
 
 
 class ConversionSummary(_AsGiven):
@@ -296,11 +389,6 @@ class Candidate(Open):
     summary: JobSummary | None = None
 
 
-class Verdict(_AsGiven):
-    verdict: Literal["beneficial", "not_beneficial"]
-    reason: str
-
-
 # --- reports --------------------------------------------------------------------------------------
 
 class ReportArtifact(Open):
@@ -322,6 +410,8 @@ class JobReport(_AsGiven):
     summary: JobSummary
     candidates: list[Candidate] | None = None
     verdict: Verdict | None = None
+    # The original and each step's (or candidate's) model: which are on the Pareto front (workers.verdict).
+    pareto: list[ParetoPoint] | None = None
     artifacts: list[ReportArtifact] = []
     # The target runtime the result was lowered to: its spec, the lowering's record (precision, NNCF, accuracy
     # control) and the artifacts it wrote.

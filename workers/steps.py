@@ -21,11 +21,13 @@ from app.reports import (
     REPORT_VERSION,
     ColdStartRole,
     ColdStartSummary,
+    IntervalBounds,
     JobReport,
     JobSummary,
     Measurement,
     P50Pair,
     ReportArtifact,
+    SpeedupInterval,
     StepRecord,
     SummaryAccuracy,
     SummaryFidelity,
@@ -34,6 +36,7 @@ from app.reports import (
 from app.settings import get_settings
 from app.store import file_sha256
 from workers import methods
+from workers.verdict import Budget, job_points, judge, objective_batch, pareto_front
 
 # Share of the progress bar each phase owns.
 PREPARE, STEPS, MEASURE = 0.05, 0.40, 0.50
@@ -228,11 +231,16 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
     summary.notes = [intake.note()] + summary.notes
     if len(trajectory) > 1:
         summary.trajectory = trajectory
+    # Every job is judged against its budget; a not_beneficial one still hands over the steps' models (the user
+    # asked for them), and its summary, message and dashboard lead with why.
+    budget = Budget.from_evaluate(evaluate)
+    summary.verdict = judge(summary, budget)
+    pareto = pareto_front(job_points(summary, objective_batch(summary, budget)))
     report = JobReport(
         report_version=REPORT_VERSION, job_id=run.job_id, sandbox=run.sandbox, intake=intake.record,
         steps=[StepRecord.model_validate(s) for s in steps_report], evaluate=evaluate, measurement=measurement,
         summary=summary, artifacts=[ReportArtifact.model_validate(a) for a in run.artifacts]
-        + [ReportArtifact(name="report.json", kind="report")],
+        + [ReportArtifact(name="report.json", kind="report")], verdict=summary.verdict, pareto=pareto,
     )
     if target_report is not None:
         report.target = target_report
@@ -292,6 +300,8 @@ def _trajectory_entry(step: dict, summary: JobSummary) -> TrajectoryEntry:
         top1=accuracy.compressed_top1 if accuracy else None,
         top1_drop_points=accuracy.top1_drop_points if accuracy else None,
         cosine=summary.fidelity.cosine_similarity if summary.fidelity else None,
+        worst_cosine=summary.fidelity.worst_cosine if summary.fidelity else None,
+        energy_j=(summary.energy_j_per_inference or {}).get("result"),
     )
 
 
@@ -308,6 +318,7 @@ def _summary(measured: Measurement, steps_report: list[dict]) -> JobSummary:
         latency_p50_ratio={str(b.batch_size): b.p50_ratio for b in per_batch},
         speedup={str(b.batch_size): b.speedup for b in per_batch},
         speedup_ci={str(b.batch_size): b.speedup_text for b in per_batch if b.speedup_text is not None},
+        speedup_interval={str(b.batch_size): _bounds(b.speedup_ci) for b in per_batch},
         noisy_batch_sizes=[b.batch_size for b in per_batch if b.noisy],
         provider=latency.provider,
         providers={p.provider: ({str(b.batch_size): b.speedup_text for b in p.latency.batch_sizes}
@@ -346,6 +357,12 @@ def _summary(measured: Measurement, steps_report: list[dict]) -> JobSummary:
                                     if e.get("compression_speedup_text")},
         )
     return JobSummary(**(figures | _dataset_summary(measured.dataset)))
+
+
+def _bounds(interval: SpeedupInterval) -> IntervalBounds:
+    """A speedup's interval as numbers, with the reason where there is none (one round)."""
+    reason = (interval.model_extra or {}).get("reason")
+    return IntervalBounds(low=interval.low, high=interval.high, **({"reason": reason} if reason else {}))
 
 
 def _dataset_summary(on: dict | None) -> dict[str, Any]:

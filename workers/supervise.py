@@ -548,11 +548,11 @@ def _headline(summary: dict) -> str:
     cos = summary.get("fidelity", {}).get("cosine_similarity")
     if cos is not None:
         parts.append(f"cosine {cos:.4f}")
-    done = "done: " + ", ".join(parts) if parts else "done"
     verdict = summary.get("verdict")
     if verdict:  # the message leads with the verdict and its reason
-        return f"{verdict['verdict'].replace('_', ' ')}: {verdict['reason']}. {done}"
-    return done
+        return f"{verdict['verdict'].replace('_', ' ')}: {verdict['reason']}" + (
+            f" (measured: {', '.join(parts)})" if parts else "")
+    return "done: " + ", ".join(parts) if parts else "done"
 
 
 # A job's scratch folder (<data>/store/tmp/work-XXXX, its inputs under work/): a message names files relative to it.

@@ -206,7 +206,10 @@ def test_the_summary_table_reads_accuracy_intervals_and_skipped_sizes():
         "energy_j_per_inference": None, "energy_note": "no RAPL counter",
         "skipped_batch_sizes": [{"batch_size": 8, "reason": "input 'images' has a fixed batch of 1"}],
         "notes": ["[bold]not markup[/bold]"],
+        "verdict": {"verdict": "not_beneficial", "reason": "top-1 dropped 2.40 points > 1 (97.50% -> 95.10%)"},
     }))
+    assert next(iter(rows)) == "verdict"  # the table leads with it
+    assert rows["verdict"] == "not beneficial: top-1 dropped 2.40 points > 1 (97.50% -> 95.10%)"
     assert rows["size"] == "4.00 MB -> 1.00 MB (x0.25)"
     assert rows["speedup, batch 1"].startswith("1.83x (1.79-1.88)   p50 2.000 -> 1.090 ms") and "noisy" in rows[
         "speedup, batch 1"]
@@ -214,6 +217,24 @@ def test_the_summary_table_reads_accuracy_intervals_and_skipped_sizes():
     assert rows["fidelity"] == "cosine 0.9999, top-1 agreement 99.0% (on dataset eval.npz)"
     assert rows["energy"] == "not measured: no RAPL counter"
     assert "fixed batch" in rows["skipped, batch 8"] and rows["note"] == "[bold]not markup[/bold]"
+
+
+def test_the_pareto_table_marks_the_front_and_names_who_dominates():
+    from rich.console import Console
+
+    from app.cli import pareto_table
+
+    assert pareto_table({"summary": {}}) is None  # a report written before fronts
+    table = pareto_table({"summary": {"verdict": {"budget": {"batch_size": 8}}}, "pareto": [
+        {"name": "original", "p50_ms": 2.0, "size_bytes": 4_000_000, "worst_cosine": 1.0, "energy_j": None,
+         "on_front": True, "dominated_by": []},
+        {"name": "step 1 (quantize.int8_dynamic)", "p50_ms": 9.5, "size_bytes": 4_100_000, "worst_cosine": 0.8,
+         "energy_j": None, "on_front": False, "dominated_by": ["original"]}]})
+    console = Console(width=160, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "p50 ms @8" in text and "energy" not in text  # no column for a dimension never measured
+    assert "on the front" in text and "dominated by original" in text and "0.8000" in text
 
 
 # --- against a real embedded service --------------------------------------------------------------------
@@ -283,6 +304,7 @@ def test_cli_compress_waits_prints_the_summary_and_saves(service, tmp_path):
     assert out.is_file() and out.stat().st_size < model.stat().st_size
     assert "size" in done.stdout and "speedup, batch 1" in done.stdout and "speedup, batch 2" in done.stdout
     assert "fidelity" in done.stdout and "cosine" in done.stdout
+    assert "beneficial: " in done.stdout and "Pareto front" in done.stdout and "original" in done.stdout
     job_id = done.stderr.split(" job ", 1)[1].split()[0]
 
     shown = cli(service, "jobs", "show", job_id, "--json")

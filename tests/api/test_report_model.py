@@ -81,13 +81,23 @@ def test_a_new_report_is_version_2_with_the_fields_of_version_1(client, alice, f
     report = client.get(f"/v1/jobs/{job_id}/report", headers=alice).json()
     assert report["report_version"] == REPORT_VERSION == 2
     assert isinstance(load_report(report), JobReport)
-    # The same fields as before (the dashboard reads them), report_version and the worst sample's cosine added;
-    # figures differ per run.
-    assert keys(report) - keys(V1["report"]) == {"/report_version", "/measurement/fidelity/worst_sample_cosine",
-                                                 "/measurement/dataset/fidelity/worst_sample_cosine"}
+    # The same fields as before (the dashboard reads them); added: report_version, the worst sample's cosine, the
+    # budget in evaluate, and the verdict and Pareto front with what they read. Figures differ per run.
+    verdicts = ("/verdict", "/pareto", "/summary/verdict", "/summary/speedup_interval")
+    added = keys(report) - keys(V1["report"])
+    assert {k for k in added if not k.startswith(verdicts)} == {
+        "/report_version", "/measurement/fidelity/worst_sample_cosine",
+        "/measurement/dataset/fidelity/worst_sample_cosine", "/evaluate/objective", "/evaluate/objective_batch_size",
+        "/evaluate/min_cosine", "/evaluate/max_accuracy_drop", "/summary/trajectory[]/worst_cosine",
+        "/summary/trajectory[]/energy_j"}
+    assert {"/verdict/verdict", "/verdict/reason", "/verdict/checks[]/passed", "/verdict/budget/min_cosine",
+            "/pareto[]/on_front", "/pareto[]/dominated_by", "/summary/speedup_interval/1/low"} <= added
     assert keys(V1["report"]) - keys(report) == set()
-    assert keys(job["summary"]) == keys(V1["job"]["summary"])
-    assert job["summary"] == report["summary"]
+    assert {k for k in keys(job["summary"]) if not k.startswith(("/verdict", "/speedup_interval"))} == \
+        keys(V1["job"]["summary"]) | {"/trajectory[]/worst_cosine", "/trajectory[]/energy_j"}
+    assert job["summary"] == report["summary"] and report["verdict"] == job["summary"]["verdict"]
+    assert [p["name"] for p in report["pareto"]] == ["original", "step 1 (prune.magnitude)",
+                                                     "step 2 (quantize.int8_dynamic)"]
     stored = json.loads(client.get(f"/v1/jobs/{job_id}/artifacts/report.json", headers=alice).content)
     assert stored == report
     summary = job["summary"]
@@ -103,7 +113,8 @@ def test_openapi_shows_the_report_and_summary_models(client):
                                                               "#/components/schemas/ConversionReport"}
     schemas = spec["components"]["schemas"]
     assert "report_version" in schemas["JobReport"]["properties"]
-    assert {"candidates", "verdict"} <= set(schemas["JobReport"]["properties"])
+    assert {"candidates", "verdict", "pareto"} <= set(schemas["JobReport"]["properties"])
+    assert {"checks", "improvement", "budget"} <= set(schemas["Verdict"]["properties"])
     job = schemas.get("JobPublic") or schemas["JobPublic-Output"]
     assert "#/components/schemas/JobSummary" in json.dumps(job["properties"]["summary"])
     assert {"speedup", "size_ratio", "accuracy"} <= set(schemas["JobSummary"]["properties"])

@@ -221,6 +221,18 @@ def test_dashboard_upload_compress_watch_report_download(browser, service, tmp_p
     else:
         assert page.locator("#energy-chart svg").count() == 1
     assert "cosine" in page.inner_text("#quality")
+    # The report leads with the verdict and its reason; the Pareto front is a table and a chart readable without
+    # colour (filled / hollow markers, a star on the front, every point named).
+    verdict = summary["verdict"]
+    assert page.locator("#report > section").first.get_attribute("id") == "verdict"
+    assert page.get_attribute("#verdict", "data-verdict") == verdict["verdict"]
+    assert verdict["reason"] in page.inner_text("#verdict .verdict-reason")
+    assert page.locator("#verdict-checks tbody tr").count() == len(verdict["checks"])
+    names = [p["name"] for p in report["pareto"]]
+    assert _texts(page, "#pareto-table tbody td:first-child") == names
+    assert page.locator("#pareto-chart svg g.point").count() == len(names)
+    chart_text = " ".join(_texts(page, "#pareto-chart svg text"))
+    assert all(name in chart_text for name in names) and "Pareto front" in chart_text and "★" in chart_text
     events = api.get(f"/v1/jobs/{job_id}/events").json()
     assert page.locator("#events tbody tr").count() == len(events)
     assert page.inner_text("#events tbody tr:last-child").count("succeeded") >= 1

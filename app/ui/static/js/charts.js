@@ -325,3 +325,87 @@ export function lineChart({ title, description, xLabels, series, yLabel, xLabel,
   });
   return svg;
 }
+
+/**
+ * Points on two numeric axes (both lower-is-better here: latency and size), each named beside it. points:
+ * [{label, x, y, marked, front}]: a marked point is drawn filled (a circle), an unmarked one hollow with a cross
+ * inside, so the two read apart without colour; the points on the front are joined by a dashed step line.
+ * markedLabel / unmarkedLabel name the two kinds in the legend.
+ */
+export function scatterChart({ title, description, points, xLabel, yLabel, xFormat = num, yFormat = num,
+  markedLabel, unmarkedLabel, frontLabel, width = 640, height = 360 }) {
+  const xs = points.map((p) => p.x);
+  const ys = points.map((p) => p.y);
+  const xTicks = ticks(0, Math.max(...xs, 0) * 1.12 || 1, 5);
+  const yTicks = ticks(0, Math.max(...ys, 0) * 1.12 || 1, 5);
+  const margin = { top: 44, right: 24, bottom: 56, left: leftMargin(yTicks, yFormat) };
+  const { svg } = svgRoot(width, height, title, description);
+  const plotW = width - margin.left - margin.right;
+  const plotH = height - margin.top - margin.bottom;
+  const xMax = xTicks[xTicks.length - 1];
+  const yMax = yTicks[yTicks.length - 1];
+  const x = (v) => margin.left + (v / xMax) * plotW;
+  const y = (v) => margin.top + plotH - (v / yMax) * plotH;
+
+  const axis = s("g", { class: "axis" });
+  for (const t of yTicks) {
+    axis.append(
+      s("line", { x1: margin.left, x2: margin.left + plotW, y1: y(t), y2: y(t), class: "grid" }),
+      s("text", { x: margin.left - 6, y: y(t) + 4, "text-anchor": "end" }, yFormat(t)),
+    );
+  }
+  for (const t of xTicks) {
+    axis.append(
+      s("line", { x1: x(t), x2: x(t), y1: margin.top, y2: margin.top + plotH, class: "grid" }),
+      s("text", { x: x(t), y: margin.top + plotH + 16, "text-anchor": "middle" }, xFormat(t)),
+    );
+  }
+  axis.append(
+    s("line", { x1: margin.left, x2: margin.left + plotW, y1: y(0), y2: y(0), class: "baseline" }),
+    s("line", { x1: margin.left, x2: margin.left, y1: margin.top, y2: y(0), class: "baseline" }),
+    s("text", { class: "axis-label", "text-anchor": "middle", transform: `translate(16 ${margin.top + plotH / 2}) rotate(-90)` }, yLabel || ""),
+    s("text", { class: "axis-label", x: margin.left + plotW / 2, y: height - 8, "text-anchor": "middle" }, xLabel || ""),
+  );
+  svg.append(axis);
+
+  // The front as a staircase through its points, left to right.
+  const front = points.filter((p) => p.front).sort((a, b) => a.x - b.x || a.y - b.y);
+  if (front.length > 1) {
+    const path = front.map((p, i) => (i ? `H ${x(p.x)} V ${y(p.y)}` : `M ${x(p.x)} ${y(p.y)}`)).join(" ");
+    svg.append(s("path", { d: path, class: "front-line", fill: "none", stroke: "#59616e", "stroke-width": 1.5, "stroke-dasharray": "6 4" }));
+  }
+  // Labels above their points (clear of the front's horizontal runs), nudged apart where points are close.
+  const placed = [];
+  const layer = s("g", { class: "points" });
+  for (const p of [...points].sort((a, b) => y(b.y) - y(a.y))) {
+    const px = x(p.x);
+    const py = y(p.y);
+    let ly = py - 8;
+    while (placed.some((q) => Math.abs(q.y - ly) < 13 && Math.abs(q.x - px) < 150)) ly -= 13;
+    placed.push({ x: px, y: ly });
+    const g = s("g", { class: "point", "data-name": p.label, "data-marked": String(Boolean(p.marked)), "data-front": String(Boolean(p.front)) });
+    g.append(marker(px, py, p.marked), s("title", null, `${p.label}: ${xFormat(p.x)}, ${yFormat(p.y)}`));
+    const right = px < margin.left + plotW * 0.7;
+    g.append(s("text", { x: right ? px + 9 : px - 9, y: ly, class: "point-label", "text-anchor": right ? "start" : "end" },
+      `${p.label}${p.front ? " ★" : ""}`));
+    layer.append(g);
+  }
+  svg.append(layer);
+  // The legend: the two markers and the front's line, named.
+  const legendItems = s("g", { class: "legend" });
+  let cursor = margin.left;
+  for (const [draw, label] of [[(cx) => marker(cx, 12, true), markedLabel], [(cx) => marker(cx, 12, false), unmarkedLabel],
+    [(cx) => s("line", { x1: cx - 8, x2: cx + 8, y1: 12, y2: 12, stroke: "#59616e", "stroke-width": 1.5, "stroke-dasharray": "6 4" }), frontLabel]]) {
+    if (!label) continue;
+    legendItems.append(draw(cursor + 6), s("text", { x: cursor + 18, y: 16, class: "legend-text" }, label));
+    cursor += 30 + label.length * 6.5;
+  }
+  svg.append(legendItems);
+  return svg;
+}
+
+function marker(cx, cy, filled) {
+  if (filled) return s("circle", { cx, cy, r: 5.5, fill: "#2f7d5b", stroke: "#1d2430", "stroke-width": 1 });
+  return s("g", null, s("circle", { cx, cy, r: 5.5, fill: "#ffffff", stroke: "#b3541e", "stroke-width": 1.6 }),
+    s("path", { d: `M ${cx - 3} ${cy - 3} L ${cx + 3} ${cy + 3} M ${cx - 3} ${cy + 3} L ${cx + 3} ${cy - 3}`, stroke: "#b3541e", "stroke-width": 1.4 }));
+}

@@ -1,9 +1,10 @@
 // One job: live status while it runs (server-sent events read with fetch, or polling), then its
-// report: latency per batch size before/after with the speedup's confidence interval, size, memory,
-// energy, accuracy/fidelity, the per-step trajectory, notes, environment, artifacts and the event log.
+// report, led by its verdict: latency per batch size before/after with the speedup's confidence interval, size, memory,
+// energy, accuracy/fidelity, the Pareto front, the per-step trajectory, notes, environment, artifacts and the
+// event log.
 
 import { api, download, streamEvents } from "../api.js";
-import { groupedBarChart, intervalChart } from "../charts.js";
+import { groupedBarChart, intervalChart, scatterChart } from "../charts.js";
 import { clear, errorBox, h, progressBar, statusBadge, updateProgressBar } from "../dom.js";
 import { bytes, duration, ms, num, pct, shortId, when } from "../format.js";
 
@@ -23,6 +24,55 @@ function kv(pairs) {
 }
 
 // --- report sections ---------------------------------------------------------------------------
+
+// The verdict leads the report: beneficial or not, the reason in a sentence, and each check with its figure.
+function verdictSection(verdict) {
+  if (!verdict) return null;
+  const good = verdict.verdict === "beneficial";
+  const checks = verdict.checks || [];
+  const limit = (c) => (c.limit === null || c.limit === undefined ? "—" : c.name === "max_size_bytes" ? bytes(c.limit) : num(c.limit, 4));
+  const value = (c) => (c.value === null || c.value === undefined ? "—" : c.name === "max_size_bytes" ? bytes(c.value) : num(c.value, 4));
+  // What the objective's figure is: the speedup interval's lower bound, or the result's share of the original.
+  const what = { latency: "speedup (interval's low end)", size: "size ratio", energy: "energy ratio" };
+  const label = (c) => (c.name === "objective" ? `${verdict.objective || "latency"}: ${what[verdict.objective || "latency"]}` : c.name);
+  return h("section", { class: `card verdict verdict-${good ? "good" : "bad"}`, id: "verdict", "data-verdict": verdict.verdict },
+    h("h2", null, good ? "✓ Beneficial" : "✗ Not beneficial"),
+    h("p", { class: "verdict-reason" }, verdict.reason),
+    good ? null : h("p", { class: "small muted" }, "The steps' models are still below to download: you asked for them. "
+      + "They are not an improvement against this job's budget."),
+    checks.length ? h("table", { class: "compact", id: "verdict-checks" },
+      h("caption", null, `What was checked (objective: ${verdict.objective || "latency"}${verdict.budget?.batch_size ? ` at batch ${verdict.budget.batch_size}` : ""})`),
+      h("thead", null, h("tr", null, ["check", "figure", "limit", "", "why"].map((c) => h("th", null, c)))),
+      h("tbody", null, checks.map((c) => h("tr", { "data-check": c.name, "data-passed": String(c.passed) },
+        h("td", null, label(c)), h("td", null, value(c)), h("td", null, limit(c)),
+        h("td", null, c.passed ? "✓ holds" : "✗ fails"), h("td", null, c.text))))) : null);
+}
+
+// The Pareto front over the job's models: a table, and latency against size with the faithful points filled.
+function paretoSection(points, verdict) {
+  if (!points || points.length < 2) return null;
+  const batch = verdict?.budget?.batch_size;
+  const minCosine = verdict?.budget?.min_cosine;
+  const faithful = (p) => minCosine === null || minCosine === undefined || (p.worst_cosine !== null && p.worst_cosine >= minCosine);
+  const withEnergy = points.every((p) => p.energy_j !== null && p.energy_j !== undefined);
+  const plotted = points.filter((p) => p.p50_ms !== null && p.size_bytes !== null);
+  const chart = plotted.length ? figure("pareto-chart", `Latency${batch ? ` at batch ${batch}` : ""} against size: lower-left is better; ★ on the front`, scatterChart({
+    title: "p50 latency against file size per model",
+    description: plotted.map((p) => `${p.name}: ${ms(p.p50_ms)}, ${bytes(p.size_bytes)}, worst cosine ${num(p.worst_cosine, 4)}${p.on_front ? ", on the front" : ""}`).join("; "),
+    points: plotted.map((p) => ({ label: p.name, x: p.size_bytes, y: p.p50_ms, marked: faithful(p), front: p.on_front })),
+    xLabel: "file size (lower is better)", yLabel: "p50 latency (ms, lower is better)", xFormat: bytes, yFormat: (v) => num(v),
+    markedLabel: minCosine !== null && minCosine !== undefined ? `faithful (worst cosine ≥ ${minCosine})` : "faithful",
+    unmarkedLabel: "not faithful", frontLabel: "Pareto front",
+  })) : null;
+  const table = h("table", { class: "compact", id: "pareto-table" },
+    h("caption", null, "A model is on the front when no other is as good on every count and better on one"),
+    h("thead", null, h("tr", null, ["model", `p50${batch ? ` @${batch}` : ""}`, "size", "worst cosine", ...(withEnergy ? ["energy"] : []), "front"].map((c) => h("th", null, c)))),
+    h("tbody", null, points.map((p) => h("tr", { "data-point": p.name, "data-on-front": String(p.on_front) },
+      h("td", null, p.name), h("td", null, ms(p.p50_ms)), h("td", null, bytes(p.size_bytes)), h("td", null, num(p.worst_cosine, 4)),
+      withEnergy ? h("td", null, `${num(p.energy_j)} J`) : null,
+      h("td", null, p.on_front ? "★ on the front" : `dominated by ${p.dominated_by.join(", ")}`)))));
+  return section("pareto", "Pareto front", chart, table);
+}
 
 function headline(summary) {
   const cards = [];
@@ -380,7 +430,8 @@ export function jobPage(main, { params }) {
     badge.replaceChildren(statusBadge(job.status));
     updateProgressBar(bar, job.progress);
     bar.className = `bar bar-${job.status}`;
-    stage.textContent = job.message && job.stage && !job.message.startsWith(job.stage) ? `${job.stage}: ${job.message}` : job.message || job.stage || "";
+    // A finished job's message stands alone (it leads with the verdict).
+    stage.textContent = job.message && job.stage && job.stage !== "done" && !job.message.startsWith(job.stage) ? `${job.stage}: ${job.message}` : job.message || job.stage || "";
     cancel.hidden = TERMINAL.has(job.status);
     if (TERMINAL.has(job.status)) liveNote.textContent = "";
     cancel.disabled = false;
@@ -424,8 +475,9 @@ export function jobPage(main, { params }) {
     if (reportData) {
       const summary = reportData.summary || job.summary || {};
       const measurement = reportData.measurement || {};
-      parts.push(headline(summary), gainsSection(summary), latencySection(measurement), sizeSection(measurement, summary), qualitySection(summary, measurement),
-        energySection(measurement, summary), trajectorySection(summary), notesSection(summary), stepsSection(reportData),
+      parts.push(verdictSection(reportData.verdict || summary.verdict), headline(summary), gainsSection(summary), latencySection(measurement), sizeSection(measurement, summary), qualitySection(summary, measurement),
+        energySection(measurement, summary), paretoSection(reportData.pareto, reportData.verdict || summary.verdict),
+        trajectorySection(summary), notesSection(summary), stepsSection(reportData),
         environmentSection(measurement.environment));
     } else if (job.status !== "succeeded") {
       parts.push(h("p", { class: "muted" }, `The job ${job.status}: no report. The models of the steps that finished are below.`));
