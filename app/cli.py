@@ -362,7 +362,9 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
         where = f" (on {summary['fidelity_on']})" if summary.get("fidelity_on") else ""
         rows.append(("fidelity", ", ".join(parts) + where))
     if summary.get("energy_j_per_inference") is not None:
-        rows.append(("energy", f"{summary['energy_j_per_inference']:.4g} J per inference"))
+        energy = summary["energy_j_per_inference"]  # {"original": J, "compressed": J, ...} per inference
+        rows.append(("energy", ", ".join(f"{k} {v:.4g} J" for k, v in energy.items() if isinstance(v, (int, float)))
+                     + " per inference" if isinstance(energy, dict) else f"{energy:.4g} J per inference"))
     elif summary.get("energy_note"):
         rows.append(("energy", f"not measured: {summary['energy_note']}"))
     sources = summary.get("input_shapes_source") or {}

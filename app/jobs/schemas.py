@@ -214,10 +214,14 @@ class JobCreate(Strict):
         if self.goal is not None and (self.steps is not None or self.recipe is not None or self.target is not None):
             raise ValueError("a goal replaces steps, a recipe and a target: the search chooses them (and tries every "
                              "target the workers serve)")
-        if self.steps is None and self.recipe is None and self.goal is None and (
-                self.target is None or self.target.is_default):
-            # Only a model: the default goal (fastest at batch 1 within cosine 0.99).
-            self.goal = GoalSpec()
+        if self.steps is None and self.recipe is None and self.goal is None:
+            if self.target is not None and self.target.is_default:
+                raise ValueError("give steps or a recipe with the onnxruntime cpu target (only another target may go "
+                                 "without: its lowering is the compression), or leave the target out for the default "
+                                 "goal")
+            if self.target is None:
+                # Only a model: the default goal (fastest at batch 1 within cosine 0.99).
+                self.goal = GoalSpec()
         if self.params and self.recipe is None:
             raise ValueError("params belong to a recipe; a step's params go inside the step")
         if self.webhook_events is not None and self.webhook_url is None:
