@@ -389,6 +389,50 @@ class Candidate(Open):
     summary: JobSummary | None = None
 
 
+# --- per-node sensitivity (workers.search.sensitivity) -------------------------------------------------
+
+class SensitivityFigures(_AsGiven):
+    """The model's outputs with one node quantized, against the float model's: worst sample and mean cosine."""
+
+    worst_cosine: Number
+    mean_cosine: Number
+
+
+class SensitivityRow(Open):
+    """One node: its output error when it alone is int8 (and fp16), and its share of profiled run time, in the
+    float model and in the quantized candidate; "unmapped" where no profiled kernel could be traced to it, null
+    where that model was not profiled."""
+
+    node: str
+    op_type: str
+    int8: SensitivityFigures | None
+    fp16: SensitivityFigures | None = None
+    float_time_share: Number | Literal["unmapped"] | None = None
+    quantized_time_share: Number | Literal["unmapped"] | None = None
+
+
+class SensitivitySkip(_AsGiven):
+    node: str
+    op_type: str
+    reason: str
+
+
+class SensitivityReport(Open):
+    """Nodes ranked by int8 output error (worst cosine ascending), what they were judged on, what was left out."""
+
+    rows: list[SensitivityRow]
+    samples: int
+    source: str
+    calibration: str
+    seconds: Number
+    threads: int
+    quantized_model: str | None = None
+    skipped: list[SensitivitySkip] = []
+    unmapped_time_share: dict[str, Number] = {}
+    unmapped_nodes: dict[str, list[str]] = {}
+    notes: list[str] = []
+
+
 # --- reports --------------------------------------------------------------------------------------
 
 class ReportArtifact(Open):
@@ -410,12 +454,17 @@ class JobReport(_AsGiven):
     summary: JobSummary
     candidates: list[Candidate] | None = None
     verdict: Verdict | None = None
+    # Per-node sensitivity of the original (workers.search.sensitivity); absent in reports written before it.
+    sensitivity: SensitivityReport | None = None
     # The original and each step's (or candidate's) model: which are on the Pareto front (workers.verdict).
     pareto: list[ParetoPoint] | None = None
     artifacts: list[ReportArtifact] = []
     # The target runtime the result was lowered to: its spec, the lowering's record (precision, NNCF, accuracy
     # control) and the artifacts it wrote.
     target: dict[str, Any] | None = None
+    # A goal search (workers.search.run): the goal, the time spent, the candidates by status, the one chosen (or
+    # the closest when none met the goal) and the artifact handed over.
+    search: dict[str, Any] | None = None
 
 
 class ConversionReport(_AsGiven):

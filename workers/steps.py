@@ -61,6 +61,8 @@ class JobRun:
     # Asks the worker, and waits for its answer, whether the job was cancelled (at step boundaries).
     ask_cancelled: Callable[[], bool] | None = None
     artifacts: list[dict[str, Any]] = field(default_factory=list)
+    # A goal search's stored candidates from a lost attempt: artifact name -> local path (workers.search.run).
+    resume: dict[str, str] = field(default_factory=dict)
     last_progress_write: float = 0.0
     _loaded: dict[str, Any] = field(default_factory=dict)
     _unpacked: dict[str, Path] = field(default_factory=dict)
@@ -135,38 +137,21 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
     # The steps take the normalized model; the measurement still compares the upload itself with the result.
     intake = normalize(original, batch=min(spec["evaluate"].get("batch_sizes") or [1]), input_shapes=input_shapes)
     current = intake.path
+    if spec.get("goal"):
+        from workers.search.run import search
+
+        return search(run, workdir, original=original, intake=intake, spec=spec, input_shapes=input_shapes)
     for index, step in enumerate(steps, start=1):
         run.check_cancel()
-        method = methods.get(step["method"])
         base = PREPARE + STEPS * (index - 1) / len(steps)
-        run.progress(base, f"step {index}/{len(steps)}", f"running {method.id}", force=True)
-        params = method.params_model.model_validate(step["params"])
+        run.progress(base, f"step {index}/{len(steps)}", f"running {step['method']}", force=True)
         out_dir = workdir / f"step-{index}"
         out_dir.mkdir()
         started = time.perf_counter()
-        try:
-            step_datasets = {name: run.dataset(value) for name in method.dataset_params
-                             if (value := step["params"].get(name))}
-            step_models = {name: run.model(value, workdir) for name in method.model_params
-                           if (value := step["params"].get(name))}
-            ctx = methods.StepContext(
-                calibration=step_datasets.get("calibration_dataset_id"), datasets=step_datasets, seed=index,
-                progress=lambda fraction, message, milestone=False, base=base, index=index: run.progress(
-                    base + STEPS / len(steps) * fraction, f"step {index}/{len(steps)}", message, force=milestone),
-                cancelled=run.cancel_requested_throttled, models=step_models, input_shapes=input_shapes,
-            )
-            # ONNX Runtime's tools drop temp files in the working directory (sym_shape_infer_temp.onnx
-            # and its external data): keep them inside the job's folder.
-            with contextlib.chdir(out_dir):
-                output = method.run(current, params, out_dir, ctx)
-        except ModelPressError as exc:
-            exc.message = f"step {index} ({method.id}) failed: {exc.message}"
-            raise
-        except Exception as exc:
-            # The last resort: no specific code covers what the library raised. Say so, so that the user knows
-            # this is ModelPress's gap, not a verdict on the model.
-            raise JobFailed(f"step {index} ({method.id}) failed with an error ModelPress has no specific code for "
-                            f"(step_failed; please report it): {type(exc).__name__}: {exc}", code="step_failed") from exc
+        output, method = run_method(
+            run, step, current, out_dir, workdir, input_shapes, seed=index, label=f"step {index}",
+            progress=lambda fraction, message, milestone=False, base=base, index=index: run.progress(
+                base + STEPS / len(steps) * fraction, f"step {index}/{len(steps)}", message, force=milestone))
         duration = time.perf_counter() - started
         name = "model.onnx" if index == len(steps) else f"step-{index}-{method.id}.onnx"
         artifact = run.store_artifact(output.model_path, name=name, kind="model", content_type="application/octet-stream")
@@ -250,6 +235,34 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
     report_path.write_text(json.dumps(written, indent=2, default=str))
     run.store_artifact(report_path, name="report.json", kind="report", content_type="application/json")
     return written, written["summary"], rows
+
+
+def run_method(run: JobRun, step: dict, current: Path, out_dir: Path, workdir: Path, input_shapes, *, seed: int,
+               label: str, progress: Callable[..., None]) -> tuple[Any, Any]:
+    """One method on `current`, writing into out_dir: (its StepOutput, the method). `step` is {"method", "params"}
+    with the params as the job stores them (dataset and model ids resolved here). Errors name `label` ("step 2",
+    "candidate int8_static"); a library error no specific code covers is step_failed, said to be the last resort."""
+    method = methods.get(step["method"])
+    params = method.params_model.model_validate(step["params"])
+    try:
+        step_datasets = {name: run.dataset(value) for name in method.dataset_params if (value := step["params"].get(name))}
+        step_models = {name: run.model(value, workdir) for name in method.model_params if (value := step["params"].get(name))}
+        ctx = methods.StepContext(
+            calibration=step_datasets.get("calibration_dataset_id"), datasets=step_datasets, seed=seed,
+            progress=progress, cancelled=run.cancel_requested_throttled, models=step_models, input_shapes=input_shapes,
+        )
+        # ONNX Runtime's tools drop temp files in the working directory (sym_shape_infer_temp.onnx
+        # and its external data): keep them inside the job's folder.
+        with contextlib.chdir(out_dir):
+            return method.run(current, params, out_dir, ctx), method
+    except ModelPressError as exc:
+        exc.message = f"{label} ({method.id}) failed: {exc.message}"
+        raise
+    except Exception as exc:
+        # The last resort: no specific code covers what the library raised. Say so, so that the user knows
+        # this is ModelPress's gap, not a verdict on the model.
+        raise JobFailed(f"{label} ({method.id}) failed with an error ModelPress has no specific code for "
+                        f"(step_failed; please report it): {type(exc).__name__}: {exc}", code="step_failed") from exc
 
 
 def _input_shapes(run: JobRun, spec: dict):
