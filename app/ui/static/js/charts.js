@@ -171,6 +171,18 @@ export function groupedBarChart({ title, description, groups, series, yLabel, xL
   return svg;
 }
 
+/** The x axis of a horizontal chart: a grid line from top to bottom and a label under the plot at each tick. */
+function xGrid(xTicks, x, top, bottom, format) {
+  const axis = s("g", { class: "axis" });
+  for (const t of xTicks) {
+    axis.append(
+      s("line", { x1: x(t), x2: x(t), y1: top, y2: bottom, class: "grid" }),
+      s("text", { x: x(t), y: bottom + 16, "text-anchor": "middle" }, format(t)),
+    );
+  }
+  return axis;
+}
+
 /**
  * Horizontal intervals: a point estimate with its confidence interval per row, against a reference
  * line (1.00x: no change). rows: [{label, value, low, high, text}].
@@ -192,13 +204,7 @@ export function intervalChart({ title, description, rows, reference = 1, xLabel,
   const x = (v) => margin.left + ((v - lo) / (hi - lo)) * plotW;
   const bottom = margin.top + rowH * rows.length;
 
-  const axis = s("g", { class: "axis" });
-  for (const t of xTicks) {
-    axis.append(
-      s("line", { x1: x(t), x2: x(t), y1: margin.top - 6, y2: bottom, class: "grid" }),
-      s("text", { x: x(t), y: bottom + 16, "text-anchor": "middle" }, format(t)),
-    );
-  }
+  const axis = xGrid(xTicks, x, margin.top - 6, bottom, format);
   axis.append(
     s("line", { x1: x(reference), x2: x(reference), y1: margin.top - 14, y2: bottom, class: "reference" }),
     s("text", { x: x(reference), y: margin.top - 16, "text-anchor": "middle", class: "reference-label" }, `${format(reference)} = no change`),
@@ -408,4 +414,62 @@ function marker(cx, cy, filled) {
   if (filled) return s("circle", { cx, cy, r: 5.5, fill: "#2f7d5b", stroke: "#1d2430", "stroke-width": 1 });
   return s("g", null, s("circle", { cx, cy, r: 5.5, fill: "#ffffff", stroke: "#b3541e", "stroke-width": 1.6 }),
     s("path", { d: `M ${cx - 3} ${cy - 3} L ${cx + 3} ${cy + 3} M ${cx - 3} ${cy + 3} L ${cx + 3} ${cy - 3}`, stroke: "#b3541e", "stroke-width": 1.4 }));
+}
+
+/**
+ * Horizontal bars in rank order, one row each: the bar's value as text at its end and a second figure in a column
+ * beside it (sideLabel names that column). rows: [{label, value, text, side, title?}]. log: a log10 axis, for values
+ * spanning decades (an error of 0.3 beside one of 1e-6); there a value of 0 draws no bar, only its text.
+ */
+export function rankedBarChart({ title, description, rows, xLabel, sideLabel, log = false, format = num, width = 760 }) {
+  const rowH = 22;
+  const longest = Math.max(...rows.map((r) => String(r.label).length), 4);
+  const margin = { top: 30, right: 150, bottom: 48, left: Math.min(320, 20 + Math.min(longest, 40) * 7.6) };
+  const height = margin.top + margin.bottom + rowH * rows.length;
+  const { svg, id } = svgRoot(width, height, title, description);
+  const plotW = width - margin.left - margin.right;
+  const span = plotW - 56; // the longest bar leaves room for its value's text before the side column
+  const bottom = margin.top + rowH * rows.length;
+  const positive = rows.map((r) => r.value).filter((v) => v > 0);
+  let x;
+  let xTicks;
+  if (log && positive.length) {
+    const lo = Math.floor(Math.log10(Math.min(...positive)));
+    const hi = Math.max(lo + 1, Math.ceil(Math.log10(Math.max(...positive))));
+    x = (v) => margin.left + ((Math.log10(v) - lo) / (hi - lo)) * span;
+    xTicks = Array.from({ length: hi - lo + 1 }, (_, i) => 10 ** (lo + i));
+  } else {
+    xTicks = ticks(0, Math.max(...positive, 0) || 1);
+    const top = xTicks[xTicks.length - 1];
+    x = (v) => margin.left + (v / top) * span;
+  }
+  const start = x(xTicks[0]);
+
+  const axis = xGrid(xTicks, x, margin.top - 4, bottom, format);
+  axis.append(
+    s("line", { x1: start, x2: start, y1: margin.top - 4, y2: bottom, class: "baseline" }),
+    s("text", { class: "axis-label", x: margin.left + plotW / 2, y: height - 8, "text-anchor": "middle" }, xLabel || ""),
+    s("text", { class: "axis-label", x: margin.left + plotW + 12, y: margin.top - 12 }, sideLabel || ""),
+  );
+  svg.append(axis);
+  rows.forEach((row, i) => {
+    const cy = margin.top + rowH * i + rowH / 2;
+    const g = s("g", { class: "ranked-row", "data-label": row.label });
+    const label = String(row.label);
+    const shown = label.length > 40 ? `…${label.slice(-39)}` : label;
+    g.append(s("text", { x: margin.left - 8, y: cy + 4, "text-anchor": "end", class: "group-label" }, shown,
+      s("title", null, row.title || label)));
+    const drawn = row.value !== null && row.value !== undefined && (!log || row.value > 0);
+    const end = drawn ? Math.max(start + 0.5, x(row.value)) : start;
+    if (drawn) {
+      g.append(s("rect", { x: start, y: cy - 7, width: end - start, height: 14, fill: fillFor(id, "single"), stroke: "#1d2430", "stroke-width": 0.6 },
+        s("title", null, `${label}: ${row.text ?? format(row.value)}`)));
+    }
+    g.append(
+      s("text", { x: end + 5, y: cy + 4, class: "value-label" }, row.text ?? (row.value === null || row.value === undefined ? "n/a" : format(row.value))),
+      s("text", { x: margin.left + plotW + 12, y: cy + 4, class: "side-label" }, row.side ?? ""),
+    );
+    svg.append(g);
+  });
+  return svg;
 }

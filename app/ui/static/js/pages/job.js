@@ -7,6 +7,7 @@ import { api, download, streamEvents } from "../api.js";
 import { groupedBarChart, intervalChart, scatterChart } from "../charts.js";
 import { clear, errorBox, h, progressBar, statusBadge, updateProgressBar } from "../dom.js";
 import { bytes, duration, ms, num, pct, shortId, when } from "../format.js";
+import { sensitivitySection } from "./sensitivity.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const POLL_MS = 1500;
@@ -476,7 +477,7 @@ export function jobPage(main, { params }) {
       const summary = reportData.summary || job.summary || {};
       const measurement = reportData.measurement || {};
       parts.push(verdictSection(reportData.verdict || summary.verdict), headline(summary), gainsSection(summary), latencySection(measurement), sizeSection(measurement, summary), qualitySection(summary, measurement),
-        energySection(measurement, summary), paretoSection(reportData.pareto, reportData.verdict || summary.verdict),
+        sensitivitySection(reportData), energySection(measurement, summary), paretoSection(reportData.pareto, reportData.verdict || summary.verdict),
         trajectorySection(summary), notesSection(summary), stepsSection(reportData),
         environmentSection(measurement.environment));
     } else if (job.status !== "succeeded") {
