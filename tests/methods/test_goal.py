@@ -184,3 +184,50 @@ def test_cancel_stops_a_search_at_the_next_candidate(http, cnn):
     assert job["status"] == "cancelled", job
     records = [a for a in http.get(f"/v1/jobs/{job_id}/artifacts").json() if a["kind"] == "candidate-record"]
     assert 1 <= len(records) <= 3  # it stopped within a candidate or two of the request
+
+
+def sensitive_mlp(width: int = 768, seed: int = 0) -> tuple[bytes, str]:
+    """x [N, 64] -> MatMul fc1 -> Relu -> MatMul fc2 -> Relu -> MatMul fc3 -> y [N, 10], where one output channel
+    of fc1 is 2000x larger than the rest: the activation fc2 reads has one huge channel, so int8 with one scale
+    per tensor leaves the others a handful of levels. fc2 is the deliberately sensitive node (the huge channel
+    barely reaches y: fc2's weights from it are small)."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((64, width)).astype(np.float32) / 8
+    w1[:, 0] *= 2000
+    w2 = rng.standard_normal((width, width)).astype(np.float32) / np.sqrt(width)
+    w2[0, :] /= 2000
+    w3 = rng.standard_normal((width, 10)).astype(np.float32) / np.sqrt(width)
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, list(w.shape), w.ravel()) for n, w in
+             (("w1", w1), ("w2", w2), ("w3", w3))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"), helper.make_node("Relu", ["h1"], ["a1"]),
+             helper.make_node("MatMul", ["a1", "w2"], ["h2"], name="fc2"), helper.make_node("Relu", ["h2"], ["a2"]),
+             helper.make_node("MatMul", ["a2", "w3"], ["y"], name="fc3")]
+    graph = helper.make_graph(nodes, "sensitive", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(), "fc2"
+
+
+def test_a_deliberately_sensitive_node_ranks_first_and_the_result_keeps_it_in_float(http):
+    model_bytes, sensitive = sensitive_mlp()
+    x = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
+    model = upload(http, "sensitive.onnx", model_bytes)
+    evaluation = upload(http, "eval.npz", npz(x=x), "datasets")
+    created = http.post("/v1/jobs", json={"model_id": model, "evaluate": FAST, "goal": {
+        "families": ["quantize", "mixed_precision"], "batch_size": 1, "time_budget_s": 240,
+        "datasets": {"eval_dataset_id": evaluation}}})
+    assert created.status_code == 202, created.text
+    job = wait_for_job(http, created.json()["id"], timeout=400)
+    assert job["status"] == "succeeded", job
+    report = http.get(f"/v1/jobs/{job['id']}/report").json()
+    candidates = {c["name"]: c for c in report["candidates"]}
+    assert candidates["int8_static"]["verdict"]["checks"][1]["passed"] is False  # whole-model int8 broke it
+    rows = report["sensitivity"]["rows"]
+    assert rows[0]["node"] == sensitive, [(r["node"], r["int8"]) for r in rows]
+    assert rows[0]["int8"]["worst_cosine"] < 0.99 < min(r["int8"]["worst_cosine"] for r in rows[1:])
+    mixed = candidates["int8_static-float1"]
+    # fc2 and the Relu in front of it: while the Relu is quantized, the tensor fc2 reads stays int8
+    assert mixed["params"][0]["nodes_to_exclude"] == [sensitive, "Relu_1"]
+    fidelity = next(c for c in mixed["verdict"]["checks"] if c["name"] == "min_cosine")
+    assert fidelity["passed"], mixed["verdict"]
+    if job["summary"]["verdict"]["verdict"] == "beneficial":  # faster too: it is the result, with fc2 in float
+        assert report["search"]["chosen"] in ("int8_static-float1", "int8_dynamic-float1")

@@ -31,6 +31,7 @@ from app.reports import (
     JobReport,
     Measurement,
     ReportArtifact,
+    SensitivityReport,
     StepRecord,
 )
 from app.settings import get_settings
@@ -306,6 +307,10 @@ def _try(state: Search, plan: Plan) -> Tried:
                                         progress=lambda *_args, **_kw: None)
             tried.details.append({"method": method.id, "details": output.details})
             current = output.model_path
+        if plan.family == "mixed_precision" and steps and steps[0]["params"].get("nodes_to_exclude") \
+                and steps[0]["method"] == "quantize.int8_static":
+            current, rewired = keep_inputs_float(current, steps[0]["params"]["nodes_to_exclude"], out / "mixed.onnx")
+            tried.details.append({"method": "keep_inputs_float", "details": {"rewired_inputs": rewired}})
         measured_path = current
         if plan.target is not None:
             from workers.openvino.job import lower_for_target
@@ -340,11 +345,82 @@ def _mixed_step(state: Search, plan: Plan) -> dict[str, Any]:
     """The scheme again with the `count` nodes that cost it the most fidelity left in float."""
     scheme, count = plan.name.split("-float")
     ranking = _sensitivity_ranking(state, scheme)
-    excluded = [row["node"] for row in ranking[: int(count)]]
-    if not excluded:
-        raise JobFailed("the sensitivity ranking found no quantized node", code="nothing_to_exclude")
+    chosen = [row["node"] for row in ranking[: int(count)]]
+    if not chosen:
+        raise JobFailed("the sensitivity ranking found no node that int8 moves", code="nothing_to_exclude")
+    excluded = _with_float_inputs(state.intake.path, chosen)
+    if len(excluded) > len(chosen):
+        plan.why += (f"; with the {len(excluded) - len(chosen)} node(s) between them and the nearest compute node "
+                     f"({', '.join(n for n in excluded if n not in chosen)}), so that their inputs stay float too")
     base = state.tried[scheme].plan.steps[0]
     return {"method": base["method"], "params": base["params"] | {"nodes_to_exclude": excluded}}
+
+
+def keep_inputs_float(path: Path, names: list[str], out: Path) -> tuple[Path, list[str]]:
+    """The QDQ model with the nodes `names` reading float tensors: ONNX Runtime's QDQ quantizer leaves an excluded
+    node in float but still feeds it QuantizeLinear -> DequantizeLinear when the tensor's producer is quantized
+    (it quantizes a quantized node's outputs too), so the error the node was excluded for stays. Each such input
+    is wired to the float tensor before the pair; pairs nobody reads any more are removed. Returns (the model, the
+    inputs rewired as node:tensor)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    producers = {output: node for node in graph.node for output in node.output}
+    wanted = set(names)
+    rewired: list[str] = []
+    for node in graph.node:
+        if node.name not in wanted:
+            continue
+        for index, tensor in enumerate(node.input):
+            dq = producers.get(tensor)
+            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[index] = q.input[0]
+                rewired.append(f"{node.name}:{q.input[0]}")
+    outputs = {o.name for o in graph.output}
+    while True:  # drop the Q/DQ nodes whose outputs no one reads now
+        read = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    onnx.save(model, str(out))
+    return out, rewired
+
+
+# Ops the quantizers quantize around without computing anything a sensitive node's input depends on: leaving a
+# node in float keeps its input quantized as long as one of these in front of it is (ONNX Runtime shares a tensor's
+# quantize/dequantize pair among its readers), so they stay float with it.
+PASS_THROUGH = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "MaxPool",
+                          "AveragePool", "GlobalAveragePool", "Reshape", "Transpose", "Flatten", "Squeeze",
+                          "Unsqueeze", "Resize", "Split", "Slice", "Gather", "Concat", "Pad", "Identity"})
+
+
+def _with_float_inputs(model_path: Path, names: list[str]) -> list[str]:
+    """`names` plus the pass-through nodes that produce their inputs, walking up to the nearest compute node; the
+    names as the quantizers give them (workers.search.sensitivity prepares the model the same way)."""
+    import onnx
+
+    from workers.search.sensitivity import _quantizable
+
+    model, _notes = _quantizable(onnx.load(str(model_path)))
+    producers = {out: node for node in model.graph.node for out in node.output}
+    by_name = {node.name: node for node in model.graph.node}
+    excluded = list(dict.fromkeys(names))
+    stack = [by_name[n] for n in excluded if n in by_name]
+    while stack:
+        for tensor in stack.pop().input:
+            producer = producers.get(tensor)
+            if producer is not None and producer.op_type in PASS_THROUGH and producer.name not in excluded:
+                excluded.append(producer.name)
+                stack.append(producer)
+    return excluded
 
 
 def _sensitivity_ranking(state: Search, scheme: str) -> list[dict[str, Any]]:
@@ -355,27 +431,21 @@ def _sensitivity_ranking(state: Search, scheme: str) -> list[dict[str, Any]]:
 
 
 def _compute_sensitivity(state: Search, scheme: str) -> dict[str, Any]:
+    """Each quantizable node's output error when it alone is int8, and its time share in float and in the
+    candidate (workers.search.sensitivity); at most a quarter of the time budget, the mixed candidates need the
+    rest. The ranking keeps the nodes int8 moves at all, worst first."""
+    from workers.measure.environment import default_threads
+    from workers.search.sensitivity import node_sensitivity
+
     feeds, source = _sample_feeds(state, 16)
     calibration, _ = _sample_feeds(state, 32, calibration=True)
-    quantized = state.tried[scheme].path
-    try:
-        from workers.search.sensitivity import node_sensitivity
-
-        table = node_sensitivity(state.intake.path, feeds=feeds, calibration=calibration, quantized_path=quantized,
-                                 deadline=min(state.deadline, time.monotonic() + 0.25 * state.goal["time_budget_s"]))
-        data = table.to_json()
-        ranking = [{"node": row["node"]} for row in data["rows"]]
-        return {"ranking": ranking, "table": data, "source": source}
-    except ImportError:  # the ranking quantize.auto uses: the error each layer adds in the quantized model
-        from workers.datasets import Dataset
-        from workers.quantize.auto import _sensitivity
-
-        names = list(feeds[0])
-        import numpy as np
-
-        evaluation = Dataset({n: np.concatenate([f[n] for f in feeds]) for n in names}, name=source)
-        ranking = _sensitivity(state.intake.path, quantized, evaluation, state.notes) if quantized else []
-        return {"ranking": ranking, "table": None, "source": source}
+    table = node_sensitivity(state.intake.path, feeds=feeds, calibration=calibration,
+                             quantized_path=state.tried[scheme].path,
+                             deadline=min(state.deadline, time.monotonic() + 0.25 * state.goal["time_budget_s"]),
+                             threads=get_settings().measure_threads or default_threads(), source=source)
+    data = table.to_json()
+    ranking = [{"node": row["node"]} for row in data["rows"] if row.get("int8") and row["int8"]["worst_cosine"] < 0.99999]
+    return {"ranking": ranking, "table": data, "source": source}
 
 
 def _sample_feeds(state: Search, count: int, *, calibration: bool = False) -> tuple[list[dict[str, Any]], str]:
@@ -591,10 +661,10 @@ def _finish(state: Search):
     )
     report.search = _search_record(state, best, chosen, handed)
     pareto = _pareto(state)
-    if pareto is not None and "pareto" in JobReport.model_fields:
+    if pareto is not None:
         report.pareto = pareto
-    if state.sensitivity and state.sensitivity.get("table") and "sensitivity" in JobReport.model_fields:
-        setattr(report, "sensitivity", state.sensitivity["table"])  # noqa: B010 (until the field is typed)
+    if state.sensitivity and state.sensitivity.get("table"):
+        report.sensitivity = SensitivityReport.model_validate(state.sensitivity["table"])
     run.progress(0.97, "storing", "storing the report", force=True)
     written = report.model_dump(mode="json", fallback=str)
     path = state.workdir / "report.json"
