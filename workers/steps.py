@@ -278,12 +278,17 @@ def _input_shapes(run: JobRun, spec: dict):
 
 
 def _measure(run: JobRun, settings, evaluate: dict, original: Path, candidate: Path, share: tuple[float, float],
-             input_shapes=None, target: dict | None = None) -> dict:
+             input_shapes=None, target: dict | None = None, *, at: tuple[float, float] | None = None,
+             stage: str = "measuring") -> dict:
+    """`share`: the part of the measuring phase this measurement is; `at`: instead, the part of the whole progress
+    bar (a goal search's candidates)."""
     from workers.measure import MeasureSpec, Stopped, measure_pair
     from workers.measure.isolated import measure_isolated
 
+    low, high = at or (PREPARE + STEPS + MEASURE * share[0], PREPARE + STEPS + MEASURE * share[1])
+
     def on_progress(fraction: float, message: str) -> None:
-        run.progress(PREPARE + STEPS + MEASURE * (share[0] + (share[1] - share[0]) * fraction), "measuring", message)
+        run.progress(low + (high - low) * fraction, stage, message)
 
     spec = MeasureSpec(
         batch_sizes=evaluate["batch_sizes"], warmup=evaluate["warmup"], iterations=evaluate["iterations"],

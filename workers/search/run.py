@@ -137,10 +137,9 @@ def search(run, workdir: Path, *, original: Path, intake, spec: dict[str, Any], 
         run.check_cancel()
         done = sum(1 for t in state.tried.values() if t.status != "skipped")
         best = _best(state)
-        run.progress(0.05 + SEARCH * min(0.99, (time.monotonic() - state.started) / state.goal["time_budget_s"]),
-                     "searching", f"candidate {done + 1} ({plan.name}); {len(state.queue)} more planned; best so far: "
-                     + (_short(best) if best else "none beneficial yet"), force=True)
-        if not _fits(state):
+        run.progress(_fraction(state), "searching", f"candidate {done + 1} ({plan.name}); {len(state.queue)} more "
+                     "planned; best so far: " + (_short(best) if best else "none beneficial yet"), force=True)
+        if not _fits(state, plan):
             tried = Tried(plan=plan, status="skipped", error={
                 "code": "time_budget", "message": f"not started: the time budget ({state.goal['time_budget_s']} s) "
                 "would not hold it and the final measurement"})
@@ -152,6 +151,11 @@ def search(run, workdir: Path, *, original: Path, intake, spec: dict[str, Any], 
         _react(state, tried)
         total_hint = max(total_hint, len(state.tried) + len(state.queue))
     return _finish(state)
+
+
+def _fraction(state: Search) -> float:
+    """Where the search stands on the progress bar: the share of its time budget spent."""
+    return 0.05 + SEARCH * min(0.99, (time.monotonic() - state.started) / state.goal["time_budget_s"])
 
 
 # --- planning --------------------------------------------------------------------------------------------------
@@ -315,8 +319,9 @@ def _try(state: Search, plan: Plan) -> Tried:
         if plan.target is not None:
             from workers.openvino.job import lower_for_target
 
+            here = _fraction(state)
             lowered = lower_for_target(state.run, plan.target, current, out, state.spec["evaluate"],
-                                       state.input_shapes, share=(0.0, 0.0), store=False)
+                                       state.input_shapes, share=(here, here), store=False)
             tried.details.append({"method": "lower.openvino", "details": lowered.record["details"]})
             measured_path = lowered.path
         tried.path = measured_path
@@ -469,8 +474,9 @@ def _measure_candidate(state: Search, path: Path, target: dict[str, Any] | None)
                     iterations=min(CANDIDATE_ITERATIONS, evaluate["iterations"]),
                     eval_max_samples=min(CANDIDATE_EVAL_SAMPLES, evaluate.get("eval_max_samples") or
                                          CANDIDATE_EVAL_SAMPLES), providers=["CPUExecutionProvider"])
+    here = _fraction(state)
     measured = _measure(state.run, get_settings(), evaluate, state.original, path, (0.0, 0.0), state.input_shapes,
-                        target=target)
+                        target=target, at=(here, here), stage="searching")
     measured.pop("samples", None)
     measured.pop("measurements", None)
     return measured
@@ -545,11 +551,15 @@ def _resume(state: Search) -> None:
 
 # --- the time budget, the best, the end ------------------------------------------------------------------------
 
-def _fits(state: Search) -> bool:
+def _fits(state: Search, upcoming: Plan) -> bool:
     """Whether another candidate, and then the final measurement, still fit in the time budget."""
     now = time.monotonic()
     spent = [t.seconds for t in state.tried.values() if t.status != "skipped"]
     typical = (sorted(spent)[len(spent) // 2] if spent else 0.0)
+    if upcoming.family in ("prune", "distill"):
+        # Training candidates take several times a quantization; the first one of its family is a guess.
+        same = [t.seconds for t in state.tried.values() if t.plan.family == upcoming.family and t.status == "measured"]
+        typical = max(same) if same else 4 * typical
     final = 2.5 * max(state.measure_seconds, default=0.0)
     return now + typical + final <= state.deadline
 
@@ -616,7 +626,7 @@ def _finish(state: Search):
         from workers.steps import _measure
 
         final = _measure(run, get_settings(), evaluate, state.original, best.path, (0.0, 1.0), state.input_shapes,
-                         target=best.plan.target)
+                         target=best.plan.target, at=(0.05 + SEARCH, 0.05 + SEARCH + FINAL))
         samples = state.workdir / "latency-samples.json"
         samples.write_text(json.dumps(final.pop("samples", {})))
         stored = run.store_artifact(samples, name=samples.name, kind="samples", content_type="application/json")
@@ -645,6 +655,10 @@ def _finish(state: Search):
     handed = None
     if best is not None and verdict.verdict == "beneficial" and best.path is not None:
         handed = _hand_over(state, best)
+    # The figures of the final measurement name the model they are of: the one handed over (or the candidate
+    # measured again, when it was not), and the upload on a target runtime.
+    result_sha = handed["sha256"] if handed else None
+    rows = [r | {"sha256": result_sha} if r["model"] == "result" and result_sha else r for r in rows]
     summary.notes = [state.intake.note()] + state.notes + summary.notes + (
         [] if handed else ["nothing is handed over as the result: no candidate met the goal; every candidate is "
                            "downloadable (candidate-*) and the report says what came closest"])
