@@ -1,5 +1,6 @@
 """`modelpress`: run the embedded service, the API or a worker; migrate; manage API keys;
-and, as a client of a running service, compress models, follow jobs and download results."""
+and, as a client of a running service, compress models or optimize them to a goal, follow jobs and download
+results."""
 from __future__ import annotations
 
 import argparse
@@ -409,17 +410,105 @@ def pareto_table(report: dict):
     return table
 
 
-def _print_pareto(mp, job: dict) -> None:
-    """A succeeded job's Pareto front, read from its report; nothing for a report without one."""
+def _print_report_tables(mp, job: dict, report: dict | None = None) -> None:
+    """A succeeded job's candidates (a goal job's) and Pareto front, read from its report; nothing for a report
+    without them."""
     from app.client import ModelPressError
 
     try:
-        table = pareto_table(mp.report(job["id"]))
-    except ModelPressError as exc:  # the summary is printed already; the front is an extra
-        _stderr(f"no Pareto front: {exc}")
+        report = report if report is not None else mp.report(job["id"])
+    except ModelPressError as exc:  # the summary is printed already; the tables are extras
+        _stderr(f"no candidates or Pareto front: {exc}")
         return
-    if table is not None:
-        _console().print(table)
+    for table in (candidates_table(report), pareto_table(report)):
+        if table is not None:
+            _console().print(table)
+
+
+def goal_text(goal: dict) -> str:
+    """A goal in a line: `latency at batch 1; worst cosine >= 0.99; time budget 900 s; families: all that apply`."""
+    parts = [f"{goal.get('objective', 'latency')} at batch {goal.get('batch_size', 1)}"]
+    bounds = {"min_cosine": "worst cosine >= {}", "max_accuracy_drop": "top-1 drop <= {} points",
+              "max_latency_ms": "p50 <= {} ms", "max_size_bytes": "size <= {}"}
+    for field, text in bounds.items():
+        if goal.get(field) is not None:
+            parts.append(text.format(_fmt_bytes(goal[field]) if field == "max_size_bytes" else goal[field]))
+    parts.append(f"time budget {goal.get('time_budget_s', '?')} s")
+    parts.append("families: " + (", ".join(goal["families"]) if goal.get("families") else "all that apply"))
+    datasets = {k.removesuffix("_dataset_id"): v for k, v in (goal.get("datasets") or {}).items() if v}
+    if datasets:
+        parts.append("datasets: " + ", ".join(f"{role} {value}" for role, value in datasets.items()))
+    return "; ".join(parts)
+
+
+def goal_rows(report: dict) -> list[tuple[str, str]]:
+    """A goal job's lead: the verdict and why, what was handed over (or what came closest), the search's counts and
+    time, the goal; and whose figures the summary rows after them are."""
+    search = report.get("search") or {}
+    summary = report.get("summary") or {}
+    rows: list[tuple[str, str]] = []
+    if summary.get("verdict"):
+        rows.append(("verdict", f"{verdict_word(summary)}: {summary['verdict']['reason']}"))
+    by_name = {c["name"]: c for c in report.get("candidates") or []}
+    if search.get("result_artifact"):
+        rows.append(("result", f"{search['result_artifact']}: candidate {search['chosen']}"))
+        rows.append(("figures below", f"{search['chosen']}, measured again with the job's evaluate settings"))
+    else:
+        closest = search.get("closest") or search.get("best_in_search")
+        artifact = (by_name.get(closest) or {}).get("artifact") if closest else None
+        rows.append(("result", "nothing handed over: no candidate met the goal" + (
+            f"; the closest was {closest}" + (f" ({artifact})" if artifact else "") if closest else "")))
+        if closest:
+            rows.append(("figures below", f"{closest}'s measurement in the search"))
+    counts = search.get("candidates") or {}
+    if counts:
+        total = sum(counts.values())
+        rows.append(("search", f"{total} candidate{'s' if total != 1 else ''} ("
+                     + ", ".join(f"{n} {status}" for status, n in counts.items()) + f") in {search.get('elapsed_s', '?')} s "
+                     f"of the {search.get('time_budget_s', '?')} s budget"))
+    if search.get("goal"):
+        rows.append(("goal", goal_text(search["goal"])))
+    return rows
+
+
+def candidates_table(report: dict):
+    """A goal job's candidates, one row each: family, status, speedup with its interval at the goal's batch size,
+    worst-sample cosine, size ratio, and its verdict (or why it failed or was skipped). None without candidates."""
+    candidates = report.get("candidates")
+    if not candidates:
+        return None
+    from rich.table import Table
+    from rich.text import Text
+
+    search = report.get("search") or {}
+    batch = str((search.get("goal") or {}).get("batch_size")
+                or ((report.get("summary") or {}).get("verdict") or {}).get("budget", {}).get("batch_size") or 1)
+    table = Table(title="candidates (each downloadable: modelpress download JOB --name ARTIFACT)", title_justify="left")
+    for column in ("candidate", "family", "status", f"speedup @{batch}", "worst cosine", "size", "verdict", "artifact"):
+        # The figures stay on one line; the names, the verdict's reason and the artifact fold.
+        table.add_column(column, overflow="fold", no_wrap=column in ("status", f"speedup @{batch}", "worst cosine", "size"))
+    for candidate in candidates:
+        name = candidate["name"]
+        if name == search.get("chosen"):
+            name += " (chosen)"
+        elif name == search.get("closest"):
+            name += " (closest)"
+        summary = candidate.get("summary") or {}
+        speedup = (summary.get("speedup_ci") or {}).get(batch) or (
+            f"{summary['speedup'][batch]:.2f}x" if (summary.get("speedup") or {}).get(batch) is not None else "-")
+        fidelity = summary.get("fidelity") or {}
+        cosine = fidelity.get("worst_cosine", fidelity.get("cosine_similarity"))
+        ratio = summary.get("size_ratio")
+        if candidate.get("verdict"):
+            judged = f"{verdict_word(candidate)}: {candidate['verdict']['reason']}"
+        elif candidate.get("error"):
+            judged = f"{candidate['error']['code']}: {candidate['error']['message']}"
+        else:
+            judged = "-"
+        table.add_row(*map(Text, (name, candidate.get("family") or "-", candidate["status"], speedup,
+                                  "-" if cosine is None else f"{cosine:.4f}", "-" if ratio is None else f"x{ratio:.2f}",
+                                  judged, candidate.get("artifact") or "-")))
+    return table
 
 
 def target_rows(summary: dict) -> list[tuple[str, str]]:
@@ -457,10 +546,13 @@ def _console():
 
 
 def _job_rows(job: dict) -> list[tuple[str, str]]:
-    steps = ", ".join(s.get("method", "?") for s in job.get("steps") or [])
+    steps = ", ".join(s.get("method", "?") for s in job.get("steps") or []) or (
+        "chosen by the search" if job.get("goal") else "")
     recipe = (job.get("recipe") or {}).get("id")
     rows = [("id", job["id"]), ("status", job["status"]), ("progress", f"{100 * job['progress']:.0f}%"),
             ("steps", f"{steps} (recipe {recipe})" if recipe else steps), ("model", str(job.get("model_id")))]
+    if job.get("goal"):
+        rows.insert(3, ("goal", goal_text(job["goal"])))
     if job.get("target"):
         rows.append(("target", "/".join(str(job["target"][k]) for k in ("runtime", "device", "precision")
                                         if job["target"].get(k))))
@@ -490,6 +582,23 @@ def _wait_with_progress(mp, job: dict) -> dict:
             bar.update(task, completed=current["progress"], status=current["status"], message=_cut(message, room))
 
         return mp.wait(job["id"], on_progress=show, poll_s=0.5)
+
+
+def _follow(mp, job: dict, args: argparse.Namespace) -> dict | int:
+    """A job just queued: without --wait or -o, print its id (or its JSON) and answer 0; else wait with progress and
+    answer the finished job (130 when Ctrl-C stops the waiting: the job goes on)."""
+    if not (args.wait or args.output):
+        if args.json:
+            _print_json(job)
+        else:
+            print(job["id"])
+        return 0
+    try:
+        return _wait_with_progress(mp, job)
+    except KeyboardInterrupt:
+        _stderr(f"stopped waiting; job {job['id']} goes on (modelpress jobs show {job['id']}; "
+                f"modelpress jobs cancel {job['id']})")
+        return 130
 
 
 def _cut(text: str, width: int) -> str:
@@ -544,25 +653,91 @@ def cmd_compress(args: argparse.Namespace) -> int:
             steps = [{"method": args.method, "params": params}] if args.method else None
             job = mp.submit_job(model["id"], steps=steps, evaluate=evaluate or None, name=args.name, target=target)
         _stderr(f"uploaded {model_path.name} as model {model['id']}; job {job['id']} queued")
-        if not (args.wait or args.output):
-            if args.json:
-                _print_json(job)
-            else:
-                print(job["id"])
-            return 0
-        try:
-            job = _wait_with_progress(mp, job)
-        except KeyboardInterrupt:
-            _stderr(f"stopped waiting; job {job['id']} goes on (modelpress jobs show {job['id']}; "
-                    f"modelpress jobs cancel {job['id']})")
-            return 130
+        followed = _follow(mp, job, args)
+        if isinstance(followed, int):
+            return followed
+        job = followed
         code = _finished(job, as_json=args.json)
         if code == 0 and not args.json:
-            _print_pareto(mp, job)
+            _print_report_tables(mp, job)
         if code == 0 and args.output:
             saved = mp.download(job["id"], "model.onnx", dest=args.output)
             _stderr(f"saved the compressed model to {saved} ({_fmt_bytes(saved.stat().st_size)}, sha256 checked)")
         return code
+
+
+def dataset_id(mp, value: str | None, role: str) -> str | None:
+    """--eval-dataset and the like: a readable file is uploaded (its id is used), anything else is a dataset id."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        dataset = mp.upload_dataset(path)
+        _stderr(f"uploaded {path.name} as the {role} dataset {dataset['id']}")
+        return str(dataset["id"])
+    if path.suffix in (".npz", ".safetensors") or os.sep in value:
+        raise UsageError(f"cannot read {value}: no such readable file (or give a dataset id)")
+    return value
+
+
+def goal_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The goal from optimize's flags: only what was given (the server fills the defaults and checks the rest)."""
+    goal: dict[str, Any] = {}
+    for flag, field in (("objective", "objective"), ("batch_size", "batch_size"), ("min_cosine", "min_cosine"),
+                        ("max_accuracy_drop", "max_accuracy_drop"), ("max_latency_ms", "max_latency_ms"),
+                        ("max_size_bytes", "max_size_bytes"), ("time_budget", "time_budget_s"),
+                        ("families", "families")):
+        if getattr(args, flag) is not None:
+            goal[field] = getattr(args, flag)
+    if args.no_min_cosine:
+        goal["min_cosine"] = None  # judged by --max-accuracy-drop alone (the server refuses a goal with neither)
+    return goal
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    model_path = Path(args.model)
+    if not model_path.is_file() or not os.access(model_path, os.R_OK):
+        raise UsageError(f"cannot read {model_path}: no such readable file")
+    goal = goal_spec(args)
+    with _client(args) as mp:
+        datasets = {f"{role}_dataset_id": dataset_id(mp, getattr(args, f"{role}_dataset"), role)
+                    for role in ("eval", "calibration", "train")}
+        if any(datasets.values()):
+            goal["datasets"] = {k: v for k, v in datasets.items() if v}
+        model = mp.upload_model(model_path)
+        job = mp.optimize(model["id"], name=args.name, **goal)
+        _stderr(f"uploaded {model_path.name} as model {model['id']}; job {job['id']} queued: "
+                f"{goal_text(job.get('goal') or {})}")
+        followed = _follow(mp, job, args)
+        if isinstance(followed, int):
+            return followed
+        job = followed
+        if job["status"] != "succeeded" or args.json:
+            code = _finished(job, as_json=args.json)
+            if code:
+                return code
+        report = mp.report(job["id"])
+        if not args.json:
+            word = verdict_word(job.get("summary") or {})
+            summary = [row for row in summary_rows(job.get("summary") or {}) if row[0] != "verdict"]
+            _console().print(_table(f"job {job['id']}: succeeded" + (f", {word}" if word else ""),
+                                    goal_rows(report) + summary))
+            _print_report_tables(mp, job, report)
+        search = report.get("search") or {}
+        if args.output and search.get("result_artifact"):
+            name = search["result_artifact"]
+            if args.output.endswith(("/", os.sep)):  # a folder, made if need be: the artifact's own name goes in it
+                Path(args.output).mkdir(parents=True, exist_ok=True)
+            saved = mp.download(job["id"], name, dest=args.output)
+            _stderr(f"saved the chosen model ({search['chosen']}, {name}) to {saved} "
+                    f"({_fmt_bytes(saved.stat().st_size)}, sha256 checked)")
+        elif args.output:
+            closest = search.get("closest")
+            artifact = next((c.get("artifact") for c in report.get("candidates") or [] if c["name"] == closest), None)
+            _stderr(f"nothing saved to {args.output}: no candidate met the goal, so no model was handed over"
+                    + (f"; the closest was {closest}" if closest else "")
+                    + (f" (modelpress download {job['id']} --name {artifact} -o ...)" if artifact else ""))
+        return 0
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
@@ -587,7 +762,8 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     if with_message:
         table.add_column("message", no_wrap=True)
     for job in jobs:
-        steps = ", ".join(s.get("method", "?") for s in job.get("steps") or [])
+        steps = ", ".join(s.get("method", "?") for s in job.get("steps") or []) or (
+            f"goal: {job['goal'].get('objective', 'latency')}" if job.get("goal") else "")
         row = [job["id"], job["status"], f"{100 * job['progress']:.0f}%", Text(steps)]
         if with_created:
             row.append(str(job["created_at"])[:16].replace("T", " "))
@@ -609,7 +785,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         if job.get("summary"):
             console.print(_table("summary", summary_rows(job["summary"])))
         if job["status"] == "succeeded":
-            _print_pareto(mp, job)
+            _print_report_tables(mp, job)
     return 0
 
 
@@ -710,6 +886,46 @@ def _add_client_commands(sub) -> None:
     compress.add_argument("-o", "--output", metavar="OUT.onnx", help="save the compressed model here (implies --wait)")
     compress.add_argument("--json", action="store_true", help="print the job as JSON instead of tables")
     compress.set_defaults(func=cmd_compress, usage=compress)
+
+    from app.jobs.schemas import FAMILIES
+
+    optimize = sub.add_parser(
+        "optimize", parents=[server], help="upload a model, state a goal: get the best model that meets it, or the "
+        "evidence that none does", description="Upload MODEL and submit a goal: the search tries the allowed method "
+        "families and every target the workers serve, measures each candidate against the original, and hands over "
+        "the best one that meets the goal (none when none does: every candidate stays downloadable). With no goal "
+        "flags: fastest at batch 1 within cosine 0.99. Exit status: 0 done (whatever the verdict), 1 job failed or "
+        "cancelled (or a server error), 2 usage error.")
+    optimize.add_argument("model", help="an .onnx file (or a .zip of .onnx + external data)")
+    optimize.add_argument("--objective", choices=["latency", "size", "energy"],
+                          help="what to improve (default latency; energy only where a counter is readable)")
+    optimize.add_argument("--batch-size", type=int, metavar="N", help="the batch size latency is judged at (default 1)")
+    cosine = optimize.add_mutually_exclusive_group()
+    cosine.add_argument("--min-cosine", type=float, metavar="X",
+                        help="the worst sample's output cosine must be at least this (default 0.99)")
+    cosine.add_argument("--no-min-cosine", action="store_true",
+                        help="no cosine budget: judged by --max-accuracy-drop alone")
+    optimize.add_argument("--max-accuracy-drop", type=float, metavar="P",
+                          help="top-1 may drop at most P points (needs a labelled --eval-dataset)")
+    optimize.add_argument("--max-latency-ms", type=float, metavar="MS", help="p50 at the batch size at most this")
+    optimize.add_argument("--max-size-bytes", type=int, metavar="B", help="the result's files at most this")
+    optimize.add_argument("--time-budget", type=int, metavar="S",
+                          help="the search starts no candidate once this is spent (default 900 s)")
+    optimize.add_argument("--families", type=lambda text: [f.strip() for f in text.split(",") if f.strip()],
+                          metavar=",".join(FAMILIES[:2]) + ",...",
+                          help=f"the method families the search may use (default all that apply): {', '.join(FAMILIES)}")
+    for role, what in (("eval", "every candidate is judged on (accuracy with labels, fidelity always)"),
+                       ("calibration", "the int8 candidates calibrate on (default: the eval dataset)"),
+                       ("train", "pruning with fine-tuning and distillation train on (without it they are skipped)")):
+        optimize.add_argument(f"--{role}-dataset", metavar="FILE|ID",
+                              help=f"the samples {what}: an .npz or .safetensors file (uploaded) or a dataset id")
+    optimize.add_argument("--name", help="a name for the job")
+    optimize.add_argument("--wait", action="store_true", help="show progress until the job finishes")
+    optimize.add_argument("-o", "--output", metavar="OUT",
+                          help="save the model handed over here (model.onnx, or model_openvino.zip for an OpenVINO "
+                          "IR; implies --wait); nothing is saved when no candidate met the goal")
+    optimize.add_argument("--json", action="store_true", help="print the job as JSON instead of tables")
+    optimize.set_defaults(func=cmd_optimize, usage=optimize)
 
     jobs = sub.add_parser("jobs", help="list, show or cancel jobs").add_subparsers(dest="jobs_command", required=True)
     listing = jobs.add_parser("list", parents=[server], help="your jobs, newest first")

@@ -228,10 +228,12 @@ class Client:
 
     def submit_job(self, model_id: str, steps: list[dict | str] | None = None, recipe: str | None = None,
                    params: dict | None = None, evaluate: dict | None = None, *, name: str | None = None,
-                   queue: str | None = None, target: dict | None = None, idempotency_key: str | None = None) -> dict:
+                   queue: str | None = None, target: dict | None = None, goal: dict | None = None,
+                   idempotency_key: str | None = None) -> dict:
         """Queue a job: steps (dicts {method, params}, or method ids) or a recipe with its params; `target`, e.g.
         {"runtime": "openvino", "device": "cpu", "precision": "bf16"} (see `targets()`), where the result is built
-        for and measured (with a target other than ONNX Runtime on the CPU, steps may be left out).
+        for and measured (with a target other than ONNX Runtime on the CPU, steps may be left out); or a `goal`
+        instead of all three (see `optimize`). A model alone runs the default goal.
 
         The Idempotency-Key (a fresh uuid unless given) makes a retried submission return the first job.
         """
@@ -250,8 +252,24 @@ class Client:
             spec["queue"] = queue
         if target is not None:
             spec["target"] = target
+        if goal is not None:
+            spec["goal"] = goal
         key = idempotency_key or str(uuid.uuid4())
         return self._json("POST", "/v1/jobs", json=spec, headers={"Idempotency-Key": key})
+
+    def optimize(self, model_id: str, *, evaluate: dict | None = None, name: str | None = None,
+                 queue: str | None = None, idempotency_key: str | None = None, **goal: Any) -> dict:
+        """Queue a goal job: the search finds the best model that meets the goal, or the evidence that none does.
+
+        The goal's fields are keywords: objective ("latency", "size", "energy"), batch_size, min_cosine (None: judged
+        by max_accuracy_drop alone), max_accuracy_drop, max_latency_ms, max_size_bytes, time_budget_s, families
+        (e.g. ["quantize", "targets"]), datasets ({"eval_dataset_id": ..., "calibration_dataset_id": ...,
+        "train_dataset_id": ...}); none given: fastest at batch 1 within cosine 0.99. When the job has finished,
+        `report(job_id)["search"]` names the candidate handed over (`result_artifact`: model.onnx or
+        model_openvino.zip) or, with none, the closest; `["candidates"]` holds every candidate with its artifact.
+        """
+        return self.submit_job(model_id, evaluate=evaluate, name=name, queue=queue, goal=goal,
+                               idempotency_key=idempotency_key)
 
     def job(self, job_id: str) -> dict:
         return self._json("GET", f"/v1/jobs/{job_id}")

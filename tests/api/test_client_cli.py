@@ -166,6 +166,26 @@ def test_a_submission_is_retried_with_the_same_idempotency_key():
     assert len(keys) == 2 and keys[0] == keys[1] and len(keys[0]) == 36
 
 
+def test_optimize_sends_a_goal_and_a_model_alone_sends_no_steps():
+    sent = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(202, json={"id": "j1"})
+
+    client, _ = mock_client(handler)
+    client.optimize("m1", objective="size", min_cosine=None, max_accuracy_drop=1.0, families=["quantize"],
+                    datasets={"eval_dataset_id": "d1"}, name="smaller")
+    client.optimize("m1")
+    client.submit_job("m1")
+    assert sent == [
+        {"model_id": "m1", "name": "smaller", "goal": {"objective": "size", "min_cosine": None, "max_accuracy_drop": 1.0,
+                                                      "families": ["quantize"], "datasets": {"eval_dataset_id": "d1"}}},
+        {"model_id": "m1", "goal": {}},  # the default goal, said explicitly
+        {"model_id": "m1"},  # the server runs the default goal
+    ]
+
+
 def test_wait_revalidates_with_the_etag_and_reports_only_changes():
     states = [({"id": "j1", "status": "running", "progress": 0.4, "message": "quantizing"}, '"a"'), (None, '"a"'),
               ({"id": "j1", "status": "succeeded", "progress": 1.0, "message": "done"}, '"b"')]
@@ -235,6 +255,47 @@ def test_the_pareto_table_marks_the_front_and_names_who_dominates():
     text = console.export_text()
     assert "p50 ms @8" in text and "energy" not in text  # no column for a dimension never measured
     assert "on the front" in text and "dominated by original" in text and "0.8000" in text
+
+
+def test_a_goal_job_with_nothing_handed_over_leads_with_the_verdict_and_names_the_closest():
+    from rich.console import Console
+
+    from app.cli import candidates_table, goal_rows
+
+    measured = {"speedup": {"4": 0.9}, "speedup_ci": {"4": "0.90x (0.85-0.97)"}, "size_ratio": 0.27,
+                "fidelity": {"worst_cosine": 0.9991}}
+    report = {
+        "summary": {"verdict": {"verdict": "not_beneficial", "reason": "no candidate met the goal; the closest was "
+                                "int8_dynamic: not faster"}},
+        "search": {"goal": {"objective": "latency", "batch_size": 4, "min_cosine": 0.99, "time_budget_s": 60,
+                            "families": ["quantize"], "datasets": {"eval_dataset_id": "d1"}},
+                   "chosen": None, "best_in_search": None, "closest": "int8_dynamic", "result_artifact": None,
+                   "elapsed_s": 41.5, "time_budget_s": 60, "candidates": {"measured": 1, "failed": 1, "skipped": 1}},
+        "candidates": [
+            {"name": "int8_dynamic", "family": "quantize", "status": "measured", "summary": measured,
+             "artifact": "candidate-01-int8_dynamic.onnx",
+             "verdict": {"verdict": "not_beneficial", "reason": "not faster: 0.90x (0.85-0.97) at batch 4"}},
+            {"name": "int8_static", "family": "quantize", "status": "failed", "artifact": None, "verdict": None,
+             "error": {"code": "calibration_failed", "message": "no samples"}},
+            {"name": "fp16", "family": "quantize", "status": "skipped", "artifact": None, "verdict": None,
+             "error": {"code": "time_budget", "message": "not started: the time budget (60 s) would not hold it"}},
+        ],
+    }
+    rows = goal_rows(report)
+    assert rows[0] == ("verdict", "not beneficial: no candidate met the goal; the closest was int8_dynamic: not faster")
+    what = dict(rows)
+    assert what["result"] == ("nothing handed over: no candidate met the goal; the closest was int8_dynamic "
+                              "(candidate-01-int8_dynamic.onnx)")
+    assert what["search"] == "3 candidates (1 measured, 1 failed, 1 skipped) in 41.5 s of the 60 s budget"
+    assert what["goal"] == ("latency at batch 4; worst cosine >= 0.99; time budget 60 s; families: quantize; "
+                            "datasets: eval d1")
+    console = Console(width=200, record=True)
+    console.print(candidates_table(report))
+    text = console.export_text()
+    assert "speedup @4" in text and "int8_dynamic (closest)" in text and "0.90x (0.85-0.97)" in text
+    assert "0.9991" in text and "x0.27" in text and "candidate-01-int8_dynamic.onnx" in text
+    assert "calibration_failed: no samples" in text and "time_budget: not started" in text
+    assert candidates_table({"summary": {}}) is None  # a steps job's report
 
 
 # --- against a real embedded service --------------------------------------------------------------------
@@ -343,3 +404,50 @@ def test_cli_exit_codes_for_a_failed_job_usage_errors_and_server_errors(service,
     assert refused.returncode == 1 and "unknown_method" in refused.stderr
     missing = cli(service, "jobs", "show", "no-such-job")
     assert missing.returncode == 1 and "job_not_found" in missing.stderr
+
+
+@pytest.mark.integration
+def test_cli_optimize_leads_with_the_verdict_lists_the_candidates_and_saves_what_was_handed_over(service, tmp_path):
+    import numpy as np
+
+    # Wide enough that int8 usually runs faster than float on a CPU: the model is most often handed over.
+    model = tmp_path / "wide.onnx"
+    model.write_bytes(mlp_onnx_bytes(in_features=512, hidden=2048))
+    evaluation = tmp_path / "eval.npz"
+    np.savez(evaluation, features=np.random.default_rng(0).standard_normal((32, 512)).astype(np.float32))
+    out = tmp_path / "out"
+    done = cli(service, "optimize", str(model), "--time-budget", "60", "--families", "quantize",
+               "--eval-dataset", str(evaluation), "--wait", "-o", f"{out}/")
+    assert done.returncode == 0, done.stdout + done.stderr  # 0 whatever the verdict
+    assert "uploaded eval.npz as the eval dataset" in done.stderr
+    job_id = done.stderr.split(" job ", 1)[1].split()[0]
+    job = json.loads(cli(service, "jobs", "show", job_id, "--json").stdout)
+    assert job["status"] == "succeeded" and job["steps"] == []
+    assert job["goal"]["families"] == ["quantize"] and job["goal"]["time_budget_s"] == 60
+    assert job["goal"]["datasets"]["eval_dataset_id"]
+    with Client(service["url"], service["key"]) as mp:
+        report = mp.report(job_id)
+        artifacts = {a["name"]: a for a in mp.artifacts(job_id)}
+    verdict, search = report["verdict"], report["search"]
+    # The verdict and its reason lead; then the candidates, each with its interval; then the front.
+    lead = done.stdout.split("\n")[:3]
+    assert any("verdict" in line and verdict["verdict"].replace("_", " ") in line for line in lead), lead
+    assert done.stdout.index("verdict") < done.stdout.index("candidates") < done.stdout.index("Pareto front")
+    for candidate in report["candidates"]:
+        assert candidate["name"] in done.stdout
+        if candidate["status"] == "measured":
+            assert candidate["summary"]["speedup_ci"]["1"] in done.stdout
+    assert "of the 60 s budget" in done.stdout
+    if search["result_artifact"]:
+        saved = out / search["result_artifact"]
+        assert hashlib.sha256(saved.read_bytes()).hexdigest() == artifacts[search["result_artifact"]]["sha256"]
+        assert f"saved the chosen model ({search['chosen']}" in done.stderr
+    else:
+        assert verdict["verdict"] == "not_beneficial" and not out.exists()
+        assert "nothing saved" in done.stderr and search["closest"] in done.stderr
+
+    # A goal without a fidelity budget is refused by the server, with its reason.
+    refused = cli(service, "optimize", str(model), "--no-min-cosine")
+    assert refused.returncode == 1 and "fidelity budget" in refused.stderr
+    usage = cli(service, "optimize", str(model), "--eval-dataset", str(tmp_path / "absent.npz"))
+    assert usage.returncode == 2 and "absent.npz" in usage.stderr

@@ -139,6 +139,8 @@ def test_dashboard_upload_compress_watch_report_download(browser, service, tmp_p
     page.click("#compress-uploaded")
     page.wait_for_selector("#job-form")
     assert page.input_value("#job-model") == model_id
+    assert page.is_checked("#mode-goal") and page.is_visible("#goal")  # a goal is offered first
+    page.check("#mode-steps")
     page.select_option("#steps select.method-select", "quantize.int8_dynamic")
     # The params form follows the method's JSON Schema: an enum is a select, a boolean a checkbox.
     assert page.locator("select[name='step1.weight_type'] option").count() >= 3
@@ -255,6 +257,57 @@ def test_dashboard_upload_compress_watch_report_download(browser, service, tmp_p
     p50_chart = " ".join(_texts(page, "#model-measurements figure[data-metric='p50_ms'] svg text"))
     assert "batch 1" in p50_chart and "job (oldest first)" in p50_chart
 
+    _goal_from_the_form(page, api, base, tmp_path)
     assert not foreign, foreign
     assert not problems, problems
     context.close()
+
+
+def _goal_from_the_form(page, api: httpx.Client, base: str, tmp_path: Path) -> None:
+    """A goal from the form built from GoalSpec (families as checkboxes, datasets by role from the uploads); the job
+    page leads with the verdict, then the search and every candidate with its download."""
+    mlp = api.post("/v1/models", files={"file": ("mlp.onnx", mlp_onnx_bytes())}).json()["id"]
+    page.goto(f"{base}/ui#/jobs/new?model={mlp}")
+    page.wait_for_selector("#goal input[name='goal.time_budget_s']")
+    assert page.is_checked("#mode-goal") and page.is_disabled("#job-target")
+    assert not page.is_visible("input[name='evaluate.min_cosine']")  # a steps job's budget: the goal has its own
+    assert page.input_value("input[name='goal.min_cosine']") == "0.99"
+    assert page.locator("input[name='goal.families']").count() >= 5
+    assert page.locator("select[name='goal.datasets.calibration_dataset_id']").count() == 1
+    page.check("input[name='goal.families'][value='quantize']")
+    page.fill("input[name='goal.time_budget_s']", "60")
+    page.fill("#job-name", "dashboard goal")
+    page.screenshot(path=str(SCREENS / "new-job-goal.png"), full_page=True)
+    page.click("#start-job")
+    page.wait_for_url(re.compile(r".*#/jobs\?new=.+"))
+    job_id = page.url.split("new=")[1]
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert job["steps"] == [] and job["target"] is None
+    assert job["goal"]["families"] == ["quantize"] and job["goal"]["time_budget_s"] == 60
+    assert job["goal"]["min_cosine"] == 0.99 and job["goal"]["objective"] == "latency"
+
+    page.goto(f"{base}/ui#/jobs/{job_id}")
+    page.wait_for_selector("#report[data-ready=true]", timeout=JOB_TIMEOUT_S * 1000)
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job
+    report = api.get(f"/v1/jobs/{job_id}/report").json()
+    search = report["search"]
+    assert [s.get_attribute("id") for s in page.locator("#report > section").all()[:2]] == ["verdict", "search"]
+    assert page.get_attribute("#verdict", "data-verdict") == report["verdict"]["verdict"]
+    facts = page.inner_text("#search dl")
+    assert "of the 60 s budget" in facts
+    assert (search["result_artifact"] in facts) if search["result_artifact"] else (search["closest"] in facts)
+    rows = page.locator("#candidates-table tbody tr")
+    assert rows.evaluate_all("rows => rows.map(r => r.dataset.candidate)") == [c["name"] for c in report["candidates"]]
+    for candidate in report["candidates"]:
+        row = page.inner_text(f"#candidates-table tr[data-candidate='{candidate['name']}']")
+        if candidate["status"] == "measured":
+            assert candidate["summary"]["speedup_ci"]["1"] in row
+    artifacts = {a["name"]: a for a in api.get(f"/v1/jobs/{job_id}/artifacts").json()}
+    first = report["candidates"][0]["artifact"]
+    with page.expect_download() as download_info:
+        page.click(f"#candidates-table button[data-artifact='{first}']")
+    saved = Path(download_info.value.path()).read_bytes()
+    assert hashlib.sha256(saved).hexdigest() == artifacts[first]["sha256"]
+    assert page.locator("#pareto-chart svg g.point").count() == len(report["pareto"])
+    page.screenshot(path=str(SCREENS / "goal-report.png"), full_page=True)

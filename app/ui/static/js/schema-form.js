@@ -89,7 +89,8 @@ export function schemaForm(schema, { datasets = [], models = [], prefix = "param
         placeholder: nullable ? "(none)" : "",
       });
       read = () => {
-        if (control.value.trim() === "") return undefined;
+        // Emptied where the default is a number but null is allowed (a goal's min_cosine): null, not the default.
+        if (control.value.trim() === "") return nullable && fallback !== null && fallback !== undefined ? null : undefined;
         const value = Number(control.value);
         if (!Number.isFinite(value) || (prop.type === "integer" && !Number.isInteger(value))) {
           throw new Error(`${name}: ${control.value} is not ${prop.type === "integer" ? "an integer" : "a number"}`);

@@ -1,7 +1,7 @@
 // One job: live status while it runs (server-sent events read with fetch, or polling), then its
-// report, led by its verdict: latency per batch size before/after with the speedup's confidence interval, size, memory,
-// energy, accuracy/fidelity, the Pareto front, the per-step trajectory, notes, environment, artifacts and the
-// event log.
+// report, led by its verdict (and, for a goal job, the search and its candidates): latency per batch size before/after
+// with the speedup's confidence interval, size, memory, energy, accuracy/fidelity, the Pareto front, the per-step
+// trajectory, notes, environment, artifacts and the event log.
 
 import { api, download, streamEvents } from "../api.js";
 import { groupedBarChart, intervalChart, scatterChart } from "../charts.js";
@@ -27,7 +27,7 @@ function kv(pairs) {
 // --- report sections ---------------------------------------------------------------------------
 
 // The verdict leads the report: beneficial or not, the reason in a sentence, and each check with its figure.
-function verdictSection(verdict) {
+function verdictSection(verdict, search) {
   if (!verdict) return null;
   const good = verdict.verdict === "beneficial";
   const checks = verdict.checks || [];
@@ -39,8 +39,9 @@ function verdictSection(verdict) {
   return h("section", { class: `card verdict verdict-${good ? "good" : "bad"}`, id: "verdict", "data-verdict": verdict.verdict },
     h("h2", null, good ? "✓ Beneficial" : "✗ Not beneficial"),
     h("p", { class: "verdict-reason" }, verdict.reason),
-    good ? null : h("p", { class: "small muted" }, "The steps' models are still below to download: you asked for them. "
-      + "They are not an improvement against this job's budget."),
+    good ? null : h("p", { class: "small muted" }, search
+      ? `Nothing was handed over as the result: no candidate met the goal. Every candidate is below to download; the figures below are ${search.closest ? `the closest one's (${search.closest})` : "the search's"}.`
+      : "The steps' models are still below to download: you asked for them. They are not an improvement against this job's budget."),
     checks.length ? h("table", { class: "compact", id: "verdict-checks" },
       h("caption", null, `What was checked (objective: ${verdict.objective || "latency"}${verdict.budget?.batch_size ? ` at batch ${verdict.budget.batch_size}` : ""})`),
       h("thead", null, h("tr", null, ["check", "figure", "limit", "", "why"].map((c) => h("th", null, c)))),
@@ -73,6 +74,47 @@ function paretoSection(points, verdict) {
       withEnergy ? h("td", null, `${num(p.energy_j)} J`) : null,
       h("td", null, p.on_front ? "★ on the front" : `dominated by ${p.dominated_by.join(", ")}`)))));
   return section("pareto", "Pareto front", chart, table);
+}
+
+// A goal job's search: what it handed over (or what came closest), its time against the budget, the candidates by
+// status, and every candidate with the same columns as `modelpress optimize`, each downloadable.
+function candidateCells(candidate, batch) {
+  const summary = candidate.summary || {};
+  const fid = summary.fidelity || {};
+  const judged = candidate.verdict ? `${candidate.verdict.verdict === "beneficial" ? "✓ beneficial" : "✗ not beneficial"}: ${candidate.verdict.reason}`
+    : candidate.error ? `${candidate.error.code}: ${candidate.error.message}` : "—";
+  return [candidate.family || "—", candidate.status, summary.speedup_ci?.[batch] || (summary.speedup?.[batch] !== undefined ? `${num(summary.speedup[batch])}x` : "—"),
+    num(fid.worst_cosine ?? fid.cosine_similarity, 4), summary.size_ratio !== undefined && summary.size_ratio !== null ? `×${num(summary.size_ratio)}` : "—", judged]
+    .map((text) => h("td", null, text));
+}
+
+const CANDIDATE_COLUMNS = (batch) => ["candidate", "family", "status", `speedup @${batch}`, "worst cosine", "size", "verdict", ""];
+
+function searchSection(jobId, report, artifacts) {
+  const search = report.search;
+  if (!search) return null;
+  const batch = String(search.goal?.batch_size ?? 1);
+  const byName = new Map(artifacts.map((a) => [a.name, a]));
+  const counts = Object.entries(search.candidates || {}).map(([status, n]) => `${n} ${status}`).join(", ");
+  const facts = kv([
+    ["handed over", search.result_artifact ? h("span", null, h("code", null, search.result_artifact), ` (candidate ${search.chosen})`) : "nothing: no candidate met the goal"],
+    ["closest", search.result_artifact ? undefined : search.closest || "—"],
+    ["time", `${num(search.elapsed_s)} s of the ${search.time_budget_s} s budget`],
+    ["candidates", counts || "none"],
+  ]);
+  const rows = (report.candidates || []).map((c) => {
+    const mark = c.name === search.chosen ? " (chosen)" : c.name === search.closest ? " (closest)" : "";
+    const artifact = c.artifact && byName.get(c.artifact);
+    return h("tr", { "data-candidate": c.name, "data-status": c.status, "data-verdict": c.verdict?.verdict || "" },
+      h("td", null, c.name, mark ? h("strong", null, mark) : null, c.why ? h("div", { class: "small muted" }, c.why) : null),
+      candidateCells(c, batch), h("td", null, artifact ? downloadButton(jobId, artifact, "⬇ Download") : "—"));
+  });
+  const notes = search.notes || [];
+  return section("search", "Search", facts,
+    h("table", { class: "compact", id: "candidates-table" },
+      h("caption", null, `Every candidate, measured briefly against the original (${search.candidate_measurement?.iterations ?? "?"} timed calls each)`),
+      h("thead", null, h("tr", null, CANDIDATE_COLUMNS(batch).map((c) => h("th", null, c)))), h("tbody", null, rows)),
+    notes.length ? h("ul", { class: "notes small" }, notes.map((n) => h("li", null, n))) : null);
 }
 
 function headline(summary) {
@@ -324,26 +366,30 @@ function notesSection(summary) {
   return section("notes", "Notes", h("ul", { class: "notes" }, notes.map((n) => h("li", null, n))));
 }
 
-function artifactsSection(jobId, artifacts) {
-  const rows = artifacts.map((a) => {
-    const status = h("span", { class: "small download-status", "aria-live": "polite" });
-    const button = h("button", { type: "button", class: "download", "data-artifact": a.name }, `⬇ Download ${a.name}`);
-    button.addEventListener("click", async () => {
-      button.disabled = true;
-      status.textContent = " downloading…";
-      try {
-        const got = await download(`/v1/jobs/${jobId}/artifacts/${encodeURIComponent(a.name)}`, a.name);
-        status.textContent = got.actual === null ? ` saved (${bytes(got.size)})`
-          : got.actual === a.sha256 ? ` ✓ saved, sha256 verified (${bytes(got.size)})` : " ✗ sha256 mismatch: the file is damaged";
-      } catch (err) {
-        status.replaceChildren(errorBox(err));
-      } finally {
-        button.disabled = false;
-      }
-    });
-    return h("tr", { "data-artifact-row": a.name }, h("td", null, h("code", null, a.name)), h("td", null, a.kind), h("td", null, bytes(a.size_bytes)),
-      h("td", null, h("code", { class: "sha", title: a.sha256 }, `${a.sha256.slice(0, 12)}…`)), h("td", null, button, status));
+/** A button that downloads an artifact (with the key) and checks its sha256, and the line saying how it went. */
+function downloadButton(jobId, a, label = `⬇ Download ${a.name}`) {
+  const status = h("span", { class: "small download-status", "aria-live": "polite" });
+  const button = h("button", { type: "button", class: "download", "data-artifact": a.name }, label);
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    status.textContent = " downloading…";
+    try {
+      const got = await download(`/v1/jobs/${jobId}/artifacts/${encodeURIComponent(a.name)}`, a.name);
+      status.textContent = got.actual === null ? ` saved (${bytes(got.size)})`
+        : got.actual === a.sha256 ? ` ✓ saved, sha256 verified (${bytes(got.size)})` : " ✗ sha256 mismatch: the file is damaged";
+    } catch (err) {
+      status.replaceChildren(errorBox(err));
+    } finally {
+      button.disabled = false;
+    }
   });
+  return h("span", null, button, status);
+}
+
+function artifactsSection(jobId, artifacts) {
+  const rows = artifacts.map((a) => h("tr", { "data-artifact-row": a.name }, h("td", null, h("code", null, a.name)), h("td", null, a.kind),
+    h("td", null, bytes(a.size_bytes)), h("td", null, h("code", { class: "sha", title: a.sha256 }, `${a.sha256.slice(0, 12)}…`)),
+    h("td", null, downloadButton(jobId, a))));
   return section("artifacts", "Downloads", artifacts.length
     ? h("table", { class: "compact" }, h("thead", null, h("tr", null, ["file", "kind", "size", "sha256", ""].map((c) => h("th", null, c)))), h("tbody", null, rows))
     : h("p", { class: "muted" }, "No artifacts."));
@@ -369,6 +415,53 @@ function measurementsSection(jobId) {
   return h("section", { class: "card" }, h("h2", null, "Measurements"), details);
 }
 
+/** A goal in a line: "latency at batch 1; worst cosine ≥ 0.99; time budget 900 s; families: all that apply". */
+function goalText(goal) {
+  const parts = [`${goal.objective} at batch ${goal.batch_size}`];
+  if (goal.min_cosine !== null && goal.min_cosine !== undefined) parts.push(`worst cosine ≥ ${goal.min_cosine}`);
+  if (goal.max_accuracy_drop !== null && goal.max_accuracy_drop !== undefined) parts.push(`top-1 drop ≤ ${goal.max_accuracy_drop} points`);
+  if (goal.max_latency_ms) parts.push(`p50 ≤ ${ms(goal.max_latency_ms)}`);
+  if (goal.max_size_bytes) parts.push(`size ≤ ${bytes(goal.max_size_bytes)}`);
+  parts.push(`time budget ${goal.time_budget_s} s`, `families: ${goal.families ? goal.families.join(", ") : "all that apply"}`);
+  return parts.join("; ");
+}
+
+// While a goal job runs: the candidates finished so far, from their records (artifacts of kind candidate-record).
+function liveCandidates(jobId, batch) {
+  const body = h("tbody");
+  const element = section("candidates-so-far", "Candidates so far",
+    h("table", { class: "compact", id: "live-candidates-table" },
+      h("thead", null, h("tr", null, CANDIDATE_COLUMNS(batch).slice(0, -1).map((c) => h("th", null, c)))), body));
+  const seen = new Set();
+  let busy = false;
+  let again = false; // asked while busy: look once more when done, so the last candidate is not missed
+  async function update() {
+    if (busy) {
+      again = true;
+      return;
+    }
+    busy = true;
+    try {
+      const records = (await api(`/v1/jobs/${jobId}/artifacts`)).filter((a) => a.kind === "candidate-record" && !seen.has(a.name));
+      for (const a of records) {
+        seen.add(a.name);
+        const record = await api(`/v1/jobs/${jobId}/artifacts/${encodeURIComponent(a.name)}`);
+        body.append(h("tr", { "data-candidate": record.plan.name, "data-status": record.status },
+          h("td", null, record.plan.name), candidateCells({ ...record, family: record.plan.family }, batch)));
+      }
+    } catch {
+      /* the final report lists them all */
+    } finally {
+      busy = false;
+    }
+    if (again) {
+      again = false;
+      update();
+    }
+  }
+  return { element, update };
+}
+
 // --- the page ----------------------------------------------------------------------------------
 
 export function jobPage(main, { params }) {
@@ -380,6 +473,7 @@ export function jobPage(main, { params }) {
   let etag = null;
   let lastEventId = 0;
   let rendered = null; // the status the report was last rendered for
+  let live = null; // a running goal job's candidates so far
 
   const title = h("h1", null, `Job ${shortId(jobId)}`);
   const badge = h("span");
@@ -440,13 +534,21 @@ export function jobPage(main, { params }) {
     const steps = job.recipe?.id ? `recipe ${job.recipe.id}: ${(job.steps || []).map((s) => s.method).join(" → ")}` : (job.steps || []).map((s) => s.method).join(" → ");
     facts.replaceChildren(kv([
       ["id", h("code", null, job.id)], ["model", job.model_id ? h("a", { href: `#/models/${job.model_id}` }, shortId(job.model_id)) : "—"],
-      ["steps", steps || (job.target ? "none: the target's lowering only" : "")],
+      ["goal", job.goal ? goalText(job.goal) : undefined],
+      ["steps", steps || (job.goal ? "chosen by the search" : job.target ? "none: the target's lowering only" : "")],
       ["target", job.target ? [job.target.runtime, job.target.device, job.target.precision].filter(Boolean).join("/") : "onnxruntime/cpu (default)"],
       ["batch sizes", (job.evaluate?.batch_sizes || []).join(", ")],
       ["input shapes", inputShapesText(job)],
       ["created", when(job.created_at)], ["ran for", job.started_at ? duration(job.started_at, job.finished_at) : "—"],
       ["queue / attempts", `${job.queue} / ${job.attempts}`],
     ]));
+    if (job.goal && job.status === "running") {
+      if (!live) {
+        live = liveCandidates(jobId, String(job.goal.batch_size));
+        report.replaceChildren(live.element);
+      }
+      live.update();
+    }
     if (TERMINAL.has(job.status) && rendered !== job.status) {
       rendered = job.status;
       renderReport();
@@ -476,7 +578,7 @@ export function jobPage(main, { params }) {
     if (reportData) {
       const summary = reportData.summary || job.summary || {};
       const measurement = reportData.measurement || {};
-      parts.push(verdictSection(reportData.verdict || summary.verdict), headline(summary), gainsSection(summary), latencySection(measurement), sizeSection(measurement, summary), qualitySection(summary, measurement),
+      parts.push(verdictSection(reportData.verdict || summary.verdict, reportData.search), searchSection(jobId, reportData, artifacts), headline(summary), gainsSection(summary), latencySection(measurement), sizeSection(measurement, summary), qualitySection(summary, measurement),
         sensitivitySection(reportData), energySection(measurement, summary), paretoSection(reportData.pareto, reportData.verdict || summary.verdict),
         trajectorySection(summary), notesSection(summary), stepsSection(reportData),
         environmentSection(measurement.environment));
@@ -543,6 +645,7 @@ export function jobPage(main, { params }) {
           const data = ev.json;
           if (data && typeof data.id === "number") {
             addEvents([data]);
+            if (live && data.job_status === "running") live.update(); // a progress event: a candidate may have finished
             if (typeof data.job_progress === "number") updateProgressBar(bar, data.job_progress);
             if (data.message || data.stage) stage.textContent = data.message || data.stage;
           }

@@ -1,6 +1,7 @@
 // Start a job: the forms are generated from the JSON Schemas the API publishes (GET /v1/methods,
-// GET /v1/recipes, and EvaluateSpec in /openapi.json), so a new method or option shows up here
-// without touching the dashboard.
+// GET /v1/recipes, and GoalSpec, GoalDatasets and EvaluateSpec in /openapi.json), so a new method or
+// option shows up here without touching the dashboard. A goal is offered first: what the user needs,
+// the search finds the steps.
 
 import { allPages, api } from "../api.js";
 import { clear, errorBox, h } from "../dom.js";
@@ -29,18 +30,45 @@ const EVALUATE_HELP = {
   providers: "Execution providers to measure on; the CPU is always measured. One that cannot start is reported as unavailable.",
 };
 
-async function evaluateSchema() {
+/** {evaluate, goal, goalDatasets}: the schemas of /openapi.json the forms are built from (goal null when unreadable). */
+async function jobSchemas() {
   try {
     const resp = await fetch("/openapi.json");
-    const spec = await resp.json();
-    const schema = structuredClone(spec.components.schemas.EvaluateSpec);
+    const { schemas } = (await resp.json()).components;
+    const evaluate = structuredClone(schemas.EvaluateSpec);
     for (const [name, help] of Object.entries(EVALUATE_HELP)) {
-      if (schema.properties[name] && !schema.properties[name].description) schema.properties[name].description = help;
+      if (evaluate.properties[name] && !evaluate.properties[name].description) evaluate.properties[name].description = help;
     }
-    return schema;
+    // The datasets by role get a form of their own (selects of the user's uploads), not a JSON box.
+    const goal = structuredClone(schemas.GoalSpec);
+    delete goal.properties.datasets;
+    return { evaluate, goal, goalDatasets: schemas.GoalDatasets };
   } catch {
-    return FALLBACK_EVALUATE;
+    return { evaluate: FALLBACK_EVALUATE, goal: null, goalDatasets: null };
   }
+}
+
+// The goal: its budget and search limits, then the datasets by role. Without the schemas, the default goal.
+function goalEditor(schemas, uploads) {
+  if (!schemas.goal) {
+    return { element: h("p", { class: "muted" }, "The goal's form could not be loaded (/openapi.json): the default goal runs (fastest at batch 1 within cosine 0.99)."),
+      read: () => ({}) };
+  }
+  const goalForm = schemaForm(schemas.goal, { ...uploads, prefix: "goal" });
+  const datasetsForm = schemaForm(schemas.goalDatasets, { ...uploads, prefix: "goal.datasets" });
+  const element = h("div", { id: "goal" },
+    h("p", { class: "muted small" }, schemas.goal.description),
+    goalForm.element,
+    h("fieldset", { class: "step" }, h("legend", null, "Datasets by role"), datasetsForm.element));
+  return {
+    element,
+    read: () => {
+      const goal = goalForm.read();
+      const datasets = datasetsForm.read();
+      if (Object.keys(datasets).length) goal.datasets = datasets;
+      return goal;
+    },
+  };
 }
 
 function stepEditor(methods, uploads, index, onRemove, preset) {
@@ -73,8 +101,8 @@ export function newJobPage(main, { query, navigate }) {
   main.append(body);
 
   (async () => {
-    const [methods, recipes, models, datasets, evaluate, found] = await Promise.all([
-      api("/v1/methods"), api("/v1/recipes"), allPages("/v1/models"), allPages("/v1/datasets"), evaluateSchema(),
+    const [methods, recipes, models, datasets, schemas, found] = await Promise.all([
+      api("/v1/methods"), api("/v1/recipes"), allPages("/v1/models"), allPages("/v1/datasets"), jobSchemas(),
       api("/v1/targets").catch(() => ({ targets: DEFAULT_TARGETS })),
     ]);
     const uploads = { models, datasets };
@@ -100,8 +128,11 @@ export function newJobPage(main, { query, navigate }) {
       h("label", { for: "target-calibration" }, "int8 calibration dataset"), calibrationSelect);
     const chosenTarget = () => targets[Number(targetSelect.value)] || targets[0];
 
-    // Steps or a recipe.
-    const modeSteps = h("input", { type: "radio", name: "mode", value: "steps", id: "mode-steps", checked: true });
+    // A goal (the default), steps or a recipe.
+    const modeGoal = h("input", { type: "radio", name: "mode", value: "goal", id: "mode-goal", checked: true });
+    const goal = goalEditor(schemas, uploads);
+    const goalSection = h("div", null, goal.element);
+    const modeSteps = h("input", { type: "radio", name: "mode", value: "steps", id: "mode-steps" });
     const modeRecipe = h("input", { type: "radio", name: "mode", value: "recipe", id: "mode-recipe" });
     const modeNone = h("input", { type: "radio", name: "mode", value: "none", id: "mode-none", disabled: true });
     const stepsBox = h("div", { id: "steps" });
@@ -137,26 +168,36 @@ export function newJobPage(main, { query, navigate }) {
     renderRecipe();
     const recipeSection = h("div", { hidden: true },
       recipes.length ? h("div", null, h("label", { for: "recipe" }, "Recipe "), recipeSelect, recipeInfo, recipeParams) : h("p", null, "No recipes."));
+    const targetNote = h("p", { class: "muted small", hidden: true }, "A goal tries every target the workers serve: the search chooses.");
+    const evaluateForm = schemaForm(schemas.evaluate, { ...uploads, prefix: "evaluate" });
+    // The evaluate fields that set a steps job's verdict budget: a goal carries its own, so they are hidden with one.
+    const verdictFields = ["objective", "objective_batch_size", "min_cosine", "max_accuracy_drop"]
+      .map((name) => evaluateForm.element.querySelector(`[name='evaluate.${name}']`)?.closest(".field")).filter(Boolean);
     function switchMode() {
+      goalSection.hidden = !modeGoal.checked;
       stepsSection.hidden = !modeSteps.checked;
       recipeSection.hidden = !modeRecipe.checked;
+      targetSelect.disabled = modeGoal.checked;
+      targetNote.hidden = !modeGoal.checked;
+      queueSelect.disabled = !modeGoal.checked && !chosenTarget().default;
+      calibrationField.hidden = modeGoal.checked || chosenTarget().precision !== "int8";
+      for (const field of verdictFields) field.hidden = modeGoal.checked;
     }
+    modeGoal.addEventListener("change", switchMode);
     modeSteps.addEventListener("change", switchMode);
     modeRecipe.addEventListener("change", switchMode);
     modeNone.addEventListener("change", switchMode);
     function switchTarget() {
       const target = chosenTarget();
       // Another target has its own queue, and may go without steps: its lowering and precision are the compression.
-      queueSelect.disabled = !target.default;
       if (!target.default) queueSelect.value = "";
       modeNone.disabled = target.default;
       if (target.default && modeNone.checked) modeSteps.checked = true;
-      calibrationField.hidden = target.precision !== "int8";
       switchMode();
     }
     targetSelect.addEventListener("change", switchTarget);
+    switchMode();
 
-    const evaluateForm = schemaForm(evaluate, { ...uploads, prefix: "evaluate" });
     const submit = h("button", { type: "submit", class: "primary", id: "start-job" }, "Start the job");
     const form = h("form", { id: "job-form", class: "stack" },
       h("section", { class: "card" }, h("h2", null, "Model"),
@@ -165,18 +206,19 @@ export function newJobPage(main, { query, navigate }) {
           h("div", { class: "field" }, h("label", { for: "job-name" }, "Job name"), nameInput),
           h("div", { class: "field" }, h("label", { for: "job-queue" }, "Worker queue"), queueSelect)),
         h("div", { class: "grid-2" },
-          h("div", { class: "field" }, h("label", { for: "job-target" }, "Target (runtime / device / precision)"), targetSelect,
+          h("div", { class: "field" }, h("label", { for: "job-target" }, "Target (runtime / device / precision)"), targetSelect, targetNote,
             h("p", { class: "muted small" }, "Where the result is built and measured, beside ONNX Runtime fp32 on the same worker. ",
               h("a", { href: "#/targets" }, "What the workers serve"))),
           calibrationField)),
       h("section", { class: "card" }, h("h2", null, "Compression"),
-        h("div", { class: "mode", role: "radiogroup", "aria-label": "steps or recipe" },
+        h("div", { class: "mode", role: "radiogroup", "aria-label": "goal, steps or recipe" },
+          h("label", { class: "check" }, modeGoal, " A goal (what you need: the search finds the best model that meets it, or the evidence that none does)"),
           h("label", { class: "check" }, modeSteps, " Steps (methods, in order)"),
           h("label", { class: "check" }, modeRecipe, " A recipe (a named chain)"),
           h("label", { class: "check" }, modeNone, " None: the target's lowering and precision only")),
-        stepsSection, recipeSection),
+        goalSection, stepsSection, recipeSection),
       h("section", { class: "card" }, h("h2", null, "Evaluation"),
-        h("p", { class: "muted small" }, "How the original and the compressed model are measured side by side."),
+        h("p", { class: "muted small" }, "How the original and the compressed model (with a goal: the candidate handed over) are measured side by side."),
         evaluateForm.element),
       h("div", { class: "actions" }, submit));
     form.addEventListener("submit", async (ev) => {
@@ -185,7 +227,9 @@ export function newJobPage(main, { query, navigate }) {
       let spec;
       try {
         spec = { model_id: modelSelect.value, evaluate: evaluateForm.read() };
-        if (modeRecipe.checked) {
+        if (modeGoal.checked) {
+          spec.goal = goal.read();
+        } else if (modeRecipe.checked) {
           spec.recipe = recipeSelect.value;
           spec.params = recipeForm.read();
         } else if (!modeNone.checked) {
@@ -193,7 +237,7 @@ export function newJobPage(main, { query, navigate }) {
         }
         if (nameInput.value.trim()) spec.name = nameInput.value.trim();
         const target = chosenTarget();
-        if (!target.default) {
+        if (!target.default && !modeGoal.checked) {
           spec.target = { runtime: target.runtime, device: target.device, precision: target.precision };
           if (target.precision === "int8" && calibrationSelect.value) spec.target.calibration_dataset_id = calibrationSelect.value;
         } else if (queueSelect.value) spec.queue = queueSelect.value;
