@@ -173,7 +173,8 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
         # Runtime and on the target at f32 (the runtime's gain and the compression's).
         from workers.openvino.job import lower_for_target
 
-        lowered = lower_for_target(run, target, current, workdir, evaluate, input_shapes,
+        # No steps: the upload as it came (OpenVINO's frontend fuses more of it than of the normalized model).
+        lowered = lower_for_target(run, target, current if steps else original, workdir, evaluate, input_shapes,
                                    share=(PREPARE + STEPS * (0.8 if steps else 0.0), PREPARE + STEPS))
         steps_report.append(lowered.record)
         step_paths = [lowered.path]

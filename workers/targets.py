@@ -151,7 +151,7 @@ def target_key(t: dict[str, Any]) -> str:
 def servable_targets(found: dict[str, Any]) -> list[dict[str, Any]]:
     """The targets a probe's machine can serve: ONNX Runtime on the CPU always, on CUDA with its CUDA provider;
     OpenVINO on the CPU at f32, at bf16 only where the CPU plugin lists BF16 among its optimization capabilities,
-    and at int8 where NNCF imports."""
+    and at int8 where NNCF imports (int8_bf16, with bf16 for the layers that stay float, where both hold)."""
     runtimes = found.get("runtimes") or {}
     servable = [target("onnxruntime", "cpu", None)]
     if "CUDAExecutionProvider" in (runtimes.get("onnxruntime") or {}).get("providers", []):
@@ -163,6 +163,8 @@ def servable_targets(found: dict[str, Any]) -> list[dict[str, Any]]:
             servable.append(target("openvino", "cpu", "bf16"))
         if runtimes.get("nncf"):
             servable.append(target("openvino", "cpu", "int8"))
+            if "BF16" in (ov_cpu.get("capabilities") or []):
+                servable.append(target("openvino", "cpu", "int8_bf16"))
     return servable
 
 

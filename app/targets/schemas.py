@@ -13,12 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Runtime = Literal["onnxruntime", "openvino", "tensorrt", "litert"]
 Device = Literal["cpu", "cuda", "gpu", "npu"]
-Precision = Literal["f32", "bf16", "f16", "int8"]
+Precision = Literal["f32", "bf16", "f16", "int8", "int8_bf16"]
 
 # The precisions each runtime's lowering knows (app.targets.schemas is all the API needs to check a spec).
 RUNTIME_PRECISIONS: dict[str, tuple[str, ...]] = {
     "onnxruntime": (),  # the steps decide (int8 QDQ, fp16, ...): no lowering after them
-    "openvino": ("f32", "bf16", "int8"),
+    # int8_bf16: NNCF int8, and bf16 for what stays float (OpenVINO's own default on a CPU with BF16)
+    "openvino": ("f32", "bf16", "int8", "int8_bf16"),
     "tensorrt": ("f32", "f16", "int8"),
     "litert": ("f32", "f16", "int8"),
 }
@@ -34,7 +35,9 @@ class TargetSpec(BaseModel):
     precision: Precision | None = Field(
         default=None,
         description="Inference precision on the target runtime (openvino: f32, bf16 where the CPU has it, int8 "
-        "through NNCF post-training quantization). Not for onnxruntime, where the steps decide. Default: f32.")
+        "through NNCF post-training quantization with the layers that stay float in f32, int8_bf16 the same with "
+        "them in bf16, as OpenVINO compiles by default on a CPU with BF16). Not for onnxruntime, where the steps "
+        "decide. Default: f32.")
     calibration_dataset_id: str | None = Field(
         default=None, description="int8: the samples NNCF calibrates on (a dataset from POST /v1/datasets). "
         "Default: the eval dataset's inputs, else random inputs at the job's input shapes.")
@@ -57,7 +60,7 @@ class TargetSpec(BaseModel):
             raise ValueError(f"the {self.runtime} target knows precisions {', '.join(known)}, not {self.precision}")
         int8_only = {"calibration_dataset_id": self.calibration_dataset_id, "max_accuracy_drop": self.max_accuracy_drop}
         for name, value in int8_only.items():
-            if value is not None and self.effective_precision != "int8":
+            if value is not None and not (self.effective_precision or "").startswith("int8"):
                 raise ValueError(f"{name} is used only with precision int8")
         return self
 

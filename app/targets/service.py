@@ -37,7 +37,7 @@ def _devices(target: dict[str, Any], capabilities: dict[str, Any]) -> list[Targe
 def _versions(target: dict[str, Any], capabilities: dict[str, Any]) -> dict[str, str]:
     runtimes = capabilities.get("runtimes") or {}
     names = [target.get("runtime") or ""] + (["nncf"] if target.get("runtime") == "openvino" and
-                                             target.get("precision") == "int8" else [])
+                                             str(target.get("precision")).startswith("int8") else [])
     return {name: str(runtimes[name]["version"]) for name in names if (runtimes.get(name) or {}).get("version")}
 
 

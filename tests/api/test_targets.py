@@ -89,7 +89,7 @@ def test_servable_targets_follow_the_hardware_and_the_runtimes():
     assert [(t["runtime"], t["device"], t["precision"], t["queue"]) for t in with_cuda] == [
         ("onnxruntime", "cpu", None, "cpu"), ("onnxruntime", "cuda", None, "gpu")]
     assert {t["queue"] for t in servable_targets(fake_probe(bf16=True))} == {
-        "cpu", "openvino.cpu.f32", "openvino.cpu.bf16", "openvino.cpu.int8"}
+        "cpu", "openvino.cpu.f32", "openvino.cpu.bf16", "openvino.cpu.int8", "openvino.cpu.int8_bf16"}
 
 
 def test_the_worker_targets_setting_selects_by_prefix_and_drops_what_cannot_be_served(caplog):
@@ -98,7 +98,8 @@ def test_the_worker_targets_setting_selects_by_prefix_and_drops_what_cannot_be_s
     servable = servable_targets(fake_probe(bf16=True))
     assert keys(select_targets(servable, "auto")[0]) == keys(servable)
     assert keys(select_targets(servable, " OpenVINO.cpu ")[0]) == ["openvino.cpu.f32", "openvino.cpu.bf16",
-                                                                   "openvino.cpu.int8"]
+                                                                   "openvino.cpu.int8", "openvino.cpu.int8_bf16"]
+    assert keys(select_targets(servable, "openvino.cpu.int8")[0]) == ["openvino.cpu.int8"]  # not int8_bf16
     assert select_targets(servable, "openvino.cp") == ([], ["openvino.cp"])  # a prefix ends at a dot
     assert select_targets(servable, "onnxruntime,openvino.cpu.f32,tensorrt.cuda") == (
         [servable[0], servable[1]], ["tensorrt.cuda"])
@@ -480,6 +481,9 @@ def test_dashboard_lists_targets_and_starts_a_job_on_one_then_shows_both_gains(b
 
     page.goto(f"{base}/ui#/jobs/new?model={model_id}")
     page.wait_for_selector("#job-form")
+    # A goal is offered first (it tries every target itself, so the target picker waits for another choice).
+    assert page.is_checked("#mode-goal") and page.is_disabled("#job-target")
+    page.check("#mode-steps")
     assert page.is_disabled("#mode-none") and page.is_enabled("#job-queue")
     page.select_option("#job-target", page.get_attribute("#job-target option[data-target='openvino/cpu/f32']", "value"))
     assert page.is_enabled("#mode-none") and page.is_disabled("#job-queue")

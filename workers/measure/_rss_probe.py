@@ -81,7 +81,7 @@ def openvino_main(model: str, feeds_path: str, config: dict, threads: int, runs:
     import numpy as np
     import openvino as ov
 
-    hints = {"f32": "f32", "bf16": "bf16", "int8": "f32"}  # as workers.openvino.session.PRECISION_HINTS
+    hints = {"f32": "f32", "bf16": "bf16", "int8": "f32", "int8_bf16": "bf16"}  # as workers.openvino.session.PRECISION_HINTS
     with np.load(feeds_path) as data:
         feeds = {name: data[name] for name in data.files}
     core = ov.Core()

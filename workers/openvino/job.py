@@ -55,7 +55,7 @@ def lower_for_target(run, target: dict[str, Any], model: Path, workdir: Path, ev
         return [source.feed(i) for i in range(source.count)], source.described, source.notes
 
     validation = None
-    if precision == "int8" and eval_dataset is not None and eval_dataset.labels is not None:
+    if precision.startswith("int8") and eval_dataset is not None and eval_dataset.labels is not None:
         validation = _validation(model, eval_dataset, evaluate.get("eval_max_samples"))
     started = time.perf_counter()
     run.progress(share[0], f"lowering to {label}", f"lowering the model to {label}", force=True)

@@ -101,7 +101,7 @@ def lower(model_path: Path, out_dir: Path, *, precision: str, threads: int,
     details: dict[str, Any] = {"runtime": "openvino", "openvino": ov.__version__, "device": "CPU",
                                "precision": precision, "inference_precision_hint": PRECISION_HINTS[precision],
                                "warnings": []}
-    if precision == "int8":
+    if precision.startswith("int8"):
         model = _quantize(model, details, threads=threads, calibration=calibration, validation=validation,
                           max_accuracy_drop=max_accuracy_drop, say=say)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ ONNX_TYPES = {"f32": "tensor(float)", "f16": "tensor(float16)", "bf16": "tensor(
               "boolean": "tensor(bool)", "string": "tensor(string)"}
 # The inference precision hint each target precision compiles with: int8 keeps the float remainder of the
 # graph (what NNCF left unquantized) in f32.
-PRECISION_HINTS = {"f32": "f32", "bf16": "bf16", "int8": "f32"}
+PRECISION_HINTS = {"f32": "f32", "bf16": "bf16", "int8": "f32", "int8_bf16": "bf16"}
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,7 @@ export function newJobPage(main, { query, navigate }) {
       targetSelect.disabled = modeGoal.checked;
       targetNote.hidden = !modeGoal.checked;
       queueSelect.disabled = !modeGoal.checked && !chosenTarget().default;
-      calibrationField.hidden = modeGoal.checked || chosenTarget().precision !== "int8";
+      calibrationField.hidden = modeGoal.checked || !String(chosenTarget().precision || "").startsWith("int8");
       for (const field of verdictFields) field.hidden = modeGoal.checked;
     }
     modeGoal.addEventListener("change", switchMode);
@@ -239,7 +239,7 @@ export function newJobPage(main, { query, navigate }) {
         const target = chosenTarget();
         if (!target.default && !modeGoal.checked) {
           spec.target = { runtime: target.runtime, device: target.device, precision: target.precision };
-          if (target.precision === "int8" && calibrationSelect.value) spec.target.calibration_dataset_id = calibrationSelect.value;
+          if (String(target.precision || "").startsWith("int8") && calibrationSelect.value) spec.target.calibration_dataset_id = calibrationSelect.value;
         } else if (queueSelect.value) spec.queue = queueSelect.value;
       } catch (err) {
         problems.append(errorBox(err));
