@@ -16,6 +16,7 @@ measurement is reserved. Cancel stops at the next candidate.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -128,7 +129,6 @@ def search(run, workdir: Path, *, original: Path, intake, spec: dict[str, Any], 
                             code="energy_unmeasurable")
     _resume(state)
     state.queue = _first_plans(state)
-    total_hint = len(state.queue)
     while state.queue:
         plan = state.queue.pop(0)
         if plan.name in state.tried:
@@ -149,7 +149,6 @@ def search(run, workdir: Path, *, original: Path, intake, spec: dict[str, Any], 
         state.tried[plan.name] = tried
         _store_record(state, tried)
         _react(state, tried)
-        total_hint = max(total_hint, len(state.tried) + len(state.queue))
     return _finish(state)
 
 
@@ -167,8 +166,9 @@ def _datasets(state: Search) -> dict[str, str | None]:
             "train": goal_sets.get("train_dataset_id")}
 
 
+@functools.lru_cache(maxsize=1)
 def _served_targets() -> list[dict[str, Any]]:
-    """The OpenVINO targets this worker serves (the same choice its registration made)."""
+    """The OpenVINO targets this worker serves (the same choice its registration made); probed once per job."""
     try:
         from workers.targets import probe, worker_targets
 
