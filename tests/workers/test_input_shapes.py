@@ -304,6 +304,7 @@ def test_dashboard_job_form_takes_input_shapes(browser, service):
     field = page.locator("textarea[name='evaluate.input_shapes']")
     assert field.count() == 1
     assert field.get_attribute("placeholder") == 'JSON, e.g. {"x":[1,3,48,320]}'  # the schema's first example
+    page.check("#mode-steps")  # a goal is the form's default; this job names its step
     page.select_option("#steps select.method-select", "quantize.int8_dynamic")
     page.fill("input[name='evaluate.batch_sizes']", "1")
     page.fill("input[name='evaluate.warmup']", "1")
