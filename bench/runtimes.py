@@ -14,11 +14,13 @@ Per model, the candidates:
   (total, runtime's, compression's) are kept as a second, independent measurement.
 
 Every candidate runs with the same threads (ONNX Runtime intra-op threads with spinning off, as the worker's
-sessions; OpenVINO INFERENCE_NUM_THREADS, NUM_STREAMS 1, PERFORMANCE_HINT LATENCY) at the model's input shapes,
-batch 1 (or the model's fixed batch); every OpenVINO model is reshaped to those static shapes before it is compiled,
-as ModelPress's harness does, so the candidates differ in the model and its precision, not in the compile mode.
-Latency: interleaved rounds (the order rotates every round), a block of calls per candidate per round, per-call
-times; p50 and the ratio to ONNX Runtime fp32 with a bootstrap 95% interval over the paired rounds
+sessions; OpenVINO INFERENCE_NUM_THREADS, NUM_STREAMS 1, PERFORMANCE_HINT LATENCY, CPU pinning off) at the
+model's input shapes, batch 1 (or the model's fixed batch); every OpenVINO model is reshaped to those static shapes
+before it is compiled, as ModelPress's harness does, so the candidates differ in the model and its precision, not
+in the compile mode.
+Latency: interleaved rounds (the order rotates every round), a short block of calls per candidate per round,
+per-call times, over session sets (every session opened anew for each); p50 and the ratio to ONNX Runtime fp32 with
+a bootstrap 95% interval over the paired rounds, two-level over the session sets
 (workers.measure.stats.speedup_interval). Fidelity against ONNX Runtime fp32 on the model's real samples (random
 inputs where the corpus has none): mean and worst-sample cosine over all float outputs (padded positions,
 attention_mask 0, left out, as the worker does), top-1 where labels exist.
@@ -68,6 +70,7 @@ FIDELITY_SLACK = 0.001  # goal A: "equal worst-case fidelity" within this much c
 SPEED_SLACK = 0.97      # goal A: "at least as fast" within 3% noise (or an interval that reaches 1)
 GOAL_B_COSINE, GOAL_B_SPEEDUP = 0.99, 2.0
 MAX_EVAL, MAX_CALIBRATION = 64, 300
+BLOCK_S = 0.025         # the length of one candidate's block of calls in a round
 IR = "model_openvino.zip"
 
 
@@ -314,6 +317,7 @@ class Candidate:
     name: str
     group: str  # reference | hand | modelpress
     call: Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None = None
+    renew: Callable[[], Callable[[dict[str, np.ndarray]], list[np.ndarray]]] | None = None  # a fresh session's call
     runs_at: str = ""   # the inference precision the compiled model reports
     error: str | None = None
     build_s: float | None = None
@@ -338,12 +342,20 @@ def ort_candidate(subject: Subject, threads: int) -> tuple[Candidate, Any]:
 
     from workers.measure.runtime import session_options
 
-    session = ort.InferenceSession(str(subject.path), session_options(threads), providers=["CPUExecutionProvider"])
-    return Candidate(REFERENCE, "reference", call=lambda feed: session.run(None, feed), runs_at="fp32"), session
+    def open_session():
+        session = ort.InferenceSession(str(subject.path), session_options(threads), providers=["CPUExecutionProvider"])
+        return session, lambda feed: session.run(None, feed)
+
+    session, call = open_session()
+    return Candidate(REFERENCE, "reference", call=call, renew=lambda: open_session()[1], runs_at="fp32"), session
 
 
 def openvino_config(threads: int, hint: str | None) -> dict[str, Any]:
-    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    """What every OpenVINO candidate is compiled with. CPU pinning off: on a machine others load too, a compiled
+    model whose threads are pinned to the busier core stays slow for the whole run while its neighbours are not
+    (two identical IRs measured 10-40% apart here with pinning; within 3% without)."""
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+                              "ENABLE_CPU_PINNING": False}
     if hint:
         config["INFERENCE_PRECISION_HINT"] = hint
     return config
@@ -367,24 +379,29 @@ def openvino_candidate(name: str, group: str, build: Callable[[], Any], subject:
             ports[port.get_any_name()] = feed_name
         if any(p.get_partial_shape().is_dynamic for p in model.inputs):
             model.reshape({port: ov.PartialShape(subject.shapes[feed]) for port, feed in ports.items()})
-        compiled = ov.Core().compile_model(model, "CPU", config)
+
+        def open_compiled():
+            compiled = ov.Core().compile_model(model, "CPU", config)
+            request = compiled.create_infer_request()
+            feed_names = [ports[p.get_any_name()] for p in compiled.inputs]
+            by_name = {n: port for port in compiled.outputs for n in port.get_names()}
+            out_ports = [by_name.get(n, compiled.outputs[i] if i < len(compiled.outputs) else None)
+                         for i, n in enumerate(outputs)]
+
+            def call(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+                result = request.infer([feed[n] for n in feed_names], share_inputs=True)
+                return [result[p] for p in out_ports]
+
+            return compiled, call
+
+        compiled, candidate.call = open_compiled()
     except Exception as exc:
         candidate.error = short(exc)
         return candidate
     candidate.build_s = time.perf_counter() - started
+    candidate.renew = lambda: open_compiled()[1]
     hint = compiled.get_property("INFERENCE_PRECISION_HINT")
     candidate.runs_at = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
-    request = compiled.create_infer_request()
-    feed_names = [ports[p.get_any_name()] for p in compiled.inputs]
-    by_name = {n: port for port in compiled.outputs for n in port.get_names()}
-    out_ports = [by_name.get(n, compiled.outputs[i] if i < len(compiled.outputs) else None)
-                 for i, n in enumerate(outputs)]
-
-    def call(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        result = request.infer([feed[n] for n in feed_names], share_inputs=True)
-        return [result[p] for p in out_ports]
-
-    candidate.call = call
     return candidate
 
 
@@ -457,37 +474,54 @@ def fidelity(subject: Subject, reference: list[list[np.ndarray]], candidate: Can
 
 
 def time_side_by_side(candidates: list[Candidate], feed: dict[str, np.ndarray], *, budget_s: float,
-                      rounds: int) -> tuple[int, int]:
+                      max_rounds: int, sets: int) -> tuple[list[int], int]:
     """Interleaved rounds: each round every candidate runs a block of `calls` back to back, in an order rotated
-    by one each round. Calls per block and (for slow models) fewer rounds are chosen from a pilot so the whole
-    measurement takes about budget_s. Returns (rounds, calls)."""
+    by one each round. Short blocks (about BLOCK_S) and many rounds, so that a burst of load from elsewhere on the
+    machine falls on every candidate alike rather than on one candidate's block; the rounds fill about budget_s.
+    They are split over `sets` session sets: before each set after the first, every candidate's session is opened
+    (compiled) anew, in the reverse order of the last time, so where a session's placement (threads, memory) makes it
+    faster or slower for as long as it lives, that shows in the spread, not as a difference between candidates.
+    Returns the session set of each round (the strata of speedup_interval) and the calls per block."""
     live = [c for c in candidates if c.call is not None]
-    pilot = []
-    for c in live:  # warm-up: the first calls of a compiled model allocate and pick kernels
-        times = []
-        for _ in range(4):
-            started = time.perf_counter()
-            c.call(feed)
-            times.append(time.perf_counter() - started)
-        pilot.append(float(np.median(times[1:])))
-    per_round = sum(pilot)
-    rounds = max(6, min(rounds, int(budget_s / max(per_round, 1e-6))))
-    calls = int(np.clip(budget_s / (rounds * max(per_round, 1e-6)), 1, 50))
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            shift = r % len(live)
-            for c in live[shift:] + live[:shift]:
-                block = []
-                for _ in range(calls):
-                    started = time.perf_counter_ns()
-                    c.call(feed)
-                    block.append(time.perf_counter_ns() - started)
-                c.rounds.append(block)
-    finally:
-        gc.enable()
-    return rounds, calls
+
+    def warm() -> list[float]:  # the first calls of a session allocate and pick kernels
+        typical = []
+        for c in live:
+            times = []
+            for _ in range(4):
+                started = time.perf_counter()
+                c.call(feed)  # type: ignore[misc]
+                times.append(time.perf_counter() - started)
+            typical.append(float(np.median(times[1:])))
+        return typical
+
+    pilot = warm()
+    calls = int(np.clip(BLOCK_S / max(float(np.median(pilot)), 1e-6), 1, 30))
+    rounds = int(np.clip(budget_s / (sum(pilot) * calls), 10 * sets, max_rounds))
+    strata: list[int] = []
+    for index in range(sets):
+        if index:
+            for c in (live if index % 2 == 0 else live[::-1]):
+                c.call = None  # the old session goes before the new one is made
+                gc.collect()
+                c.call = c.renew()  # type: ignore[misc]
+            warm()
+        gc.collect()
+        gc.disable()
+        try:
+            for r in range(len(strata), rounds * (index + 1) // sets):
+                shift = r % len(live)
+                for c in live[shift:] + live[:shift]:
+                    block = []
+                    for _ in range(calls):
+                        started = time.perf_counter_ns()
+                        c.call(feed)  # type: ignore[misc]
+                        block.append(time.perf_counter_ns() - started)
+                    c.rounds.append(block)
+                strata.append(index)
+        finally:
+            gc.enable()
+    return strata, calls
 
 
 @dataclass
@@ -495,13 +529,15 @@ class Measured:
     subject: Subject
     candidates: list[Candidate]
     jobs: dict[str, Job]
-    rounds: int = 0
+    strata: list[int] = field(default_factory=list)  # the session set of each round
     calls: int = 0
     error: str | None = None
     mismatched: list[str] = field(default_factory=list)  # ModelPress IRs not compiled at the hint they carry
+    load: float | None = None  # the machine's 1-minute load average as the timing began (this process included)
 
 
-def measure(subject: Subject, jobs: dict[str, Job], *, threads: int, budget_s: float, rounds: int) -> Measured:
+def measure(subject: Subject, jobs: dict[str, Job], *, threads: int, budget_s: float, max_rounds: int,
+            sets: int) -> Measured:
     from workers.measure.stats import speedup_interval
 
     out = Measured(subject, [], jobs)
@@ -527,11 +563,13 @@ def measure(subject: Subject, jobs: dict[str, Job], *, threads: int, budget_s: f
         asked = job.lowering.get("inference_precision_hint") if job else None
         if asked and c.runs_at and asked != c.runs_at:
             out.mismatched.append(f"{c.name} (asks {asked}, runs {c.runs_at})")
-    out.rounds, out.calls = time_side_by_side(out.candidates, subject.feeds[0], budget_s=budget_s, rounds=rounds)
+    out.load = os.getloadavg()[0]
+    out.strata, out.calls = time_side_by_side(out.candidates, subject.feeds[0], budget_s=budget_s,
+                                              max_rounds=max_rounds, sets=sets)
     for c in out.candidates:
         if c.rounds:
             c.p50_ms = float(np.median(np.concatenate(c.rounds))) / 1e6
-            c.vs_reference = speedup_interval(reference.rounds, c.rounds)
+            c.vs_reference = speedup_interval(reference.rounds, c.rounds, strata=out.strata)
     return out
 
 
@@ -550,8 +588,10 @@ def model_table(m: Measured) -> list[str]:
 
     s = m.subject
     lines = [f"**{s.key}** — {s.title}; {s.kind}; inputs {s.shapes}; fidelity on {len(s.feeds)} runs of "
-             f"{s.samples_what}; NNCF calibration on {len(s.calibration)} samples; timing: {m.rounds} rounds x "
-             f"{m.calls} calls per candidate" + "".join(f"; {n}" for n in s.notes), "",
+             f"{s.samples_what}; NNCF calibration on {len(s.calibration)} samples; timing: {len(m.strata)} rounds "
+             f"over {len(set(m.strata))} session sets x {m.calls} calls per candidate, load average "
+             f"{fmt(m.load, '{:.1f}')} as it began"
+             + "".join(f"; {n}" for n in s.notes), "",
              "| candidate | runs at | p50 ms | vs ORT fp32 (95% interval) | mean cos | worst cos | top-1 |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for c in m.candidates:
@@ -587,7 +627,7 @@ def goal_a(m: Measured) -> tuple[str, str]:
                          f"faithful (best {best.name}, running at {best.runs_at}: {cos_text(best.worst_cos)})")
             continue
         pick = min(fit, key=lambda c: c.p50_ms)
-        ratio = speedup_interval(h.rounds, pick.rounds)
+        ratio = speedup_interval(h.rounds, pick.rounds, strata=m.strata)
         ok = ratio["speedup"] >= SPEED_SLACK or (ratio["high"] is not None and ratio["high"] >= 1.0)
         met &= ok
         parts.append(f"vs {h.name.split(': ')[1]} ({h.runs_at}, {h.p50_ms:.3g} ms, worst cos {cos_text(h.worst_cos)}): "
@@ -697,7 +737,7 @@ def main() -> int:
                         help="threads for every candidate (default: this machine's logical cores)")
     args = parser.parse_args()
     started = time.time()
-    budget_s, rounds = (5.0, 10) if args.quick else (15.0, 20)
+    budget_s, max_rounds, sets = (5.0, 40, 2) if args.quick else (15.0, 120, 3)
     folder = Path(tempfile.mkdtemp(prefix="runtimes-"))
     try:
         todo = subjects(folder, set(args.only.split(",")) if args.only else None)
@@ -721,7 +761,7 @@ def main() -> int:
                 measured.append(Measured(s, [], jobs[s.key], error="; ".join(s.notes) or "no inputs"))
                 continue
             print(f"phase 2: {s.key} (at {time.time() - started:.0f} s)", flush=True)
-            m = measure(s, jobs[s.key], threads=args.threads, budget_s=budget_s, rounds=rounds)
+            m = measure(s, jobs[s.key], threads=args.threads, budget_s=budget_s, max_rounds=max_rounds, sets=sets)
             measured.append(m)
             print("\n".join(model_table(m)), flush=True)
     finally:
@@ -739,11 +779,13 @@ def main() -> int:
 
     how = (f"In one process per model: ONNX Runtime fp32, OpenVINO f32 / default / NNCF int8 by hand and ModelPress's "
            f"IR per precision ({deployment}), timed interleaved ({'--quick: ' if args.quick else ''}about "
-           f"{budget_s:.0f} s of calls per model, the order rotated each round), {args.threads} threads each "
-           f"(ORT intra-op with spinning off; OpenVINO INFERENCE_NUM_THREADS, 1 stream, LATENCY), every OpenVINO "
-           f"model reshaped to the static input shapes; openvino {ov.__version__}, nncf {nncf.__version__}. 'runs at' "
+           f"{budget_s:.0f} s of calls per model, the order rotated each round, the sessions opened anew for each of "
+           f"{sets} session sets), {args.threads} threads each "
+           "(ORT intra-op with spinning off; OpenVINO INFERENCE_NUM_THREADS, 1 stream, LATENCY, CPU pinning off), "
+           f"every OpenVINO model reshaped to the static input shapes; openvino {ov.__version__}, nncf "
+           f"{nncf.__version__}. 'runs at' "
            "is the inference precision the compiled model reports. Ratios: median ORT fp32 / median candidate, "
-           "bootstrap 95% interval over the paired rounds.")
+           "bootstrap 95% interval over the paired rounds, two-level (session sets, then rounds).")
     publish(TITLE, how, "\n".join(body), started=started, write=not args.no_write)
     return 0
 
