@@ -63,7 +63,7 @@ from bench.quantize import bert_case, digits_case  # noqa: E402
 from bench.results import publish  # noqa: E402
 
 TITLE = "Runtimes: OpenVINO / NNCF by hand vs ModelPress's OpenVINO target (issue 18)"
-PRECISIONS = ("f32", "bf16", "int8")
+PRECISIONS = ("f32", "bf16", "int8", "int8_bf16")
 REFERENCE = "ONNX Runtime fp32"
 HAND = ("by hand: OpenVINO f32", "by hand: OpenVINO default", "by hand: NNCF int8")
 FIDELITY_SLACK = 0.001  # goal A: "equal worst-case fidelity" within this much cosine

@@ -97,7 +97,7 @@ def openvino_main(model: str, feeds_path: str, config: dict, threads: int, runs:
                   for name in port.get_names() if name in feeds})
     compiled = core.compile_model(read, config.get("device", "CPU"), {
         "INFERENCE_PRECISION_HINT": hints[config["precision"]], "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-        "PERFORMANCE_HINT": "LATENCY"})
+        "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False})
     request = compiled.create_infer_request()
     by_port = [next(feeds[n] for n in port.get_names() if n in feeds) for port in compiled.inputs]
     for _ in range(runs):

@@ -45,8 +45,11 @@ def compile_config(precision: str, threads: int) -> dict[str, Any]:
     """One stream, latency hint, `threads` inference threads: the settings every OpenVINO model measured here gets."""
     if precision not in PRECISION_HINTS:
         raise ValueError(f"unknown OpenVINO precision {precision!r}; known: {', '.join(PRECISION_HINTS)}")
+    # Pinning off: two OpenVINO models taking turns in one process measured 10-40% apart with OpenVINO's own
+    # thread pinning on a loaded machine, within 3% without it (bench/runtimes.py); the measuring process is
+    # pinned to its cores already (workers.measure.isolated).
     return {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": int(threads),
-            "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+            "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
 
 
 def _port_name(port, hint: list[str]) -> str:
