@@ -255,7 +255,7 @@ def modelpress_half(todo: list[Subject], folder: Path, *, quick: bool, at: str |
                 subject.notes.append(refused)
             for job in jobs[subject.key].values():
                 target = {"runtime": "openvino", "device": "cpu", "precision": job.precision}
-                if job.precision == "int8" and ids.get("calibration"):
+                if job.precision.startswith("int8") and ids.get("calibration"):
                     target["calibration_dataset_id"] = ids["calibration"]
                 try:
                     sent = mp.submit_job(model["id"], target=target, evaluate=job_evaluate(subject, ids["eval"], quick),
