@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,20 +228,12 @@ def modelpress_half(todo: list[Subject], folder: Path, *, quick: bool, at: str |
     The service runs this working tree, or a snapshot of commit `at`. Returns the jobs and a line on the deployment
     (its code and targets, or why there are no ModelPress candidates)."""
     jobs: dict[str, dict[str, Job]] = {s.key: {p: Job(p) for p in PRECISIONS} for s in todo}
-    source, code = ROOT, "the working tree"
-    if at:
-        source, commit = snapshot(at, folder, ROOT)
-        code = f"commit {commit}"
-    with zoo.Embedded(folder, source) as service, Client(service.url, service.key, timeout=300) as mp:
-        schema = mp._json("GET", "/openapi.json")["components"]["schemas"]
-        if "target" not in schema.get("JobCreate", {}).get("properties", {}):
+    with embedded(folder, at, needs="target") as (mp, deployment):
+        if mp is None:
             for per in jobs.values():
                 for job in per.values():
-                    job.message = "this ModelPress has no job target yet (JobCreate.target): nothing submitted"
-            return jobs, f"the service ({code}) takes no job target: no ModelPress candidates"
-        listed = served_targets(mp)
-        deployment = f"an embedded deployment of {code} serving {', '.join(listed) or 'no targets'}"
-        print(deployment, flush=True)
+                    job.message = deployment
+            return jobs, deployment + ": no ModelPress candidates"
         queued: list[tuple[Subject, Job, str]] = []
         for subject in todo:
             try:
@@ -285,6 +277,25 @@ def modelpress_half(todo: list[Subject], folder: Path, *, quick: bool, at: str |
             except (ModelPressError, zipfile.BadZipFile, OSError) as exc:
                 job.message = f"IR download: {exc}"
     return jobs, deployment
+
+
+@contextlib.contextmanager
+def embedded(folder: Path, at: str | None, *, needs: str) -> Iterator[tuple[Client | None, str]]:
+    """A client of an embedded deployment of this working tree (or of a snapshot of commit `at`), and a line on it:
+    its code and the targets it serves; no client, and the line says why, where its jobs take no field `needs`."""
+    source, code = ROOT, "the working tree"
+    if at:
+        source, commit = snapshot(at, folder, ROOT)
+        code = f"commit {commit}"
+    with zoo.Embedded(folder, source) as service, Client(service.url, service.key, timeout=300) as mp:
+        schema = mp._json("GET", "/openapi.json")["components"]["schemas"]
+        if needs not in schema.get("JobCreate", {}).get("properties", {}):
+            yield None, f"the service ({code}) takes no job {needs} yet (JobCreate.{needs}): nothing submitted"
+            return
+        listed = served_targets(mp)
+        line = f"an embedded deployment of {code} serving {', '.join(listed) or 'no targets'}"
+        print(line, flush=True)
+        yield mp, line
 
 
 def served_targets(mp: Client, wait_s: float = 180) -> list[str]:
@@ -538,17 +549,32 @@ class Measured:
 
 def measure(subject: Subject, jobs: dict[str, Job], *, threads: int, budget_s: float, max_rounds: int,
             sets: int) -> Measured:
-    from workers.measure.stats import speedup_interval
-
     out = Measured(subject, [], jobs)
     try:
         reference, session = ort_candidate(subject, threads)
     except Exception as exc:
         out.error = f"ONNX Runtime cannot load it: {short(exc)}"
         return out
-    outputs, types = [o.name for o in session.get_outputs()], [o.type for o in session.get_outputs()]
+    outputs = [o.name for o in session.get_outputs()]
     out.candidates = [reference, *hand_candidates(subject, outputs, threads),
                       *modelpress_candidates(subject, jobs, outputs, threads)]
+    for c in out.candidates:
+        job = jobs.get(c.name.rsplit(" ", 1)[-1]) if c.group == "modelpress" else None
+        asked = job.lowering.get("inference_precision_hint") if job else None
+        if asked and c.runs_at and asked != c.runs_at:
+            out.mismatched.append(f"{c.name} (asks {asked}, runs {c.runs_at})")
+    side_by_side(out, reference, session, budget_s=budget_s, max_rounds=max_rounds, sets=sets)
+    return out
+
+
+def side_by_side(out: Measured, reference: Candidate, session: Any, *, budget_s: float, max_rounds: int,
+                 sets: int) -> None:
+    """Every candidate of `out` against `reference` (its ONNX Runtime session gives the outputs' names and types):
+    fidelity on the subject's samples, then the interleaved timing, each one's p50 and ratio with its interval."""
+    from workers.measure.stats import speedup_interval
+
+    subject = out.subject
+    outputs, types = [o.name for o in session.get_outputs()], [o.type for o in session.get_outputs()]
     assert reference.call is not None
     expected = [reference.call(feed) for feed in subject.feeds]
     for c in out.candidates:
@@ -558,11 +584,6 @@ def measure(subject: Subject, jobs: dict[str, Job], *, threads: int, budget_s: f
             fidelity(subject, expected, c, outputs, types)
         except Exception as exc:
             c.error, c.call = f"runs but its outputs do not compare: {short(exc)}", None
-    for c in out.candidates:
-        job = jobs.get(c.name.rsplit(" ", 1)[-1]) if c.group == "modelpress" else None
-        asked = job.lowering.get("inference_precision_hint") if job else None
-        if asked and c.runs_at and asked != c.runs_at:
-            out.mismatched.append(f"{c.name} (asks {asked}, runs {c.runs_at})")
     out.load = os.getloadavg()[0]
     out.strata, out.calls = time_side_by_side(out.candidates, subject.feeds[0], budget_s=budget_s,
                                               max_rounds=max_rounds, sets=sets)
@@ -570,7 +591,6 @@ def measure(subject: Subject, jobs: dict[str, Job], *, threads: int, budget_s: f
         if c.rounds:
             c.p50_ms = float(np.median(np.concatenate(c.rounds))) / 1e6
             c.vs_reference = speedup_interval(reference.rounds, c.rounds, strata=out.strata)
-    return out
 
 
 # --- tables and goals ----------------------------------------------------------------------------------------
@@ -725,28 +745,45 @@ def readout(measured: list[Measured]) -> list[str]:
 
 # --- main ----------------------------------------------------------------------------------------------------
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def bench_options(parser: argparse.ArgumentParser, *, quick: str) -> None:
+    """The options of a side-by-side benchmark: which models, how long, where its figures go, which code serves."""
     parser.add_argument("--only", help="comma-separated model keys (default: all)")
-    parser.add_argument("--quick", action="store_true", help="a shorter timing budget and shorter jobs")
-    parser.add_argument("--no-modelpress", action="store_true", help="the hand-made half only (no deployment)")
+    parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to bench/RESULTS.md")
     parser.add_argument("--at", metavar="REV", help="run the service from a snapshot of this commit (git archive) "
                         "instead of the working tree, e.g. HEAD while others edit the tree")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads for every candidate (default: this machine's logical cores)")
+
+
+def timing(quick: bool) -> tuple[float, int, int]:
+    """(seconds of calls per model, most rounds, session sets) of side_by_side."""
+    return (5.0, 40, 2) if quick else (15.0, 120, 3)
+
+
+def prepared(folder: Path, only: str | None) -> list[Subject]:
+    """The subjects (the comma-separated keys of `only`, else all), each prepared; one whose inputs cannot be planned
+    keeps no feeds and a note that says why."""
+    todo = subjects(folder, set(only.split(",")) if only else None)
+    for s in todo:
+        if s.path.is_file():
+            try:
+                prepare(s)
+            except Exception as exc:
+                s.notes.append(f"inputs could not be planned: {short(exc)}")
+    return todo
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    bench_options(parser, quick="a shorter timing budget and shorter jobs")
+    parser.add_argument("--no-modelpress", action="store_true", help="the hand-made half only (no deployment)")
     args = parser.parse_args()
     started = time.time()
-    budget_s, max_rounds, sets = (5.0, 40, 2) if args.quick else (15.0, 120, 3)
+    budget_s, max_rounds, sets = timing(args.quick)
     folder = Path(tempfile.mkdtemp(prefix="runtimes-"))
     try:
-        todo = subjects(folder, set(args.only.split(",")) if args.only else None)
-        for s in todo:
-            if s.path.is_file():
-                try:
-                    prepare(s)
-                except Exception as exc:
-                    s.notes.append(f"inputs could not be planned: {short(exc)}")
+        todo = prepared(folder, args.only)
         ready = [s for s in todo if s.feeds]
         deployment = "ModelPress half not run (--no-modelpress)"
         jobs: dict[str, dict[str, Job]] = {s.key: {p: Job(p, message="not run (--no-modelpress)")
