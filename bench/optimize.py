@@ -6,7 +6,9 @@ batch 1, interleaved rounds, ratios to ONNX Runtime fp32 with a bootstrap 95% in
 fidelity on the model's real samples, mean and worst-sample cosine, top-1 where labels exist):
 - ONNX Runtime fp32, the original: the reference;
 - plain ONNX Runtime, each call a user tries from its docs, on the same model: quantize_dynamic (defaults),
-  quantize_static (QDQ, per-channel, calibrated on the same samples ModelPress is given) and fp16
+  quantize_static (QDQ, per-channel, calibrated on the same samples ModelPress is given; with the steps its docs and
+  messages lead to: the model upgraded to opset 13 where older, quant_pre_process, per-tensor where per-channel
+  still fails; the "runs at" column names the steps taken) and fp16
   (onnxruntime.transformers.float16.convert_float_to_float16, keep_io_types so the inputs stay float32);
 - by hand: OpenVINO f32, OpenVINO at its default precision (bf16 where the CPU has it) and NNCF int8, as
   bench/runtimes.py builds them;
@@ -20,8 +22,12 @@ it, both timed here: the quantize_static call above (quantize_dynamic where it f
 measure_pair of its model against the original with the search's per-candidate settings (batch 1, 3 warm-up and
 30 timed calls, fidelity on at most 64 eval samples).
 
-    .venv/bin/python bench/optimize.py [--only key1,key2] [--quick] [--time-budget S] [--no-write] [--threads N]
-                                       [--at REV]
+    .venv/bin/python bench/optimize.py [--only key1,key2] [--skip key1,key2] [--quick] [--time-budget S]
+                                       [--no-write] [--threads N] [--at REV]
+
+Without --only: every model of bench/runtimes.py (the shared models, the digits CNN, the BERT-like encoder and the
+zoo corpus's ONNX uploads; its Hugging Face folder and Keras entries are not ONNX files, so no plain ONNX Runtime
+call applies to them).
 
 Phase 1 runs the goal jobs one after another (nothing else runs meanwhile: they measure too); phase 2 builds the
 hand-made candidates and times everything. The tables and the goals read-out are appended to bench/RESULTS.md.
@@ -36,7 +42,6 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +65,7 @@ MIN_COSINE, MAX_POINTS = 0.99, 1.0  # the default goal's budget; "within 1 point
 GOAL_SPEEDUP, GOAL_SEARCH_RATIO = 1.3, 10.0
 # The search's per-candidate measurement (workers.search.run): the yardstick of "one measurement".
 CANDIDATE_WARMUP, CANDIDATE_ITERATIONS, CANDIDATE_EVAL_SAMPLES = 3, 30, 64
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis` (per-channel scales) exists from this opset on
 
 
 # --- the ModelPress half: one default-goal job per model -------------------------------------------------------
@@ -82,7 +88,8 @@ class GoalJob:
 
 
 def goal_body(ids: dict[str, Any], budget_s: int) -> dict[str, Any]:
-    """The default goal (every field at its default) with the model's datasets named and the time budget set."""
+    """The default goal (every field at its default) with the model's datasets named and the time budget set: the
+    keywords of Client.optimize."""
     sets = {f"{role}_dataset_id": ids[role] for role in ("eval", "calibration") if ids.get(role)}
     return {"time_budget_s": budget_s, **({"datasets": sets} if sets else {})}
 
@@ -103,9 +110,8 @@ def goal_jobs(todo: list[rt.Subject], folder: Path, *, quick: bool, at: str | No
                 ids, refused = zoo.upload_datasets(mp, subject.data)
                 if refused:
                     subject.notes.append(refused)
-                spec = {"model_id": model["id"], "goal": goal_body(ids, budget_s), "name": f"optimize {subject.key}",
-                        "evaluate": rt.job_evaluate(subject, ids["eval"], quick)}
-                sent = mp._json("POST", "/v1/jobs", json=spec, headers={"Idempotency-Key": str(uuid.uuid4())})
+                sent = mp.optimize(model["id"], evaluate=rt.job_evaluate(subject, ids["eval"], quick),
+                                   name=f"optimize {subject.key}", **goal_body(ids, budget_s))
             except ModelPressError as exc:
                 job.status, job.code, job.message = "refused", exc.code, f"{exc.status}: {exc.message}"
                 continue
@@ -154,8 +160,9 @@ class Samples:
         return next(self.rows, None)
 
 
-def plain_call(scheme: str, subject: rt.Subject, out: Path) -> None:
-    """One plain ONNX Runtime call, as its documentation shows it."""
+def plain_call(scheme: str, subject: rt.Subject, out: Path) -> str:
+    """One plain ONNX Runtime call, as its documentation shows it. Returns what was done beyond the call itself
+    ("" where nothing was), for the table."""
     import onnx
 
     if scheme == "int8_dynamic":
@@ -163,14 +170,60 @@ def plain_call(scheme: str, subject: rt.Subject, out: Path) -> None:
 
         quantize_dynamic(str(subject.path), str(out))
     elif scheme == "int8_static":
-        from onnxruntime.quantization import QuantFormat, quantize_static
-
-        quantize_static(str(subject.path), str(out), Samples(subject.calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=True)
+        return plain_static(subject, out)
     else:
         from onnxruntime.transformers import float16
 
         onnx.save(float16.convert_float_to_float16(onnx.load(str(subject.path)), keep_io_types=True), str(out))
+    return ""
+
+
+def plain_static(subject: rt.Subject, out: Path) -> str:
+    """quantize_static (QDQ, per-channel, on the calibration samples) with the steps ONNX Runtime's documentation and
+    messages lead a user to: the model upgraded to opset 13 where it is older (DequantizeLinear has its per-channel
+    `axis` only from opset 13; below it, ONNX Runtime writes a model that it then refuses to load, INVALID_GRAPH),
+    then quant_pre_process (shape inference and graph optimization, which its quantizer asks for), then the call;
+    per-tensor where per-channel still fails or its model does not load (ONNX Runtime's per-channel bias check
+    breaks on a Gemm bias of shape [1, N], as opt-mnist's). Returns the steps taken, for the table."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import version_converter
+    from onnxruntime.quantization import QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    steps, source = [], subject.path
+    opset = next((o.version for o in onnx.load(str(source), load_external_data=False).opset_import
+                  if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset < PER_CHANNEL_OPSET:
+        try:
+            upgraded = out.with_name(f"{out.stem}-opset{PER_CHANNEL_OPSET}.onnx")
+            onnx.save(version_converter.convert_version(onnx.load(str(source)), PER_CHANNEL_OPSET), str(upgraded))
+            source = upgraded
+            steps.append(f"opset {opset} -> {PER_CHANNEL_OPSET} first")
+        except Exception as exc:
+            steps.append(f"opset {opset} kept (version_converter failed: {rt.short(exc, 80)})")
+    prepared = out.with_name(f"{out.stem}-pre.onnx")
+    try:
+        quant_pre_process(str(source), str(prepared))
+        source = prepared
+        steps.append("quant_pre_process")
+    except Exception as exc:
+        steps.append(f"no pre-processing (quant_pre_process failed: {rt.short(exc, 80)})")
+
+    def quantize(per_channel: bool) -> None:
+        quantize_static(str(source), str(out), Samples(subject.calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel)
+        ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # a model that does not load is a failure
+
+    try:
+        quantize(per_channel=True)
+    except Exception as exc:
+        steps.append(f"per-tensor (per-channel failed: {rt.short(exc, 120)})")
+        try:
+            quantize(per_channel=False)
+        except Exception as again:
+            raise RuntimeError("; ".join([*steps, f"per-tensor failed: {rt.short(again, 120)}"])) from again
+    return "; ".join(steps)
 
 
 def plain_candidates(subject: rt.Subject, folder: Path, threads: int, sizes: dict[str, int]) -> list[rt.Candidate]:
@@ -180,12 +233,13 @@ def plain_candidates(subject: rt.Subject, folder: Path, threads: int, sizes: dic
         started = time.perf_counter()
         try:
             with contextlib.chdir(folder):  # ONNX Runtime's quantizers leave temporary files in the working folder
-                plain_call(scheme, subject, path)
+                steps = plain_call(scheme, subject, path)
             candidate, _ = rt.ort_candidate(dataclasses.replace(subject, path=path), threads)
         except Exception as exc:  # a plain call that fails on a real model is a finding
             out.append(rt.Candidate(name, "plain", error=rt.short(exc)))
             continue
-        candidate.name, candidate.group, candidate.runs_at = name, "plain", scheme
+        candidate.name, candidate.group = name, "plain"
+        candidate.runs_at = scheme + (f" ({steps})" if steps else "")
         candidate.build_s = time.perf_counter() - started
         sizes[name] = path.stat().st_size
         out.append(candidate)
@@ -250,7 +304,7 @@ def one_plain_round(subject: rt.Subject, folder: Path, threads: int) -> tuple[fl
         started = time.perf_counter()
         try:
             with contextlib.chdir(folder):
-                plain_call(scheme, subject, path)
+                steps = plain_call(scheme, subject, path)
             quantized = time.perf_counter() - started
             measure_pair(subject.path, path, batch_sizes=[1], warmup=CANDIDATE_WARMUP, iterations=CANDIDATE_ITERATIONS,
                          threads=threads, dataset=dataset, dataset_max_samples=CANDIDATE_EVAL_SAMPLES,
@@ -259,7 +313,8 @@ def one_plain_round(subject: rt.Subject, folder: Path, threads: int) -> tuple[fl
             failed.append(f"{scheme} failed: {rt.short(exc, 90)}")
             continue
         total = time.perf_counter() - started
-        return total, f"{scheme} {quantized:.1f} s + measurement {total - quantized:.1f} s" + (
+        what = scheme + (f" ({steps})" if steps else "")
+        return total, f"{what} {quantized:.1f} s + measurement {total - quantized:.1f} s" + (
             f" ({'; '.join(failed)})" if failed else "")
     return None, "no plain quantization could be made and measured: " + "; ".join(failed)
 
@@ -526,16 +581,41 @@ def readout(compared: list[Compared]) -> list[str]:
 
 # --- main -------------------------------------------------------------------------------------------------------
 
+def selection(only: str | None, skip: str | None) -> str | None:
+    """The comma-separated keys to run (None: all) from --only and --skip. The keys are bench/runtimes.py's subjects:
+    the corpus's ONNX uploads, the digits CNN and the BERT-like encoder. A corpus entry uploaded otherwise (a Hugging
+    Face folder, a Keras file) is refused with the reason: a plain ONNX Runtime call needs an ONNX file."""
+    known = [e.key for e in zoo.CORPUS if e.upload == "onnx"] + ["digits-cnn", "bert"]
+    not_onnx = {e.key: e.upload for e in zoo.CORPUS if e.upload != "onnx"}
+    wanted = [k for k in (only or "").split(",") if k]
+    skipped = {k for k in (skip or "").split(",") if k}
+    for key in wanted:
+        if key in not_onnx:
+            raise SystemExit(f"{key} is a {not_onnx[key]} upload, not in this benchmark: the plain ONNX Runtime calls "
+                             "it compares with need an ONNX file (the corpus's ONNX uploads are).")
+    unknown = sorted((set(wanted) | skipped) - set(known) - set(not_onnx))
+    if unknown:
+        raise SystemExit(f"unknown keys {unknown}; known: {', '.join(known)}")
+    if not skipped:
+        return only
+    left = [k for k in (wanted or known) if k not in skipped]
+    if not left:
+        raise SystemExit("--skip leaves no model to run.")
+    return ",".join(left)
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     rt.bench_options(parser, quick="a shorter timing budget and shorter final measurements")
+    parser.add_argument("--skip", help="comma-separated model keys to leave out (of --only's, or of all)")
     parser.add_argument("--time-budget", type=int, default=300, help="goal.time_budget_s of each job (default 300)")
     args = parser.parse_args()
+    only = selection(args.only, args.skip)
     started = time.time()
     timing = rt.timing(args.quick)
     folder = Path(tempfile.mkdtemp(prefix="optimize-"))
     try:
-        todo = rt.prepared(folder, args.only)
+        todo = rt.prepared(folder, only)
         ready = [s for s in todo if s.feeds]
         jobs = {s.key: GoalJob(message="not run") for s in todo}
         deployment = "no model could be prepared"
@@ -564,7 +644,8 @@ def main() -> int:
     import openvino as ov
 
     how = (f"Per model, in one process: ONNX Runtime fp32, the plain ONNX Runtime calls (quantize_dynamic; "
-           f"quantize_static QDQ per-channel on the calibration samples; fp16 with keep_io_types), OpenVINO f32 / "
+           f"quantize_static QDQ per-channel on the calibration samples, after an opset upgrade to 13 where older and "
+           f"quant_pre_process, per-tensor where per-channel fails; fp16 with keep_io_types), OpenVINO f32 / "
            f"default / NNCF int8 by hand, and the model ModelPress's default goal job handed over ({deployment}; "
            f"goal.time_budget_s {args.time_budget}, the eval and calibration datasets named, every other goal field "
            f"at its default), timed interleaved ({'--quick: ' if args.quick else ''}about {timing[0]:.0f} s of calls "
