@@ -429,7 +429,7 @@ def goal_text(goal: dict) -> str:
     """A goal in a line: `latency at batch 1; worst cosine >= 0.99; time budget 900 s; families: all that apply`."""
     parts = [f"{goal.get('objective', 'latency')} at batch {goal.get('batch_size', 1)}"]
     bounds = {"min_cosine": "worst cosine >= {}", "max_accuracy_drop": "top-1 drop <= {} points",
-              "max_latency_ms": "p50 <= {} ms", "max_size_bytes": "size <= {}"}
+              "max_latency_ms": "p50 <= {} ms", "max_size_bytes": "size <= {}", "min_speedup": "at least {}x faster"}
     for field, text in bounds.items():
         if goal.get(field) is not None:
             parts.append(text.format(_fmt_bytes(goal[field]) if field == "max_size_bytes" else goal[field]))
@@ -685,7 +685,8 @@ def goal_spec(args: argparse.Namespace) -> dict[str, Any]:
     goal: dict[str, Any] = {}
     for flag, field in (("objective", "objective"), ("batch_size", "batch_size"), ("min_cosine", "min_cosine"),
                         ("max_accuracy_drop", "max_accuracy_drop"), ("max_latency_ms", "max_latency_ms"),
-                        ("max_size_bytes", "max_size_bytes"), ("time_budget", "time_budget_s"),
+                        ("max_size_bytes", "max_size_bytes"), ("min_speedup", "min_speedup"),
+                        ("time_budget", "time_budget_s"),
                         ("families", "families")):
         if getattr(args, flag) is not None:
             goal[field] = getattr(args, flag)
@@ -909,6 +910,9 @@ def _add_client_commands(sub) -> None:
                           help="top-1 may drop at most P points (needs a labelled --eval-dataset)")
     optimize.add_argument("--max-latency-ms", type=float, metavar="MS", help="p50 at the batch size at most this")
     optimize.add_argument("--max-size-bytes", type=int, metavar="B", help="the result's files at most this")
+    optimize.add_argument("--min-speedup", type=float, metavar="X",
+                          help="the least gain worth having: the speedup interval's lower bound must reach X "
+                          "(default: any gain above 1.00)")
     optimize.add_argument("--time-budget", type=int, metavar="S",
                           help="the search starts no candidate once this is spent (default 900 s)")
     optimize.add_argument("--families", type=lambda text: [f.strip() for f in text.split(",") if f.strip()],

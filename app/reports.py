@@ -181,6 +181,8 @@ class Budget(BaseModel):
     max_accuracy_drop: Number | None = 1.0
     max_latency_ms: Number | None = None
     max_size_bytes: int | None = None
+    # The latency objective's least gain: the speedup interval's lower bound must reach it. null: above 1.00.
+    min_speedup: Number | None = None
 
     @classmethod
     def from_evaluate(cls, evaluate: dict[str, Any]) -> Budget:
@@ -194,7 +196,8 @@ class Budget(BaseModel):
     def from_goal(cls, goal: dict[str, Any], batch_sizes: list[int] | None = None) -> Budget:
         """A goal job's budget: its goal's fields of the same names, taken as given (a null min_cosine or
         max_accuracy_drop is not checked); batch_size, when absent, is the smallest of batch_sizes."""
-        names = ("objective", "batch_size", "min_cosine", "max_accuracy_drop", "max_latency_ms", "max_size_bytes")
+        names = ("objective", "batch_size", "min_cosine", "max_accuracy_drop", "max_latency_ms", "max_size_bytes",
+                 "min_speedup")
         given = {name: goal[name] for name in names if name in goal}
         if given.get("batch_size") is None:
             given["batch_size"] = min(batch_sizes or [1])

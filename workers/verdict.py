@@ -25,7 +25,10 @@ DIMENSIONS = (("p50_ms", 1), ("size_bytes", 1), ("worst_cosine", -1), ("energy_j
 def judge(summary: JobSummary, budget: Budget) -> Verdict:
     """The verdict on a measured result: its objective, then each constraint the budget sets."""
     batch = objective_batch(summary, budget)
-    objective, improvement = {"latency": _latency, "size": _size, "energy": _energy}[budget.objective](summary, batch)
+    if budget.objective == "latency":
+        objective, improvement = _latency(summary, batch, budget.min_speedup)
+    else:
+        objective, improvement = {"size": _size, "energy": _energy}[budget.objective](summary, batch)
     checks = [objective, *_constraints(summary, budget, batch)]
     failed = [c for c in checks if not c.passed]
     return Verdict(verdict="not_beneficial" if failed else "beneficial",
@@ -56,10 +59,12 @@ def _not_measured(summary: JobSummary, batch: int | None) -> str | None:
     return None
 
 
-def _latency(summary: JobSummary, batch: int | None) -> tuple[VerdictCheck, dict | None]:
+def _latency(summary: JobSummary, batch: int | None, least: float | None = None) -> tuple[VerdictCheck, dict | None]:
+    """Faster when the speedup interval's lower bound is above 1.00, or reaches `least` (the goal's min_speedup)."""
+    limit = 1.0 if least is None else float(least)
     missing = _not_measured(summary, batch)
     if missing is not None:
-        return _check("objective", False, missing, limit=1.0), None
+        return _check("objective", False, missing, limit=limit), None
     key = str(batch)
     speedup = summary.speedup[key]
     bounds = summary.speedup_interval.get(key)
@@ -72,10 +77,18 @@ def _latency(summary: JobSummary, batch: int | None) -> tuple[VerdictCheck, dict
     if low is None:
         why = (bounds.reason if bounds is not None and bounds.reason else "the measurement gave none")
         return _check("objective", False, f"no interval around the speedup {speedup:.2f}x {where} ({why}): one figure "
-                      "alone cannot tell a gain from noise", limit=1.0), improvement
+                      "alone cannot tell a gain from noise", limit=limit), improvement
     shown = summary.speedup_ci.get(key) or f"{speedup:.2f}x ({low:.2f}-{high:.2f})"
     # A bound that rounds to 1.00 is shown with the digit that decides it.
     bound = f" ({low:.3f})" if round(low, 2) == 1 else ""
+    if least is not None and least > 1:
+        if low >= least:
+            return _check("objective", True, f"faster: {shown} {where}, the interval's lower bound reaches the goal's "
+                          f"min_speedup {least:g}", low, limit), improvement
+        side = "slower: the whole interval is below 1.00" if high is not None and high < 1 else \
+            "faster, but not by the least gain asked" if low > 1 else "the models are not told apart"
+        return _check("objective", False, f"not fast enough: {shown} {where}, the interval's lower bound {low:.2f} "
+                      f"is below the goal's min_speedup {least:g} ({side})", low, limit), improvement
     if low > 1:
         return _check("objective", True, f"faster: {shown} {where}, the interval's lower bound{bound} is above 1.00",
                       low, 1.0), improvement

@@ -136,6 +136,10 @@ class GoalSpec(Strict):
         "labelled eval dataset (needs labels).")
     max_latency_ms: float | None = Field(default=None, gt=0, description="p50 at batch_size must be at most this.")
     max_size_bytes: int | None = Field(default=None, gt=0, description="The result's files must be at most this.")
+    min_speedup: float | None = Field(
+        default=None, ge=1.0, le=1000, description="The latency objective's least gain worth having: the speedup "
+        "interval's lower bound at batch_size must reach it (1.3: at least 1.3x faster, else nothing is handed over). "
+        "null: any gain whose lower bound is above 1.00.")
     time_budget_s: int = Field(default=900, ge=30, le=24 * 3600,
                                description="The search stops starting candidates once this is spent.")
     families: list[Family] | None = Field(
@@ -148,6 +152,9 @@ class GoalSpec(Strict):
         if self.min_cosine is None and self.max_accuracy_drop is None:
             raise ValueError("a goal needs a fidelity budget: min_cosine, max_accuracy_drop or both (without one, "
                              "any broken model would meet it)")
+        if self.min_speedup is not None and self.objective != "latency":
+            raise ValueError(f"min_speedup applies to the latency objective, not to {self.objective!r}: drop it or "
+                             "set objective to latency")
         if self.families is not None:
             self.families = list(dict.fromkeys(self.families))
         return self

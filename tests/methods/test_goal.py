@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,6 +91,8 @@ def test_a_model_alone_runs_the_default_goal_and_ends_with_a_verdict(http, cnn):
     ({"objective": "speed"}, "invalid_request", "objective"),
     ({"time_budget_s": 5}, "invalid_request", "time_budget_s"),
     ({"families": []}, "invalid_request", "families"),
+    ({"objective": "size", "min_speedup": 1.3}, "invalid_request", "min_speedup applies to the latency objective"),
+    ({"min_speedup": 0.8}, "invalid_request", "min_speedup"),
 ])
 def test_a_bad_goal_is_refused_with_its_code_and_nothing_is_queued(client, alice, digits, goal, code, needle):
     from tests.methods.factories import npz as make_npz
@@ -183,6 +186,94 @@ def test_a_candidate_starts_only_while_it_and_the_final_measurement_fit():
     assert not _fits(state, prune)  # a first training candidate counts as 4 quantizations: 40 s
     state.started -= 10  # 15 s left: the candidate would eat the final measurement's time
     assert not _fits(state, quantize)
+
+
+def measured(name: str, low: float, high: float, *, faithful: bool = True, family: str = "quantize"):
+    """A candidate as the search holds it once measured: its speedup interval and whether it kept the outputs."""
+    from workers.search.run import Plan, Tried
+
+    beneficial = faithful and low > 1.0
+    verdict = {"verdict": "beneficial" if beneficial else "not_beneficial", "reason": "as built here",
+               "improvement": {"speedup": (low + high) / 2, "low": low, "high": high},
+               "checks": [{"name": "min_cosine", "passed": faithful}]}
+    return Tried(plan=Plan(name, family), status="measured", verdict=verdict, path=Path(f"/nowhere/{name}.onnx"),
+                 summary={"speedup": {"1": (low + high) / 2}})
+
+
+def test_a_mixed_precision_rung_that_cannot_beat_what_is_had_is_not_built():
+    from workers.search.run import Plan, Search, _cannot_win
+
+    state = Search(run=None, workdir=None, original=None, intake=None, input_shapes=None,  # type: ignore[arg-type]
+                   spec={"goal": {"time_budget_s": 300, "objective": "latency", "batch_size": 1}})
+    rung = Plan("int8_static-float1", "mixed_precision")
+    # YOLOX-nano as measured: int8 everywhere is slower than the original, OpenVINO's int8 below bf16's gain.
+    state.tried["int8_static"] = measured("int8_static", 0.83, 0.91, faithful=False)
+    assert "int8_static at most 0.91x" in _cannot_win(state, rung) and "the original" in _cannot_win(state, rung)
+    state.tried["openvino-int8"] = measured("openvino-int8", 1.18, 1.32, faithful=False, family="targets")
+    assert _cannot_win(state, rung) is None  # OpenVINO's int8 kernels could still make a faithful rung faster
+    state.tried["openvino-bf16"] = measured("openvino-bf16", 1.53, 2.08, family="targets")
+    why = _cannot_win(state, rung)
+    assert "openvino-int8 at most 1.32x" in why and "openvino-bf16, the best so far" in why and "1.53x" in why
+    state.tried["int8_static"] = measured("int8_static", 1.9, 2.4, faithful=False)
+    assert _cannot_win(state, rung) is None  # int8 everywhere would beat it: the rungs may find a faithful one
+    assert _cannot_win(state, Plan("int8_dynamic-matmul", "mixed_precision")) is None  # not a rung
+    state.spec["goal"]["objective"] = "size"
+    state.tried["int8_static"] = measured("int8_static", 0.5, 0.6, faithful=False)
+    assert _cannot_win(state, rung) is None  # the bound is on speed
+
+
+def test_float_nodes_go_to_fp16_only_where_fp16_measured_faster():
+    from workers.search.run import Plan, Search, _react
+
+    state = Search(run=None, workdir=None, original=None, intake=None, input_shapes=None,  # type: ignore[arg-type]
+                   spec={"goal": {"time_budget_s": 300, "objective": "latency", "batch_size": 1,
+                                  "families": ["quantize", "mixed_precision"]}})
+    mixed = measured("int8_static-float2", 1.4, 1.6, family="mixed_precision")
+    mixed.plan.steps = [{"method": "quantize.int8_static", "params": {"nodes_to_exclude": ["conv7", "relu7"]}}]
+    state.tried["fp16"] = measured("fp16", 0.95, 1.02)  # this CPU: fp16 is not faster, the float nodes stay f32
+    state.tried[mixed.plan.name] = mixed
+    _react(state, mixed)
+    assert not any(p.transform for p in state.queue)
+    state.tried["fp16"] = measured("fp16", 1.7, 1.9)  # a runtime that runs fp16 faster (a GPU)
+    _react(state, mixed)
+    half = next(p for p in state.queue if p.transform == "fp16_nodes")
+    assert (half.name, half.base, half.family) == ("int8_static-float2+fp16", "int8_static-float2", "mixed_precision")
+    unfaithful = measured("int8_static-float1", 1.5, 1.7, faithful=False, family="mixed_precision")
+    unfaithful.plan.steps = [{"method": "quantize.int8_static", "params": {"nodes_to_exclude": ["conv7"]}}]
+    _react(state, unfaithful)  # an unfaithful rung climbs the ladder (float2, measured already), never converted
+    assert [p.name for p in state.queue] == ["int8_static-float2+fp16"]
+
+
+def test_a_final_measurement_that_contradicts_the_search_is_taken_again_then_the_next_best(monkeypatch):
+    from workers.search import run as search_run
+    from workers.search.run import Final, Search
+
+    state = Search(run=None, workdir=None, original=None, intake=None, input_shapes=None,  # type: ignore[arg-type]
+                   spec={"goal": {"time_budget_s": 300, "objective": "latency", "batch_size": 1}})
+    for tried in (measured("openvino-bf16", 1.6, 2.0), measured("int8_static", 1.2, 1.4), measured("fp16", 1.01, 1.1)):
+        state.tried[tried.plan.name] = tried
+    outcomes = {"openvino-bf16": ["not_beneficial", "not_beneficial"], "int8_static": ["not_beneficial", "beneficial"]}
+    calls = []
+
+    def final(state_, tried, budget):
+        calls.append(tried.plan.name)
+        verdict = type("V", (), {"verdict": outcomes[tried.plan.name].pop(0), "reason": "measured here",
+                                 "improvement": {}})()
+        return Final(tried=tried, measurement={}, rows=[], samples={}, summary=None, verdict=verdict, seconds=1.0)
+
+    monkeypatch.setattr(search_run, "_measure_final", final)
+    confirmed, contradicted = search_run._confirm(state, None)
+    # The best twice (contradicted twice), then the next best: contradicted, then held (two of three).
+    assert calls == ["openvino-bf16", "openvino-bf16", "int8_static", "int8_static"]
+    assert confirmed.tried.plan.name == "int8_static"
+    assert [f.tried.plan.name for f in contradicted] == ["openvino-bf16", "openvino-bf16", "int8_static"]
+    assert any("a second one agreed with the search" in note for note in state.notes)
+    # The limit of final measurements holds: fp16 is never measured again, and says why.
+    outcomes.update({"openvino-bf16": ["not_beneficial"] * 2, "int8_static": ["not_beneficial"] * 2})
+    calls.clear()
+    confirmed, contradicted = search_run._confirm(state, None)
+    assert confirmed is None and len(calls) == search_run.FINAL_TRIES
+    assert any("fp16 was not measured again" in note for note in state.notes)
 
 
 def test_cancel_stops_a_search_at_the_next_candidate(http, cnn):

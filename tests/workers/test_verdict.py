@@ -40,7 +40,7 @@ DEFAULT = Budget.from_evaluate({"batch_sizes": [1]})
 def test_the_budget_of_a_steps_job_and_of_a_goal():
     assert Budget.from_evaluate({"batch_sizes": [1]}).model_dump() == {
         "objective": "latency", "batch_size": 1, "min_cosine": 0.99, "max_accuracy_drop": 1.0, "max_latency_ms": None,
-        "max_size_bytes": None}
+        "max_size_bytes": None, "min_speedup": None}
     stored = {"batch_sizes": [8, 32], "objective": "size", "objective_batch_size": None, "min_cosine": 0.95}
     assert Budget.from_evaluate(stored) == Budget(objective="size", batch_size=8, min_cosine=0.95)
     goal = {"objective": "latency", "batch_size": 4, "min_cosine": None, "max_accuracy_drop": 0.5,
@@ -58,7 +58,7 @@ def test_faster_and_faithful_is_beneficial_with_every_check_named():
     assert verdict.improvement == {"speedup": 1.8, "low": 1.6, "high": 2.0, "batch_size": 1}
     dumped = verdict.model_dump(mode="json")
     assert dumped["budget"] == {"objective": "latency", "batch_size": 1, "min_cosine": 0.99, "max_accuracy_drop": 1.0,
-                                "max_latency_ms": None, "max_size_bytes": None}
+                                "max_latency_ms": None, "max_size_bytes": None, "min_speedup": None}
 
 
 @pytest.mark.parametrize(("figures", "reason"), [
@@ -73,6 +73,19 @@ def test_slower_or_within_the_noise_or_without_an_interval_is_not_beneficial(fig
     verdict = judge(summary(*figures), DEFAULT)
     assert verdict.verdict == "not_beneficial"
     assert verdict.reason == reason  # the fidelity check held, so the reason names the speed alone
+
+
+def test_a_goals_min_speedup_is_the_least_gain_the_lower_bound_must_reach():
+    least = Budget.from_goal({"objective": "latency", "batch_size": 1, "min_cosine": 0.99, "min_speedup": 1.3})
+    held = judge(summary(1.5, 1.35, 1.6), least)
+    assert held.verdict == "beneficial" and "reaches the goal's min_speedup 1.3" in held.reason
+    assert (held.checks[0].name, held.checks[0].value, held.checks[0].limit) == ("objective", 1.35, 1.3)
+    short = judge(summary(1.25, 1.18, 1.3), least)  # faster beyond the noise, but not by the gain asked
+    assert short.verdict == "not_beneficial"
+    assert short.reason.startswith("not fast enough: 1.25x (1.18-1.30) at batch 1, the interval's lower bound 1.18 "
+                                   "is below the goal's min_speedup 1.3 (faster, but not by the least gain asked)")
+    assert "slower: the whole interval" in judge(summary(0.8, 0.7, 0.9), least).reason
+    assert judge(summary(1.25, 1.18, 1.3), DEFAULT).verdict == "beneficial"  # without it: above 1.00 is enough
 
 
 def test_a_lower_bound_that_rounds_to_one_is_shown_with_its_deciding_digit():

@@ -226,6 +226,16 @@ def _formals(tensors, formals) -> list[tuple[str, str | None]]:
     return pairs
 
 
+def float16_ops(provider: str) -> set[str]:
+    """The ONNX op types `provider` runs in float16 in this onnxruntime build (empty where it lists no kernels)."""
+    try:
+        kernels = _float16_kernels(provider)
+    except ValueError:
+        return set()
+    return {op for op, entries in kernels.items()
+            if any("tensor(float16)" in allowed for _, constraints in entries for allowed in constraints.values())}
+
+
 @functools.cache
 def _float16_kernels(provider: str) -> dict[str, list[tuple[tuple[int, int], dict[str, list[str]]]]]:
     """ONNX-domain op type -> (opset range, type constraints) of each kernel `provider` has in this onnxruntime

@@ -41,6 +41,7 @@ from app.settings import get_settings
 SEARCH, FINAL = 0.80, 0.15
 # A candidate's measurement: short (the final one is the job's evaluate settings).
 CANDIDATE_WARMUP, CANDIDATE_ITERATIONS, CANDIDATE_EVAL_SAMPLES = 3, 30, 64
+CANDIDATE_PROVIDER = "CPUExecutionProvider"
 MIXED_COUNTS = (1, 2, 4, 8, 16)
 PRUNE_RATIOS = (0.25, 0.5)
 RECORD_KIND, MODEL_KIND = "candidate-record", "candidate"
@@ -57,6 +58,8 @@ class Plan:
     target: dict[str, Any] | None = None
     base: str | None = None  # the candidate whose model the steps start from
     why: str = ""
+    # "fp16_nodes": the base's float nodes (a mixed candidate's) in float16 (workers.search.fp16)
+    transform: str | None = None
 
 
 @dataclass
@@ -139,6 +142,11 @@ def search(run, workdir: Path, *, original: Path, intake, spec: dict[str, Any], 
         best = _best(state)
         run.progress(_fraction(state), "searching", f"candidate {done + 1} ({plan.name}); {len(state.queue)} more "
                      "planned; best so far: " + (_short(best) if best else "none beneficial yet"), force=True)
+        hopeless = _cannot_win(state, plan)
+        if hopeless is not None:
+            state.tried[plan.name] = Tried(plan=plan, status="skipped", error={"code": "cannot_win",
+                                                                                "message": hopeless})
+            continue
         if not _fits(state, plan):
             tried = Tried(plan=plan, status="skipped", error={
                 "code": "time_budget", "message": f"not started: the time budget ({state.goal['time_budget_s']} s) "
@@ -190,7 +198,9 @@ def _first_plans(state: Search) -> list[Plan]:
     if state.allowed("targets"):
         served = _served_targets()
         precisions = [t["precision"] for t in served if t.get("runtime") == "openvino" and t.get("device") == "cpu"]
-        for precision in ("f32", "bf16", "int8", "int8_bf16"):
+        # int8_bf16 (int8 with its float remainder in bf16) follows a faithful int8 (_react): bf16 only moves
+        # outputs further.
+        for precision in ("f32", "bf16", "int8"):
             if precision in precisions:
                 target: dict[str, Any] = {"runtime": "openvino", "device": "cpu", "precision": precision}
                 if precision.startswith("int8") and sets["calibration"]:
@@ -204,7 +214,13 @@ def _first_plans(state: Search) -> list[Plan]:
         plans.append(Plan("int8_static", "quantize", steps=[_step("quantize.int8_static", per_channel=True,
                                                                   **calibration)]))
         plans.append(Plan("int8_dynamic", "quantize", steps=[_step("quantize.int8_dynamic")]))
-        plans.append(Plan("fp16", "quantize", steps=[_step("quantize.fp16")]))
+        slow16 = _no_float16_kernels(state.intake.path)
+        if objective == "size" or not slow16:
+            plans.append(Plan("fp16", "quantize", steps=[_step("quantize.fp16")]))
+        else:
+            state.notes.append(f"fp16 was not tried for {objective}: ONNX Runtime's {CANDIDATE_PROVIDER} has no "
+                               f"float16 kernel for this model's compute ops ({', '.join(slow16)}) in this build, so a "
+                               "float16 model runs them in float32 between Casts: never faster")
         if objective == "size":
             plans.append(Plan("int4_weight_only", "quantize", steps=[_step("quantize.int4_weight_only")]))
     if state.allowed("cluster") and objective == "size":
@@ -248,6 +264,13 @@ def _react(state: Search, tried: Tried) -> None:
     if tried.status != "measured":
         return
     fidelity_ok, faster = _fidelity_holds(tried), _faster(tried)
+    if plan.name == "openvino-int8" and plan.target is not None:
+        if fidelity_ok and any(t["precision"] == "int8_bf16" for t in _served_targets()):
+            add(Plan("openvino-int8_bf16", "targets", target=dict(plan.target, precision="int8_bf16"),
+                     why="OpenVINO's int8 kept the outputs: its float remainder in bf16"))
+        elif not fidelity_ok:
+            state.notes.append("openvino-int8_bf16 was not tried: openvino-int8 already moved the outputs beyond the "
+                               "budget, and bf16 for its float remainder only moves them further")
     if plan.family == "quantize" and plan.name in ("int8_static", "int8_dynamic") and state.allowed("mixed_precision"):
         if not fidelity_ok:
             # The most sensitive node first; more are planned as each count is measured (below).
@@ -257,24 +280,50 @@ def _react(state: Search, tried: Tried) -> None:
             add(Plan("int8_dynamic-matmul", "mixed_precision", steps=[_step(
                 "quantize.int8_dynamic", op_types=["MatMul", "Gemm"])],
                 why="int8_dynamic was not faster: ConvInteger is slower than float Conv on x86, so Conv stays float"))
-    if plan.family == "mixed_precision" and "-float" in plan.name and not fidelity_ok:
+    if plan.family == "mixed_precision" and "-float" in plan.name and not fidelity_ok and plan.transform is None:
         scheme, kept_float = plan.name.split("-float")
         larger = [c for c in MIXED_COUNTS if c > int(kept_float)]
         if larger:
             add(Plan(f"{scheme}-float{larger[0]}", "mixed_precision",
                      why=f"{plan.name} still broke the outputs: {larger[0]} node(s) stay float"), first=True)
+    # Nodes kept out of int8 run in float16 where the runtime measured float16 faster than float32.
+    half = state.tried.get("fp16")
+    if fidelity_ok and plan.family == "mixed_precision" and plan.transform is None and plan.steps \
+            and plan.steps[0]["params"].get("nodes_to_exclude") and half is not None \
+            and (_bound(half, "low") or 0.0) > 1.0:
+        add(Plan(f"{plan.name}+fp16", "mixed_precision", base=plan.name, transform="fp16_nodes",
+                 why=f"fp16 ran faster than float32 here ({_short(half)}): {plan.name}'s float nodes in float16"))
     # Chains: a faithful ONNX model goes on to the next family.
-    if fidelity_ok and plan.target is None:
+    if fidelity_ok and plan.target is None and plan.transform is None:
         if plan.family == "prune" and state.allowed("quantize"):
             add(Plan(f"{plan.name}+int8_static", "prune", steps=[_step(
                 "quantize.int8_static", per_channel=True, **(
                     {"calibration_dataset_id": _datasets(state)["calibration"]} if _datasets(state)["calibration"]
                     else {"allow_random_calibration": True}))], base=plan.name, why="a faithful pruned model, quantized"))
-        if plan.family in ("quantize", "mixed_precision", "prune") and "int8" in plan.name and state.allowed("targets") \
-                and any(t["precision"] == "int8" for t in _served_targets()):
+        # A QDQ model on OpenVINO's int8 kernels: where NNCF's own int8 (openvino-int8) did not keep the outputs
+        # and this one did. Dynamic int8 is not chained: OpenVINO runs DynamicQuantizeLinear graphs slower than its
+        # float ones (0.26-0.80x on three CNNs, bench/RESULTS.md).
+        nncf = state.tried.get("openvino-int8")
+        if plan.family in ("quantize", "mixed_precision", "prune") and "int8" in plan.name \
+                and "int8_dynamic" not in plan.name and state.allowed("targets") \
+                and any(t["precision"] == "int8" for t in _served_targets()) \
+                and not (nncf is not None and nncf.status == "measured" and _fidelity_holds(nncf)):
             add(Plan(f"{plan.name}+openvino", "targets", base=plan.name,
                      target={"runtime": "openvino", "device": "cpu", "precision": "int8"},
                      why="a faithful int8 (QDQ) model, run by OpenVINO's int8 kernels"))
+
+
+COMPUTE_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM", "GRU", "RNN"}
+
+
+def _no_float16_kernels(path: Path) -> list[str]:
+    """The model's compute ops (COMPUTE_OPS) when the candidates' provider runs none of them in float16, else []."""
+    import onnx
+
+    from workers.search.fp16 import float16_ops
+
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node} & COMPUTE_OPS
+    return [] if not ops or ops & float16_ops(CANDIDATE_PROVIDER) else sorted(ops)
 
 
 def _has_conv(path: Path) -> bool:
@@ -303,29 +352,43 @@ def _try(state: Search, plan: Plan) -> Tried:
                 raise JobFailed(f"its base candidate {plan.base} has no model", code="candidate_missing")
             current = base.path
         steps = list(plan.steps)
-        if plan.family == "mixed_precision" and "-float" in plan.name and not steps:
+        if plan.family == "mixed_precision" and "-float" in plan.name and not steps and plan.transform is None:
             steps = [_mixed_step(state, plan)]
             plan.steps = steps
         for index, step in enumerate(steps, start=1):
             step_dir = out / f"step-{index}"
             step_dir.mkdir(exist_ok=True)
+            step_started = time.monotonic()
             output, method = run_method(state.run, step, current, step_dir, state.workdir, state.input_shapes,
                                         seed=index, label=f"candidate {plan.name}",
                                         progress=lambda *_args, **_kw: None)
-            tried.details.append({"method": method.id, "details": output.details})
+            tried.details.append({"method": method.id, "details": output.details,
+                                  "seconds": round(time.monotonic() - step_started, 3)})
             current = output.model_path
+        if plan.transform == "fp16_nodes":
+            from workers.search.fp16 import to_fp16
+
+            nodes = state.tried[plan.base].plan.steps[0]["params"]["nodes_to_exclude"] if plan.base else []
+            transform_started = time.monotonic()
+            current, converted = to_fp16(current, nodes, out / "mixed-fp16.onnx", provider=CANDIDATE_PROVIDER)
+            if not converted:
+                raise JobFailed(f"none of the {len(nodes)} float node(s) has a float16 kernel on {CANDIDATE_PROVIDER}",
+                                code="nothing_to_convert")
+            tried.details.append({"method": "fp16_nodes", "details": {"converted": converted},
+                                  "seconds": round(time.monotonic() - transform_started, 3)})
         if plan.family == "mixed_precision" and steps and steps[0]["params"].get("nodes_to_exclude") \
                 and steps[0]["method"] == "quantize.int8_static":
             current, rewired = keep_inputs_float(current, steps[0]["params"]["nodes_to_exclude"], out / "mixed.onnx")
-            tried.details.append({"method": "keep_inputs_float", "details": {"rewired_inputs": rewired}})
+            tried.details[0]["details"] = {**(tried.details[0]["details"] or {}), "rewired_inputs": rewired}
         measured_path = current
         if plan.target is not None:
             from workers.openvino.job import lower_for_target
 
-            here = _fraction(state)
+            here, lowering_started = _fraction(state), time.monotonic()
             lowered = lower_for_target(state.run, plan.target, current, out, state.spec["evaluate"],
                                        state.input_shapes, share=(here, here), store=False)
-            tried.details.append({"method": "lower.openvino", "details": lowered.record["details"]})
+            tried.details.append({"method": "lower.openvino", "details": lowered.record["details"],
+                                  "seconds": round(time.monotonic() - lowering_started, 3)})
             measured_path = lowered.path
         tried.path = measured_path
         measure_started = time.monotonic()
@@ -476,7 +539,7 @@ def _measure_candidate(state: Search, path: Path, target: dict[str, Any] | None)
     evaluate.update(batch_sizes=[state.goal["batch_size"]], warmup=min(CANDIDATE_WARMUP, evaluate["warmup"]),
                     iterations=min(CANDIDATE_ITERATIONS, evaluate["iterations"]),
                     eval_max_samples=min(CANDIDATE_EVAL_SAMPLES, evaluate.get("eval_max_samples") or
-                                         CANDIDATE_EVAL_SAMPLES), providers=["CPUExecutionProvider"])
+                                         CANDIDATE_EVAL_SAMPLES), providers=[CANDIDATE_PROVIDER])
     here = _fraction(state)
     measured = _measure(state.run, get_settings(), evaluate, state.original, path, (0.0, 0.0), state.input_shapes,
                         target=target, at=(here, here), stage="searching")
@@ -567,6 +630,39 @@ def _fits(state: Search, upcoming: Plan) -> bool:
     return now + typical + final <= state.deadline
 
 
+def _bound(tried: Tried | None, side: str) -> float | None:
+    """A measured candidate's speedup interval bound ("low" or "high") at the goal's batch size."""
+    if tried is None or tried.status != "measured":
+        return None
+    return ((tried.verdict or {}).get("improvement") or {}).get(side)
+
+
+def _cannot_win(state: Search, plan: Plan) -> str | None:
+    """Why a mixed-precision rung cannot beat what the search already has, or None. Keeping nodes of an int8
+    model in float does not make it faster than the model with every node int8 (its float nodes run at float
+    speed, its Q/DQ pairs stay), so a rung's speed is bounded by its scheme's: when the upper bound of the scheme's
+    interval (and of OpenVINO's int8, which the rung may be chained onto) does not reach the original's speed or
+    the lower bound of the best beneficial candidate, the rung is not built (latency objective only)."""
+    if state.goal["objective"] != "latency" or plan.family != "mixed_precision" or "-float" not in plan.name:
+        return None
+    scheme = plan.name.split("-float")[0]
+    reach: dict[str, float] = {}
+    for name in (scheme, "openvino-int8"):
+        high = _bound(state.tried.get(name), "high")
+        if high is not None:
+            reach[name] = high
+    if scheme not in reach:
+        return None
+    best = _best(state)
+    floor, what = (max(1.0, _bound(best, "low") or 1.0), f"{best.plan.name}, the best so far (its lower bound)") \
+        if best is not None and (_bound(best, "low") or 0) > 1.0 else (1.0, "the original")
+    if max(reach.values()) > floor:
+        return None
+    reached = " and ".join(f"{name} at most {high:.2f}x" for name, high in reach.items())
+    return (f"not built: with every node int8, {reached} (the upper bounds of their intervals); keeping nodes in "
+            f"float does not make an int8 model faster, so this cannot beat {what} at {floor:.2f}x")
+
+
 def _fidelity_holds(tried: Tried) -> bool:
     checks = (tried.verdict or {}).get("checks") or []
     fidelity = [c for c in checks if c.get("name") in ("min_cosine", "max_accuracy_drop")]
@@ -613,51 +709,115 @@ def _short(tried: Tried) -> str:
     return f"{tried.plan.name} {text}" if text else tried.plan.name
 
 
+# At most this many final measurements: the best candidate, a second try when it is contradicted, then the
+# next-best ones while the time budget holds.
+FINAL_TRIES = 4
+
+
+@dataclass
+class Final:
+    """One final measurement of a candidate with the job's evaluate settings."""
+
+    tried: Tried
+    measurement: dict[str, Any]
+    rows: list[dict[str, Any]]
+    samples: dict[str, Any]
+    summary: Any
+    verdict: Any
+    seconds: float
+
+
+def _measure_final(state: Search, tried: Tried, budget: Any) -> Final:
+    from workers.steps import _measure, _summary
+    from workers.verdict import judge
+
+    assert tried.path is not None  # only measured candidates with a model are measured again
+    started = time.monotonic()
+    state.run.progress(0.05 + SEARCH, "measuring", f"measuring {tried.plan.name} with the job's evaluate settings",
+                       force=True)
+    final = _measure(state.run, get_settings(), state.spec["evaluate"], state.original, tried.path, (0.0, 1.0),
+                     state.input_shapes, target=tried.plan.target, at=(0.05 + SEARCH, 0.05 + SEARCH + FINAL))
+    samples = final.pop("samples", {})
+    environment = final.get("environment")
+    rows = [r | {"environment": environment} for r in final.pop("measurements", [])]
+    summary = _summary(Measurement.model_validate(final), [])
+    return Final(tried=tried, measurement=final, rows=rows, samples=samples, summary=summary,
+                 verdict=judge(summary, budget), seconds=time.monotonic() - started)
+
+
+def _confirm(state: Search, budget: Any) -> tuple[Final | None, list[Final]]:
+    """The beneficial candidates, best first, each measured again with the job's evaluate settings until one holds.
+    A final measurement that contradicts the search gets a second one (two of the three then decide); a candidate
+    contradicted twice gives way to the next best while the time budget holds. Returns the one confirmed (or None)
+    and the final measurements that contradicted the search."""
+    ranked = sorted((t for t in state.tried.values() if t.status == "measured" and t.beneficial and t.path),
+                    key=lambda t: _objective_key(state, t), reverse=True)
+    contradicted: list[Final] = []
+    tries = 0
+    last = 0.0
+    for candidate in ranked:
+        for attempt in (1, 2):
+            if tries and (tries >= FINAL_TRIES or time.monotonic() + last > state.deadline):
+                state.notes.append(f"{candidate.plan.name} was not measured again"
+                                   f"{' a second time' if attempt == 2 else ''}: the time budget "
+                                   f"({state.goal['time_budget_s']} s) or the limit of {FINAL_TRIES} final "
+                                   "measurements was reached")
+                return None, contradicted
+            final = _measure_final(state, candidate, budget)
+            tries, last = tries + 1, final.seconds
+            if final.verdict.verdict == "beneficial":
+                if attempt == 2:
+                    state.notes.append(f"{candidate.plan.name}: its first final measurement contradicted the search "
+                                       f"({contradicted[-1].verdict.reason}); a second one agreed with the search, "
+                                       "two measurements of three")
+                return final, contradicted
+            contradicted.append(final)
+    return None, contradicted
+
+
 def _finish(state: Search):
     from workers.steps import _summary
     from workers.verdict import Budget, judge
 
     run = state.run
-    best = _best(state)
     evaluate = state.spec["evaluate"]
-    chosen = best or _closest(state)
-    measurement: dict[str, Any] | None = None
+    budget = Budget.from_goal(state.goal)
+    confirmed, contradicted = _confirm(state, budget)
+    best = confirmed.tried if confirmed else None
+    chosen = best or (contradicted[0].tried if contradicted else _closest(state))
+    shown = confirmed or (contradicted[0] if contradicted else None)
     rows: list[dict[str, Any]] = []
-    if best is not None and best.path is not None:
-        run.progress(0.05 + SEARCH, "measuring", f"measuring the best candidate ({best.plan.name}) with the job's "
-                     "evaluate settings", force=True)
-        from workers.steps import _measure
-
-        final = _measure(run, get_settings(), evaluate, state.original, best.path, (0.0, 1.0), state.input_shapes,
-                         target=best.plan.target, at=(0.05 + SEARCH, 0.05 + SEARCH + FINAL))
+    if shown is not None:
         samples = state.workdir / "latency-samples.json"
-        samples.write_text(json.dumps(final.pop("samples", {})))
+        samples.write_text(json.dumps(shown.samples))
         stored = run.store_artifact(samples, name=samples.name, kind="samples", content_type="application/json")
-        final["latency"]["samples_artifact"] = stored["name"]
-        environment = final.get("environment")
-        rows = [r | {"environment": environment} for r in final.pop("measurements", [])]
-        measurement = final
-    elif chosen is not None:
-        measurement = chosen.measurement
+        shown.measurement["latency"]["samples_artifact"] = stored["name"]
+        measurement: dict[str, Any] | None = shown.measurement
+        rows = shown.rows
+    else:
+        measurement = chosen.measurement if chosen is not None else None
     if measurement is None:
         raise JobFailed("no candidate could be built and measured: " + "; ".join(
             f"{t.plan.name}: {t.error['message'] if t.error else t.status}" for t in state.tried.values())[:3000],
             code="search_failed")
-    budget = Budget.from_goal(state.goal)
     summary = _summary(Measurement.model_validate(measurement), [])
     verdict = judge(summary, budget)
-    if best is None:
+    if best is None and not contradicted:
         reason = "no candidate met the goal" + (f"; the closest was {chosen.plan.name}: "
                                                f"{(chosen.verdict or {}).get('reason', '')}" if chosen else "")
         verdict = verdict.model_copy(update={"verdict": "not_beneficial", "reason": reason})
-    if best is not None and verdict.verdict != "beneficial":
-        verdict = verdict.model_copy(update={"reason": f"{best.plan.name} met the goal in the search "
-                                             f"({_short(best)}) but not when measured again with the job's evaluate "
-                                             f"settings: {verdict.reason}"})
+    elif best is None:
+        names = ", ".join(dict.fromkeys(f.tried.plan.name for f in contradicted))
+        verdict = verdict.model_copy(update={"verdict": "not_beneficial", "reason": (
+            f"{names} met the goal in the search but not when measured again with the job's evaluate settings "
+            f"(each twice where time allowed); {contradicted[0].tried.plan.name}: {contradicted[0].verdict.reason}")})
+    elif contradicted:
+        others = [f for f in contradicted if f.tried is not best]
+        if others:
+            state.notes.append("measured again with the job's evaluate settings, " + "; ".join(
+                f"{f.tried.plan.name} did not hold: {f.verdict.reason}" for f in others) + f"; {best.plan.name} held")
     summary.verdict = verdict
-    handed = None
-    if best is not None and verdict.verdict == "beneficial" and best.path is not None:
-        handed = _hand_over(state, best)
+    handed = _hand_over(state, best) if best is not None and verdict.verdict == "beneficial" else None
     # The figures of the final measurement name the model they are of: the one handed over (or the candidate
     # measured again, when it was not), and the upload on a target runtime.
     result_sha = handed["sha256"] if handed else None
@@ -676,7 +836,7 @@ def _finish(state: Search):
         artifacts=[ReportArtifact.model_validate(a) for a in run.artifacts] + [ReportArtifact(name="report.json",
                                                                                                 kind="report")],
     )
-    report.search = _search_record(state, best, chosen, handed)
+    report.search = _search_record(state, best, chosen, handed, contradicted)
     pareto = _pareto(state)
     if pareto is not None:
         report.pareto = pareto
@@ -707,9 +867,9 @@ def _steps_record(best: Tried, handed: dict[str, Any]) -> list[dict[str, Any]]:
                                      if best.plan.target else [])
     for index, step in enumerate(steps, start=1):
         version = methods.get(step["method"]).version if step["method"] != "lower.openvino" else 1
-        details = best.details[index - 1]["details"] if index - 1 < len(best.details) else {}
+        done = best.details[index - 1] if index - 1 < len(best.details) else {}
         records.append({"index": index, "method": step["method"], "version": version, "params": step["params"],
-                        "duration_s": round(best.seconds, 3) if index == len(steps) else 0.0, "details": details,
+                        "duration_s": done.get("seconds", 0.0), "details": done.get("details", {}),
                         "artifact": handed})
     return records
 
@@ -717,7 +877,8 @@ def _steps_record(best: Tried, handed: dict[str, Any]) -> list[dict[str, Any]]:
 def _candidate(tried: Tried) -> Candidate:
     from app.reports import JobSummary
 
-    steps = [s["method"] for s in tried.plan.steps] + (["lower.openvino"] if tried.plan.target else [])
+    steps = [s["method"] for s in tried.plan.steps] + ([tried.plan.transform] if tried.plan.transform else []) + (
+        ["lower.openvino"] if tried.plan.target else [])
     data: dict[str, Any] = {"name": tried.plan.name, "steps": steps, "family": tried.plan.family,
                             "status": tried.status, "seconds": round(tried.seconds, 2), "artifact": tried.artifact,
                             "verdict": tried.verdict, "error": tried.error, "why": tried.plan.why or None,
@@ -748,7 +909,8 @@ def _pareto(state: Search) -> Any:
     return pareto_front(points) if points else None
 
 
-def _search_record(state: Search, best: Tried | None, chosen: Tried | None, handed: dict | None) -> dict[str, Any]:
+def _search_record(state: Search, best: Tried | None, chosen: Tried | None, handed: dict | None,
+                   contradicted: list[Final]) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for tried in state.tried.values():
         counts[tried.status] = counts.get(tried.status, 0) + 1
@@ -758,8 +920,12 @@ def _search_record(state: Search, best: Tried | None, chosen: Tried | None, hand
         # chosen: the candidate handed over; best_in_search: the best beneficial one in the brief measurements (its
         # final measurement with the job's settings may still fail the goal); closest: what came closest otherwise.
         "chosen": best.plan.name if best and handed else None,
-        "best_in_search": best.plan.name if best else None,
+        "best_in_search": next((t.plan.name for t in [_best(state)] if t is not None), None),
         "closest": None if best else (chosen.plan.name if chosen else None),
+        # Final measurements (the job's evaluate settings) that did not hold what the search measured.
+        "contradicted": [{"candidate": f.tried.plan.name, "reason": f.verdict.reason,
+                          "speedup": (f.verdict.improvement or {}).get("speedup"),
+                          "seconds": round(f.seconds, 1)} for f in contradicted],
         "result_artifact": handed["name"] if handed else None,
         "candidate_measurement": {"batch_size": state.goal["batch_size"], "warmup": CANDIDATE_WARMUP,
                                   "iterations": CANDIDATE_ITERATIONS, "eval_max_samples": CANDIDATE_EVAL_SAMPLES,

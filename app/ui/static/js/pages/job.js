@@ -422,6 +422,7 @@ function goalText(goal) {
   if (goal.max_accuracy_drop !== null && goal.max_accuracy_drop !== undefined) parts.push(`top-1 drop ≤ ${goal.max_accuracy_drop} points`);
   if (goal.max_latency_ms) parts.push(`p50 ≤ ${ms(goal.max_latency_ms)}`);
   if (goal.max_size_bytes) parts.push(`size ≤ ${bytes(goal.max_size_bytes)}`);
+  if (goal.min_speedup) parts.push(`at least ${goal.min_speedup}x faster`);
   parts.push(`time budget ${goal.time_budget_s} s`, `families: ${goal.families ? goal.families.join(", ") : "all that apply"}`);
   return parts.join("; ");
 }
