@@ -214,6 +214,13 @@ def test_a_mixed_precision_rung_that_cannot_beat_what_is_had_is_not_built():
     state.tried["openvino-bf16"] = measured("openvino-bf16", 1.53, 2.08, family="targets")
     why = _cannot_win(state, rung)
     assert "openvino-int8 at most 1.32x" in why and "openvino-bf16, the best so far" in why and "1.53x" in why
+    state.tried["int8_dynamic"] = measured("int8_dynamic", 0.67, 0.75, faithful=False)
+    state.tried["openvino-int8"] = measured("openvino-int8", 1.5, 2.6, faithful=False, family="targets")
+    # A dynamic rung is never chained onto OpenVINO, so OpenVINO's int8 speed does not count for it.
+    assert "int8_dynamic at most 0.75x" in _cannot_win(state, Plan("int8_dynamic-float1", "mixed_precision"))
+    assert _cannot_win(state, rung) is None  # a faithful static rung on OpenVINO's int8 could reach 2.6x
+    state.tried["openvino-int8"] = measured("openvino-int8", 1.5, 2.6, family="targets")  # NNCF's int8 is faithful:
+    assert "int8_static at most 0.91x" in _cannot_win(state, rung)  # no rung is chained onto OpenVINO then
     state.tried["int8_static"] = measured("int8_static", 1.9, 2.4, faithful=False)
     assert _cannot_win(state, rung) is None  # int8 everywhere would beat it: the rungs may find a faithful one
     assert _cannot_win(state, Plan("int8_dynamic-matmul", "mixed_precision")) is None  # not a rung

@@ -303,11 +303,8 @@ def _react(state: Search, tried: Tried) -> None:
         # A QDQ model on OpenVINO's int8 kernels: where NNCF's own int8 (openvino-int8) did not keep the outputs
         # and this one did. Dynamic int8 is not chained: OpenVINO runs DynamicQuantizeLinear graphs slower than its
         # float ones (0.26-0.80x on three CNNs, bench/RESULTS.md).
-        nncf = state.tried.get("openvino-int8")
         if plan.family in ("quantize", "mixed_precision", "prune") and "int8" in plan.name \
-                and "int8_dynamic" not in plan.name and state.allowed("targets") \
-                and any(t["precision"] == "int8" for t in _served_targets()) \
-                and not (nncf is not None and nncf.status == "measured" and _fidelity_holds(nncf)):
+                and _chained_to_openvino(state, plan.name):
             add(Plan(f"{plan.name}+openvino", "targets", base=plan.name,
                      target={"runtime": "openvino", "device": "cpu", "precision": "int8"},
                      why="a faithful int8 (QDQ) model, run by OpenVINO's int8 kernels"))
@@ -324,6 +321,15 @@ def _no_float16_kernels(path: Path) -> list[str]:
 
     ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node} & COMPUTE_OPS
     return [] if not ops or ops & float16_ops(CANDIDATE_PROVIDER) else sorted(ops)
+
+
+def _chained_to_openvino(state: Search, name: str) -> bool:
+    """Whether a faithful candidate of this int8 scheme goes on to OpenVINO's int8 kernels (`name+openvino`): a
+    static QDQ model, where OpenVINO int8 is served and NNCF's own int8 (openvino-int8) did not keep the outputs."""
+    nncf = state.tried.get("openvino-int8")
+    return "int8_dynamic" not in name and state.allowed("targets") \
+        and any(t["precision"] == "int8" for t in _served_targets()) \
+        and not (nncf is not None and nncf.status == "measured" and _fidelity_holds(nncf))
 
 
 def _has_conv(path: Path) -> bool:
@@ -510,8 +516,9 @@ def _compute_sensitivity(state: Search, scheme: str) -> dict[str, Any]:
 
     feeds, source = _sample_feeds(state, 16)
     calibration, _ = _sample_feeds(state, 32, calibration=True)
+    # fp16 where it applies: where the candidates' provider runs the model's compute ops in float16.
     table = node_sensitivity(state.intake.path, feeds=feeds, calibration=calibration,
-                             quantized_path=state.tried[scheme].path,
+                             quantized_path=state.tried[scheme].path, fp16=not _no_float16_kernels(state.intake.path),
                              deadline=min(state.deadline, time.monotonic() + 0.25 * state.goal["time_budget_s"]),
                              threads=get_settings().measure_threads or default_threads(), source=source)
     data = table.to_json()
@@ -647,7 +654,7 @@ def _cannot_win(state: Search, plan: Plan) -> str | None:
         return None
     scheme = plan.name.split("-float")[0]
     reach: dict[str, float] = {}
-    for name in (scheme, "openvino-int8"):
+    for name in (scheme, "openvino-int8") if _chained_to_openvino(state, scheme) else (scheme,):
         high = _bound(state.tried.get(name), "high")
         if high is not None:
             reach[name] = high
