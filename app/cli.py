@@ -670,13 +670,20 @@ def dataset_id(mp, value: str | None, role: str) -> str | None:
     """--eval-dataset and the like: a readable file is uploaded (its id is used), anything else is a dataset id."""
     if value is None:
         return None
+    return _uploaded_or_id(value, upload=mp.upload_dataset, what=f"the {role} dataset", noun="dataset",
+                           suffixes=(".npz", ".safetensors"))
+
+
+def _uploaded_or_id(value: str, *, upload, what: str, noun: str, suffixes: tuple[str, ...]) -> str:
+    """A readable file is uploaded (its new id is answered); a value that looks like a path but is not readable is
+    a usage error; anything else is taken as an id."""
     path = Path(value)
     if path.is_file():
-        dataset = mp.upload_dataset(path)
-        _stderr(f"uploaded {path.name} as the {role} dataset {dataset['id']}")
-        return str(dataset["id"])
-    if path.suffix in (".npz", ".safetensors") or os.sep in value:
-        raise UsageError(f"cannot read {value}: no such readable file (or give a dataset id)")
+        uploaded = upload(path)
+        _stderr(f"uploaded {path.name} as {what} {uploaded['id']}")
+        return str(uploaded["id"])
+    if path.suffix in suffixes or os.sep in value:
+        raise UsageError(f"cannot read {value}: no such readable file (or give a {noun} id)")
     return value
 
 
@@ -739,6 +746,79 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                     + (f"; the closest was {closest}" if closest else "")
                     + (f" (modelpress download {job['id']} --name {artifact} -o ...)" if artifact else ""))
         return 0
+
+
+def _model_id(mp, value: str, role: str) -> str:
+    """A readable .onnx/.zip file is uploaded (its id is used); anything else is taken as a model id."""
+    return _uploaded_or_id(value, upload=mp.upload_model, what=f"the {role} model", noun="model",
+                           suffixes=(".onnx", ".zip"))
+
+
+def _baseline_ref(mp, value: str) -> dict[str, str]:
+    """--baseline: model:ID, job:ID, a file (uploaded), or a bare id, tried as a model and then as a job."""
+    from app.client import NotFound
+
+    kind, _, rest = value.partition(":")
+    if kind in ("model", "job") and rest:
+        return {f"{kind}_id": rest}
+    if Path(value).is_file() or Path(value).suffix in (".onnx", ".zip"):
+        return {"model_id": _model_id(mp, value, "baseline")}
+    try:
+        mp.model(value)
+    except NotFound:
+        return {"job_id": value}
+    return {"model_id": value}
+
+
+def gate_rows(gate: dict) -> list[tuple[str, str]]:
+    """A finished gate: the verdict, then each check with its evidence."""
+    rows = [("verdict", f"{(gate.get('verdict') or '?').upper()}: {gate.get('reason') or ''}")]
+    for check in gate.get("checks") or []:
+        rows.append((check["name"], f"{'pass' if check['passed'] else 'FAIL'} (value {check.get('value')}, limit "
+                                    f"{check.get('limit')})"))
+    return rows
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    """Exit status: 0 the gate passed (or, without --wait, was queued), 1 it failed, 2 an error: a usage error, a
+    refused request, a gate job that failed or was cancelled."""
+    from app.client import ModelPressError
+
+    policy = {"max_slowdown_pct": args.max_slowdown, "min_cosine": args.min_cosine,
+              "max_accuracy_drop": args.max_accuracy_drop, "max_size_bytes": args.max_size_bytes,
+              "max_size_growth_pct": args.max_size_growth}
+    if all(value is None for value in policy.values()):
+        raise UsageError("give at least one limit: --max-slowdown, --min-cosine, --max-accuracy-drop, "
+                         "--max-size-bytes or --max-size-growth")
+    try:
+        with _client(args) as mp:
+            candidate = _model_id(mp, args.candidate, "candidate")
+            baseline = _baseline_ref(mp, args.baseline)
+            eval_dataset = dataset_id(mp, args.eval_dataset, "eval")
+            gate = mp.gate(candidate, baseline_model_id=baseline.get("model_id"),
+                           baseline_job_id=baseline.get("job_id"), eval_dataset_id=eval_dataset,
+                           batch_size=args.batch_size, time_budget_s=args.time_budget, name=args.name, **policy)
+            _stderr(f"gate {gate['id']} queued: candidate {candidate} against "
+                    + ", ".join(f"{k.removesuffix('_id')} {v}" for k, v in gate["baseline"].items()))
+            followed = _follow(mp, gate, args)
+            if isinstance(followed, int):
+                return 0 if followed == 0 else 2
+            if followed["status"] != "succeeded":
+                error = followed.get("error") or {"code": followed["status"], "message": followed.get("message") or ""}
+                _stderr(f"gate {gate['id']} {followed['status']}: {error['code']}: {error['message']}")
+                return 2
+            result = mp.gate_result(gate["id"])
+    except ModelPressError as exc:
+        _stderr(f"error: {exc.code}: {exc.message}")
+        return 2
+    if args.json:
+        _print_json(result)
+    else:
+        _console().print(_table(f"gate {result['id']}: {(result['verdict'] or '?').upper()}", gate_rows(result)))
+        for check in result.get("checks") or []:
+            if not check["passed"]:
+                _stderr(f"failed: {check['name']}")
+    return 0 if result["verdict"] == "pass" else 1
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
@@ -930,6 +1010,35 @@ def _add_client_commands(sub) -> None:
                           "IR; implies --wait); nothing is saved when no candidate met the goal")
     optimize.add_argument("--json", action="store_true", help="print the job as JSON instead of tables")
     optimize.set_defaults(func=cmd_optimize, usage=optimize)
+
+    gate = sub.add_parser(
+        "gate", parents=[server], help="gate a candidate model against a baseline: exit 0 pass, 1 fail, 2 error",
+        description="Measure CANDIDATE against a baseline on one worker (the latency ratio with its interval, the "
+        "worst-sample cosine of their outputs, top-1 accuracy on a labelled --eval-dataset, size) and judge it by "
+        "the limits given. Exit status with --wait: 0 pass, 1 fail, 2 error (usage, a refused request, the gate's "
+        "job failed or was cancelled); without --wait, 0 once queued (its id is printed).")
+    gate.add_argument("candidate", help="an .onnx file (uploaded) or a model id")
+    gate.add_argument("--baseline", required=True, metavar="MODEL_OR_JOB",
+                      help="a model id, a job id (the model.onnx it handed over), an .onnx file (uploaded); "
+                      "model:ID or job:ID says which")
+    gate.add_argument("--max-slowdown", type=float, metavar="PCT",
+                      help="fail when the candidate is slower by more than PCT%% beyond the interval (e.g. 3)")
+    gate.add_argument("--min-cosine", type=float, metavar="X", help="the worst sample's output cosine at least X")
+    gate.add_argument("--max-accuracy-drop", type=float, metavar="P",
+                      help="top-1 may drop at most P points (needs a labelled --eval-dataset)")
+    gate.add_argument("--max-size-bytes", type=int, metavar="B", help="the candidate's files at most B bytes")
+    gate.add_argument("--max-size-growth", type=float, metavar="PCT",
+                      help="the candidate's files at most PCT%% larger than the baseline's")
+    gate.add_argument("--eval-dataset", metavar="FILE|ID",
+                      help="fidelity and accuracy on this dataset (.npz/.safetensors file, uploaded, or a dataset "
+                      "id); without it, fidelity on synthetic random inputs")
+    gate.add_argument("--batch-size", type=int, default=1, metavar="N", help="latency at this batch size (default 1)")
+    gate.add_argument("--time-budget", type=float, default=60, metavar="S",
+                      help="the latency rounds stop by then, earlier when the decision is clear (default 60)")
+    gate.add_argument("--name", help="a name for the gate")
+    gate.add_argument("--wait", action="store_true", help="show progress until the gate finishes; exit by its verdict")
+    gate.add_argument("--json", action="store_true", help="print the gate as JSON instead of a table")
+    gate.set_defaults(func=cmd_gate, usage=gate, output=None)
 
     jobs = sub.add_parser("jobs", help="list, show or cancel jobs").add_subparsers(dest="jobs_command", required=True)
     listing = jobs.add_parser("list", parents=[server], help="your jobs, newest first")

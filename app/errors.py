@@ -214,6 +214,31 @@ class WebhookUrlUnresolvable(Unprocessable):
     code, title = "webhook_url_unresolvable", "Webhook host does not resolve"
 
 
+class GatePolicyEmpty(Unprocessable):
+    """A gate whose policy sets no limit: nothing could make it fail, so it would pass whatever it measured."""
+
+    code, title = "empty_policy", "The gate's policy sets no limit"
+
+
+class GateInputsMismatch(Unprocessable):
+    """A gate's candidate and baseline that do not take the same inputs (names, dtypes, fixed dims)."""
+
+    code, title = "inputs_mismatch", "The candidate and the baseline take different inputs"
+
+
+class NoModelHandedOver(Unprocessable):
+    """A gate baseline named by a job that handed over no ONNX model (model.onnx): a goal job whose verdict was
+    not beneficial, a conversion, or a result built for another runtime."""
+
+    code, title = "no_model_handed_over", "The job handed over no model"
+
+
+class BaselineJobNotSucceeded(Conflict):
+    """A gate baseline named by a job that is still queued or running, or that failed or was cancelled."""
+
+    code = "baseline_job_not_succeeded"
+
+
 class PayloadTooLarge(ModelPressError):
     status, code, title = 413, "payload_too_large", "Payload too large"
 

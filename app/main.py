@@ -19,6 +19,7 @@ from app.db import get_sessionmaker
 from app.deps import current_key
 from app.edge import RefuseUnstorableText
 from app.errors import ModelPressError
+from app.gates.routes import router as gates_router
 from app.jobs.routes import router as jobs_router
 from app.measurements.routes import router as measurements_router
 from app.methods_api.routes import recipes_router
@@ -122,6 +123,7 @@ def create_app() -> FastAPI:
     v1.include_router(models_router)
     v1.include_router(datasets_router)
     v1.include_router(jobs_router)
+    v1.include_router(gates_router)
     v1.include_router(measurements_router)
     v1.include_router(methods_router)
     v1.include_router(recipes_router)

@@ -63,6 +63,10 @@ def run(folder: Path, request: dict, sandbox: dict, limits, send, ask_cancelled=
             from workers.convert.job import execute_conversion
 
             runner = execute_conversion
+        elif request.get("kind") == "gate":  # a candidate measured against a baseline under a policy (workers/gate)
+            from workers.gate import execute_gate
+
+            runner = execute_gate
         report, summary, rows = runner(job, workdir, Path(request["model"]["path"]), request["model"]["format"],
                                         request["spec"])
         return {"status": "succeeded", "report": report, "summary": summary, "rows": rows}

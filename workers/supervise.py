@@ -79,7 +79,7 @@ class Claim:
     spec: dict
     datasets: dict[str, tuple[str, str, str]]  # id -> (sha256, format, name)
     models: dict[str, tuple[str, str]]  # id -> (sha256, format)
-    kind: str = "compress"  # or "convert" (workers/convert)
+    kind: str = "compress"  # or "convert" (workers/convert), "gate" (workers/gate)
     # A goal search's candidates kept from a lost attempt: artifact name -> sha256.
     resume: dict[str, str] = field(default_factory=dict)
 
@@ -234,9 +234,12 @@ def _claim(job_id: str, store: ArtifactStore, settings: Settings, node: str | No
             select(Model.id, Model.sha256, Model.format)
             .join(JobModel, JobModel.model_id == Model.id).where(JobModel.job_id == job.id)
         ).all()
+        models = {row[0]: (row[1], row[2]) for row in others}
+        # A gate's baseline may be an earlier job's model.onnx: a blob no model row names (app/gates, workers/gate).
+        models.update({i["id"]: (i["sha256"], i["format"]) for i in job.spec.get("blob_inputs", [])})
         return Claim(attempt=job.attempts, model_sha=model.sha256, model_format=model.format, spec=dict(job.spec),
                      datasets={row[0]: (row[1], row[2], row[3]) for row in linked},
-                     models={row[0]: (row[1], row[2]) for row in others}, kind=job.kind or "compress",
+                     models=models, kind=job.kind or "compress",
                      resume=resume)
 
 

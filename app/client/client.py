@@ -271,6 +271,35 @@ class Client:
         return self.submit_job(model_id, evaluate=evaluate, name=name, queue=queue, goal=goal,
                                idempotency_key=idempotency_key)
 
+    def gate(self, candidate_model_id: str, *, baseline_model_id: str | None = None, baseline_job_id: str | None = None,
+             max_slowdown_pct: float | None = None, min_cosine: float | None = None,
+             max_accuracy_drop: float | None = None, max_size_bytes: int | None = None,
+             max_size_growth_pct: float | None = None, eval_dataset_id: str | None = None, batch_size: int = 1,
+             time_budget_s: float = 60, name: str | None = None, idempotency_key: str | None = None) -> dict:
+        """Queue a regression gate: the candidate against a baseline (a model, or the model.onnx an earlier
+        succeeded job handed over), judged by the limits given (at least one). `wait(gate["id"])` follows it like
+        any job; then `gate_result(gate["id"])` has `verdict` ("pass" or "fail"), `reason` and `checks`, and
+        `gate_report(gate["id"])` the evidence."""
+        policy = {key: value for key, value in (
+            ("max_slowdown_pct", max_slowdown_pct), ("min_cosine", min_cosine),
+            ("max_accuracy_drop", max_accuracy_drop), ("max_size_bytes", max_size_bytes),
+            ("max_size_growth_pct", max_size_growth_pct)) if value is not None}
+        baseline = {"model_id": baseline_model_id} if baseline_model_id is not None else {"job_id": baseline_job_id}
+        body: dict[str, Any] = {"candidate_model_id": candidate_model_id, "baseline": baseline, "policy": policy,
+                                "batch_size": batch_size, "time_budget_s": time_budget_s}
+        if eval_dataset_id is not None:
+            body["eval_dataset_id"] = eval_dataset_id
+        if name is not None:
+            body["name"] = name
+        key = idempotency_key or str(uuid.uuid4())
+        return self._json("POST", "/v1/gates", json=body, headers={"Idempotency-Key": key})
+
+    def gate_result(self, gate_id: str) -> dict:
+        return self._json("GET", f"/v1/gates/{gate_id}")
+
+    def gate_report(self, gate_id: str) -> dict:
+        return self._json("GET", f"/v1/gates/{gate_id}/report")
+
     def job(self, job_id: str) -> dict:
         return self._json("GET", f"/v1/jobs/{job_id}")
 
