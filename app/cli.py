@@ -912,6 +912,14 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    """Serve the MCP tools on stdio (app.mcp_server); refuses to start without a key (exit 2)."""
+    client = _client(args)
+    from app.mcp_server import serve
+
+    return serve(client)
+
+
 def targets_table(targets: list[dict]):
     """GET /v1/targets' targets as a table: name, queue, live workers, their devices, runtime versions."""
     from rich.table import Table
@@ -1067,6 +1075,12 @@ def _add_client_commands(sub) -> None:
     targets = sub.add_parser("targets", parents=[server], help="what the deployment's workers serve (--target)")
     targets.add_argument("--json", action="store_true")
     targets.set_defaults(func=cmd_targets, usage=targets)
+
+    mcp = sub.add_parser("mcp", parents=[server], help="serve ModelPress as MCP tools over stdio (for agents)",
+                         description="An MCP server on stdin/stdout: upload models and datasets, start a job or a "
+                         "goal, follow it, read its report, download its artifacts; tool errors carry the REST "
+                         "API's code, message and status. Exit status 2 without an API key.")
+    mcp.set_defaults(func=cmd_mcp, usage=mcp)
 
 
 def build_parser() -> argparse.ArgumentParser:

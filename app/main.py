@@ -19,6 +19,7 @@ from app.db import get_sessionmaker
 from app.deps import current_key
 from app.edge import RefuseUnstorableText
 from app.errors import ModelPressError
+from app.events import publish as publish_event_schemas
 from app.gates.routes import router as gates_router
 from app.jobs.routes import router as jobs_router
 from app.measurements.routes import router as measurements_router
@@ -137,6 +138,7 @@ def create_app() -> FastAPI:
     # middleware, so the refusals are counted.
     app.add_middleware(RefuseUnstorableText)
     install_metrics(app)  # GET /metrics (Prometheus, outside /v1) and the HTTP latency middleware
+    publish_event_schemas(app)  # the webhook body's and the SSE data's schemas, in /openapi.json
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:

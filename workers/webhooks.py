@@ -1,8 +1,9 @@
 """Webhook delivery: one attempt per task, each recorded; a failed attempt enqueues the next one with
 exponential backoff (1, 2, 4 ... s, capped) until the retry window (MODELPRESS_WEBHOOK_RETRY_WINDOW_S) is spent.
 
-The body is the job JSON as GET /v1/jobs/{id} shows it when the attempt is made; ModelPress-Event names the
-event that triggered the delivery. Redirects are not followed: a 3xx is a failed attempt.
+The body is the job JSON as GET /v1/jobs/{id} shows it when the attempt is made, with `schema_version` and `event`
+(app.events.JobWebhookPayload, published in /openapi.json); ModelPress-Event names the event that triggered the
+delivery. Redirects are not followed: a 3xx is a failed attempt.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from sqlalchemy import or_, select
 from app.db import session_scope
 from app.dbmodels import Job, Tenant, WebhookDelivery
 from app.errors import WebhookUrlForbidden, WebhookUrlUnresolvable
-from app.jobs.state import to_public
+from app.events import webhook_payload
 from app.settings import get_settings
 from app.webhooks.service import DELIVER_WEBHOOK_TASK, enqueue
 from app.webhooks.targets import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, EgressPolicy, GuardedBackend, sign
@@ -55,7 +56,7 @@ def deliver(*, job_id: str, event: str, delivery_id: str, attempt: int = 1,
             return None
         url, tenant_id = job.webhook_url, job.tenant_id
         secret = db.scalar(select(Tenant.webhook_secret).where(Tenant.id == tenant_id))
-        body = to_public(job).model_dump_json().encode()
+        body = webhook_payload(job, event).model_dump_json().encode()
 
     status_code, error, final = None, None, False
     started = time.monotonic()

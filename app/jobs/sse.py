@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from app.db import get_sessionmaker
 from app.dbmodels import TERMINAL_STATUSES, Job, JobEvent
-from app.jobs.schemas import JobEventStreamed
+from app.events import stream_event
 
 MEDIA_TYPE = "text/event-stream"
 POLL_S = 0.5
@@ -37,10 +37,7 @@ def _poll(job_id: str, after: int) -> tuple[Job | None, list[JobEvent]]:
 
 
 def format_event(event: JobEvent, job: Job) -> str:
-    data = JobEventStreamed(
-        id=event.id, created_at=event.created_at, kind=event.kind, status=event.status, progress=event.progress,
-        stage=event.stage, message=event.message, job_status=job.status, job_progress=round(job.progress, 4),
-    ).model_dump_json()
+    data = stream_event(event, job).model_dump_json()  # its schema: app.events.JobStreamEvent
     return f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n"
 
 
