@@ -341,3 +341,21 @@ class AuditEntry(Base):
     detail: Mapped[dict[str, Any] | None] = mapped_column(Json, default=None)
     client_ip: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class MlflowSettings(Base):
+    """A tenant's MLflow tracking server (app.integrations): where jobs log their runs and models are pulled from.
+
+    The password or token is stored encrypted (Fernet, app.integrations.secrets) and never served back."""
+
+    __tablename__ = "mlflow_settings"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    tracking_uri: Mapped[str] = mapped_column(String(2048))
+    username: Mapped[str | None] = mapped_column(String(255), default=None)
+    # "password" (HTTP basic, with username) or "token" (bearer); None: no credential.
+    credential_kind: Mapped[str | None] = mapped_column(String(16), default=None)
+    credential_encrypted: Mapped[str | None] = mapped_column(Text, default=None)
+    # Prepended to each job's register_as (a team's namespace in a shared registry).
+    registered_model_prefix: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -269,6 +269,73 @@ class ServiceUnavailable(ModelPressError):
     status, code, title = 503, "service_unavailable", "Service unavailable"
 
 
+class SecretKeyMissing(ServiceUnavailable):
+    """A credential to store or read, on a production server without MODELPRESS_SECRET_KEY to encrypt it with."""
+
+    code, title = "secret_key_missing", "No secret key configured"
+
+
+# --- MLflow (app.integrations): the tenant's tracking server, both ways ---------------------------------------
+
+class MlflowNotConfigured(Unprocessable):
+    """A job that logs to MLflow, or a model pulled from MLflow, for a tenant without MLflow settings."""
+
+    code, title = "mlflow_not_configured", "No MLflow settings"
+
+
+class MlflowUriForbidden(Unprocessable):
+    """A tracking URI on a loopback, private, link-local or otherwise non-public address (SSRF), or not http(s)."""
+
+    code, title = "mlflow_uri_forbidden", "MLflow tracking URI not allowed"
+
+
+class InvalidMlflowUri(Unprocessable):
+    """A model URI that is not models:/<name>/<version>, models:/<name>@<alias> or runs:/<run_id>/<path>."""
+
+    code, title = "invalid_mlflow_uri", "Invalid MLflow model URI"
+
+
+class MlflowCredentialsUnreadable(Unprocessable):
+    """Stored MLflow credentials that this server's secret key cannot decrypt (the key was changed)."""
+
+    code, title = "mlflow_credentials_unreadable", "MLflow credentials unreadable"
+
+
+class MlflowUnauthorized(Unprocessable):
+    """The tracking server refused the tenant's credentials (HTTP 401 or 403)."""
+
+    code, title = "mlflow_unauthorized", "MLflow refused the credentials"
+
+
+class MlflowModelNotFound(NotFound):
+    code = "mlflow_model_not_found"
+
+
+class MlflowNotOnnx(Unprocessable):
+    """An MLflow model without the ONNX flavour (its MLmodel file's `flavors` has no `onnx`)."""
+
+    code, title = "mlflow_not_onnx", "Not an ONNX model"
+
+
+class MlflowArtifactsNotProxied(Unprocessable):
+    """A model or run whose artifacts the tracking server does not serve itself (file:, s3:, ...): ModelPress reads
+    and writes artifacts only through the server (`mlflow server --serve-artifacts`), never with its own access."""
+
+    code, title = "mlflow_artifacts_not_proxied", "MLflow artifacts not served by the tracking server"
+
+
+class MlflowError(ModelPressError):
+    """The tracking server answered with an error ModelPress has no more specific code for."""
+
+    status, code, title = 502, "mlflow_error", "MLflow server error"
+
+
+class MlflowUnreachable(MlflowError):
+    """The tracking server did not answer: refused, timed out, or its host does not resolve."""
+
+    code, title = "mlflow_unreachable", "MLflow server unreachable"
+
+
 class JobFailed(ModelPressError):
     """Raised inside a worker: the job fails with this code and message."""
 

@@ -21,6 +21,7 @@ from app.edge import RefuseUnstorableText
 from app.errors import ModelPressError
 from app.events import publish as publish_event_schemas
 from app.gates.routes import router as gates_router
+from app.integrations.routes import router as integrations_router
 from app.jobs.routes import router as jobs_router
 from app.measurements.routes import router as measurements_router
 from app.methods_api.routes import recipes_router
@@ -130,6 +131,7 @@ def create_app() -> FastAPI:
     v1.include_router(recipes_router)
     v1.include_router(targets_router)
     v1.include_router(webhooks_router)
+    v1.include_router(integrations_router)
     v1.include_router(keys_router)
     v1.include_router(audit_router)
     app.include_router(v1)

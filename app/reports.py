@@ -462,6 +462,9 @@ class JobReport(_AsGiven):
     # The original and each step's (or candidate's) model: which are on the Pareto front (workers.verdict).
     pareto: list[ParetoPoint] | None = None
     artifacts: list[ReportArtifact] = []
+    # The job's MLflow run (the job's `mlflow` option, workers.mlflow_log): logged (run id, registered model version)
+    # or failed (its code and message; the job itself still succeeded). Absent for a job that did not ask for it.
+    mlflow: dict[str, Any] | None = None
     # The target runtime the result was lowered to: its spec, the lowering's record (precision, NNCF, accuracy
     # control) and the artifacts it wrote.
     target: dict[str, Any] | None = None

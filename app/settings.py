@@ -5,7 +5,7 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.formats.limits import Limits
@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     webhook_denied_hosts: str = ""
     # A failing webhook delivery is retried with exponential backoff for at most this long after its first attempt.
     webhook_retry_window_s: int = Field(default=3600, ge=0)
+    # Credentials a tenant stores (MLflow's) are encrypted with this Fernet key (urlsafe base64 of 32 bytes; a
+    # comma-separated list decrypts with each and encrypts with the first, to rotate). Empty: in local mode a key
+    # generated into data_dir/secret.key; in production, storing a credential is refused until it is set.
+    secret_key: SecretStr = SecretStr("")
+    # MLflow tracking servers, like webhooks, may only be on public addresses; an admin may allow private ones.
+    mlflow_allow_private: bool = False
     # Server-wide defaults for each tenant's limits (a tenant's own value, when set, wins; 0: unlimited).
     # Requests per minute per API key (token bucket; shared through Redis when the broker is Redis).
     rate_limit_per_minute: int = Field(default=0, ge=0)

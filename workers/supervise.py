@@ -162,6 +162,10 @@ def run_job(job_id: str, *, node: str | None = None) -> None:
             attempt = Attempt(job_id=job_id, number=claim.attempt, store=store, folder=folder)
             result = _supervise(attempt, claim, settings)
             if result["status"] == "succeeded":
+                if claim.spec.get("mlflow"):  # the run logged before the job is marked succeeded (workers.mlflow_log)
+                    from workers.mlflow_log import log_succeeded
+
+                    log_succeeded(attempt, claim, result, settings)
                 _succeed(attempt, result)
             elif result["status"] == "cancelled":
                 _finish(job_id, "cancelled", message="cancelled at a step boundary", attempt=claim.attempt)
@@ -489,7 +493,9 @@ def _succeed(attempt: Attempt, result: dict) -> None:
                 value=float(row["value"]), unit=row["unit"], environment_id=environment_id,
             ))
         job.report, job.summary, job.stage = report, summary, "done"
-        set_status(db, job, "succeeded", message=_headline(summary))
+        logged = report.get("mlflow") or {}
+        failed_logging = f"; MLflow: the run was not logged ({logged['code']})" if logged.get("status") == "failed" else ""
+        set_status(db, job, "succeeded", message=_headline(summary) + failed_logging)
 
 
 def _store_converted(db, job: Job, source: Model | None, attempt: Attempt, report: dict) -> None:

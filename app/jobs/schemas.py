@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.integrations.schemas import MlflowLog
 from app.reports import AnySummary
 from app.targets.schemas import TargetSpec
 
@@ -188,6 +189,12 @@ class JobCreate(Strict):
         default=None, min_length=1, max_length=6,
         description="The events that trigger the webhook; default: succeeded, failed, cancelled. `progress` is "
         "sent at most every 10 s.")
+    mlflow: MlflowLog | None = Field(
+        default=None,
+        description="When the job succeeds, log a run to the tenant's MLflow server (PUT /v1/integrations/mlflow "
+        "first): params, metrics, the report, and the compressed model with the ONNX flavour, registered as a new "
+        "version of `register_as` when given. The outcome is the report's `mlflow` section; a logging failure "
+        "leaves the job succeeded (its model stays downloadable) with the failure's code there and in its message.")
 
     @field_validator("webhook_url")
     @classmethod

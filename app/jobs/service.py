@@ -34,6 +34,7 @@ from app.errors import (
 from app.formats.dataset_files import check_against_model
 from app.formats.input_shapes import ShapeError
 from app.formats.input_shapes import check_against_model as check_shapes_against_model
+from app.integrations import service as integrations
 from app.jobs.schemas import JobCreate, StepSpec
 from app.jobs.state import set_status
 from app.limits import check_concurrent_jobs
@@ -230,13 +231,16 @@ def create(
     goal = check_goal(spec, dict(links))
     if spec.webhook_url:
         webhooks.check_target(db=db, settings=settings, tenant_id=tenant_id, url=spec.webhook_url)
+    if spec.mlflow is not None:
+        integrations.check_job_logging(db=db, tenant_id=tenant_id)
     queue, target = route(db=db, settings=settings, spec=spec)
     job = Job(
         tenant_id=tenant_id, model_id=model.id, name=spec.name, queue=queue,
         spec={"steps": steps, "evaluate": spec.evaluate.model_dump(mode="json")}
         | ({"recipe": {"id": spec.recipe, "params": spec.params}} if spec.recipe else {})
         | (goal or {})
-        | ({"target": target} if target is not None else {}),
+        | ({"target": target} if target is not None else {})
+        | ({"mlflow": spec.mlflow.model_dump(mode="json")} if spec.mlflow is not None else {}),
         status="queued", progress=0.0, stage="queued", idempotency_key=idempotency_key, request_hash=digest,
         webhook_url=spec.webhook_url,
         webhook_events=(spec.webhook_events or webhooks.DEFAULT_EVENTS) if spec.webhook_url else None,

@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse
 
 from app.deps import AppSettings, Caller, CallerActor, DbSession, Store
 from app.downloads import blob_response
+from app.integrations.routes import read_pull_request
 from app.limits import upload_quota
 from app.models import service
 from app.models.schemas import ModelPage, ModelPublic
@@ -17,11 +18,18 @@ router = APIRouter(prefix="/models", tags=["models"])
 
 
 @router.post("", status_code=201, response_model=ModelPublic,
-             summary="Upload a model: .onnx, a .zip holding one, or a .zip of a Hugging Face folder (converted)")
+             summary="Upload a model: .onnx, a .zip holding one, or a .zip of a Hugging Face folder (converted); or "
+             'pull one from the tenant\'s MLflow registry with a JSON body {"mlflow_uri": "models:/name/1"}')
 async def upload_model(request: Request, db: DbSession, caller: Caller, actor: CallerActor, store: Store,
                        settings: AppSettings):
     quota = upload_quota(db, caller, settings)
     db.rollback()  # no transaction stays open while the body streams in
+    if request.headers.get("content-type", "").startswith("application/json"):
+        pull = await read_pull_request(request)
+        with store.workdir() as workdir:
+            model = await run_in_threadpool(service.create_from_mlflow, db=db, store=store, settings=settings,
+                                            actor=actor, pull=pull, workdir=workdir, quota=quota)
+        return service.public(db=db, model=model)
     with store.workdir() as workdir:
         received = await receive_file(request, dest=workdir / "upload", max_bytes=settings.max_upload_bytes,
                                       quota=quota)

@@ -16,13 +16,16 @@ from app.dbmodels import ACTIVE_STATUSES, Job, JobModel, Model, storable
 from app.errors import ConversionFailed, ConversionPending, ModelInUse, ModelNotFound
 from app.formats.huggingface import check_task_field
 from app.formats.onnx_files import validate_upload
+from app.integrations import pull as mlflow_pull
+from app.integrations import service as integrations
+from app.integrations.schemas import MlflowModelPull
 from app.jobs.state import set_status
 from app.limits import check_upload_fits
 from app.models.schemas import ConversionPublic, ModelPublic
 from app.queue import enqueue_job
 from app.settings import Settings
 from app.store import ArtifactStore
-from app.uploads import Received
+from app.uploads import Quota, Received
 
 log = logging.getLogger(__name__)
 # Formats the workers run as they are; any other stored format is converted to one of these first.
@@ -30,22 +33,25 @@ ONNX_FORMATS = ("onnx", "onnx-zip")
 
 
 def create_from_upload(
-    *, db: Session, store: ArtifactStore, settings: Settings, actor: Actor, received: Received, workdir: Path
+    *, db: Session, store: ArtifactStore, settings: Settings, actor: Actor, received: Received, workdir: Path,
+    origin: dict | None = None,
 ) -> Model:
     """Validate a spooled upload, then record it. Nothing is kept when anything fails.
 
     A model in another framework's format (a Hugging Face folder) gets a conversion job in the same
-    transaction, enqueued after commit (workers/convert)."""
+    transaction, enqueued after commit (workers/convert). `origin`: where a model pulled from elsewhere came from
+    ({"mlflow": {...}}), kept in its inspection and its audit entry."""
     task = check_task_field(received.fields.get("task"))
     fmt, inspection = validate_upload(
         received.path, filename=received.filename, workdir=workdir / "check", limits=settings.file_limits(), task=task
     )
+    inspection = inspection | (origin or {})
     name = (received.fields.get("name") or Path(received.filename).name)[:255]
     conversion: list[Job] = []
 
     def before_commit(model: Model) -> None:
         audit.record(db, actor, "model.upload", object_type="model", object_id=model.id,
-                     name=name, sha256=model.sha256, size_bytes=model.size_bytes)
+                     name=name, sha256=model.sha256, size_bytes=model.size_bytes, **(origin or {}))
         if fmt not in ONNX_FORMATS:
             conversion.append(_queue_conversion(db, settings, model, task=inspection.get("task")))
 
@@ -62,6 +68,25 @@ def create_from_upload(
         except Exception:
             log.exception("could not enqueue conversion job %s; the reaper will re-send it", job.id)
     return model
+
+
+def create_from_mlflow(
+    *, db: Session, store: ArtifactStore, settings: Settings, actor: Actor, pull: MlflowModelPull, workdir: Path,
+    quota: Quota | None,
+) -> Model:
+    """Pull a model from the tenant's MLflow registry (ONNX flavour only) and keep it as an upload is kept: validated,
+    stored once per content, nothing left behind on a refusal."""
+    connection = integrations.connection(db=db, settings=settings, tenant_id=actor.tenant,
+                                         what="pulling a model from MLflow")
+    db.rollback()  # no transaction stays open while the model downloads
+    budget = mlflow_pull.Budget(settings.max_upload_bytes, quota.left_bytes if quota else None,
+                                quota.error if quota else None)
+    pulled = mlflow_pull.pull(connection, pull.mlflow_uri, dest=workdir / "mlflow", budget=budget,
+                              allow_private=settings.mlflow_allow_private)
+    received = Received(pulled.path, pulled.filename, pulled.sha256, pulled.size_bytes,
+                        {"name": pull.name or pulled.name})
+    return create_from_upload(db=db, store=store, settings=settings, actor=actor, received=received, workdir=workdir,
+                              origin={"mlflow": pulled.origin})
 
 
 def _queue_conversion(db: Session, settings: Settings, model: Model, *, task: str | None) -> Job:
