@@ -33,8 +33,9 @@ FAST_EVALUATE = {"batch_sizes": [1], "warmup": 1, "iterations": 5}
 # --- fixtures ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` with the basic-auth app on a free loopback port; its admin user is created at start."""
+def mlflow_process(tmp_path_factory):
+    """`mlflow server` with the basic-auth app on a free loopback port, started (not yet waited for: the stack starts
+    meanwhile); its admin user is created at start."""
     folder = tmp_path_factory.mktemp("mlflow")
     config = folder / "basic_auth.ini"
     config.write_text("[mlflow]\ndefault_permission = READ\n"
@@ -50,19 +51,23 @@ def mlflow_server(tmp_path_factory):
             "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with processes(argv, env=env, log_dir=folder) as procs:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if procs[0].poll() is not None or time.monotonic() > deadline:
-                print(logs(folder))
-                raise RuntimeError("mlflow server did not start")
-            time.sleep(0.3)
-        yield {"url": url, "folder": folder}
+        yield {"url": f"http://127.0.0.1:{port}", "folder": folder, "proc": procs[0]}
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_process):
+    """The server, once /health answers."""
+    url, deadline = mlflow_process["url"], time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return mlflow_process
+        except httpx.HTTPError:
+            pass
+        if mlflow_process["proc"].poll() is not None or time.monotonic() > deadline:
+            print(logs(mlflow_process["folder"]))
+            raise RuntimeError("mlflow server did not start")
+        time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +84,10 @@ def mlflow_client(mlflow_server):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, mlflow_process):
     """PostgreSQL, Redis, a migrated database, one API and one worker in production mode, with a secret key and
-    MLflow allowed on loopback (where the test server listens). Yields the base URL, a key per tenant, the
-    database URL and the secret key."""
+    MLflow allowed on loopback (where the test server listens; it starts meanwhile). Yields the base URL, a key per
+    tenant, the database URL and the secret key."""
     from cryptography.fernet import Fernet
 
     redis_or_skip()
