@@ -289,6 +289,12 @@ class MlflowUriForbidden(Unprocessable):
     code, title = "mlflow_uri_forbidden", "MLflow tracking URI not allowed"
 
 
+class MlflowUriUnresolvable(Unprocessable):
+    """A tracking URI whose host does not resolve when the settings are saved."""
+
+    code, title = "mlflow_uri_unresolvable", "MLflow host does not resolve"
+
+
 class InvalidMlflowUri(Unprocessable):
     """A model URI that is not models:/<name>/<version>, models:/<name>@<alias> or runs:/<run_id>/<path>."""
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import httpcore
 
-from app.errors import MlflowUnreachable, MlflowUriForbidden
+from app.errors import MlflowUnreachable, MlflowUriForbidden, MlflowUriUnresolvable, ModelPressError
 from app.webhooks.targets import forbidden_reason
 
 
@@ -26,13 +26,15 @@ def split_uri(uri: str) -> tuple[str, int]:
     return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
 
-def allowed_addresses(host: str, port: int, *, allow_private: bool) -> list[str]:
-    """The host's addresses, every one of them allowed; MlflowUriForbidden when one is not, MlflowUnreachable
-    when the host does not resolve."""
+def allowed_addresses(host: str, port: int, *, allow_private: bool,
+                      unresolvable: type[ModelPressError] = MlflowUnreachable) -> list[str]:
+    """The host's addresses, every one of them allowed; MlflowUriForbidden when one is not, `unresolvable`
+    (mlflow_unreachable on a connection, mlflow_uri_unresolvable when settings are saved) when the host does not
+    resolve."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise MlflowUnreachable(f"the MLflow host {host!r} does not resolve: {exc}") from None
+        raise unresolvable(f"the MLflow host {host!r} does not resolve: {exc}") from None
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     if not allow_private:
         for address in addresses:
@@ -45,9 +47,11 @@ def allowed_addresses(host: str, port: int, *, allow_private: bool) -> list[str]
     return addresses
 
 
-def check_uri(uri: str, *, allow_private: bool) -> None:
+def check_uri(uri: str, *, allow_private: bool, saving: bool = False) -> None:
+    """The tracking URI passes the egress rules now; `saving`: an unresolvable host is the request's fault (422)."""
     host, port = split_uri(uri)
-    allowed_addresses(host, port, allow_private=allow_private)
+    allowed_addresses(host, port, allow_private=allow_private,
+                      unresolvable=MlflowUriUnresolvable if saving else MlflowUnreachable)
 
 
 class GuardedBackend(httpcore.SyncBackend):

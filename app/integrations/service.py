@@ -38,7 +38,7 @@ def not_configured(what: str, **extra) -> MlflowNotConfigured:
 
 def put(*, db: Session, settings: Settings, actor: Actor, given: MlflowSettingsIn) -> MlflowSettings:
     """Create or replace the tenant's settings. A credential not given is removed: the settings are whole."""
-    check_uri(given.tracking_uri, allow_private=settings.mlflow_allow_private)
+    check_uri(given.tracking_uri, allow_private=settings.mlflow_allow_private, saving=True)
     secret, kind = (given.password, "password") if given.password is not None else (given.token, "token")
     encrypted = secrets.encrypt(settings, secret) if secret is not None else None
     row = db.get(MlflowSettings, actor.tenant, with_for_update=True)

@@ -189,6 +189,9 @@ def test_private_tracking_server_refused_by_default(client, alice):
         resp = client.put("/v1/integrations/mlflow", json={"tracking_uri": url}, headers=alice)
         assert resp.status_code == 422 and resp.json()["code"] == "mlflow_uri_forbidden", resp.text
         assert "MODELPRESS_MLFLOW_ALLOW_PRIVATE" in resp.json()["detail"]
+    # A host that does not resolve is the request's fault when the settings are saved (422, never a 5xx).
+    resp = client.put("/v1/integrations/mlflow", json={"tracking_uri": "http://no-such-host.invalid"}, headers=alice)
+    assert resp.status_code == 422 and resp.json()["code"] == "mlflow_uri_unresolvable", resp.text
     assert client.get("/v1/integrations/mlflow", headers=alice).status_code == 404
 
 
