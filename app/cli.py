@@ -877,6 +877,42 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def replay_rows(section: dict) -> list[tuple[str, str]]:
+    """A replay's comparison (report.replay) as rows: the artifacts, what differed, and the figures that moved."""
+    rows = [("replay of", str(section.get("original_job_id"))),
+            ("byte-identical", "yes" if section.get("byte_identical") else "no")]
+    for name, entry in (section.get("artifacts") or {}).items():
+        rows.append((f"  {name}", "identical" if entry["identical"] else
+                     f"differs ({(entry['original'] or '-')[:12]} -> {(entry['replay'] or '-')[:12]})"))
+    if section.get("why_not_identical"):
+        rows.append(("why", section["why_not_identical"]))
+    for kind, entries in (section.get("differed") or {}).items():
+        if kind in ("libraries", "environment"):
+            rows += [(f"{kind[:-1] if kind == 'libraries' else kind} {name}",
+                      f"{entry['original']} -> {entry['replay']}") for name, entry in entries.items()]
+        else:
+            rows.append((f"differed: {kind}", f"{entries.get('original')} -> {entries.get('replay')}"))
+    for name, entry in (section.get("figures") or {}).items():
+        if entry.get("change"):
+            rows.append((name, f"{entry['original']} -> {entry['replay']} ({entry['change']:+.4g})"))
+    return rows
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        job = mp.replay(args.job_id)
+        _stderr(f"job {job['id']} queued: a replay of job {args.job_id}")
+        followed = _follow(mp, job, args)
+        if isinstance(followed, int):
+            return followed
+        job = followed
+        code = _finished(job, as_json=args.json)
+        if code == 0 and not args.json:
+            section = mp.report(job["id"]).get("replay") or {}
+            _console().print(_table(f"job {job['id']} against job {args.job_id}", replay_rows(section)))
+        return code
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     with _client(args) as mp:
         saved = mp.download(args.job_id, args.name, dest=args.output)
@@ -1061,6 +1097,16 @@ def _add_client_commands(sub) -> None:
     cancel = jobs.add_parser("cancel", parents=[server], help="cancel a queued or running job")
     cancel.add_argument("job_id")
     cancel.set_defaults(func=cmd_jobs_cancel, usage=cancel)
+
+    replay = sub.add_parser("replay", parents=[server], help="run a finished job again with its recorded recipe",
+                            description="Queue a new job with JOB_ID's recipe (same model, datasets, steps or goal). "
+                            "With --wait, show its progress, then what differed from the original and whether its "
+                            "models are byte-identical. Exit status: 0 done, 1 job failed or cancelled (or a server "
+                            "error, e.g. 409 replay_model_deleted), 2 usage error.")
+    replay.add_argument("job_id")
+    replay.add_argument("--wait", action="store_true", help="wait for the replay and show the comparison")
+    replay.add_argument("--json", action="store_true", help="print the job as JSON")
+    replay.set_defaults(func=cmd_replay, usage=replay, output=None)
 
     download = sub.add_parser("download", parents=[server], help="download a job's artifact (sha256 checked)")
     download.add_argument("job_id")

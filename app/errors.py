@@ -157,6 +157,20 @@ class UnsupportedArchitecture(Unprocessable):
     code, title = "unsupported_architecture", "Unsupported architecture"
 
 
+class JobNotReplayable(Conflict):
+    """A replay of a job that has no result to reproduce: one still queued or running, failed, cancelled, or a
+    conversion (which runs at upload)."""
+
+    code = "job_not_replayable"
+
+
+class ReplayInputDeleted(Conflict):
+    """A replay of a job whose model (or a dataset or other model it names) was deleted since: the recipe names its
+    sha256, but the bytes are gone, so nothing is created."""
+
+    code = "replay_model_deleted"
+
+
 class ConversionPending(Conflict):
     """A job or dataset names a model whose conversion to ONNX has not finished yet."""
 

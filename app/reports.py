@@ -471,6 +471,13 @@ class JobReport(_AsGiven):
     # A goal search (workers.search.run): the goal, the time spent, the candidates by status, the one chosen (or
     # the closest when none met the goal) and the artifact handed over.
     search: dict[str, Any] | None = None
+    # The content-addressed recipe (workers.replay; also the recipe.json artifact): the sha256 of the model and of
+    # each dataset, method versions, params, seeds, library versions and the environment fingerprint. Absent in
+    # reports written before it.
+    recipe: dict[str, Any] | None = None
+    # A replay's comparison with its original (POST /v1/jobs/{id}/replay): what differed, how far the figures moved,
+    # which artifacts are byte-identical.
+    replay: dict[str, Any] | None = None
 
 
 class ConversionReport(_AsGiven):

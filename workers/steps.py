@@ -35,9 +35,11 @@ from app.reports import (
 )
 from app.settings import get_settings
 from app.store import file_sha256
-from workers import methods
+from workers import methods, replay
 from workers.verdict import Budget, job_points, judge, objective_batch, pareto_front
 
+# Method families whose steps train with torch (seeded, deterministic kernels, fixed threads: workers.replay).
+TRAINING_FAMILIES = ("prune", "distill", "cluster")
 # Share of the progress bar each phase owns.
 PREPARE, STEPS, MEASURE = 0.05, 0.40, 0.50
 
@@ -119,6 +121,7 @@ class JobRun:
 
 def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spec: dict):
     settings = get_settings()
+    recipe = _record_recipe(run, workdir, spec, settings)
     run.progress(0.01, "loading", "unpacking the uploaded model", force=True)
     original = materialize(model_path, model_format, workdir / "input", settings.file_limits())
     steps_report = []
@@ -140,7 +143,13 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
     if spec.get("goal"):
         from workers.search.run import search
 
-        return search(run, workdir, original=original, intake=intake, spec=spec, input_shapes=input_shapes)
+        written, summary, rows = search(run, workdir, original=original, intake=intake, spec=spec,
+                                        input_shapes=input_shapes)
+        # The search wrote its report.json already; the job's report (and recipe.json) carry the recipe.
+        written["recipe"] = recipe
+        if spec.get("replay_of"):
+            written["replay"] = replay.compare(spec["replay_of"], recipe, summary, run.artifacts)
+        return written, summary, rows
     for index, step in enumerate(steps, start=1):
         run.check_cancel()
         base = PREPARE + STEPS * (index - 1) / len(steps)
@@ -227,7 +236,10 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
         steps=[StepRecord.model_validate(s) for s in steps_report], evaluate=evaluate, measurement=measurement,
         summary=summary, artifacts=[ReportArtifact.model_validate(a) for a in run.artifacts]
         + [ReportArtifact(name="report.json", kind="report")], verdict=summary.verdict, pareto=pareto,
+        recipe=recipe,
     )
+    if spec.get("replay_of"):
+        report.replay = replay.compare(spec["replay_of"], recipe, summary.model_dump(mode="json"), run.artifacts)
     if target_report is not None:
         report.target = target_report
     run.progress(0.97, "storing", "storing the report", force=True)
@@ -236,6 +248,16 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
     report_path.write_text(json.dumps(written, indent=2, default=str))
     run.store_artifact(report_path, name="report.json", kind="report", content_type="application/json")
     return written, written["summary"], rows
+
+
+def _record_recipe(run: JobRun, workdir: Path, spec: dict, settings) -> dict:
+    """The job's recipe (workers.replay), stored as recipe.json before any step runs: it says what the job was
+    asked to do and on what, even where the job fails."""
+    recipe = replay.build(spec, threads=settings.measure_threads or None)
+    path = workdir / "recipe.json"
+    path.write_text(json.dumps(recipe, indent=2, sort_keys=True, default=str))
+    run.store_artifact(path, name="recipe.json", kind="recipe", content_type="application/json")
+    return recipe
 
 
 def run_method(run: JobRun, step: dict, current: Path, out_dir: Path, workdir: Path, input_shapes, *, seed: int,
@@ -252,6 +274,9 @@ def run_method(run: JobRun, step: dict, current: Path, out_dir: Path, workdir: P
             calibration=step_datasets.get("calibration_dataset_id"), datasets=step_datasets, seed=seed,
             progress=progress, cancelled=run.cancel_requested_throttled, models=step_models, input_shapes=input_shapes,
         )
+        # The step's seed also seeds the global generators (and torch's kernels for a method that trains), so a
+        # replay of the job repeats the step byte for byte.
+        replay.seed_everything(seed, trains=method.id.split(".")[0] in TRAINING_FAMILIES)
         # ONNX Runtime's tools drop temp files in the working directory (sym_shape_infer_temp.onnx
         # and its external data): keep them inside the job's folder.
         with contextlib.chdir(out_dir):

@@ -333,6 +333,17 @@ class Client:
         # Not repeated blindly: a second cancel of a job the first one cancelled answers 409.
         return self._json("POST", f"/v1/jobs/{job_id}/cancel", repeatable=False)
 
+    def replay(self, job_id: str, *, idempotency_key: str | None = None) -> dict:
+        """Queue a new job with a finished job's recorded recipe (same model, datasets, steps or goal, evaluation),
+        linked to it (`replay_of`). When it has finished, `report(new_id)["replay"]` says what differed from the
+        original, how far the figures moved and whether each model artifact is byte-identical. Conflict
+        (job_not_replayable, replay_model_deleted, replay_dataset_deleted) when there is nothing to replay.
+
+        The Idempotency-Key (a fresh uuid unless given) makes a retried request return the first replay.
+        """
+        key = idempotency_key or str(uuid.uuid4())
+        return self._json("POST", f"/v1/jobs/{job_id}/replay", headers={"Idempotency-Key": key})
+
     def wait(self, job_id: str, on_progress: Callable[[dict], None] | None = None, poll_s: float = 1.0,
              timeout_s: float | None = None) -> dict:
         """Poll until the job is succeeded, failed or cancelled; return that job.

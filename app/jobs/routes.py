@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from app.deps import AppSettings, Caller, CallerActor, DbSession, Store
 from app.downloads import blob_response
-from app.jobs import service, sse
+from app.jobs import replay, service, sse
 from app.jobs.schemas import ArtifactPublic, JobCreate, JobEventPublic, JobPage, JobPublic
 from app.jobs.state import to_public
 from app.readcache import JOBS, JobView, get_cache
@@ -79,6 +79,27 @@ async def get_job(job_id: str, request: Request, db: DbSession, caller: Caller):
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
 def cancel_job(job_id: str, request: Request, db: DbSession, actor: CallerActor):
     return _job_response(service.cancel(db=db, actor=actor, job_id=job_id), request, status_code=202)
+
+
+@router.post("/{job_id}/replay", status_code=202, response_model=JobPublic,
+             summary="Run a finished job again with its recorded recipe",
+             description="A new job on the same model and datasets (by id; their sha256 is in the original's "
+                         "`report.recipe`) with the same steps, goal, target and evaluation, linked to the original "
+                         "(`replay_of`). Its report's `replay` section says what differed (library versions, "
+                         "environment, method versions), how far the figures moved and whether each model artifact "
+                         "is byte-identical. 409 job_not_replayable for a job that did not succeed or a conversion; "
+                         "409 replay_model_deleted (replay_dataset_deleted) when an input was deleted since: "
+                         "nothing is created.")
+def replay_job(
+    job_id: str,
+    request: Request,
+    db: DbSession,
+    actor: CallerActor,
+    settings: AppSettings,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+):
+    job, _created = replay.replay(db=db, settings=settings, actor=actor, job_id=job_id, idempotency_key=idempotency_key)
+    return _job_response(job, request, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 @router.get("/{job_id}/events", response_model=list[JobEventPublic],

@@ -277,6 +277,8 @@ class JobPublic(BaseModel):
     goal: dict[str, Any] | None = None
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
+    # The job this one replays (POST /v1/jobs/{id}/replay); null for a job submitted as such.
+    replay_of: str | None = None
 
 
 class JobPage(BaseModel):

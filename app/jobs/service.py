@@ -35,6 +35,7 @@ from app.formats.dataset_files import check_against_model
 from app.formats.input_shapes import ShapeError
 from app.formats.input_shapes import check_against_model as check_shapes_against_model
 from app.integrations import service as integrations
+from app.jobs import replay
 from app.jobs.schemas import JobCreate, StepSpec
 from app.jobs.state import set_status
 from app.limits import check_concurrent_jobs
@@ -209,9 +210,11 @@ def request_hash(spec: JobCreate) -> str:
 
 
 def create(
-    *, db: Session, settings: Settings, actor: Actor, spec: JobCreate, idempotency_key: str | None
+    *, db: Session, settings: Settings, actor: Actor, spec: JobCreate, idempotency_key: str | None,
+    replay_of: dict | None = None,
 ) -> tuple[Job, bool]:
-    """Returns (job, created). A repeated Idempotency-Key returns the first job."""
+    """Returns (job, created). A repeated Idempotency-Key returns the first job. `replay_of`: the original job's
+    record when this is its replay (app.jobs.replay), kept in the spec for the worker to compare with."""
     tenant_id = actor.tenant
     digest = request_hash(spec)
     if idempotency_key:
@@ -240,7 +243,9 @@ def create(
         | ({"recipe": {"id": spec.recipe, "params": spec.params}} if spec.recipe else {})
         | (goal or {})
         | ({"target": target} if target is not None else {})
-        | ({"mlflow": spec.mlflow.model_dump(mode="json")} if spec.mlflow is not None else {}),
+        | ({"mlflow": spec.mlflow.model_dump(mode="json")} if spec.mlflow is not None else {})
+        | {"provenance": replay.provenance(model=model, datasets=links, others=others, steps=steps)}
+        | ({"replay_of": replay_of} if replay_of is not None else {}),
         status="queued", progress=0.0, stage="queued", idempotency_key=idempotency_key, request_hash=digest,
         webhook_url=spec.webhook_url,
         webhook_events=(spec.webhook_events or webhooks.DEFAULT_EVENTS) if spec.webhook_url else None,
@@ -263,7 +268,8 @@ def create(
         db.add(JobModel(job_id=job.id, model_id=other.id, role=role))
     set_status(db, job, "queued", message="waiting for a worker")
     audit.record(db, actor, "job.submit", object_type="job", object_id=job.id, model_id=model.id,
-                 steps=[step["method"] for step in steps])
+                 steps=[step["method"] for step in steps],
+                 **({"replay_of": replay_of["job_id"]} if replay_of is not None else {}))
     db.commit()
     # Enqueue after commit: the row exists before the message does.
     try:

@@ -48,4 +48,5 @@ def to_public(job: Job) -> JobPublic:
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         summary=job.summary, webhook_url=job.webhook_url, webhook_events=job.webhook_events,
         target=job.spec.get("target"), goal=job.spec.get("goal"),
+        replay_of=(job.spec.get("replay_of") or {}).get("job_id"),
     )
