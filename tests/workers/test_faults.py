@@ -143,7 +143,7 @@ def check_finished_once(stack: Stack, http: httpx.Client, job_id: str) -> dict:
     job = wait_for_job(http, job_id, timeout=300)
     assert job["status"] == "succeeded", (job, stack.logs())
     names = [a["name"] for a in http.get(f"/v1/jobs/{job_id}/artifacts").json()]
-    assert sorted(names) == ["latency-samples.json", "model.onnx", "report.json"]  # one of each
+    assert sorted(names) == ["latency-samples.json", "model.onnx", "recipe.json", "report.json"]  # one of each
     rows = stack.sql("SELECT model_role, provider, batch_size, metric, count(*) FROM measurements WHERE job_id = %s "
                      "GROUP BY 1, 2, 3, 4 HAVING count(*) > 1", job_id)
     assert rows == []  # no measurement of the dead attempt left beside the new one's

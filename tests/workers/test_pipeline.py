@@ -71,7 +71,7 @@ def test_job_runs_to_success_with_artifacts_measurements_and_events(client, alic
     assert set(summary["speedup"]) == {"1", "4"}
     assert summary["fidelity"]["cosine_similarity"] > 0.99
     names = {a["name"] for a in client.get(f"/v1/jobs/{job_id}/artifacts", headers=alice).json()}
-    assert names == {"model.onnx", "report.json", "latency-samples.json"}
+    assert names == {"model.onnx", "report.json", "latency-samples.json", "recipe.json"}
     report = client.get(f"/v1/jobs/{job_id}/report", headers=alice).json()
     assert report["steps"][0]["method"] == "quantize.int8_dynamic"
     assert report["measurement"]["environment"]["threads"] >= 1
@@ -108,7 +108,7 @@ def test_job_found_running_is_started_over_cleanly(client, alice, submit, data_d
     assert job.status == "succeeded" and job.attempts == 2
     with session_scope() as db:
         names = list(db.scalars(select(Artifact.name).where(Artifact.job_id == job_id)))
-    assert sorted(names) == ["latency-samples.json", "model.onnx", "report.json"]
+    assert sorted(names) == ["latency-samples.json", "model.onnx", "recipe.json", "report.json"]
     messages = [e["message"] for e in client.get(f"/v1/jobs/{job_id}/events", headers=alice).json()]
     assert any("again after a lost worker" in (m or "") for m in messages)
 
@@ -124,9 +124,9 @@ def test_failing_step_fails_the_job_with_its_reason(client, alice, submit, regis
     assert job["status"] == "failed"
     assert job["error"]["code"] == "nothing_to_quantize"
     assert "step 2 (test.refuse)" in job["error"]["message"]
-    # The steps before the failure stay downloadable.
+    # The steps before the failure stay downloadable, and the recipe it was run with (written before the steps).
     names = [a["name"] for a in client.get(f"/v1/jobs/{job_id}/artifacts", headers=alice).json()]
-    assert names == ["step-1-quantize.int8_dynamic.onnx"]
+    assert sorted(names) == ["recipe.json", "step-1-quantize.int8_dynamic.onnx"]
 
 
 def test_unexpected_error_is_reported_not_swallowed(client, alice, submit, register_method):
@@ -158,4 +158,4 @@ def test_cancel_while_running_stops_at_the_next_step_boundary(client, alice, sub
     assert job["status"] == "cancelled"
     assert job["summary"] is None
     names = [a["name"] for a in client.get(f"/v1/jobs/{job_id}/artifacts", headers=alice).json()]
-    assert names == ["step-1-test.copy_and_cancel.onnx"]  # step 2 never ran
+    assert sorted(names) == ["recipe.json", "step-1-test.copy_and_cancel.onnx"]  # step 2 never ran
