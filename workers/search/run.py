@@ -43,6 +43,10 @@ SEARCH, FINAL = 0.80, 0.15
 CANDIDATE_WARMUP, CANDIDATE_ITERATIONS, CANDIDATE_EVAL_SAMPLES = 3, 30, 64
 CANDIDATE_PROVIDER = "CPUExecutionProvider"
 MIXED_COUNTS = (1, 2, 4, 8, 16)
+# The per-node sensitivity: its samples and its share of the time budget. A quarter of 300 s on 16 samples was 83 s
+# of ppocr-det's 190 s search, the deadline reached; the nodes are measured most costly first, so a shorter table
+# keeps those that matter for speed.
+SENSITIVITY_FEEDS, SENSITIVITY_SHARE = 8, 0.12
 PRUNE_RATIOS = (0.25, 0.5)
 RECORD_KIND, MODEL_KIND = "candidate-record", "candidate"
 
@@ -509,17 +513,18 @@ def _sensitivity_ranking(state: Search, scheme: str) -> list[dict[str, Any]]:
 
 def _compute_sensitivity(state: Search, scheme: str) -> dict[str, Any]:
     """Each quantizable node's output error when it alone is int8, and its time share in float and in the
-    candidate (workers.search.sensitivity); at most a quarter of the time budget, the mixed candidates need the
-    rest. The ranking keeps the nodes int8 moves at all, worst first."""
+    candidate (workers.search.sensitivity), on SENSITIVITY_FEEDS samples; at most SENSITIVITY_SHARE of the time
+    budget (the nodes that cost the most time are measured first), the mixed candidates need the rest. The ranking
+    keeps the nodes int8 moves at all, worst first."""
     from workers.measure.environment import default_threads
     from workers.search.sensitivity import node_sensitivity
 
-    feeds, source = _sample_feeds(state, 16)
+    feeds, source = _sample_feeds(state, SENSITIVITY_FEEDS)
     calibration, _ = _sample_feeds(state, 32, calibration=True)
     # fp16 where it applies: where the candidates' provider runs the model's compute ops in float16.
     table = node_sensitivity(state.intake.path, feeds=feeds, calibration=calibration,
                              quantized_path=state.tried[scheme].path, fp16=not _no_float16_kernels(state.intake.path),
-                             deadline=min(state.deadline, time.monotonic() + 0.25 * state.goal["time_budget_s"]),
+                             deadline=min(state.deadline, time.monotonic() + SENSITIVITY_SHARE * state.goal["time_budget_s"]),
                              threads=get_settings().measure_threads or default_threads(), source=source)
     data = table.to_json()
     ranking = [{"node": row["node"]} for row in data["rows"] if row.get("int8") and row["int8"]["worst_cosine"] < 0.99999]
