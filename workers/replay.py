@@ -169,6 +169,8 @@ def _recipe_differences(before: dict[str, Any], after: dict[str, Any]) -> dict[s
         differed["methods"] = {"original": [f"{m} v{v}" for m, v in methods_before],
                                "replay": [f"{m} v{v}" for m, v in methods_after]}
     for key in ("provenance", "seeds", "torch_threads"):
+        first: Any
+        second: Any
         if key == "provenance":
             strip = ("model", "datasets", "models", "methods")
             first = {k: _without_ids((before.get(key) or {}).get(k)) for k in strip}

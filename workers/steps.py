@@ -194,7 +194,7 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
         target, target_report = None, None
     # Every step's model is measured against the original, so the report shows the trajectory; the last
     # step's measurement is the job's result.
-    rows: list[dict] = []
+    rows = []
     trajectory = []
     for position, (entry, path) in enumerate(zip(steps_report[-len(step_paths):], step_paths)):
         last = position == len(step_paths) - 1
