@@ -177,7 +177,8 @@ def step_details(http: httpx.Client, job: dict) -> dict:
 def assert_failed_and_nothing_kept(http: httpx.Client, job: dict, code: str) -> None:
     assert job["status"] == "failed", job
     assert job["error"]["code"] == code, job["error"]
-    assert http.get(f"/v1/jobs/{job['id']}/artifacts").json() == []
+    # Nothing but the replay recipe, stored before the first step.
+    assert [a["kind"] for a in http.get(f"/v1/jobs/{job['id']}/artifacts").json()] == ["recipe"]
 
 
 # --- tests --------------------------------------------------------------------------------------------

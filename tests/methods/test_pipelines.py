@@ -52,7 +52,7 @@ def test_a_failing_second_step_keeps_the_first_steps_model_and_names_the_step(cl
     assert job["error"]["code"] == "invalid_params"
     assert job["error"]["message"].startswith("step 2 (prune.channels) failed")
     artifacts = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts", headers=alice).json()}
-    assert set(artifacts) == {"step-1-prune.channels.onnx"}
+    assert set(artifacts) == {"step-1-prune.channels.onnx", "recipe.json"}  # the recipe: stored before step 1
     first = download(client, alice, job["id"], "step-1-prune.channels.onnx")
     assert hashlib.sha256(first).hexdigest() == artifacts["step-1-prune.channels.onnx"]["sha256"]
     assert (8, 1, 3, 3) in [w.shape for w in weights(first).values()]
