@@ -152,7 +152,7 @@ def run_job(job_id: str, *, node: str | None = None) -> None:
     """Run one job to its end. `node`: the Celery worker's name, which the job's "running" event gives."""
     settings = get_settings()
     store = get_store()
-    claim = _claim(job_id, store, settings, node)
+    claim = _claim_retrying(job_id, store, settings, node)
     if claim is None:
         return
     if claim.attempt > 1:
@@ -182,6 +182,28 @@ def run_job(job_id: str, *, node: str | None = None) -> None:
         log.error("job %s crashed:\n%s", job_id, traceback.format_exc())
         _finish(job_id, "failed", code="internal_error", message=f"{type(exc).__name__}: {exc}",
                 attempt=claim.attempt)
+
+
+CLAIM_TRIES = 3
+
+
+def _claim_retrying(job_id: str, store: ArtifactStore, settings: Settings, node: str | None = None) -> Claim | None:
+    """_claim, tried again when PostgreSQL picked its transaction as a deadlock's victim. The claim locks the job's
+    row and, through its foreign key, the tenant's; a submission at the same moment (a replay, or any job: it
+    locks the tenant's row for its quota) can lock them the other way round. The victim's transaction is rolled
+    back whole, so trying again is safe; without it the message was spent and the job stayed queued for good."""
+    from sqlalchemy.exc import OperationalError
+
+    for attempt in range(1, CLAIM_TRIES + 1):
+        try:
+            return _claim(job_id, store, settings, node)
+        except OperationalError as exc:
+            if "deadlock detected" not in str(exc) or attempt == CLAIM_TRIES:
+                raise
+            log.warning("job %s: its claim was a deadlock's victim (try %d of %d); trying again", job_id, attempt,
+                        CLAIM_TRIES)
+            time.sleep(0.2 * attempt)
+    return None
 
 
 def _claim(job_id: str, store: ArtifactStore, settings: Settings, node: str | None = None) -> Claim | None:
