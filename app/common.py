@@ -96,3 +96,23 @@ def echo_id(object_id: str) -> str:
     """A client-given id as an error message repeats it: cut to MAX_ID_ECHO characters."""
     text = repr(object_id)
     return text if len(text) <= MAX_ID_ECHO + 2 else repr(object_id[:MAX_ID_ECHO]) + f"... ({len(object_id)} characters)"
+
+
+def check_http_url(value: str, *, credentials: str):
+    """An absolute http(s) URL a tenant gives the service to call (a webhook, a tracking server), checked as a
+    pydantic validator checks: ValueError with the rule it broke. `credentials`: why user:password@ is refused
+    there. Returns its urlsplit parts."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
+    if not value.isascii():
+        raise ValueError("must be ASCII: write an internationalised host in punycode (xn--...)")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"must not carry credentials{credentials}")
+    return parts

@@ -3,10 +3,9 @@ queued, run, followed (GET /v1/jobs/{id}, its events, SSE, webhooks) and cancell
 side is workers/gate.py."""
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -14,7 +13,7 @@ from app.audit import service as audit
 from app.audit.service import Actor
 from app.common import at_field, get_owned_or_404
 from app.datasets import service as datasets_service
-from app.dbmodels import Artifact, AuditEntry, Job, JobDataset, JobModel, Model, Tenant
+from app.dbmodels import Artifact, Job, JobDataset, JobModel, Model, Tenant
 from app.errors import (
     ArtifactExpired,
     BaselineJobNotSucceeded,
@@ -25,7 +24,6 @@ from app.errors import (
     ModelNotFound,
     ModelPressError,
     NoModelHandedOver,
-    ServiceUnavailable,
 )
 from app.formats.dataset_files import check_against_model
 from app.gates.schemas import GateCreate, GatePublic
@@ -34,10 +32,8 @@ from app.jobs.schemas import JobError
 from app.jobs.state import set_status
 from app.limits import check_concurrent_jobs
 from app.models import service as models_service
-from app.queue import enqueue_job
 from app.settings import Settings
 
-log = logging.getLogger(__name__)
 KIND = "gate"
 # The artifact a job hands over as its ONNX result (workers/steps.py; a goal search's chosen candidate).
 HANDED_OVER = "model.onnx"
@@ -101,17 +97,7 @@ def create(*, db: Session, settings: Settings, actor: Actor, spec: GateCreate,
     audit.record(db, actor, "gate.submit", object_type="job", object_id=job.id, model_id=candidate.id,
                  baseline={k: v for k, v in baseline.items() if k in ("model_id", "job_id")})
     db.commit()
-    try:  # enqueue after commit: the row exists before the message does
-        enqueue_job(job.id, job.queue)
-    except Exception as exc:
-        log.exception("could not enqueue gate %s", job.id)
-        for table in (JobDataset, JobModel):
-            db.execute(delete(table).where(table.job_id == job.id))
-        db.execute(delete(AuditEntry).where(AuditEntry.object_type == "job", AuditEntry.object_id == job.id))
-        db.delete(job)
-        db.commit()
-        raise ServiceUnavailable(f"the job queue is unreachable, nothing was created; retry later ({exc})",
-                                 code="broker_unavailable") from exc
+    jobs_service.enqueue_or_undo(db, job)
     return job, True
 
 

@@ -33,19 +33,9 @@ class MlflowSettingsIn(_Strict):
     @field_validator("tracking_uri")
     @classmethod
     def _tracking_uri(cls, value: str) -> str:
-        from urllib.parse import urlsplit
+        from app.common import check_http_url
 
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 (raises on a bad port)
-        except ValueError as exc:
-            raise ValueError(f"not a valid URL: {exc}") from None
-        if not value.isascii():
-            raise ValueError("must be ASCII: write an internationalised host in punycode (xn--...)")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an absolute http:// or https:// URL")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("must not carry credentials: give username and password (or token) as their own fields")
+        parts = check_http_url(value, credentials=": give username and password (or token) as their own fields")
         if parts.query or parts.fragment:
             raise ValueError("must not carry a query or a fragment")
         return value.rstrip("/")

@@ -199,21 +199,10 @@ class JobCreate(Strict):
     @field_validator("webhook_url")
     @classmethod
     def _webhook_url(cls, value: str | None) -> str | None:
-        from urllib.parse import urlsplit
+        from app.common import check_http_url
 
-        if value is None:
-            return value
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 (raises on a bad port)
-        except ValueError as exc:
-            raise ValueError(f"not a valid URL: {exc}") from None
-        if not value.isascii():
-            raise ValueError("must be ASCII: write an internationalised host in punycode (xn--...)")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an absolute http:// or https:// URL")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("must not carry credentials; receivers authenticate the ModelPress-Signature header")
+        if value is not None:
+            check_http_url(value, credentials="; receivers authenticate the ModelPress-Signature header")
         return value
 
     @field_validator("webhook_events")

@@ -271,7 +271,13 @@ def create(
                  steps=[step["method"] for step in steps],
                  **({"replay_of": replay_of["job_id"]} if replay_of is not None else {}))
     db.commit()
-    # Enqueue after commit: the row exists before the message does.
+    enqueue_or_undo(db, job)
+    return job, True
+
+
+def enqueue_or_undo(db: Session, job: Job) -> None:
+    """Queue a committed job (after commit: the row exists before the message does); where the broker cannot take
+    it, the job, its links and its audit entry are removed again and the request is a 503 broker_unavailable."""
     try:
         enqueue_job(job.id, job.queue)
     except Exception as exc:
@@ -283,7 +289,6 @@ def create(
         db.commit()
         raise ServiceUnavailable(f"the job queue is unreachable, nothing was created; retry later ({exc})",
                                  code="broker_unavailable") from exc
-    return job, True
 
 
 def _by_idempotency_key(db: Session, tenant_id: str, key: str) -> Job | None:
