@@ -317,13 +317,19 @@ def _react(state: Search, tried: Tried) -> None:
 COMPUTE_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM", "GRU", "RNN"}
 
 
-def _no_float16_kernels(path: Path) -> list[str]:
-    """The model's compute ops (COMPUTE_OPS) when the candidates' provider runs none of them in float16, else []."""
+@functools.lru_cache(maxsize=4)
+def _op_types(path: Path) -> frozenset[str]:
+    """The op types of the model's main graph (read once per file: the planning asks several times)."""
     import onnx
 
+    return frozenset(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _no_float16_kernels(path: Path) -> list[str]:
+    """The model's compute ops (COMPUTE_OPS) when the candidates' provider runs none of them in float16, else []."""
     from workers.search.fp16 import float16_ops
 
-    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node} & COMPUTE_OPS
+    ops = _op_types(path) & COMPUTE_OPS
     return [] if not ops or ops & float16_ops(CANDIDATE_PROVIDER) else sorted(ops)
 
 
@@ -337,9 +343,7 @@ def _chained_to_openvino(state: Search, name: str) -> bool:
 
 
 def _has_conv(path: Path) -> bool:
-    import onnx
-
-    return any(n.op_type == "Conv" for n in onnx.load(str(path), load_external_data=False).graph.node)
+    return "Conv" in _op_types(path)
 
 
 # --- one candidate -------------------------------------------------------------------------------------------
