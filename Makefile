@@ -37,7 +37,20 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: install lint services
+# The deployment files, offline: docker-compose validates docker-compose.yml (scripts/services.sh installs it with
+# apt where it can; `docker compose` does as well), hadolint (the dev extra) lints both Dockerfiles. Without either
+# compose this says so and fails under CI=true, where the README's test command must check it; elsewhere it skips
+# the compose check.
+.PHONY: docker-check
+COMPOSE = $(or $(shell command -v docker-compose 2>/dev/null),$(if $(shell docker compose version 2>/dev/null),docker compose,))
+docker-check: install services
+	@if [ -n "$(COMPOSE)" ]; then echo "$(COMPOSE) -f docker-compose.yml config -q"; \
+		$(COMPOSE) -f docker-compose.yml config -q; \
+	elif [ "$$CI" = true ]; then echo "docker-check: neither docker-compose nor docker compose is installed"; exit 1; \
+	else echo "docker-check: neither docker-compose nor docker compose is installed: docker-compose.yml not validated"; fi
+	$(BIN)/hadolint Dockerfile Dockerfile.gpu
+
+test: install lint services docker-check
 	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory kernels; \
 	else echo "nvcc not found: not building the CUDA kernels (kernels/ uses its PyTorch references)"; fi
 	$(BIN)/python -m pytest -q --durations=15
