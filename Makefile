@@ -89,5 +89,15 @@ $(KERNELS_LIB): $(KERNELS_OBJ) kernels/csrc/exports.map
 	$(NVCC) -O3 --shared -Xcompiler -fPIC $(NVCC_GENCODE) -Xlinker --version-script=kernels/csrc/exports.map \
 		-o $@.tmp $(KERNELS_OBJ) && mv $@.tmp $@
 
+# Everything claimed about NVIDIA GPUs, checked on the one this runs on (bench/gpu_check.py): the kernels built and
+# tested, their bandwidth, the CUDA and TensorRT providers and engines on ../shared/models, NVML energy, one job end
+# to end; rows appended to bench/RESULTS.md. Uses the venv where there is one, else the machine's python3 (a lent
+# GPU machine has torch and CUDA but no venv); without a GPU it says so and exits 0.
+GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf $(VENV) .modelpress .pytest_cache kernels/build

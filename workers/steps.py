@@ -177,10 +177,16 @@ def execute(run: JobRun, workdir: Path, model_path: Path, model_format: str, spe
     run.check_cancel()
     evaluate = spec["evaluate"]
     target = spec.get("target")
-    if target is not None and target.get("runtime", "onnxruntime") != "onnxruntime":
+    if target is not None and target.get("runtime", "onnxruntime") == "onnxruntime" and target.get("device") == "cuda":
+        # ONNX Runtime on CUDA: nothing to lower; the steps' model and the original on the CUDA provider, beside the
+        # original on the CPU provider (workers.measure.targets.load_gpu_target).
+        target_report = {"spec": dict(target), "label": "ONNX Runtime CUDA",
+                         "how_to_run": "onnxruntime.InferenceSession(path, providers=['CUDAExecutionProvider', "
+                                       "'CPUExecutionProvider']) with onnxruntime-gpu"}
+    elif target is not None and target.get("runtime", "onnxruntime") != "onnxruntime":
         # A target runtime: the steps' model is lowered to it and measured there, beside the original on ONNX
         # Runtime and on the target at f32 (the runtime's gain and the compression's).
-        from workers.openvino.job import lower_for_target
+        from workers.lowering import lower_for_target
 
         # No steps: the upload as it came (OpenVINO's frontend fuses more of it than of the normalized model).
         lowered = lower_for_target(run, target, current if steps else original, workdir, evaluate, input_shapes,

@@ -102,12 +102,27 @@ def _nncf() -> dict[str, Any]:
     return {"version": nncf.__version__}
 
 
+def _tensorrt() -> dict[str, Any]:
+    """TensorRT's version, and the CUDA device it would build for (through torch, which stages its buffers): an
+    import that works on a machine without a usable GPU is no TensorRT target."""
+    import tensorrt
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"tensorrt {tensorrt.__version__} imports, but torch {torch.__version__} sees no CUDA "
+                           "device (a CPU build of torch, or no driver)")
+    props = torch.cuda.get_device_properties(0)
+    return {"version": str(tensorrt.__version__), "cuda_device": str(props.name),
+            "compute_capability": f"{props.major}.{props.minor}"}
+
+
 def probe() -> dict[str, Any]:
     """This machine as a worker sees it: host, CPU, memory, GPUs, and the runtimes and tools that import here (with
     the reason for each that does not, under `unavailable`)."""
     runtimes: dict[str, Any] = {}
     unavailable: dict[str, str] = {}
-    for name, look in (("onnxruntime", _onnxruntime), ("openvino", _openvino), ("nncf", _nncf)):
+    for name, look in (("onnxruntime", _onnxruntime), ("openvino", _openvino), ("nncf", _nncf),
+                       ("tensorrt", _tensorrt)):
         try:
             runtimes[name] = look()
         except Exception as exc:  # not installed, or a plugin that fails to load: this worker cannot serve it
@@ -149,12 +164,15 @@ def target_key(t: dict[str, Any]) -> str:
 
 
 def servable_targets(found: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets a probe's machine can serve: ONNX Runtime on the CPU always, on CUDA with its CUDA provider;
-    OpenVINO on the CPU at f32, at bf16 only where the CPU plugin lists BF16 among its optimization capabilities,
-    and at int8 where NNCF imports (int8_bf16, with bf16 for the layers that stay float, where both hold)."""
+    """The targets a probe's machine can serve: ONNX Runtime on the CPU always, on CUDA with its CUDA provider and
+    a GPU nvidia-smi lists; OpenVINO on the CPU at f32, at bf16 only where the CPU plugin lists BF16 among its
+    optimization capabilities, and at int8 where NNCF imports (int8_bf16, with bf16 for the layers that stay float,
+    where both hold); TensorRT on CUDA at f32, f16 and int8 where it imports, torch sees a CUDA device and
+    nvidia-smi lists a GPU. `unservable_gpu_targets` says why a GPU target is missing."""
     runtimes = found.get("runtimes") or {}
     servable = [target("onnxruntime", "cpu", None)]
-    if "CUDAExecutionProvider" in (runtimes.get("onnxruntime") or {}).get("providers", []):
+    gpu_reasons = unservable_gpu_targets(found)
+    if "onnxruntime.cuda" not in gpu_reasons:
         servable.append(target("onnxruntime", "cuda", None))
     ov_cpu = ((runtimes.get("openvino") or {}).get("devices") or {}).get("CPU")
     if ov_cpu is not None:
@@ -165,7 +183,29 @@ def servable_targets(found: dict[str, Any]) -> list[dict[str, Any]]:
             servable.append(target("openvino", "cpu", "int8"))
             if "BF16" in (ov_cpu.get("capabilities") or []):
                 servable.append(target("openvino", "cpu", "int8_bf16"))
+    if "tensorrt.cuda" not in gpu_reasons:
+        servable += [target("tensorrt", "cuda", precision) for precision in ("f32", "f16", "int8")]
     return servable
+
+
+def unservable_gpu_targets(found: dict[str, Any]) -> dict[str, str]:
+    """Why the probe's machine cannot serve each GPU target ({} where it serves both): onnxruntime.cuda needs
+    onnxruntime-gpu's CUDAExecutionProvider and a GPU nvidia-smi lists; tensorrt.cuda needs `import tensorrt`, a
+    CUDA device torch sees, and that GPU."""
+    runtimes, unavailable = found.get("runtimes") or {}, found.get("unavailable") or {}
+    reasons: dict[str, str] = {}
+    no_gpu = None if found.get("gpus") else "nvidia-smi lists no NVIDIA GPU on this machine"
+    providers = (runtimes.get("onnxruntime") or {}).get("providers", [])
+    if "CUDAExecutionProvider" not in providers:
+        reasons["onnxruntime.cuda"] = (f"this onnxruntime offers {', '.join(providers) or 'no provider'}, not "
+                                       "CUDAExecutionProvider (install onnxruntime-gpu with CUDA and cuDNN)")
+    elif no_gpu:
+        reasons["onnxruntime.cuda"] = no_gpu
+    if not runtimes.get("tensorrt"):
+        reasons["tensorrt.cuda"] = "TensorRT is unusable here: " + unavailable.get("tensorrt", "it was not probed")
+    elif no_gpu:
+        reasons["tensorrt.cuda"] = no_gpu
+    return reasons
 
 
 def select_targets(servable: list[dict[str, Any]], patterns: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -199,4 +239,5 @@ def worker_targets(found: dict[str, Any], patterns: str, consumed: Iterable[str]
 
 if __name__ == "__main__":
     found = probe()
-    print(json.dumps({"probe": found, "servable": servable_targets(found)}))
+    print(json.dumps({"probe": found, "servable": servable_targets(found),
+                      "not_servable": unservable_gpu_targets(found)}))

@@ -218,10 +218,10 @@ class JobCreate(Strict):
             raise ValueError("a goal replaces steps, a recipe and a target: the search chooses them (and tries every "
                              "target the workers serve)")
         if self.steps is None and self.recipe is None and self.goal is None:
-            if self.target is not None and self.target.is_default:
-                raise ValueError("give steps or a recipe with the onnxruntime cpu target (only another target may go "
-                                 "without: its lowering is the compression), or leave the target out for the default "
-                                 "goal")
+            if self.target is not None and self.target.runtime == "onnxruntime":
+                raise ValueError(f"give steps or a recipe with the onnxruntime {self.target.device} target (only "
+                                 "another runtime may go without: its lowering is the compression), or leave the "
+                                 "target out for the default goal")
             if self.target is None:
                 # Only a model: the default goal (fastest at batch 1 within cosine 0.99).
                 self.goal = GoalSpec()

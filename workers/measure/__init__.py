@@ -47,7 +47,7 @@ from workers.measure.runtime import (
 from workers.measure.size import load_structure
 from workers.measure.spec import MeasureSpec
 from workers.measure.stats import NOISY_CV, show_speedup, speedup_interval, summarize
-from workers.measure.targets import MEASURED_ROLES, feed_of, ir_size, is_ir
+from workers.measure.targets import MEASURED_ROLES, feed_of, is_lowered, lowered_size
 from workers.onnx_tools.graph import model_size
 from workers.onnx_tools.inputs import ROLES, InputPlan, plan_inputs
 
@@ -115,7 +115,7 @@ def measure_pair(baseline: Path, result: Path, spec: MeasureSpec | None = None, 
     run = _Measuring(spec=spec.checked(), paths={"baseline": Path(baseline), "result": Path(result)},
                      progress=_Progress(spec.on_progress))
     structures = {role: load_structure(run.paths[role], role_name=ROLE_NAMES[role]) for role in ROLES
-                  if not is_ir(run.paths[role])}
+                  if not is_lowered(run.paths[role])}
     size = _size_report(run.paths, structures, run.notes)
     structures.setdefault("result", structures["baseline"])  # an IR result: the inputs are the original's
     started = _load_sessions(run)
@@ -233,8 +233,9 @@ def _measure_provider(run: _Measuring, entry: dict[str, Any], plan: InputPlan,
                       rebalance: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """(latency, energy and cold start on one provider; its raw per-call samples)."""
     spec, provider = run.spec, entry["provider"]
-    # A CPU target runtime takes host arrays like ONNX Runtime's CPU provider: nothing to bind on a device.
-    on_device = provider != "CPUExecutionProvider" and "target" not in entry
+    # A CPU target runtime takes host arrays like ONNX Runtime's CPU provider: nothing to bind on a device; a GPU
+    # target's entry says on_device.
+    on_device = provider != "CPUExecutionProvider" and ("target" not in entry or bool(entry.get("on_device")))
     latency, kept = _latency(entry, plan, spec.warmup, spec.iterations, spec.seed, run.progress, run.checkpoint,
                              bound=on_device and not spec.include_io,
                              reopen=(entry["reopen"] if "reopen" in entry else
@@ -301,7 +302,10 @@ def _assemble(run: _Measuring, plan: InputPlan, working: list[int], size: dict, 
         from workers.measure.environment import package_version
 
         environment["target"] = dict(run.spec.target)
-        environment["versions"]["openvino"] = package_version("openvino")
+        runtime = run.spec.target.get("runtime") or "openvino"
+        if runtime != "onnxruntime":  # its version is there already
+            environment["versions"][runtime] = package_version(runtime) or package_version(f"{runtime}-cu13") \
+                or package_version(f"{runtime}-cu12")
     report = {
         "environment": environment,
         "inputs": [i.describe() for i in plan.inputs],
@@ -341,8 +345,8 @@ def _warm_up_runtime(threads: int) -> None:
 
 
 def _size_report(paths: dict[str, Path], structures: dict[str, Any], notes: list[str]) -> dict[str, Any]:
-    size: dict[str, Any] = {role: ir_size(paths[role]) if is_ir(paths[role]) else model_size(paths[role], structures[role])
-                            for role in ROLES}
+    size: dict[str, Any] = {role: lowered_size(paths[role]) if is_lowered(paths[role])
+                            else model_size(paths[role], structures[role]) for role in ROLES}
     base, res = size["baseline"]["file_bytes"], size["result"]["file_bytes"]
     size["ratio"] = round(res / base, 4) if base else None
     if base and res > base:

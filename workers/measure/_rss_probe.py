@@ -17,6 +17,17 @@ def status_bytes(key: str) -> int:
     raise OSError(f"/proc/self/status has no {key}")
 
 
+def reset_peak() -> bool:
+    """Reset VmHWM (the peak) to the current resident size; False (with the error printed) where it cannot be."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError as exc:
+        print(json.dumps({"error": f"cannot reset the peak-RSS mark (/proc/self/clear_refs): {exc}"}))
+        return False
+    return True
+
+
 def device_used_bytes():
     """(bytes in use on GPU 0 by everyone, None) from NVML, or (None, why not)."""
     import ctypes
@@ -40,6 +51,9 @@ def main() -> None:
     model, feeds_path, providers, threads, runs = sys.argv[1:6]
     import numpy as np
 
+    if isinstance(json.loads(providers), dict) and "tensorrt" in json.loads(providers):
+        tensorrt_main(model, feeds_path, int(runs))
+        return
     if isinstance(json.loads(providers), dict):
         openvino_main(model, feeds_path, json.loads(providers)["openvino"], int(threads), int(runs))
         return
@@ -86,11 +100,7 @@ def openvino_main(model: str, feeds_path: str, config: dict, threads: int, runs:
         feeds = {name: data[name] for name in data.files}
     core = ov.Core()
     before = status_bytes("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError as exc:
-        print(json.dumps({"error": f"cannot reset the peak-RSS mark (/proc/self/clear_refs): {exc}"}))
+    if not reset_peak():
         return
     read = core.read_model(model)
     read.reshape({port.get_any_name(): list(feeds[name].shape) for port in read.inputs
@@ -104,6 +114,45 @@ def openvino_main(model: str, feeds_path: str, config: dict, threads: int, runs:
         request.infer(by_port)
     print(json.dumps({"peak_rss_increase_bytes": status_bytes("VmHWM") - before,
                       "retained_rss_increase_bytes": status_bytes("VmRSS") - before}))
+
+
+def tensorrt_main(model: str, feeds_path: str, runs: int) -> None:
+    """The same figures for a TensorRT engine run through its execution context (host and device memory); torch
+    stages the buffers, as workers.tensorrt.session does."""
+    import numpy as np
+    import tensorrt as trt
+    import torch
+
+    with np.load(feeds_path) as data:
+        feeds = {name: data[name] for name in data.files}
+    torch.cuda.init()
+    before = status_bytes("VmRSS")
+    if not reset_peak():
+        return
+    device_before, device_reason = device_used_bytes()
+    engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(open(model, "rb").read())
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    buffers = {}
+    for name in names:
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            buffers[name] = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda()
+            context.set_input_shape(name, tuple(feeds[name].shape))
+    for name in names:
+        if name not in buffers:
+            dtype = torch.from_numpy(np.empty(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
+            buffers[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+        context.set_tensor_address(name, int(buffers[name].data_ptr()))
+    stream = torch.cuda.Stream()
+    for _ in range(runs):
+        context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+    device_after, reason = device_used_bytes() if device_before is not None else (None, device_reason)
+    print(json.dumps({"peak_rss_increase_bytes": status_bytes("VmHWM") - before,
+                      "retained_rss_increase_bytes": status_bytes("VmRSS") - before,
+                      "device_memory_increase_bytes": None if device_after is None else device_after - device_before,
+                      "device_memory_reason": reason}))
+
 
 
 if __name__ == "__main__":

@@ -99,7 +99,9 @@ def nvml_counter() -> tuple[NvmlCounter | None, str]:
 def open_counter(provider: str, *, powercap: Path = POWERCAP):
     """The counter that covers the device the provider runs on, or None and why not."""
     counter: NvmlCounter | RaplCounter | None
-    if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+    # A GPU target's entry is labelled "TensorRT CUDA (precision)" or "ONNX Runtime CUDA" (workers.measure.targets).
+    if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") or \
+            provider.startswith(("TensorRT CUDA", "ONNX Runtime CUDA")):
         counter, why = nvml_counter()
     else:
         counter, why = rapl_counter(powercap)

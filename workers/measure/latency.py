@@ -57,7 +57,12 @@ def plain_call(session: Any, feed: dict[str, np.ndarray]) -> Callable[[], Any]:
 
 def bound_call(session: Any, feed: dict[str, np.ndarray], device: str = "cuda") -> Callable[[], Any]:
     """A call with inputs copied to the device once and outputs left there (ONNX Runtime's I/O binding),
-    synchronised with the device at the end of each call, so the time is the model's, not the copies'."""
+    synchronised with the device at the end of each call, so the time is the model's, not the copies'. A session of
+    another runtime that binds its own inputs (workers.tensorrt.session.TensorRTSession.bind) does it its way."""
+    if hasattr(session, "bind"):
+        return session.bind(feed)
+    if device != "cpu" and session.get_providers()[0] == "CPUExecutionProvider":
+        return plain_call(session, feed)  # a GPU target's baseline on the CPU provider: nothing to bind on a device
     import onnxruntime as ort
 
     binding = session.io_binding()

@@ -8,6 +8,7 @@ teacher when the training data has no labels.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -73,15 +74,47 @@ def _cast(array, dtype):
     return np.ascontiguousarray(array.astype(dtype, copy=False))
 
 
+def training_device():
+    """CUDA where the worker has a GPU (the kernels and AMP then apply), else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def on_training_device(rnd: Round):
+    """rnd's module (and teacher) on the training device while the block runs, then back where they were: on a GPU
+    worker magnitude masks are then computed by kernels.magnitude_threshold and N:M masks by kernels.nm_mask on the
+    CUDA weights, and fine-tuning runs under AMP; the export reads the module on the CPU."""
+    device = training_device()
+    before = next((p.device for p in rnd.module.parameters()), device)
+    rnd.module.to(device)
+    if rnd.teacher is not None:
+        rnd.teacher.to(device)
+    try:
+        yield device
+    finally:
+        rnd.module.to(before)
+        if rnd.teacher is not None:
+            rnd.teacher.to(before)
+
+
 def fine_tune(rnd: Round, params: FineTuneParams, ctx: StepContext, *, start: float, end: float,
               masks: Any = None, sparsity_schedule: Callable[[int], float] | None = None) -> dict[str, Any]:
-    """Fine-tune rnd.module on the step's training data (progress between `start` and `end`), or say why not."""
-    from workers import bridge
-    from workers.prune.algorithms import finetune
-
+    """Fine-tune rnd.module on the step's training data (progress between `start` and `end`), or say why not;
+    on the GPU where there is one (on_training_device)."""
     train = ctx.datasets.get("train_dataset_id")
     if train is None:
         return {"skipped": "no train_dataset_id: pruned one-shot, without fine-tuning"}
+    with on_training_device(rnd):
+        return _fine_tune(rnd, params, ctx, train, start=start, end=end, masks=masks,
+                          sparsity_schedule=sparsity_schedule)
+
+
+def _fine_tune(rnd: Round, params: FineTuneParams, ctx: StepContext, train: Any, *, start: float, end: float,
+               masks: Any, sparsity_schedule: Callable[[int], float] | None) -> dict[str, Any]:
+    from workers import bridge
+    from workers.prune.algorithms import finetune
     eval_data = ctx.datasets.get("eval_dataset_id")
     epochs = params.epochs
 

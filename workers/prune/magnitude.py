@@ -12,7 +12,7 @@ from pathlib import Path
 from app.catalog.prune.magnitude import PruneMagnitudeParams
 from workers.methods import implements
 from workers.methods.base import StepContext, StepOutput
-from workers.prune.common import convert, export, fine_tune, resolve_layers
+from workers.prune.common import convert, export, fine_tune, on_training_device, resolve_layers
 
 DENSE_RUNTIME_NOTE = (
     "Unstructured zeros do not make dense runtimes faster: ONNX Runtime multiplies them like any other weight, so "
@@ -23,10 +23,32 @@ DENSE_RUNTIME_NOTE = (
 
 @implements("prune.magnitude")
 def run(input_path: Path, params: PruneMagnitudeParams, out_dir: Path, ctx: StepContext) -> StepOutput:
-    from workers.prune.algorithms import Masks, compressed_sizes, polynomial_sparsity, sparsity_report
+    from workers.prune.algorithms import compressed_sizes, sparsity_report
 
     rnd = convert(input_path, ctx)
     ignored = resolve_layers(rnd.module, params.ignored_layers)
+    with on_training_device(rnd):  # the thresholds by kernels.magnitude_threshold on a GPU worker
+        _masks(rnd, params, ignored, ctx)
+    path = export(rnd, out_dir, ctx)
+    after = sparsity_report(rnd.module, ignored)
+    rnd.details["sparsity"] = after
+    original, pruned = compressed_sizes(input_path), compressed_sizes(path)
+    rnd.details["compressed_size"] = {"original": original, "result": pruned}
+    codec = "zstd" if pruned.get("zstd") and original.get("zstd") else "gzip"
+    ratio = pruned[codec] / original[codec]
+    rnd.details["compressed_size"][f"{codec}_ratio"] = round(ratio, 4)
+    rnd.details["warnings"] = [
+        f"{after['total']['sparsity']:.0%} of the weights are zeros: compressed with {codec} the model is "
+        f"{1 / ratio:.1f}x smaller than the original compressed ({pruned[codec]:,} vs {original[codec]:,} bytes). "
+        + DENSE_RUNTIME_NOTE
+    ]
+    return StepOutput(model_path=path, details=rnd.details)
+
+
+def _masks(rnd, params: PruneMagnitudeParams, ignored, ctx: StepContext):
+    """The magnitude masks at params.sparsity, one-shot or gradual, fine-tuned where the step has training data."""
+    from workers.prune.algorithms import Masks, polynomial_sparsity
+
     schedule = None
     if params.schedule == "gradual":
         train = ctx.datasets["train_dataset_id"]
@@ -46,17 +68,4 @@ def run(input_path: Path, params: PruneMagnitudeParams, out_dir: Path, ctx: Step
                                            sparsity_schedule=schedule)
     # The result holds the target sparsity exactly, whatever the schedule did on the way.
     masks.recompute(params.sparsity)
-    path = export(rnd, out_dir, ctx)
-    after = sparsity_report(rnd.module, ignored)
-    rnd.details["sparsity"] = after
-    original, pruned = compressed_sizes(input_path), compressed_sizes(path)
-    rnd.details["compressed_size"] = {"original": original, "result": pruned}
-    codec = "zstd" if pruned.get("zstd") and original.get("zstd") else "gzip"
-    ratio = pruned[codec] / original[codec]
-    rnd.details["compressed_size"][f"{codec}_ratio"] = round(ratio, 4)
-    rnd.details["warnings"] = [
-        f"{after['total']['sparsity']:.0%} of the weights are zeros: compressed with {codec} the model is "
-        f"{1 / ratio:.1f}x smaller than the original compressed ({pruned[codec]:,} vs {original[codec]:,} bytes). "
-        + DENSE_RUNTIME_NOTE
-    ]
-    return StepOutput(model_path=path, details=rnd.details)
+    return masks

@@ -180,14 +180,15 @@ def _datasets(state: Search) -> dict[str, str | None]:
 
 @functools.lru_cache(maxsize=1)
 def _served_targets() -> list[dict[str, Any]]:
-    """The OpenVINO targets this worker serves (the same choice its registration made); probed once per job."""
+    """The targets besides ONNX Runtime on the CPU this worker serves (the same choice its registration made:
+    OpenVINO, and on a GPU worker ONNX Runtime's CUDA provider and TensorRT); probed once per job."""
     try:
         from workers.targets import probe, worker_targets
 
         chosen = worker_targets(probe(), get_settings().worker_targets, [])
     except Exception:  # no OpenVINO here: the targets family has nothing to offer
         return []
-    return [t for t in chosen if t.get("runtime") != "onnxruntime"]
+    return [t for t in chosen if not (t.get("runtime") == "onnxruntime" and t.get("device") == "cpu")]
 
 
 def _first_plans(state: Search) -> list[Plan]:
@@ -211,6 +212,7 @@ def _first_plans(state: Search) -> list[Plan]:
                     target["calibration_dataset_id"] = sets["calibration"]
                 plans.append(Plan(f"openvino-{precision}", "targets", target=target,
                                   why="a runtime switch is a candidate like any other"))
+        plans += _gpu_plans(state, served, sets["calibration"])
         if not served:
             state.notes.append("this worker serves no target besides ONNX Runtime on the CPU: no runtime switch "
                                "was tried (GET /v1/targets)")
@@ -244,6 +246,27 @@ def _first_plans(state: Search) -> list[Plan]:
                 "distill.kd", train_dataset_id=sets["train"], eval_dataset_id=sets["eval"], epochs=5)]))
         elif state.goal.get("families") and "distill" in state.goal["families"]:
             state.notes.append("distillation was not tried: it needs goal.datasets.train_dataset_id")
+    return plans
+
+
+def _gpu_plans(state: Search, served: list[dict[str, Any]], calibration: str | None) -> list[Plan]:
+    """A GPU worker's candidates: the model on ONNX Runtime's CUDA provider, in float16 there (tensor cores), and
+    TensorRT engines at f16 and int8 (calibrated on the calibration dataset, else on random inputs)."""
+    plans: list[Plan] = []
+    keys = {(t.get("runtime"), t.get("device"), t.get("precision")) for t in served}
+    if ("onnxruntime", "cuda", None) in keys:
+        cuda: dict[str, Any] = {"runtime": "onnxruntime", "device": "cuda", "precision": None}
+        plans.append(Plan("cuda", "targets", target=cuda, why="ONNX Runtime's CUDA provider: a runtime switch"))
+        if state.allowed("quantize"):
+            plans.append(Plan("cuda-fp16", "targets", steps=[_step("quantize.fp16")], target=dict(cuda),
+                              why="float16 on the GPU, whose tensor cores run it faster than float32"))
+    for precision in ("f16", "int8"):
+        if ("tensorrt", "cuda", precision) in keys:
+            target: dict[str, Any] = {"runtime": "tensorrt", "device": "cuda", "precision": precision}
+            if precision == "int8" and calibration:
+                target["calibration_dataset_id"] = calibration
+            plans.append(Plan(f"tensorrt-{precision}", "targets", target=target,
+                              why="a TensorRT engine built for this worker's GPU"))
     return plans
 
 
@@ -395,13 +418,13 @@ def _try(state: Search, plan: Plan) -> Tried:
             current, rewired = keep_inputs_float(current, steps[0]["params"]["nodes_to_exclude"], out / "mixed.onnx")
             tried.details[0]["details"] = {**(tried.details[0]["details"] or {}), "rewired_inputs": rewired}
         measured_path = current
-        if plan.target is not None:
-            from workers.openvino.job import lower_for_target
+        if plan.target is not None and plan.target.get("runtime") != "onnxruntime":
+            from workers.lowering import lower_for_target
 
             here, lowering_started = _fraction(state), time.monotonic()
             lowered = lower_for_target(state.run, plan.target, current, out, state.spec["evaluate"],
                                        state.input_shapes, share=(here, here), store=False)
-            tried.details.append({"method": "lower.openvino", "details": lowered.record["details"],
+            tried.details.append({"method": lowered.record["method"], "details": lowered.record["details"],
                                   "seconds": round(time.monotonic() - lowering_started, 3)})
             measured_path = lowered.path
         tried.path = measured_path
@@ -587,7 +610,8 @@ def _store_model(state: Search, plan: Plan, path: Path) -> str:
         name = f"candidate-{index:02d}-{plan.name}.zip"
         state.run.store_artifact(archive, name=name, kind=MODEL_KIND, content_type="application/zip")
         return name
-    name = f"candidate-{index:02d}-{plan.name}.onnx"
+    # An engine keeps its own name (the TensorRT version and the GPU it is bound to) after the candidate's.
+    name = f"candidate-{index:02d}-{plan.name}" + (f"-{path.name}" if path.suffix == ".engine" else ".onnx")
     state.run.store_artifact(path, name=name, kind=MODEL_KIND, content_type="application/octet-stream")
     return name
 
@@ -845,7 +869,7 @@ def _finish(state: Search):
         [] if handed else ["nothing is handed over as the result: no candidate met the goal; every candidate is "
                            "downloadable (candidate-*) and the report says what came closest"])
     summary.steps = [s["method"] for s in (best.plan.steps if best else [])] + (
-        ["lower.openvino"] if best and best.plan.target else [])
+        _lowering(best.plan.target) if best else [])
     candidates = [_candidate(t) for t in state.tried.values()]
     report = JobReport(
         report_version=REPORT_VERSION, job_id=run.job_id, sandbox=run.sandbox, intake=state.intake.record,
@@ -874,7 +898,8 @@ def _hand_over(state: Search, best: Tried) -> dict[str, Any]:
     if best.path is not None and best.path.suffix == ".xml":
         archive = best.path.parent / "candidate.zip"
         return state.run.store_artifact(archive, name="model_openvino.zip", kind="model", content_type="application/zip")
-    return state.run.store_artifact(best.path, name="model.onnx", kind="model", content_type="application/octet-stream")
+    name = best.path.name if best.path is not None and best.path.suffix == ".engine" else "model.onnx"
+    return state.run.store_artifact(best.path, name=name, kind="model", content_type="application/octet-stream")
 
 
 def _steps_record(best: Tried, handed: dict[str, Any]) -> list[dict[str, Any]]:
@@ -882,10 +907,10 @@ def _steps_record(best: Tried, handed: dict[str, Any]) -> list[dict[str, Any]]:
     from workers import methods
 
     records = []
-    steps = list(best.plan.steps) + ([{"method": "lower.openvino", "params": best.plan.target}]
-                                     if best.plan.target else [])
+    steps = list(best.plan.steps) + [{"method": method, "params": best.plan.target}
+                                     for method in _lowering(best.plan.target)]
     for index, step in enumerate(steps, start=1):
-        version = methods.get(step["method"]).version if step["method"] != "lower.openvino" else 1
+        version = methods.get(step["method"]).version if not step["method"].startswith("lower.") else 1
         done = best.details[index - 1] if index - 1 < len(best.details) else {}
         records.append({"index": index, "method": step["method"], "version": version, "params": step["params"],
                         "duration_s": done.get("seconds", 0.0), "details": done.get("details", {}),
@@ -893,11 +918,18 @@ def _steps_record(best: Tried, handed: dict[str, Any]) -> list[dict[str, Any]]:
     return records
 
 
+def _lowering(target: dict[str, Any] | None) -> list[str]:
+    """The lowering step a candidate's target adds ([] for none, and for ONNX Runtime, which runs the model as is)."""
+    from workers.lowering import lowering_method
+
+    return [] if target is None or target.get("runtime") == "onnxruntime" else [lowering_method(target)]
+
+
 def _candidate(tried: Tried) -> Candidate:
     from app.reports import JobSummary
 
     steps = [s["method"] for s in tried.plan.steps] + ([tried.plan.transform] if tried.plan.transform else []) + (
-        ["lower.openvino"] if tried.plan.target else [])
+        _lowering(tried.plan.target))
     data: dict[str, Any] = {"name": tried.plan.name, "steps": steps, "family": tried.plan.family,
                             "status": tried.status, "seconds": round(tried.seconds, 2), "artifact": tried.artifact,
                             "verdict": tried.verdict, "error": tried.error, "why": tried.plan.why or None,
