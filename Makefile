@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP_INSTALL) -e '.[dev]'
 	# onnx2torch without its declared torchvision (see pyproject.toml)
 	$(PIP_INSTALL) --no-deps onnx2torch
+	# onnx2tf (the LiteRT target's exporter) and tf-keras without their declared dependencies: onnx2tf pins
+	# tensorflow 2.19, onnx 1.19, onnxruntime 1.23 and numpy 1.26, and tf-keras asks for `tensorflow`, which would
+	# install the full TensorFlow beside tensorflow-cpu; both run on the pinned tensorflow-cpu 2.21
+	$(PIP_INSTALL) --no-deps onnx2tf tf-keras
 	# tf2onnx installs its own test suite as a top-level `tests` package, which would shadow ours in scripts
 	# run from outside the repository root
 	rm -rf $(VENV)/lib/python*/site-packages/tests

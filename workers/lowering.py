@@ -1,6 +1,6 @@
 """A job's target lowering, by runtime: OpenVINO IR on the CPU (workers.openvino.job), TensorRT engines on an NVIDIA
-GPU (workers.tensorrt.job). Both return workers.openvino.job.LoweredForJob; each module imports its runtime
-only when it lowers."""
+GPU (workers.tensorrt.job), LiteRT .tflite files for mobile (workers.litert.job). All return
+workers.openvino.job.LoweredForJob; each module imports its runtime only when it lowers."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,6 +21,8 @@ def lower_for_target(run, target: dict[str, Any], model: Path, workdir: Path, ev
         from workers.openvino.job import lower_for_target as lower
     elif runtime == "tensorrt":
         from workers.tensorrt.job import lower_for_target as lower
+    elif runtime == "litert":
+        from workers.litert.job import export_for_target as lower
     else:
         raise JobFailed(f"this worker cannot lower to the {runtime} {target.get('device')} target",
                         code="no_worker_for_target")

@@ -116,13 +116,29 @@ def _tensorrt() -> dict[str, Any]:
             "compute_capability": f"{props.major}.{props.minor}"}
 
 
+def _litert() -> dict[str, Any]:
+    """LiteRT's CPU interpreter (ai-edge-litert) and what exports to it: onnx2tf and TensorFlow, found without being
+    imported (TensorFlow takes seconds to import, and the export runs in a process of its own anyway)."""
+    from importlib.metadata import version
+    from importlib.util import find_spec
+
+    from ai_edge_litert.interpreter import Interpreter  # noqa: F401 - the runtime itself must load
+
+    missing = [name for name in ("onnx2tf", "tensorflow", "tf_keras", "onnx_graphsurgeon") if find_spec(name) is None]
+    if missing:
+        raise RuntimeError(f"ai-edge-litert {version('ai-edge-litert')} loads, but the export to it needs "
+                           f"{', '.join(missing)}, which is not installed")
+    return {"version": version("ai-edge-litert"), "onnx2tf": version("onnx2tf"),
+            "tensorflow": version("tensorflow-cpu") if find_spec("tensorflow") else None}
+
+
 def probe() -> dict[str, Any]:
     """This machine as a worker sees it: host, CPU, memory, GPUs, and the runtimes and tools that import here (with
     the reason for each that does not, under `unavailable`)."""
     runtimes: dict[str, Any] = {}
     unavailable: dict[str, str] = {}
     for name, look in (("onnxruntime", _onnxruntime), ("openvino", _openvino), ("nncf", _nncf),
-                       ("tensorrt", _tensorrt)):
+                       ("tensorrt", _tensorrt), ("litert", _litert)):
         try:
             runtimes[name] = look()
         except Exception as exc:  # not installed, or a plugin that fails to load: this worker cannot serve it
@@ -168,7 +184,8 @@ def servable_targets(found: dict[str, Any]) -> list[dict[str, Any]]:
     a GPU nvidia-smi lists; OpenVINO on the CPU at f32, at bf16 only where the CPU plugin lists BF16 among its
     optimization capabilities, and at int8 where NNCF imports (int8_bf16, with bf16 for the layers that stay float,
     where both hold); TensorRT on CUDA at f32, f16 and int8 where it imports, torch sees a CUDA device and
-    nvidia-smi lists a GPU. `unservable_gpu_targets` says why a GPU target is missing."""
+    nvidia-smi lists a GPU; LiteRT on the CPU at f32, f16 and int8 where its interpreter loads and onnx2tf and
+    TensorFlow are installed. `unservable_gpu_targets` says why a GPU target is missing."""
     runtimes = found.get("runtimes") or {}
     servable = [target("onnxruntime", "cpu", None)]
     gpu_reasons = unservable_gpu_targets(found)
@@ -185,6 +202,8 @@ def servable_targets(found: dict[str, Any]) -> list[dict[str, Any]]:
                 servable.append(target("openvino", "cpu", "int8_bf16"))
     if "tensorrt.cuda" not in gpu_reasons:
         servable += [target("tensorrt", "cuda", precision) for precision in ("f32", "f16", "int8")]
+    if runtimes.get("litert"):
+        servable += [target("litert", "cpu", precision) for precision in ("f32", "f16", "int8")]
     return servable
 
 

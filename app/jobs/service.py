@@ -173,6 +173,13 @@ def route(*, db: Session, settings: Settings, spec: JobCreate) -> tuple[str, dic
     if spec.queue is not None and spec.queue != queue:
         raise InvalidParams(f"queue: {spec.queue!r} does not serve the target {target_name(*target.key())}, "
                             f"whose jobs go to the queue {queue!r}; leave queue out", field="queue")
+    if target.runtime == "litert" and target.effective_precision == "int8" and not target.calibration_dataset_id \
+            and not spec.evaluate.eval_dataset_id:
+        # Full-integer int8 fixes every activation's range from real samples; random ones would mislead it.
+        raise InvalidParams("full-integer int8 on the litert target needs calibration samples (a representative "
+                            "dataset): give target.calibration_dataset_id, or an eval dataset "
+                            "(evaluate.eval_dataset_id) whose inputs it calibrates on",
+                            code="calibration_required", field="target.calibration_dataset_id")
     targets.check_served(db=db, settings=settings, target=target)
     return queue, stored
 

@@ -36,11 +36,14 @@ class TargetSpec(BaseModel):
         default=None,
         description="Inference precision on the target runtime (openvino: f32, bf16 where the CPU has it, int8 "
         "through NNCF post-training quantization with the layers that stay float in f32, int8_bf16 the same with "
-        "them in bf16, as OpenVINO compiles by default on a CPU with BF16). Not for onnxruntime, where the steps "
-        "decide. Default: f32.")
+        "them in bf16, as OpenVINO compiles by default on a CPU with BF16; litert: f32, f16 weights, or "
+        "full-integer int8 calibrated on a representative dataset, which it requires). Not for onnxruntime, where "
+        "the steps decide. Default: f32.")
     calibration_dataset_id: str | None = Field(
-        default=None, description="int8: the samples NNCF calibrates on (a dataset from POST /v1/datasets). "
-        "Default: the eval dataset's inputs, else random inputs at the job's input shapes.")
+        default=None, description="int8: the samples NNCF (openvino) or TFLite's converter (litert's "
+        "representative dataset) calibrates on (a dataset from POST /v1/datasets). Default: the eval dataset's "
+        "inputs, else random inputs at the job's input shapes on openvino; litert refuses int8 without samples "
+        "(422 calibration_required).")
     calibration_samples: int = Field(default=300, ge=1, le=10_000,
                                      description="int8: calibrate on at most this many samples.")
     max_accuracy_drop: float | None = Field(
@@ -62,6 +65,8 @@ class TargetSpec(BaseModel):
         for name, value in int8_only.items():
             if value is not None and not (self.effective_precision or "").startswith("int8"):
                 raise ValueError(f"{name} is used only with precision int8")
+        if self.max_accuracy_drop is not None and self.runtime != "openvino":
+            raise ValueError("max_accuracy_drop is NNCF's accuracy control, on the openvino target only")
         return self
 
     @property

@@ -38,7 +38,10 @@ def _versions(target: dict[str, Any], capabilities: dict[str, Any]) -> dict[str,
     runtimes = capabilities.get("runtimes") or {}
     names = [target.get("runtime") or ""] + (["nncf"] if target.get("runtime") == "openvino" and
                                              str(target.get("precision")).startswith("int8") else [])
-    return {name: str(runtimes[name]["version"]) for name in names if (runtimes.get(name) or {}).get("version")}
+    found = {name: str(runtimes[name]["version"]) for name in names if (runtimes.get(name) or {}).get("version")}
+    if target.get("runtime") == "litert" and (runtimes.get("litert") or {}).get("onnx2tf"):
+        found["onnx2tf"] = str(runtimes["litert"]["onnx2tf"])  # what exports to it
+    return found
 
 
 def summarize(workers: list[Worker]) -> list[TargetPublic]:

@@ -306,6 +306,9 @@ def _assemble(run: _Measuring, plan: InputPlan, working: list[int], size: dict, 
         if runtime != "onnxruntime":  # its version is there already
             environment["versions"][runtime] = package_version(runtime) or package_version(f"{runtime}-cu13") \
                 or package_version(f"{runtime}-cu12")
+        if runtime == "litert":  # LiteRT's interpreter, and what exported the .tflite it runs
+            environment["versions"].update({name: package_version(name) for name in ("ai-edge-litert", "onnx2tf")})
+            environment["versions"]["litert"] = environment["versions"]["ai-edge-litert"]
     report = {
         "environment": environment,
         "inputs": [i.describe() for i in plan.inputs],

@@ -64,9 +64,10 @@ def measure_memory(paths: dict[str, Path], feeds: dict[str, dict[str, np.ndarray
         if base["peak_rss_increase_bytes"] > 0 else None,
     )
     if isinstance(result_providers, dict):
-        runtime = "tensorrt" if "tensorrt" in result_providers else "openvino"
+        runtime = next((r for r in ("tensorrt", "litert") if r in result_providers), "openvino")
         report["runtimes"] = {"baseline": "ONNX Runtime " + providers[0], "result": {
-            "openvino": "OpenVINO ", "tensorrt": "TensorRT "}[runtime] + json.dumps(result_providers.get(runtime))}
+            "openvino": "OpenVINO ", "tensorrt": "TensorRT ", "litert": "LiteRT "}[runtime]
+            + json.dumps(result_providers.get(runtime))}
     if providers[0] != "CPUExecutionProvider":
         report["scope"] = "host memory, and device memory in device_memory_increase_bytes"
         report["device_method"] = ("NVML's used memory on GPU 0 after the runs minus before the session was "

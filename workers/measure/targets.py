@@ -37,14 +37,18 @@ def is_engine(path: Path) -> bool:
 
 
 def is_lowered(path: Path) -> bool:
-    """A target runtime's own format (IR or engine): not parsed as ONNX."""
-    return is_ir(path) or is_engine(path)
+    """A target runtime's own format (IR, engine or .tflite): not parsed as ONNX."""
+    return is_ir(path) or is_engine(path) or Path(path).suffix == ".tflite"
 
 
 def lowered_size(path: Path) -> dict[str, Any]:
     """ir_size, or an engine's: its file (weights and kernels together; TensorRT does not say how many parameters)."""
     if is_ir(path):
         return ir_size(path)
+    if Path(path).suffix == ".tflite":
+        from workers.litert.flatbuffer import size as tflite_size
+
+        return tflite_size(path)
     size = Path(path).stat().st_size
     return {"file_bytes": size, "external_data_files": 0, "parameters": None, "initializer_bytes": None,
             "format": "tensorrt-engine"}
@@ -78,6 +82,8 @@ def target_label(target: dict[str, Any]) -> str:
         from workers.tensorrt.job import target_label as tensorrt_label
 
         return tensorrt_label(target)
+    if target.get("runtime") == "litert":
+        return f"LiteRT {target.get('device', 'cpu').upper()} ({target['precision']})"
     return f"OpenVINO {target.get('device', 'cpu').upper()} ({target['precision']})"
 
 
@@ -88,7 +94,7 @@ def load_target(target: dict[str, Any], paths: dict[str, Path], *, threads: int)
 
     if target.get("device") == "cuda":
         return load_gpu_target(target, paths, threads=threads)
-    if target.get("runtime") != "openvino":
+    if target.get("runtime") not in ("openvino", "litert"):
         raise MeasurementFailed(f"this worker cannot measure on the {target.get('runtime')} target")
     precision = target["precision"]
 
@@ -99,15 +105,23 @@ def load_target(target: dict[str, Any], paths: dict[str, Path], *, threads: int)
         return session
 
     names = [o.name for o in reference().get_outputs()]
-    openers: dict[str, Callable[[], Any]] = {
-        "baseline": reference,
-        "runtime": lambda: OpenVINOSession(paths["baseline"], precision="f32", threads=threads, output_names=names),
-        "result": lambda: OpenVINOSession(paths["result"], precision=precision, threads=threads, output_names=names),
-    }
+    engine: dict[str, Any] = {"openvino": {"precision": precision, "device": "CPU"}}
+    if target.get("runtime") == "litert":
+        from workers.litert.session import litert_openers
+
+        openers, engine = litert_openers(paths, reference, precision=precision, threads=threads)
+    else:
+        openers = {
+            "baseline": reference,
+            "runtime": lambda: OpenVINOSession(paths["baseline"], precision="f32", threads=threads,
+                                               output_names=names),
+            "result": lambda: OpenVINOSession(paths["result"], precision=precision, threads=threads,
+                                              output_names=names),
+        }
     sessions, load_ms, reopen = open_roles(openers)
     return {"provider": target_label(target), "available": True, "reason": None, "sessions": sessions,
             "load_ms": load_ms, "reopen": reopen, "target": dict(target),
-            "engines": {"baseline": [CPU], "result": {"openvino": {"precision": precision, "device": "CPU"}}}}
+            "engines": {"baseline": [CPU], "result": engine}}
 
 
 def open_roles(openers: dict[str, Callable[[], Any]]):
