@@ -4,6 +4,7 @@ measurement (ONNX Runtime fp32, LiteRT f32, LiteRT result) whose gains are recom
 the refusals (a model onnx2tf cannot convert, int8 without samples), each with its code and nothing left behind."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,19 @@ def exported(digits, tmp_path_factory):
     from workers.litert.export import export
 
     path, x, _ = digits
-    return export(path, tmp_path_factory.mktemp("litert") / "out", ["f32", "f16", "int8"],
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    done = export(path, tmp_path_factory.mktemp("litert") / "out", ["f32", "f16", "int8"],
                   calibration=[{"images": x[i:i + 1]} for i in range(100)])
+    done.details["test_input_sha256"] = before
+    return done
+
+
+def test_the_exported_model_file_is_left_as_it_was(digits, exported):
+    """onnx2tf writes its shape-inferred graph back over the file it is given: it must get a copy, never the
+    upload (content-addressed: its sha256 would lie) nor a model the job reads afterwards."""
+    path, _, _ = digits
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == exported.details["test_input_sha256"]
+    assert not (exported.paths["f32"].parent / "onnx2tf-input").exists()
 
 
 def reference(path: Path, x: np.ndarray) -> np.ndarray:

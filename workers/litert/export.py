@@ -125,15 +125,29 @@ def _graph_inputs(model: Path) -> list[str]:
     return [i.name for i in loaded.graph.input if i.name not in initializers]
 
 
+def _private_copy(model: Path, folder: Path) -> Path:
+    """The model (with any external data) saved again under `folder`: onnx2tf writes its shape-inferred graph back
+    over the file it is given (onnx2tf.py saves `estimated_graph` to input_onnx_file_path even with
+    not_use_onnxsim), which would change the stored upload, or a model the caller still reads, under its sha256."""
+    import onnx
+
+    loaded = onnx.load(str(model))
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / "model.onnx"
+    onnx.save(loaded, str(copy), save_as_external_data=loaded.ByteSize() > 1_900_000_000)
+    return copy
+
+
 def _to_saved_model(model: Path, folder: Path) -> dict[str, Any]:
     import onnx2tf
 
     captured = io.StringIO()
     started = time.perf_counter()
+    given = _private_copy(model, folder.parent / "onnx2tf-input")
     try:
         with contextlib.redirect_stdout(captured):
-            onnx2tf.convert(input_onnx_file_path=str(model), output_folder_path=str(folder), not_use_onnxsim=True,
-                            keep_ncw_or_nchw_or_ncdhw_input_names=_graph_inputs(model), output_signaturedefs=True,
+            onnx2tf.convert(input_onnx_file_path=str(given), output_folder_path=str(folder), not_use_onnxsim=True,
+                            keep_ncw_or_nchw_or_ncdhw_input_names=_graph_inputs(given), output_signaturedefs=True,
                             non_verbose=True)
     except BaseException as exc:  # SystemExit included: onnx2tf exits on what it cannot convert
         said = _tail(captured.getvalue())
@@ -209,6 +223,7 @@ def _main(request_path: str) -> dict[str, Any]:
                                     "duration_s": round(time.perf_counter() - started, 3)}
         paths[precision] = str(path)
     shutil.rmtree(saved, ignore_errors=True)
+    shutil.rmtree(out / "onnx2tf-input", ignore_errors=True)
     details["precisions"] = per_precision
     return {"ok": True, "paths": paths, "details": details}
 
