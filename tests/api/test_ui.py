@@ -4,7 +4,8 @@
 `modelpress keys create`; then, as a user would in the browser: sign in, upload a model with the
 progress bar, start a quantize.int8_dynamic job from the form built from the methods' JSON Schemas,
 watch the jobs list until it succeeds (no reload), open the report, read its charts, download the
-compressed model and check its sha256. Saves bench/screens/jobs-list.png and bench/screens/report.png.
+compressed model and check its sha256. Screenshots go to the test's own folder; with MODELPRESS_SAVE_SCREENS=1 they
+replace the README's in bench/screens (a run of the suite leaves the tracked files as they are).
 
 With CI=true a missing Chromium or Playwright fails the test; elsewhere it skips and says why
 (`make test` installs Chromium through scripts/services.sh).
@@ -12,6 +13,7 @@ With CI=true a missing Chromium or Playwright fails the test; elsewhere it skips
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 from pathlib import Path
@@ -22,7 +24,13 @@ import pytest
 from tests.helpers import ROOT, SHARED_MODELS, mlp_onnx_bytes
 from tests.stack import BIN, base_env, free_port, logs, modelpress, processes, wait_ready
 
-SCREENS = ROOT / "bench" / "screens"
+
+@pytest.fixture
+def screens(tmp_path) -> Path:
+    """Where the screenshots go: bench/screens (tracked, the README shows them) only when asked for."""
+    return ROOT / "bench" / "screens" if os.environ.get("MODELPRESS_SAVE_SCREENS") == "1" else tmp_path
+
+
 JOB_TIMEOUT_S = 150
 
 
@@ -85,7 +93,7 @@ def test_dashboard_is_served_by_the_app_alone(client):
 
 
 @pytest.mark.integration
-def test_dashboard_upload_compress_watch_report_download(browser, service, tmp_path):
+def test_dashboard_upload_compress_watch_report_download(browser, service, tmp_path, screens):
     base, key = service["base"], service["key"]
     api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60)
     model_path = _model_file(tmp_path)
@@ -183,8 +191,8 @@ def test_dashboard_upload_compress_watch_report_download(browser, service, tmp_p
     assert seen[0][0] in ("queued", "running"), seen  # it was seen before it finished, then updated in place
     assert page.evaluate("window.__sameDocument") is True
     assert "succeeded" in page.inner_text(f"{row} .badge")
-    SCREENS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENS / "jobs-list.png"), full_page=True)
+    screens.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(screens / "jobs-list.png"), full_page=True)
 
     # The job tab followed the job live: events streamed with fetch (text/event-stream), then the report.
     job_tab.wait_for_selector("#report[data-ready=true]", timeout=30_000)
@@ -238,7 +246,7 @@ def test_dashboard_upload_compress_watch_report_download(browser, service, tmp_p
     events = api.get(f"/v1/jobs/{job_id}/events").json()
     assert page.locator("#events tbody tr").count() == len(events)
     assert page.inner_text("#events tbody tr:last-child").count("succeeded") >= 1
-    page.screenshot(path=str(SCREENS / "report.png"), full_page=True)
+    page.screenshot(path=str(screens / "report.png"), full_page=True)
 
     # Download: fetched with the Authorization header, saved through an object URL.
     artifacts = {a["name"]: a for a in api.get(f"/v1/jobs/{job_id}/artifacts").json()}
@@ -257,13 +265,13 @@ def test_dashboard_upload_compress_watch_report_download(browser, service, tmp_p
     p50_chart = " ".join(_texts(page, "#model-measurements figure[data-metric='p50_ms'] svg text"))
     assert "batch 1" in p50_chart and "job (oldest first)" in p50_chart
 
-    _goal_from_the_form(page, api, base, tmp_path)
+    _goal_from_the_form(page, api, base, tmp_path, screens)
     assert not foreign, foreign
     assert not problems, problems
     context.close()
 
 
-def _goal_from_the_form(page, api: httpx.Client, base: str, tmp_path: Path) -> None:
+def _goal_from_the_form(page, api: httpx.Client, base: str, tmp_path: Path, screens: Path) -> None:
     """A goal from the form built from GoalSpec (families as checkboxes, datasets by role from the uploads); the job
     page leads with the verdict, then the search and every candidate with its download."""
     mlp = api.post("/v1/models", files={"file": ("mlp.onnx", mlp_onnx_bytes())}).json()["id"]
@@ -277,7 +285,7 @@ def _goal_from_the_form(page, api: httpx.Client, base: str, tmp_path: Path) -> N
     page.check("input[name='goal.families'][value='quantize']")
     page.fill("input[name='goal.time_budget_s']", "60")
     page.fill("#job-name", "dashboard goal")
-    page.screenshot(path=str(SCREENS / "new-job-goal.png"), full_page=True)
+    page.screenshot(path=str(screens / "new-job-goal.png"), full_page=True)
     page.click("#start-job")
     page.wait_for_url(re.compile(r".*#/jobs\?new=.+"))
     job_id = page.url.split("new=")[1]
@@ -310,4 +318,4 @@ def _goal_from_the_form(page, api: httpx.Client, base: str, tmp_path: Path) -> N
     saved = Path(download_info.value.path()).read_bytes()
     assert hashlib.sha256(saved).hexdigest() == artifacts[first]["sha256"]
     assert page.locator("#pareto-chart svg g.point").count() == len(report["pareto"])
-    page.screenshot(path=str(SCREENS / "goal-report.png"), full_page=True)
+    page.screenshot(path=str(screens / "goal-report.png"), full_page=True)
