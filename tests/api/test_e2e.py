@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import REDIS_URL, SHARED_MODELS, digits_classifier, mlp_onnx_bytes, redis_or_skip
-from tests.stack import (BIN, base_env, free_port, logs, processes, production_stack, wait_for_job,
-                         wait_ready)
+from tests.stack import BIN, base_env, free_port, logs, processes, production_stack, wait_for_job, wait_ready, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -303,7 +302,9 @@ def test_production_postgres_redis_worker(tmp_path, postgres_database, queue_pre
             while queue.llen(f"{queue_prefix}cpu") and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert queue.llen(f"{queue_prefix}cpu") == 0, "the worker did not take the redelivered message"
-            time.sleep(2)  # let the worker finish handling it
+            # The worker took it and saw the job finished (its log says so; a fixed sleep only guessed when).
+            wait_until(lambda: f"job {job_id} already succeeded; nothing to do" in (tmp_path / "proc-1.log")
+                       .read_text(errors="replace"), timeout=30)
             assert wait_for_job(http, job_id)["attempts"] == 1
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {other}"}) as intruder:
             assert intruder.get(f"/v1/jobs/{job_id}").status_code == 404
