@@ -168,7 +168,9 @@ def test_the_time_budget_holds_and_what_did_not_fit_is_named(http, cnn):
     assert time.monotonic() - started < budget + 90
     # What did not fit is named (on a quiet machine everything may fit in 30 s: the rule itself is tested below).
     skipped = [c for c in report["candidates"] if c["status"] == "skipped"]
-    assert all(c["error"]["code"] == "time_budget" for c in skipped)
+    # (cannot_win: a candidate that could not be faster, such as OpenVINO on a model that runs in less time than
+    # OpenVINO's call alone, was not built either)
+    assert all(c["error"]["code"] in ("time_budget", "cannot_win") and c["error"]["message"] for c in skipped)
     assert search["candidates"].get("skipped", 0) == len(skipped)
 
 

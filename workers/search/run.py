@@ -109,6 +109,7 @@ class Search:
     notes: list[str] = field(default_factory=list)
     measure_seconds: list[float] = field(default_factory=list)
     sensitivity: Any = None
+    openvino_floor: dict[str, Any] | None = None  # _openvino_floor's timing, once measured
 
     @property
     def goal(self) -> dict[str, Any]:
@@ -683,6 +684,8 @@ def _cannot_win(state: Search, plan: Plan) -> str | None:
     speed, its Q/DQ pairs stay), so a rung's speed is bounded by its scheme's: when the upper bound of the scheme's
     interval (and of OpenVINO's int8, which the rung may be chained onto) does not reach the original's speed or
     the lower bound of the best beneficial candidate, the rung is not built (latency objective only)."""
+    if plan.target is not None and plan.target.get("runtime") == "openvino":
+        return _openvino_cannot_win(state)
     if state.goal["objective"] != "latency" or plan.family != "mixed_precision" or "-float" not in plan.name:
         return None
     scheme = plan.name.split("-float")[0]
@@ -701,6 +704,79 @@ def _cannot_win(state: Search, plan: Plan) -> str | None:
     reached = " and ".join(f"{name} at most {high:.2f}x" for name, high in reach.items())
     return (f"not built: with every node int8, {reached} (the upper bounds of their intervals); keeping nodes in "
             f"float does not make an int8 model faster, so this cannot beat {what} at {floor:.2f}x")
+
+
+FLOOR_ROUNDS, FLOOR_SECONDS = 300, 1.0
+
+
+def _openvino_cannot_win(state: Search) -> str | None:
+    """Why no OpenVINO candidate can be faster than the original, or None. An OpenVINO call costs a fixed time
+    whatever the model computes (the request, the input and output copies, the plugin's scheduling: about 60-80 us
+    on a 2-core EPYC), and on a tiny model that alone outlasts the whole original on ONNX Runtime (opt-mnist: 53 us).
+    The floor is OpenVINO's call on a model that only passes the original's inputs through, timed interleaved with
+    the original on ONNX Runtime in this process at the candidates' threads; when its median is above the
+    original's, every OpenVINO candidate is skipped before its conversion and compilation (1-2 s each). Latency at
+    batch 1 only: at a larger batch the model's own work grows and the call's cost does not."""
+    if state.goal["objective"] != "latency" or state.goal.get("batch_size", 1) != 1:
+        return None
+    if state.openvino_floor is None:
+        try:
+            state.openvino_floor = _openvino_floor(state)
+        except Exception as exc:  # a model OpenVINO or this check cannot feed: the candidates decide for themselves
+            state.openvino_floor = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        floor = state.openvino_floor
+        if "error" not in floor:
+            state.notes.append(
+                f"OpenVINO's call alone (a model that only passes the inputs through) took {floor['floor_us']:.0f} us "
+                f"(median of {floor['rounds']} calls) against the original's {floor['original_us']:.0f} us on ONNX "
+                "Runtime, timed interleaved" + (": no OpenVINO candidate can be faster, none was built"
+                                                if floor["floor_us"] > floor["original_us"] else ""))
+    floor = state.openvino_floor
+    if "error" in floor or floor["floor_us"] <= floor["original_us"]:
+        return None
+    return (f"an OpenVINO call costs {floor['floor_us']:.0f} us here before any of the model's work (a model that "
+            f"only passes its inputs through), more than the whole original on ONNX Runtime "
+            f"({floor['original_us']:.0f} us, medians of {floor['rounds']} interleaved calls)")
+
+
+def _openvino_floor(state: Search) -> dict[str, Any]:
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    from workers.measure.environment import default_threads
+    from workers.measure.runtime import open_session
+    from workers.openvino.session import OpenVINOSession
+
+    feeds, _ = _sample_feeds(state, 1)
+    feed = {name: np.ascontiguousarray(value) for name, value in feeds[0].items()}
+    threads = get_settings().measure_threads or default_threads()
+    inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
+              for name, a in feed.items()]
+    outputs = [helper.make_tensor_value_info(f"{name}__out", helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
+               for name, a in feed.items()]
+    passing = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", [name], [f"{name}__out"]) for name in feed], "pass_through", inputs, outputs),
+        opset_imports=[helper.make_opsetid("", 13)])
+    path = state.workdir / "openvino-floor.onnx"
+    onnx.save(passing, str(path))
+    openvino = OpenVINOSession(path, precision="f32", threads=threads)
+    original = open_session(state.original, role="baseline", providers=[CANDIDATE_PROVIDER], threads=threads)
+    for _ in range(5):
+        openvino.run(None, feed)
+        original.run(None, feed)
+    floor: list[float] = []
+    mine: list[float] = []
+    stop = time.perf_counter() + FLOOR_SECONDS
+    while len(floor) < FLOOR_ROUNDS and time.perf_counter() < stop:
+        started = time.perf_counter()
+        openvino.run(None, feed)
+        between = time.perf_counter()
+        original.run(None, feed)
+        floor.append(between - started)
+        mine.append(time.perf_counter() - between)
+    return {"floor_us": 1e6 * float(np.median(floor)), "original_us": 1e6 * float(np.median(mine)),
+            "rounds": len(floor)}
 
 
 def _fidelity_holds(tried: Tried) -> bool:
