@@ -12,12 +12,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /srv/modelpress
 
-# Dependencies first so that code changes do not reinstall them.
+# Dependencies first so that code changes do not reinstall them. onnx2torch, onnx2tf (the LiteRT exporter) and
+# tf-keras go in without their declared dependencies, as the Makefile installs them: their pins would replace ours
+# (onnx2tf's tensorflow 2.19, onnx, onnxruntime, numpy; tf-keras's full `tensorflow` beside tensorflow-cpu).
 COPY pyproject.toml constraints.txt README.md ./
 COPY app/__init__.py app/__init__.py
 COPY workers/__init__.py workers/__init__.py
 RUN pip install -c constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu . \
- && pip install --no-deps -c constraints.txt onnx2torch \
+ && pip install --no-deps -c constraints.txt onnx2torch onnx2tf tf-keras \
  && rm -rf "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tests"
 
 COPY app app

@@ -81,6 +81,15 @@ def shared_model(relative: str) -> Path:
     return path
 
 
+def digits_cnn_file(folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The digits CNN written to folder/digits-cnn.onnx, with its 397 held-out images and labels: the target
+    tests (OpenVINO, LiteRT) hand exporters a file, as the worker does, and upload the same bytes end to end."""
+    onnx_model, x, y = digits_classifier("cnn")
+    path = folder / "digits-cnn.onnx"
+    path.write_bytes(onnx_model)
+    return path, x, y
+
+
 def store_files(data_dir: Path) -> list[Path]:
     blobs = data_dir / "store" / "blobs"
     return sorted(p for p in blobs.rglob("*") if p.is_file()) if blobs.exists() else []

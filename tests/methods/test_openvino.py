@@ -13,17 +13,14 @@ import onnxruntime as ort
 import pytest
 
 from app.errors import JobFailed
-from tests.helpers import SHARED_MODELS, digits_classifier
+from tests.helpers import SHARED_MODELS, digits_cnn_file
 
 ov = pytest.importorskip("openvino")
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    onnx_bytes, x, y = digits_classifier("cnn")
-    path = tmp_path_factory.mktemp("digits") / "digits-cnn.onnx"
-    path.write_bytes(onnx_bytes)
-    return path, x, y
+    return digits_cnn_file(tmp_path_factory.mktemp("digits"))
 
 
 def reference(path: Path, x: np.ndarray) -> np.ndarray:

@@ -81,6 +81,21 @@ def test_every_pip_install_takes_its_versions_from_constraints_txt():
             assert "==" not in command and "$" not in command, (name, command)
 
 
+def test_each_image_installs_what_the_makefile_installs_without_its_dependencies():
+    """onnx2torch, onnx2tf and tf-keras declare dependencies that would replace our pins (torchvision; TensorFlow
+    2.19, onnx, onnxruntime, numpy; the full `tensorflow`): `make install` adds them with --no-deps, and an image
+    that left one out would lack the bridge or the LiteRT exporter (no litert targets on its workers)."""
+    makefile = (ROOT / "Makefile").read_text()
+    wanted = {name for line in re.findall(r"\$\(PIP_INSTALL\) --no-deps ([^\n]+)", makefile) for name in line.split()}
+    assert {"onnx2torch", "onnx2tf", "tf-keras"} <= wanted
+    pins = constraints()
+    assert all(pins.get(name) for name in wanted), "each --no-deps package is pinned in constraints.txt"
+    for name in DOCKERFILES:
+        installed = {word for command in pip_installs(name) if "--no-deps" in command
+                     for word in command.split() if not word.startswith("-") and word not in ("pip", "install")}
+        assert wanted <= installed, (name, sorted(wanted - installed))
+
+
 def test_gpu_image_pins_agree_with_constraints_and_with_cuda():
     pins, cpu_installs, gpu = constraints(), pip_installs("Dockerfile"), (ROOT / "Dockerfile.gpu").read_text()
     cuda = ".".join(gpu_args()["CUDA_VERSION"].split(".")[:2])  # 13.0

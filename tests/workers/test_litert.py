@@ -14,15 +14,12 @@ import pytest
 from onnx import TensorProto, helper
 
 from app.errors import JobFailed
-from tests.helpers import digits_classifier
+from tests.helpers import digits_cnn_file
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    onnx_bytes, x, y = digits_classifier("cnn")
-    path = tmp_path_factory.mktemp("digits") / "digits-cnn.onnx"
-    path.write_bytes(onnx_bytes)
-    return path, x, y
+    return digits_cnn_file(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture(scope="module")
