@@ -16,6 +16,7 @@ from tests.helpers import (
     REDIS_URL,
     clear_caches,
     drop_postgres_template,
+    drop_redis_keys,
     fresh_postgres_database,
     make_key,
     mlp_onnx_bytes,
@@ -121,8 +122,7 @@ def redis_prefix(monkeypatch) -> Iterator[str]:
     yield prefix
     clear_caches()
     client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=f"{prefix}*"):
-        client.delete(key)
+    drop_redis_keys(client, prefix)
 
 
 @pytest.fixture(scope="session")
@@ -148,8 +148,7 @@ def queue_prefix():
 
     client = redis.Redis.from_url(REDIS_URL)
     # Only this test's own queues: the machine's Redis is never flushed.
-    for key in client.scan_iter(match=f"{prefix}*"):
-        client.delete(key)
+    drop_redis_keys(client, prefix)
 
 
 @pytest.fixture(scope="session")

@@ -244,3 +244,11 @@ def need(condition: bool, reason: str) -> None:
         if IN_CI:
             pytest.fail(f"{reason} (CI=true: the browser tests must run)")
         pytest.skip(reason)
+
+
+def drop_redis_keys(client, prefix: str) -> None:
+    """A test's keys in the machine's Redis: its queues and results (`<prefix>*`) and kombu's exchange bindings
+    for its queues (`_kombu.binding.<prefix>*`, `_kombu.binding_permanent.<prefix>*`), nothing of anyone else's."""
+    for pattern in (f"{prefix}*", f"_kombu.binding.{prefix}*", f"_kombu.binding_permanent.{prefix}*"):
+        for key in client.scan_iter(match=pattern):
+            client.delete(key)

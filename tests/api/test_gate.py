@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import REDIS_URL, fresh_postgres_database, onnx_bytes, redis_or_skip
+from tests.helpers import REDIS_URL, drop_redis_keys, fresh_postgres_database, onnx_bytes, redis_or_skip
 from tests.stack import BIN, ROOT, base_env, production_stack, wait_for_job
 
 WIDTH = 512
@@ -51,8 +51,7 @@ def stack(tmp_path_factory):
         import redis
 
         client = redis.Redis.from_url(REDIS_URL)
-        for key in client.scan_iter(match=f"{prefix}*"):
-            client.delete(key)
+        drop_redis_keys(client, prefix)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import REDIS_URL, fresh_postgres_database, mlp_onnx_bytes, redis_or_skip
+from tests.helpers import REDIS_URL, drop_redis_keys, fresh_postgres_database, mlp_onnx_bytes, redis_or_skip
 from tests.stack import BIN, base_env, free_port, logs, modelpress, processes, wait_for_job, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -120,8 +120,7 @@ def stack(tmp_path_factory, mlflow_process):
             import redis
 
             client = redis.Redis.from_url(REDIS_URL)
-            for key in client.scan_iter(match=f"{prefix}*"):
-                client.delete(key)
+            drop_redis_keys(client, prefix)
 
 
 def http(stack, tenant: str) -> httpx.Client:

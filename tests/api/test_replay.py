@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from tests.helpers import REDIS_URL, digits_classifier, fresh_postgres_database, mlp_onnx_bytes, redis_or_skip
+from tests.helpers import REDIS_URL, digits_classifier, drop_redis_keys, fresh_postgres_database, mlp_onnx_bytes, redis_or_skip
 from tests.methods.factories import npz
 from tests.stack import cli, production_stack, wait_for_job
 
@@ -49,8 +49,7 @@ def stack(tmp_path_factory):
                     client.close()
     finally:
         client = redis.Redis.from_url(REDIS_URL)
-        for key in client.scan_iter(match=f"{prefix}*"):  # only this module's queues: the machine's Redis stays
-            client.delete(key)
+        drop_redis_keys(client, prefix)  # only this module's queues: the machine's Redis stays
 
 
 def upload(http: httpx.Client, route: str, name: str, content: bytes) -> dict:

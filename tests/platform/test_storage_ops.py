@@ -14,7 +14,7 @@ from sqlalchemy import select
 from app.db import session_scope
 from app.dbmodels import Artifact, Blob, Job, Tenant, utcnow
 from app.settings import get_settings
-from tests.helpers import REDIS_URL, clear_caches, redis_or_skip, store_files
+from tests.helpers import REDIS_URL, clear_caches, drop_redis_keys, redis_or_skip, store_files
 from tests.stack import free_port
 
 FAST = {"batch_sizes": [1], "warmup": 1, "iterations": 3}
@@ -340,8 +340,7 @@ def test_queue_depth_reads_redis_lists_every_priority(data_dir, monkeypatch):
         assert queue_depths(settings) == {"cpu": 4, "gpu": 1}
     finally:
         client = redis.Redis.from_url(REDIS_URL)
-        for key in client.scan_iter(match=f"{prefix}*"):  # only this test's queues
-            client.delete(key)
+        drop_redis_keys(client, prefix)  # only this test's queues
 
 
 # --- retention ---------------------------------------------------------------------------------
