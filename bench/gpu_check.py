@@ -34,6 +34,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from workers.measure.environment import gpu_names  # noqa: E402 - after the path is set; needs only numpy (torch brings it)
+
 PARTS = ("kernels", "bench", "providers", "job")
 BANDWIDTH_GOAL = 0.80
 SERVICE_MODULES = ("fastapi", "uvicorn", "celery", "kombu", "sqlalchemy", "alembic", "pydantic", "pydantic_settings",
@@ -45,18 +47,6 @@ def has(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
-
-
-def gpu_names() -> list[str]:
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def inventory() -> dict[str, Any]:
