@@ -39,6 +39,10 @@ def test_openvino_candidates_are_skipped_where_its_call_alone_outlasts_the_origi
     assert _cannot_win(state, Plan("int8_static", "quantize")) is None  # ONNX Runtime's candidates are not bound
     state.openvino_floor = {"floor_us": 81.0, "original_us": 400.0, "rounds": 300}
     assert _cannot_win(state, openvino()) is None  # the model's own work dominates: OpenVINO may win
+    state.openvino_floor = {"floor_us": 148.0, "original_us": 149.0, "rounds": 300}
+    assert _cannot_win(state, openvino()) is None  # too close to call: silero-vad-fw's, where OpenVINO f32 won 1.09x
+    state.openvino_floor = {"floor_us": 160.0, "original_us": 149.0, "rounds": 300}
+    assert _cannot_win(state, openvino()) is None  # slower, but within the noise a median carries
     state.openvino_floor = {"error": "RuntimeError: cannot feed"}
     assert _cannot_win(state, openvino()) is None  # no timing, no bound: the candidates decide
     for goal in ({"batch_size": 8}, {"objective": "size"}):
@@ -49,7 +53,7 @@ def test_openvino_candidates_are_skipped_where_its_call_alone_outlasts_the_origi
 
 def test_the_floor_is_timed_interleaved_on_the_model_and_said_once_in_the_notes(tmp_path):
     pytest.importorskip("openvino")
-    from workers.search.run import _cannot_win
+    from workers.search.run import FLOOR_MARGIN, _cannot_win
 
     model = tmp_path / "mlp.onnx"
     model.write_bytes(mlp_onnx_bytes())
@@ -58,7 +62,7 @@ def test_the_floor_is_timed_interleaved_on_the_model_and_said_once_in_the_notes(
     floor = state.openvino_floor
     assert floor is not None and "error" not in floor, floor
     assert floor["rounds"] >= 20 and floor["floor_us"] > 0 and floor["original_us"] > 0
-    assert (first is not None) == (floor["floor_us"] > floor["original_us"])  # the rule, on what was timed
+    assert (first is not None) == (floor["floor_us"] > FLOOR_MARGIN * floor["original_us"])  # the rule, on what was timed
     assert _cannot_win(state, openvino("bf16")) == first  # timed once per search
     notes = [note for note in state.notes if "OpenVINO's call alone" in note]
     assert len(notes) == 1 and f"{floor['floor_us']:.0f} us" in notes[0]

@@ -707,6 +707,10 @@ def _cannot_win(state: Search, plan: Plan) -> str | None:
 
 
 FLOOR_ROUNDS, FLOOR_SECONDS = 300, 1.0
+# The floor is a median under the machine's noise, not a strict bound: OpenVINO's candidates go only where the bare
+# call is clearly slower than the whole original (silero-vad-fw: 148 us against 149 us, and OpenVINO f32 ran it at
+# 1.09x).
+FLOOR_MARGIN = 1.2
 
 
 def _openvino_cannot_win(state: Search) -> str | None:
@@ -715,8 +719,8 @@ def _openvino_cannot_win(state: Search) -> str | None:
     on a 2-core EPYC), and on a tiny model that alone outlasts the whole original on ONNX Runtime (opt-mnist: 53 us).
     The floor is OpenVINO's call on a model that only passes the original's inputs through, timed interleaved with
     the original on ONNX Runtime in this process at the candidates' threads; when its median is above the
-    original's, every OpenVINO candidate is skipped before its conversion and compilation (1-2 s each). Latency at
-    batch 1 only: at a larger batch the model's own work grows and the call's cost does not."""
+    original's by FLOOR_MARGIN, every OpenVINO candidate is skipped before its conversion and compilation (1-2 s
+    each). Latency at batch 1 only: at a larger batch the model's own work grows and the call's cost does not."""
     if state.goal["objective"] != "latency" or state.goal.get("batch_size", 1) != 1:
         return None
     if state.openvino_floor is None:
@@ -730,13 +734,18 @@ def _openvino_cannot_win(state: Search) -> str | None:
                 f"OpenVINO's call alone (a model that only passes the inputs through) took {floor['floor_us']:.0f} us "
                 f"(median of {floor['rounds']} calls) against the original's {floor['original_us']:.0f} us on ONNX "
                 "Runtime, timed interleaved" + (": no OpenVINO candidate can be faster, none was built"
-                                                if floor["floor_us"] > floor["original_us"] else ""))
+                                                if _outlasts(floor) else ""))
     floor = state.openvino_floor
-    if "error" in floor or floor["floor_us"] <= floor["original_us"]:
+    if not _outlasts(floor):
         return None
     return (f"an OpenVINO call costs {floor['floor_us']:.0f} us here before any of the model's work (a model that "
             f"only passes its inputs through), more than the whole original on ONNX Runtime "
             f"({floor['original_us']:.0f} us, medians of {floor['rounds']} interleaved calls)")
+
+
+def _outlasts(floor: dict[str, Any]) -> bool:
+    """Whether OpenVINO's bare call is clearly slower (FLOOR_MARGIN) than the whole original."""
+    return "error" not in floor and floor["floor_us"] > FLOOR_MARGIN * floor["original_us"]
 
 
 def _openvino_floor(state: Search) -> dict[str, Any]:
