@@ -330,6 +330,7 @@ class Candidate:
     call: Callable[[dict[str, np.ndarray]], list[np.ndarray]] | None = None
     renew: Callable[[], Callable[[dict[str, np.ndarray]], list[np.ndarray]]] | None = None  # a fresh session's call
     runs_at: str = ""   # the inference precision the compiled model reports
+    runtime: str = "onnxruntime"  # whose threads run it: a block after another runtime's settles first
     error: str | None = None
     build_s: float | None = None
     rounds: list[list[int]] = field(default_factory=list)
@@ -378,7 +379,7 @@ def openvino_candidate(name: str, group: str, build: Callable[[], Any], subject:
     outputs in ONNX Runtime's order (by tensor name, else by position). Any failure is the candidate's error."""
     import openvino as ov
 
-    candidate = Candidate(name, group)
+    candidate = Candidate(name, group, runtime="openvino")
     started = time.perf_counter()
     try:
         model = build()
@@ -492,7 +493,12 @@ def time_side_by_side(candidates: list[Candidate], feed: dict[str, np.ndarray], 
     They are split over `sets` session sets: before each set after the first, every candidate's session is opened
     (compiled) anew, in the reverse order of the last time, so where a session's placement (threads, memory) makes it
     faster or slower for as long as it lives, that shows in the spread, not as a difference between candidates.
+    A block that follows another runtime's block starts with untimed calls for workers.measure.latency.SETTLE_S
+    (OpenVINO's threads go on spinning after its last call: the reference after an OpenVINO block ran 20-30%
+    slower on opt-mnist, and every candidate's ratio to it looked that much better).
     Returns the session set of each round (the strata of speedup_interval) and the calls per block."""
+    from workers.measure.latency import settle
+
     live = [c for c in candidates if c.call is not None]
 
     def warm() -> list[float]:  # the first calls of a session allocate and pick kernels
@@ -510,6 +516,7 @@ def time_side_by_side(candidates: list[Candidate], feed: dict[str, np.ndarray], 
     calls = int(np.clip(BLOCK_S / max(float(np.median(pilot)), 1e-6), 1, 30))
     rounds = int(np.clip(budget_s / (sum(pilot) * calls), 10 * sets, max_rounds))
     strata: list[int] = []
+    last = live[-1].runtime if live else None  # the runtime of the block that ran last
     for index in range(sets):
         if index:
             for c in (live if index % 2 == 0 else live[::-1]):
@@ -517,12 +524,16 @@ def time_side_by_side(candidates: list[Candidate], feed: dict[str, np.ndarray], 
                 gc.collect()
                 c.call = c.renew()  # type: ignore[misc]
             warm()
+            last = live[-1].runtime
         gc.collect()
         gc.disable()
         try:
             for r in range(len(strata), rounds * (index + 1) // sets):
                 shift = r % len(live)
                 for c in live[shift:] + live[:shift]:
+                    if last is not None and last != c.runtime:
+                        settle(lambda c=c: c.call(feed))  # type: ignore[misc]
+                    last = c.runtime
                     block = []
                     for _ in range(calls):
                         started = time.perf_counter_ns()

@@ -30,7 +30,17 @@ from workers.measure.accuracy import evaluate_dataset
 from workers.measure.energy import energy_entry, energy_estimate, energy_report, measure_windows, open_counter
 from workers.measure.environment import describe, logical_cores
 from workers.measure.fidelity import OutputComparison, pair_outputs, summarize_outputs
-from workers.measure.latency import bound_call, choose_rounds, plain_call, round_order, split, time_calls
+from workers.measure.latency import (
+    SETTLE_S,
+    Turns,
+    bound_call,
+    choose_rounds,
+    plain_call,
+    round_order,
+    runtime_of,
+    split,
+    time_calls,
+)
 from workers.measure.memory import RUNS as MEMORY_RUNS
 from workers.measure.memory import measure_memory
 from workers.measure.rounding import significant
@@ -456,6 +466,7 @@ def _latency(entry: dict[str, Any], plan: InputPlan, warmup: int, iterations: in
     every = max(2, math.ceil(len(blocks) / SESSION_SETS)) if reopen is not None and len(blocks) >= 4 else None
     per_batch, kept = [], {}
     order = tuple(entry["sessions"])
+    turns = Turns({role: runtime_of(session) for role, session in entry["sessions"].items()})
     for batch in entry["working"]:
         feeds = plan.feeds(batch, np.random.default_rng([seed, 0, batch]))
 
@@ -464,6 +475,7 @@ def _latency(entry: dict[str, Any], plan: InputPlan, warmup: int, iterations: in
                 checkpoint()
                 for role in round_order(index, tuple(calls)):
                     time_calls(calls[role], count)
+                    turns.last = role
                 if advance:
                     progress.advance(2 * batch * count, f"warming up at batch {batch}")
 
@@ -482,6 +494,7 @@ def _latency(entry: dict[str, Any], plan: InputPlan, warmup: int, iterations: in
                 warm_up(calls, warmup_blocks or [2], False)
             for role in round_order(index, roles):
                 rounds[role].append([])
+                turns.take(role, calls[role])
                 time_calls(calls[role], count, rounds[role][-1])
             strata.append(0 if every is None else index // every)
             progress.advance(2 * batch * count, f"timing batch {batch}: round {index + 1}/{len(blocks)}")
@@ -513,7 +526,10 @@ def _latency(entry: dict[str, Any], plan: InputPlan, warmup: int, iterations: in
         "warmup": warmup,
         "iterations": iterations,
         "rounds": len(blocks),
-        "order": "per round each model runs a block of iterations; the first model alternates (ABBA)",
+        "order": "per round each model runs a block of iterations; the first model alternates (ABBA)" + (
+            f"; a block that follows another runtime's starts with untimed calls for {SETTLE_S * 1e3:g} ms, so the "
+            f"other runtime's lingering threads are not charged to it ({turns.settled} calls in all)"
+            if turns.settled else ""),
         "session_sets": (f"the sessions were created again, in alternating order, every {every} rounds: where "
                          "a session's memory and threads land moves its time by a percent or two for as long as "
                          "it lives, so the rounds of each batch size ran on several session sets"

@@ -12,6 +12,14 @@ from typing import Any
 import numpy as np
 
 MIN_ROUNDS, MAX_ROUNDS, TARGET_BLOCK = 10, 200, 10
+# After its last call, another runtime's worker threads may go on spinning and take a core from the next model's
+# block. Measured on opt-mnist (2 cores): an ONNX Runtime call right after a block of OpenVINO calls took 58 us
+# instead of 44 us for about 27 calls (1.6 ms, OpenVINO's TBB workers), and the first call 91 us; an OpenVINO call
+# after ONNX Runtime (its spinning off) was slowed on its first call only. Interleaved, that charged the
+# original on ONNX Runtime for OpenVINO's threads and made OpenVINO look up to 30% faster than it is on a small
+# model. A block that follows another runtime's block therefore starts with untimed calls of its own model for
+# SETTLE_S: each model is timed as it runs once deployed, alone, not beside another runtime's lingering threads.
+SETTLE_S = 0.004
 
 
 def choose_rounds(iterations: int) -> int:
@@ -48,6 +56,39 @@ def time_calls(call: Callable[[], Any], count: int, into: list[int] | None = Non
     finally:
         if collecting:
             gc.enable()
+
+
+def runtime_of(session: Any) -> str:
+    """The runtime a session belongs to: onnxruntime, or the workers package that wraps another one (openvino,
+    litert, tensorrt)."""
+    parts = type(session).__module__.split(".")
+    return parts[1] if parts[0] == "workers" and len(parts) > 1 else parts[0]
+
+
+def settle(call: Callable[[], Any], seconds: float = SETTLE_S) -> int:
+    """Untimed calls of `call` for `seconds` (at least one), so the block that follows is timed once the previous
+    runtime's threads have gone quiet; returns how many calls it made."""
+    clock = time.perf_counter
+    until, made = clock() + seconds, 0
+    while not made or clock() < until:
+        call()
+        made += 1
+    return made
+
+
+class Turns:
+    """Whose block ran last: `take(role, call)` settles first (settle()) where the previous block ran on another
+    runtime than `role`'s."""
+
+    def __init__(self, runtimes: dict[str, str]) -> None:
+        self.runtimes: dict[str, str] = runtimes
+        self.last: str | None = None
+        self.settled = 0  # untimed calls made, for the report
+
+    def take(self, role: str, call: Callable[[], Any]) -> None:
+        if self.last is not None and self.runtimes[self.last] != self.runtimes[role]:
+            self.settled += settle(call)
+        self.last = role
 
 
 def plain_call(session: Any, feed: dict[str, np.ndarray]) -> Callable[[], Any]:
