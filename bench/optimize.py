@@ -17,10 +17,12 @@ fidelity on the model's real samples, mean and worst-sample cosine, top-1 where 
   embedded deployment over HTTP; the model it hands over (model.onnx, or model_openvino.zip compiled with its
   openvino_config.json) is downloaded and timed here, or the row says none was handed over and why.
 
-Search time is the job's (started to finished). It is divided by one plain quantization plus one measurement of
-it, both timed here: the quantize_static call above (quantize_dynamic where it fails) and workers.measure's
-measure_pair of its model against the original with the search's per-candidate settings (batch 1, 3 warm-up and
-30 timed calls, fidelity on at most 64 eval samples).
+Search time is the job's (started to finished). It is divided by one plain quantization plus its measurement as the
+service runs it: a quantize.int8_static steps job (int8_dynamic where static fails) with the same evaluate settings,
+queued right after the goal job on the same deployment (goal 3's yardstick). In brackets, it is divided by one plain
+quantize_static call plus one measure_pair of its model against the original as the search measures a candidate
+(batch 1, 3 warm-up and 30 timed calls, fidelity on at most 64 eval samples, no memory probes), both in this
+process: the stricter figure, without the service's per-job costs (a process per job, intake, measuring processes).
 
     .venv/bin/python bench/optimize.py [--only key1,key2] [--skip key1,key2] [--quick] [--time-budget S]
                                        [--no-write] [--threads N] [--at REV]
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
 import sys
@@ -81,6 +84,10 @@ class GoalJob:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     result: Path | None = None  # model.onnx, or the IR's model.xml (openvino_config.json beside it)
     load: float | None = None  # the machine's 1-minute load average as the job finished
+    # One plain quantization plus its measurement as the service runs it: a steps job (quantize.int8_static on the
+    # calibration dataset, else int8_dynamic) with the same evaluate settings, started to finished.
+    plain_job_s: float | None = None
+    plain_job: str = "not run"
 
     @property
     def verdict(self) -> dict[str, Any]:
@@ -102,7 +109,7 @@ def goal_jobs(todo: list[rt.Subject], folder: Path, *, quick: bool, at: str | No
             for job in jobs.values():
                 job.message = deployment
             return jobs, deployment + ": no ModelPress results"
-        queued: list[tuple[rt.Subject, GoalJob, str]] = []
+        queued: list[tuple[rt.Subject, GoalJob, str, Any]] = []
         for subject in todo:
             job = jobs[subject.key]
             try:
@@ -110,15 +117,60 @@ def goal_jobs(todo: list[rt.Subject], folder: Path, *, quick: bool, at: str | No
                 ids, refused = zoo.upload_datasets(mp, subject.data)
                 if refused:
                     subject.notes.append(refused)
-                sent = mp.optimize(model["id"], evaluate=rt.job_evaluate(subject, ids["eval"], quick),
-                                   name=f"optimize {subject.key}", **goal_body(ids, budget_s))
+                evaluate = rt.job_evaluate(subject, ids["eval"], quick)
+                sent = mp.optimize(model["id"], evaluate=evaluate, name=f"optimize {subject.key}",
+                                   **goal_body(ids, budget_s))
             except ModelPressError as exc:
                 job.status, job.code, job.message = "refused", exc.code, f"{exc.status}: {exc.message}"
                 continue
-            queued.append((subject, job, sent["id"]))
-        for subject, job, job_id in queued:
+            # The worker runs one job at a time, in order: the plain job runs after the goal job, alone.
+            plain = functools.partial(plain_job, mp, subject, job, model["id"], ids, evaluate)
+            queued.append((subject, job, sent["id"], plain(submit=True)))
+        for subject, job, job_id, plain_id in queued:
             collect(mp, subject, job, job_id, folder / "results" / subject.key)
+            plain_job(mp, subject, job, None, {}, {}, waiting=plain_id)
     return jobs, deployment
+
+
+def plain_job(mp: Client, subject: rt.Subject, job: GoalJob, model_id: str | None, ids: dict[str, Any],
+              evaluate: dict[str, Any], *, submit: bool = False, waiting: Any = None) -> Any:
+    """One plain quantization plus its measurement as a user of the service gets it: a steps job, quantize.int8_static
+    calibrated on the model's calibration samples (int8_dynamic where static fails), the goal job's evaluate
+    settings. submit=True queues it and returns what to wait for; waiting=that: waits and records its seconds."""
+    if submit:
+        calibration = ids.get("calibration") or ids.get("eval")
+        static = {"calibration_dataset_id": calibration} if calibration else {"allow_random_calibration": True}
+
+        def send(method: str, params: dict[str, Any]) -> str:
+            return mp.submit_job(model_id, steps=[{"method": method, "params": params}], evaluate=evaluate,
+                                 name=f"plain {method} {subject.key}")["id"]
+
+        try:
+            return (send("quantize.int8_static", static), lambda: send("quantize.int8_dynamic", {}))
+        except ModelPressError as exc:
+            job.plain_job = f"int8_static refused: {exc.code}"
+            return None
+    if waiting is None:
+        return None
+    job_id, fallback = waiting
+    tried = []
+    for method in ("int8_static", "int8_dynamic"):
+        done = mp.wait(job_id, poll_s=0.5, timeout_s=3600)
+        if done["status"] == "succeeded":
+            job.plain_job_s = rt.job_seconds(done)
+            job.plain_job = f"a quantize.{method} job, {job.plain_job_s:.1f} s" + (
+                f" ({'; '.join(tried)})" if tried else "")
+            return None
+        tried.append(f"quantize.{method} {done['status']}: {(done.get('error') or {}).get('code')}")
+        if method == "int8_dynamic":
+            break
+        try:
+            job_id = fallback()
+        except ModelPressError as exc:
+            tried.append(f"int8_dynamic refused: {exc.code}")
+            break
+    job.plain_job = "no plain job succeeded: " + "; ".join(tried)
+    return None
 
 
 def collect(mp: Client, subject: rt.Subject, job: GoalJob, job_id: str, out: Path) -> None:
@@ -308,7 +360,7 @@ def one_plain_round(subject: rt.Subject, folder: Path, threads: int) -> tuple[fl
             quantized = time.perf_counter() - started
             measure_pair(subject.path, path, batch_sizes=[1], warmup=CANDIDATE_WARMUP, iterations=CANDIDATE_ITERATIONS,
                          threads=threads, dataset=dataset, dataset_max_samples=CANDIDATE_EVAL_SAMPLES,
-                         input_shapes=shapes)
+                         input_shapes=shapes, memory=False)
         except Exception as exc:
             failed.append(f"{scheme} failed: {rt.short(exc, 90)}")
             continue
@@ -389,6 +441,13 @@ def peer_text(x: Compared, c: rt.Candidate | None) -> str:
 
 
 def search_ratio(x: Compared) -> float | None:
+    """The goal job's time over one plain job's on the same deployment (goal 3's yardstick)."""
+    return x.job.seconds / x.job.plain_job_s if x.job.seconds and x.job.plain_job_s else None
+
+
+def round_ratio(x: Compared) -> float | None:
+    """The goal job's time over one plain quantization plus one measurement in this process, without the service's
+    fixed costs (a process per job, intake, a measuring process): the stricter figure, for reference."""
     return x.job.seconds / x.plain_round_s if x.job.seconds and x.plain_round_s else None
 
 
@@ -396,7 +455,7 @@ def summary_rows(compared: list[Compared]) -> list[str]:
     from workers.measure.stats import show_speedup
 
     lines = ["| model | ModelPress result | vs ORT fp32 (95% interval) | size | mean cos | worst cos | top-1 | verdict | "
-             "job time | / (plain quantization + measurement) | best plain ORT (faithful) | best OpenVINO by hand "
+             "job time | / one plain job (/ in-process round) | best plain ORT (faithful) | best OpenVINO by hand "
              "(faithful) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for x in compared:
         job, r = x.job, x.named(RESULT)
@@ -416,7 +475,8 @@ def summary_rows(compared: list[Compared]) -> list[str]:
             figures = ["—"] * 5
         lines.append(f"| {x.subject.key} | {what.replace('|', '/')} | {' | '.join(figures)} | "
                      f"{job.verdict.get('verdict', '—')} | {rt.fmt(job.seconds, '{:.0f} s')} | "
-                     f"{rt.fmt(search_ratio(x), '{:.1f}x')} | {peer_text(x, best_faithful(x, ('plain',)))} | "
+                     f"{rt.fmt(search_ratio(x), '{:.1f}x')} ({rt.fmt(round_ratio(x), '{:.1f}x')}) | "
+                     f"{peer_text(x, best_faithful(x, ('plain',)))} | "
                      f"{peer_text(x, best_faithful(x, ('hand',)))} |")
     return lines
 
@@ -446,7 +506,7 @@ def model_section(x: Compared) -> list[str]:
               (f"; search {job.search.get('elapsed_s')} s of its {job.search.get('time_budget_s')} s budget, "
                f"candidates {job.search.get('candidates')}" if job.search else "") +
               f"; load average {rt.fmt(job.load, '{:.1f}')} as it finished" +
-              f"; one plain round timed here: {x.plain_round}",
+              f"; one plain job: {job.plain_job}; one plain round timed here: {x.plain_round}",
               "", f"Its candidates (the search's own measurements): {evidence(x)}"]
     return lines
 
@@ -517,11 +577,13 @@ def goal_no_slowdown(x: Compared) -> tuple[str, str]:
 
 
 def goal_search_time(x: Compared) -> tuple[str, str]:
-    ratio = search_ratio(x)
+    ratio, strict = search_ratio(x), round_ratio(x)
+    beside = (f"; {strict:.1f}x one plain round in this process ({x.plain_round})" if strict is not None
+              else f"; in this process: {x.plain_round}")
     if ratio is None:
-        return "n/a", f"job {rt.fmt(x.job.seconds, '{:.0f} s')}; {x.plain_round}"
+        return "n/a", f"job {rt.fmt(x.job.seconds, '{:.0f} s')}; plain job: {x.job.plain_job}" + beside
     return ("met" if ratio <= GOAL_SEARCH_RATIO else "**not met**"), (
-        f"{x.job.seconds:.0f} s = {ratio:.1f}x one plain round ({x.plain_round})")
+        f"{x.job.seconds:.1f} s = {ratio:.1f}x one plain job ({x.job.plain_job})" + beside)
 
 
 def goal_yolox(x: Compared) -> tuple[str, str]:
@@ -557,7 +619,10 @@ def readout(compared: list[Compared]) -> list[str]:
          f"nothing by hand reaching {GOAL_SPEEDUP}x faithfully)", goal_result, measured),
         ("(2) no result slower than the original labelled beneficial (the result as timed here; every candidate "
          "labelled beneficial has its own interval above 1)", goal_no_slowdown, measured),
-        (f"(3) the job takes at most {GOAL_SEARCH_RATIO:g}x one plain quantization plus one measurement of it",
+        (f"(3) the job takes at most {GOAL_SEARCH_RATIO:g}x one plain quantization plus one measurement of it: a "
+         "quantize.int8_static steps job on the same deployment with the same evaluate settings (int8_dynamic where "
+         "static fails), started to finished; beside it, one plain quantize_static call plus one measure_pair in "
+         "this process, without the service's per-job costs",
          goal_search_time, measured),
         (f"(4) YOLOX-nano: a faithful (worst cos >= {MIN_COSINE}) result faster than fp32 (interval above 1), or the "
          "evidence that none exists", goal_yolox, [x for x in measured if x.subject.key == "yolox-nano"]),
@@ -653,9 +718,10 @@ def main() -> int:
            "batch 1 at static input shapes; "
            f"onnxruntime {ort.__version__}, openvino {ov.__version__}, nncf {nncf.__version__}. Ratios: median ORT "
            "fp32 / median candidate, bootstrap 95% interval over the paired rounds, two-level (session sets, then "
-           "rounds). 'job time': the goal job, started "
-           "to finished; divided by one plain quantize_static call plus one measure_pair of its model as the search "
-           "measures a candidate, timed here.")
+           "rounds). 'job time': the goal job, started to finished; divided by a plain quantize.int8_static steps "
+           "job's (int8_dynamic where static fails) on the same deployment, run right after it with the same "
+           "evaluate settings; in brackets, divided by one plain quantize_static call plus one measure_pair of its "
+           "model as the search measures a candidate (no memory probes), timed in this process.")
     publish(TITLE, how, "\n".join(body), started=started, write=not args.no_write)
     return 0
 

@@ -3,6 +3,10 @@
 It pins itself to the cores it was given before loading ONNX Runtime (whose threads then inherit them),
 measures, and writes result.json into the folder: the report (exit 0), or the failure (exit 3), or exits 4
 when asked to stop. Progress goes to stdout as one JSON object per line.
+
+`python -m workers.measure.child --serve <cores as JSON> <parent pid>` (isolated.MeasuringProcess) pins itself
+once, then reads one request folder per line from stdin and measures each as above; instead of exiting it says
+{"done": <that exit code>} on stdout, and it exits when stdin closes.
 """
 from __future__ import annotations
 
@@ -19,13 +23,38 @@ def main(folder: Path, parent_pid: int) -> int:
 
     die_with_parent(parent_pid)  # a measurement outlives neither its job nor its worker
     request = json.loads((folder / REQUEST).read_text())
-    pinned: list[int] = []
-    if request["cores"]:
-        try:
-            os.sched_setaffinity(0, request["cores"])
-            pinned = sorted(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            pinned = []
+    return measure(folder, _pin(request["cores"]))
+
+
+def serve(cores: list[int], parent_pid: int) -> int:
+    import gc
+
+    from workers.sandbox import die_with_parent
+
+    die_with_parent(parent_pid)
+    pinned = _pin(cores)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        code = measure(Path(line.strip()), pinned)
+        gc.collect()  # the last measurement's sessions go before the next one's are made
+        print(json.dumps({"done": code}), flush=True)
+    return 0
+
+
+def _pin(cores: list[int]) -> list[int]:
+    if not cores:
+        return []
+    try:
+        os.sched_setaffinity(0, cores)
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return []
+
+
+def measure(folder: Path, pinned: list[int]) -> int:
+    """One measurement of the request in `folder`; its exit code (0, EXIT_FAILED or EXIT_STOPPED)."""
+    request = json.loads((folder / REQUEST).read_text())
     from app.errors import ModelPressError
     from workers.measure import MeasureSpec, Stopped, measure_pair
 
@@ -64,4 +93,6 @@ def main(folder: Path, parent_pid: int) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--serve":
+        sys.exit(serve(json.loads(sys.argv[2]), int(sys.argv[3])))
     sys.exit(main(Path(sys.argv[1]), int(sys.argv[2])))

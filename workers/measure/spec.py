@@ -39,6 +39,9 @@ class MeasureSpec:
     # A target runtime ({"runtime": "openvino", "device": "cpu", "precision": "bf16"}): the result (and the
     # original, at f32) run on it, beside the original on ONNX Runtime's CPU provider (workers.measure.targets).
     target: dict[str, Any] | None = None
+    # Peak memory, each model in a probe process of its own (0.2 s or more each): off for a goal search's
+    # candidates, which are ranked by latency, size, fidelity and energy; the one handed over is measured with it.
+    memory: bool = True
     on_progress: Callable[[float, str], None] | None = field(default=None, compare=False, repr=False)
     should_stop: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 

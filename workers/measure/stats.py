@@ -75,6 +75,7 @@ def speedup_interval(baseline_rounds, result_rounds, *, strata=None, resamples: 
         out.update(low=None, high=None, reason="one round: no spread between rounds to resample")
         return out
     rng = np.random.default_rng(seed)
+    draws: list[np.ndarray]
     if strata is None:
         draws = list(rng.integers(0, rounds, size=(resamples, rounds)))
     else:
@@ -86,13 +87,34 @@ def speedup_interval(baseline_rounds, result_rounds, *, strata=None, resamples: 
                                          for j in chosen]))
         out["method"] += (f"; two-level over the {len(parts)} session sets (sets drawn with replacement, then "
                           "rounds within each)")
-    ratios = np.empty(resamples)
-    for i, chosen in enumerate(draws):
-        ratios[i] = np.median(np.concatenate([base[k] for k in chosen])) / np.median(
-            np.concatenate([res[k] for k in chosen]))
+    ratios = _resampled_medians(base, draws) / _resampled_medians(res, draws)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(ratios, [tail, 100 - tail])
     out.update(low=round(float(low), 4), high=round(float(high), 4))
+    return out
+
+
+def _resampled_medians(rounds: list[np.ndarray], draws: list[np.ndarray], chunk: int = 250) -> np.ndarray:
+    """The median of the calls of each draw's rounds (draws[i]: round indices, repeats allowed), for all draws at
+    once: the rounds padded with NaN to one length and gathered; the rows with as many calls take one median
+    together. The same figures as np.median over each concatenation, in a few array operations instead of a
+    Python loop over 2000 resamples (0.2 s of a 0.6 s measurement of a small model)."""
+    width = max(len(r) for r in rounds)
+    padded = np.full((len(rounds) + 1, width), np.nan)  # the last row: all NaN, for draws padded to one length
+    for k, r in enumerate(rounds):
+        padded[k, :len(r)] = r
+    longest = max(len(d) for d in draws)
+    index = np.full((len(draws), longest), len(rounds))  # len(rounds): the NaN row
+    for i, d in enumerate(draws):
+        index[i, :len(d)] = d
+    out = np.empty(len(draws))
+    for start in range(0, len(draws), chunk):  # bounded memory: chunk x rounds x calls values at a time
+        values = padded[index[start:start + chunk]].reshape(min(chunk, len(draws) - start), -1)
+        present = ~np.isnan(values)
+        counts = present.sum(axis=1)
+        for count in np.unique(counts):  # rows with as many calls: one 2-D median (a partition, not a sort)
+            rows = np.flatnonzero(counts == count)
+            out[start + rows] = np.median(values[rows][present[rows]].reshape(len(rows), count), axis=1)
     return out
 
 
