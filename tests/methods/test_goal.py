@@ -76,6 +76,7 @@ def test_a_model_alone_runs_the_default_goal_and_ends_with_a_verdict(http, cnn):
     else:
         assert "model.onnx" not in names and "model_openvino.zip" not in names
     assert search["elapsed_s"] <= search["time_budget_s"] + 60
+    assert any("ran in one measuring process kept for the search" in note for note in search["notes"])
 
 
 # --- the goal at submit: each bad goal is a 422 with its code, and nothing is queued ------------------------------

@@ -147,9 +147,14 @@ def search(run, workdir: Path, *, original: Path, intake, spec: dict[str, Any], 
     try:
         _candidates(state)
     finally:
-        if state.measurer is not None:
-            state.measurer.close()  # the handed-over candidate's final measurement runs in a fresh process
-            state.measurer = None
+        measurer, state.measurer = state.measurer, None
+        if measurer is not None:
+            measurer.close()  # the handed-over candidate's final measurement runs in a fresh process
+            if measurer.served:
+                state.notes.append(f"the candidates' {measurer.served} measurement(s) ran in one measuring process "
+                                   "kept for the search" + (f" ({measurer.started} started: one ended early)"
+                                                            if measurer.started > 1 else "") +
+                                   ", without memory probes; the final measurement ran in a process of its own")
     return _finish(state)
 
 
