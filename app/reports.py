@@ -281,6 +281,9 @@ class SummaryFidelity(_AsGiven):
     max_abs_diff: Number | None
     top1_agreement: Number | None
     worst_cosine: Number | None = None
+    # Float outputs that have no cosine, each with why (one value per sample, fewer than 2 samples seen): the figures
+    # above are the other outputs', and a min_cosine budget is not shown to hold.
+    not_compared: list[str] | None = None
 
 
 class SummaryAccuracy(_AsGiven):

@@ -462,7 +462,8 @@ def modelpress_candidates(subject: Subject, jobs: dict[str, Job], outputs: list[
 def fidelity(subject: Subject, reference: list[list[np.ndarray]], candidate: Candidate, outputs: list[str],
              types: list[str]) -> None:
     """Mean and worst-sample cosine over the float outputs (as the worker's OutputComparison counts them: padded
-    positions, attention_mask 0, left out), and top-1 accuracy of the first float output where there are labels."""
+    positions, attention_mask 0, left out; an output with one value per sample by its cosine over samples), and
+    top-1 accuracy of the first float output where there are labels."""
     from workers.measure.fidelity import OutputComparison, padding_mask
 
     floats = [i for i, t in enumerate(types) if t in ("tensor(float)", "tensor(float16)", "tensor(double)")]
@@ -478,10 +479,12 @@ def fidelity(subject: Subject, reference: list[list[np.ndarray]], candidate: Can
             scores = np.asarray(got[floats[0]]).reshape(len(subject.labels[n]), -1)
             right += int((scores.argmax(axis=1) == subject.labels[n]).sum())
             total += len(subject.labels[n])
-    cosines = [c.cosines for c in comparisons.values() if c.cosines]
-    if cosines:
-        candidate.mean_cos = float(np.mean([np.mean(c) for c in cosines]))
-        candidate.worst_cos = float(min(np.min(c) for c in cosines))
+    # An output with one value per sample (a probability) counts by its cosine over samples, as in a job's report;
+    # where a float output has none (one such value seen), the figures stay None: the others' alone would overstate it.
+    figures = [c.cosine_figures() for c in comparisons.values()]
+    if figures and all(f is not None for f in figures):
+        candidate.mean_cos = float(np.mean([f[0] for f in figures if f]))
+        candidate.worst_cos = float(min(f[1] for f in figures if f))
     candidate.top1 = right / total if total else None
 
 

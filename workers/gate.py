@@ -368,9 +368,14 @@ def judge(policy: dict, *, latency: dict, fidelity: dict, on_dataset: dict | Non
     if policy.get("min_cosine") is not None:
         worst, least = _worst_cosine(fidelity, on_dataset), policy["min_cosine"]
         where = _fidelity_on(on_dataset)
+        # An output without a cosine (one value per sample, fewer than 2 samples): the others' figure cannot pass.
+        missing = "; ".join(((on_dataset or {}).get("fidelity") or fidelity).get("not_compared") or [])
         if worst is None:
             checks.append(_check("min_cosine", False, None, least, f"no output could be compared on {where}, so the "
                                  f"worst-sample cosine (at least {least}) was not measured"))
+        elif missing and worst >= least:
+            checks.append(_check("min_cosine", False, worst, least, f"worst-sample cosine of the candidate's other "
+                                 f"outputs {worst:.5f} >= {least} on {where}, but {missing}"))
         else:
             checks.append(_check("min_cosine", worst >= least, worst, least,
                                  f"worst-sample cosine of the candidate's outputs against the baseline's {worst:.5f} "

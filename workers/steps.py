@@ -398,6 +398,8 @@ def _summary(measured: Measurement, steps_report: list[dict]) -> JobSummary:
     )
     if fidelity.model_extra and fidelity.model_extra.get("worst_sample_cosine") is not None:
         figures["fidelity"].worst_cosine = fidelity.model_extra["worst_sample_cosine"]
+    if fidelity.model_extra and fidelity.model_extra.get("not_compared"):
+        figures["fidelity"].not_compared = fidelity.model_extra["not_compared"]
     target = measured.environment.get("target")
     if target:
         extra = [b.model_extra or {} for b in per_batch]
@@ -428,7 +430,8 @@ def _dataset_summary(on: dict | None) -> dict[str, Any]:
     return {
         "fidelity_on": f"dataset {on['dataset'] or ''}".strip() + f" ({on['samples']} samples)",
         "fidelity": SummaryFidelity(cosine_similarity=fid["mean_cosine"], worst_cosine=fid["worst_cosine"],
-                                    max_abs_diff=fid["max_abs_diff"], top1_agreement=fid["top1_agreement"]),
+                                    max_abs_diff=fid["max_abs_diff"], top1_agreement=fid["top1_agreement"],
+                                    **({"not_compared": fid["not_compared"]} if fid.get("not_compared") else {})),
         "accuracy": None if acc is None else SummaryAccuracy(
             samples=acc["samples"],
             original_top1=acc["original"]["top1"], compressed_top1=acc["compressed"]["top1"],

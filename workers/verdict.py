@@ -167,11 +167,18 @@ def _fidelity(summary: JobSummary, limit: float) -> VerdictCheck:
     what = "worst-sample cosine"
     if worst is None and fidelity is not None and fidelity.cosine_similarity is not None:
         worst, what = fidelity.cosine_similarity, "mean cosine (no worst-sample figure)"
+    # An output with no cosine (workers.measure.fidelity: one value per sample, fewer than 2 samples) is not shown
+    # to be kept: the others' figure decides only where it fails.
+    missing = "; ".join(fidelity.not_compared or []) if fidelity is not None else ""
     if worst is None:
-        return _check("min_cosine", False, f"no output cosine was measured to hold to {limit:g}", limit=limit)
+        return _check("min_cosine", False, f"no output cosine was measured to hold to {limit:g}"
+                      + (f" ({missing})" if missing else ""), limit=limit)
     on = summary.fidelity_on or "random inputs"
     # Shown cut, not rounded, to four places: 0.98996 reads 0.9899 < 0.99, never 0.9900 < 0.99.
     shown = f"{int(worst * 10_000) / 10_000:.4f}"
+    if worst >= limit and missing:
+        return _check("min_cosine", False, f"outputs not all compared: {what} {shown} >= {limit:g} on {on} for the "
+                      f"others, but {missing}", worst, limit)
     if worst >= limit:
         return _check("min_cosine", True, f"outputs kept: {what} {shown} >= {limit:g} on {on}", worst, limit)
     return _check("min_cosine", False, f"outputs moved: {what} {shown} < {limit:g} on {on}", worst, limit)

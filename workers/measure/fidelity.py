@@ -23,13 +23,21 @@ def padding_mask(feed: dict[str, np.ndarray], batch: int) -> np.ndarray | None:
 
 
 class OutputComparison:
-    """Accumulates one output's differences over many runs."""
+    """Accumulates one output's differences over many runs.
+
+    A float output is compared sample by sample (a cosine per row of the sample axis), except an output with one
+    value per sample (a probability [batch, 1], a score): the cosine of two one-element vectors only compares their
+    signs (1.0, 0.0 or -1.0), so such an output is compared as one vector over all the samples seen."""
 
     def __init__(self, name: str, result_name: str, dtype: str) -> None:
         self.name, self.result_name, self.dtype = name, result_name, dtype
         self.shape: list[int] = []
         self.samples = 0
-        self.cosines: list[float] = []
+        self.is_float = False
+        self.row_cosines: list[float] = []  # one per row of the sample axis
+        self.row_sizes: set[int] = set()  # how many values a row held, over every run
+        # While every row holds one value: those values (original, compressed) where both are finite, in order.
+        self.values: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
         self.max_abs = 0.0
         self.abs_sum, self.abs_count = 0.0, 0
         self.equal, self.elements = 0, 0
@@ -75,9 +83,17 @@ class OutputComparison:
         rows = batch if per_sample else 1
         self.samples += rows
         if is_float:
+            self.is_float = True
             bs, rs = b.reshape(rows, -1), r.reshape(rows, -1)
             for x, y in zip(bs, rs):
-                self.cosines.append(cosine(x, y))
+                self.row_cosines.append(cosine(x, y))
+            self.row_sizes.add(bs.shape[1])
+            if self.row_sizes == {1}:
+                kept = both.reshape(rows, -1)[:, 0]
+                self.values[0].append(bs[kept, 0])
+                self.values[1].append(rs[kept, 0])
+            elif self.values[0]:
+                self.values = ([], [])
             if baseline.ndim >= 1 and baseline.shape[-1] > 1:
                 width = baseline.shape[-1]
                 top_b = np.argmax(b.reshape(-1, width), axis=1)
@@ -89,7 +105,54 @@ class OutputComparison:
                 self.top1_width = width
                 self.rows_per_sample = max(1, top_b.size // rows)
 
+    @property
+    def one_value_per_sample(self) -> bool:
+        """A float output every row of which (every sample's part of it) held exactly one value."""
+        return self.is_float and self.row_sizes == {1}
+
+    @property
+    def cosines(self) -> list[float]:
+        """The cosines that a mean and a worst case are taken over: one per sample; for an output with one value per
+        sample, the one cosine over all samples; none for an integer output, or where fewer than 2 samples of a
+        one-value output were seen (no cosine means anything there)."""
+        if not self.one_value_per_sample:
+            return self.row_cosines
+        across = self.across_samples()["cosine"]
+        return [] if across is None else [across]
+
+    def cosine_figures(self) -> tuple[float, float] | None:
+        """(mean cosine, worst sample's cosine), the figures a min_cosine budget reads; None where there are none
+        (see `cosines`). For an output with one value per sample both are the cosine over samples."""
+        cosines = self.cosines
+        return (float(np.mean(cosines)), float(np.min(cosines))) if cosines else None
+
+    def across_samples(self) -> dict[str, Any]:
+        """An output with one value per sample, compared as one vector over the samples seen (their values in the
+        original against the compressed model). `cosine`: the budget's figure, as for any other output.
+        `correlation` (Pearson): the cosine is not centred, so values that all sit near one constant (probabilities
+        of a model that is sure of nothing) keep it near 1 whatever their order: 0.5 +- 0.01 against the same values
+        reversed has cosine 0.9996 and correlation -1. The correlation misses what the cosine sees (an offset or a
+        scale: 0.2 + 0.5 x correlates 1.0 with x), so it is reported beside it, not instead. None where either
+        model's values do not vary. `max_abs_diff_to_spread`: the largest difference over the original's range
+        across samples (max - min), scale-free; None where that range is 0."""
+        base = np.concatenate(self.values[0]) if self.values[0] else np.zeros(0)
+        result = np.concatenate(self.values[1]) if self.values[1] else np.zeros(0)
+        count = int(base.size)
+        if count < 2:
+            return {"compared": f"one value per sample, and {count} sample(s) with finite values in both models: "
+                                "no figure (the cosine of one value against one compares only their signs)",
+                    "cosine": None, "correlation": None, "max_abs_diff_to_spread": None}
+        spread = float(base.max() - base.min())
+        varies = spread > 0 and float(result.max() - result.min()) > 0
+        return {
+            "compared": f"one value per sample: compared as one vector over the {count} samples, not sample by sample",
+            "cosine": cosine(base, result),
+            "correlation": max(-1.0, min(1.0, float(np.corrcoef(base, result)[0, 1]))) if varies else None,
+            "max_abs_diff_to_spread": float(np.abs(base - result).max()) / spread if spread > 0 else None,
+        }
+
     def report(self) -> dict[str, Any]:
+        figures = self.cosine_figures()
         entry: dict[str, Any] = {
             "name": self.name,
             "shape": self.shape,
@@ -97,14 +160,19 @@ class OutputComparison:
             "samples": self.samples,
             "max_abs_diff": significant(self.max_abs),
             "mean_abs_diff": significant(self.abs_sum / self.abs_count) if self.abs_count else None,
-            "cosine_similarity": round(float(np.mean(self.cosines)), 8) if self.cosines else None,
-            "min_sample_cosine": round(float(np.min(self.cosines)), 8) if self.cosines else None,
+            "cosine_similarity": round(figures[0], 8) if figures else None,
+            "min_sample_cosine": round(figures[1], 8) if figures else None,
             "top1_agreement": round(self.top1_equal / self.top1_rows, 6) if self.top1_rows else None,
             "top1_note": self._top1_note(),
         }
+        if self.one_value_per_sample:
+            across = self.across_samples()
+            entry["compared"] = across["compared"]
+            entry["correlation"] = None if across["correlation"] is None else round(across["correlation"], 8)
+            entry["max_abs_diff_to_spread"] = significant(across["max_abs_diff_to_spread"])
         if self.result_name != self.name:
             entry["result_name"] = self.result_name
-        if not self.cosines:
+        if not self.is_float:
             entry["equal_fraction"] = round(self.equal / self.elements, 6) if self.elements else None
         if any(self.nonfinite.values()):
             entry["nonfinite_values"] = dict(self.nonfinite, mismatched_positions=self.nonfinite_mismatch)
@@ -114,7 +182,7 @@ class OutputComparison:
         return entry
 
     def _top1_note(self) -> str:
-        if not self.cosines:
+        if not self.is_float:
             return "not a float output: compared element by element (equal_fraction), no cosine or top-1"
         if not self.top1_rows:
             return "not a score vector (last axis has one value or the output is a scalar)"
@@ -151,7 +219,7 @@ def summarize_outputs(comparisons: list[OutputComparison], *, batch_size: int, r
     outputs = [c.report() for c in comparisons]
     cosines = [o["cosine_similarity"] for o in outputs if o["cosine_similarity"] is not None]
     diffs = [o["max_abs_diff"] for o in outputs if o["max_abs_diff"] is not None]
-    return {
+    summary = {
         "batch_size": batch_size,
         "runs": runs,
         "samples": runs * batch_size,
@@ -163,3 +231,10 @@ def summarize_outputs(comparisons: list[OutputComparison], *, batch_size: int, r
                                    default=None),
         "max_abs_diff": max(diffs) if diffs else None,
     }
+    # A float output without a cosine is left out of the figures above (the others still count), and named here:
+    # a min_cosine budget cannot be shown to hold while one of the outputs was not compared (workers.verdict).
+    missing = [f"output '{o['name']}': {o.get('compared') or 'no cosine'}"
+               for c, o in zip(comparisons, outputs) if c.is_float and o["cosine_similarity"] is None]
+    if missing:
+        summary["not_compared"] = missing
+    return summary
