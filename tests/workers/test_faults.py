@@ -300,7 +300,9 @@ def test_a_goal_search_whose_worker_is_killed_resumes_from_its_stored_candidates
             return {a["name"]: a["sha256"] for a in http.get(f"/v1/jobs/{job_id}/artifacts").json()
                     if a["kind"] == "candidate-record"}
 
-        first = wait_until(lambda: (lambda found: found if len(found) >= 2 else None)(records()), timeout=240)
+        # Killed after the first stored candidate: with one measuring process for the whole search, the candidates
+        # after the second finished before the kill landed in one run of five.
+        first = wait_until(lambda: (lambda found: found if len(found) >= 1 else None)(records()), timeout=240)
         (worker_id,), = stack.sql("SELECT worker_id FROM jobs WHERE id = %s", job_id)
         os.kill(int(worker_id.rpartition(":")[2]), signal.SIGKILL)
         job = wait_for_job(http, job_id, timeout=600)
