@@ -54,7 +54,8 @@ def run(folder: Path, request: dict, sandbox: dict, limits, send, ask_cancelled=
     job = JobRun(job_id=request["job_id"], folder=folder, send=send, stop_file=folder / STOP,
                  datasets={k: tuple(v) for k, v in request["datasets"].items()},
                  models={k: tuple(v) for k, v in request["models"].items()}, sandbox=sandbox,
-                 ask_cancelled=ask_cancelled, resume=dict(request.get("resume") or {}))
+                 ask_cancelled=ask_cancelled, resume=dict(request.get("resume") or {}),
+                 targets=request.get("targets"))
     workdir = folder / "work"
     workdir.mkdir(exist_ok=True)
     try:

@@ -58,6 +58,13 @@ class Registration:
 _current: Registration | None = None
 
 
+def served_targets() -> list[dict[str, Any]] | None:
+    """The targets this worker registered (probed once, in a process of its own, as it started), or None where it
+    has not registered (a job run in a test's process): a job's process gets them instead of probing again (2 s of
+    imports: OpenVINO, NNCF with torch, LiteRT)."""
+    return None if _current is None else [dict(t) for t in _current.targets]
+
+
 @functools.lru_cache
 def _engine(url: str) -> Engine:
     return make_engine(url, poolclass=NullPool)

@@ -65,6 +65,8 @@ class JobRun:
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     # A goal search's stored candidates from a lost attempt: artifact name -> local path (workers.search.run).
     resume: dict[str, str] = field(default_factory=dict)
+    # The targets the worker registered (workers.registry.served_targets), or None where it is not known.
+    targets: list[dict[str, Any]] | None = None
     last_progress_write: float = 0.0
     _loaded: dict[str, Any] = field(default_factory=dict)
     _unpacked: dict[str, Path] = field(default_factory=dict)

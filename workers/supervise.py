@@ -52,6 +52,7 @@ from app.jobs.state import add_event, set_status
 from app.settings import Settings, get_settings
 from app.store import ArtifactStore, get_store
 from workers.job_child import OUTPUT, REQUEST, RESULT, STOP
+from workers.registry import served_targets
 from workers.sandbox import JobLimits, describe, how_it_ended, looks_out_of_memory, output_tail
 
 log = logging.getLogger("modelpress.worker")
@@ -315,6 +316,7 @@ def _supervise(attempt: Attempt, claim: Claim, settings: Settings) -> dict:
         "datasets": {i: [str(store.local_path(sha)), fmt, name] for i, (sha, fmt, name) in claim.datasets.items()},
         "models": {i: [str(store.local_path(sha)), fmt] for i, (sha, fmt) in claim.models.items()},
         "resume": {name: str(store.local_path(sha)) for name, sha in claim.resume.items()},
+        "targets": served_targets(),
     }
     lines: queue.Queue[bytes | None] = queue.Queue()
     if not settings.job_isolated:

@@ -293,15 +293,18 @@ def test_cancel_stops_a_search_at_the_next_candidate(http, cnn):
     created = http.post("/v1/jobs", json={"model_id": model, "evaluate": FAST})
     job_id = created.json()["id"]
     deadline = time.monotonic() + 120
-    while not any(e["message"].startswith("candidate 2 ")
+    # As the first candidate that is built starts (the OpenVINO ones are skipped on this small CNN): with one
+    # measuring process for the search, the three it builds take about 2 s, and a cancel sent after
+    # the second one started found the search finished.
+    while not any(e["message"].startswith("candidate 1 (int8_static)")
                   for e in http.get(f"/v1/jobs/{job_id}/events").json()):
         assert time.monotonic() < deadline
-        time.sleep(0.2)
+        time.sleep(0.1)
     assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
     job = wait_for_job(http, job_id, timeout=120)
     assert job["status"] == "cancelled", job
     records = [a for a in http.get(f"/v1/jobs/{job_id}/artifacts").json() if a["kind"] == "candidate-record"]
-    assert 1 <= len(records) <= 3  # it stopped within a candidate or two of the request
+    assert len(records) <= 2  # it stopped within a candidate or two of the request, of the three it builds
 
 
 def sensitive_mlp(width: int = 768, seed: int = 0) -> tuple[bytes, str]:
@@ -349,3 +352,39 @@ def test_a_deliberately_sensitive_node_ranks_first_and_the_result_keeps_it_in_fl
     assert fidelity["passed"], mixed["verdict"]
     if job["summary"]["verdict"]["verdict"] == "beneficial":  # faster too: it is the result, with fc2 in float
         assert report["search"]["chosen"] in ("int8_static-float1", "int8_dynamic-float1")
+
+
+def test_the_search_takes_the_targets_its_worker_registered_and_probes_only_without_one(monkeypatch):
+    """A job's process gets the targets its worker registered (workers.registry.served_targets) instead of probing
+    the runtimes again (2 s of imports per goal job on a small model)."""
+    from types import SimpleNamespace
+
+    from workers.search import run as search
+
+    state = search.Search(run=SimpleNamespace(targets=[
+        {"runtime": "onnxruntime", "device": "cpu", "precision": None, "queue": "cpu"},
+        {"runtime": "openvino", "device": "cpu", "precision": "f32", "queue": "openvino"}]),
+        workdir=None, original=None, intake=None, input_shapes=None,  # type: ignore[arg-type]
+        spec={"goal": {"time_budget_s": 60}})
+
+    def no_probe():
+        raise AssertionError("probed although the worker said what it serves")
+
+    monkeypatch.setattr(search, "_probed_targets", no_probe)
+    assert [t["runtime"] for t in search._served_targets(state)] == ["openvino"]
+    probed = [{"runtime": "openvino", "device": "cpu", "precision": "bf16", "queue": "openvino"}]
+    monkeypatch.setattr(search, "_probed_targets", lambda: probed)
+    state.run = SimpleNamespace(targets=None)  # a job run without a registered worker
+    assert search._served_targets(state) == probed
+
+
+def test_a_registered_worker_passes_its_targets_to_the_jobs_process(monkeypatch):
+    from workers import registry
+
+    monkeypatch.setattr(registry, "_current", None)
+    assert registry.served_targets() is None
+    targets = [{"runtime": "openvino", "device": "cpu", "precision": "f32", "queue": "openvino"}]
+    monkeypatch.setattr(registry, "_current", registry.Registration(worker_id="w", queues=["cpu", "openvino"],
+                                                                    targets=targets, capabilities={}))
+    given = registry.served_targets()
+    assert given == targets and given[0] is not targets[0]  # a copy: the job cannot change the registration

@@ -203,17 +203,23 @@ def _datasets(state: Search) -> dict[str, str | None]:
             "train": goal_sets.get("train_dataset_id")}
 
 
+def _served_targets(state: Search) -> list[dict[str, Any]]:
+    """The targets besides ONNX Runtime on the CPU this worker serves (OpenVINO, and on a GPU worker ONNX Runtime's
+    CUDA provider and TensorRT): those it registered, passed to the job's process; probed here only where the job
+    runs without a registered worker."""
+    chosen = state.run.targets if getattr(state.run, "targets", None) is not None else _probed_targets()
+    return [t for t in chosen if not (t.get("runtime") == "onnxruntime" and t.get("device") == "cpu")]
+
+
 @functools.lru_cache(maxsize=1)
-def _served_targets() -> list[dict[str, Any]]:
-    """The targets besides ONNX Runtime on the CPU this worker serves (the same choice its registration made:
-    OpenVINO, and on a GPU worker ONNX Runtime's CUDA provider and TensorRT); probed once per job."""
+def _probed_targets() -> list[dict[str, Any]]:
+    """The choice a registration makes (workers.targets.worker_targets), probed in this process, once."""
     try:
         from workers.targets import probe, worker_targets
 
-        chosen = worker_targets(probe(), get_settings().worker_targets, [])
+        return worker_targets(probe(), get_settings().worker_targets, [])
     except Exception:  # no OpenVINO here: the targets family has nothing to offer
         return []
-    return [t for t in chosen if not (t.get("runtime") == "onnxruntime" and t.get("device") == "cpu")]
 
 
 def _first_plans(state: Search) -> list[Plan]:
@@ -226,7 +232,7 @@ def _first_plans(state: Search) -> list[Plan]:
                            "rarely match real activations; give goal.datasets.calibration_dataset_id")
     plans: list[Plan] = []
     if state.allowed("targets"):
-        served = _served_targets()
+        served = _served_targets(state)
         precisions = [t["precision"] for t in served if t.get("runtime") == "openvino" and t.get("device") == "cpu"]
         # int8_bf16 (int8 with its float remainder in bf16) follows a faithful int8 (_react): bf16 only moves
         # outputs further.
@@ -317,7 +323,7 @@ def _react(state: Search, tried: Tried) -> None:
         return
     fidelity_ok, faster = _fidelity_holds(tried), _faster(tried)
     if plan.name == "openvino-int8" and plan.target is not None:
-        if fidelity_ok and any(t["precision"] == "int8_bf16" for t in _served_targets()):
+        if fidelity_ok and any(t["precision"] == "int8_bf16" for t in _served_targets(state)):
             add(Plan("openvino-int8_bf16", "targets", target=dict(plan.target, precision="int8_bf16"),
                      why="OpenVINO's int8 kept the outputs: its float remainder in bf16"))
         elif not fidelity_ok:
@@ -386,7 +392,7 @@ def _chained_to_openvino(state: Search, name: str) -> bool:
     static QDQ model, where OpenVINO int8 is served and NNCF's own int8 (openvino-int8) did not keep the outputs."""
     nncf = state.tried.get("openvino-int8")
     return "int8_dynamic" not in name and state.allowed("targets") \
-        and any(t["precision"] == "int8" for t in _served_targets()) \
+        and any(t["precision"] == "int8" for t in _served_targets(state)) \
         and not (nncf is not None and nncf.status == "measured" and _fidelity_holds(nncf))
 
 
