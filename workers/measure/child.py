@@ -93,6 +93,8 @@ def measure(folder: Path, pinned: list[int]) -> int:
 
 
 if __name__ == "__main__":
+    from workers.job_child import leave  # the result is written: the parent waits only for the process to end
+
     if sys.argv[1] == "--serve":
-        sys.exit(serve(json.loads(sys.argv[2]), int(sys.argv[3])))
-    sys.exit(main(Path(sys.argv[1]), int(sys.argv[2])))
+        leave(serve(json.loads(sys.argv[2]), int(sys.argv[3])))
+    leave(main(Path(sys.argv[1]), int(sys.argv[2])))
