@@ -388,3 +388,50 @@ def test_a_registered_worker_passes_its_targets_to_the_jobs_process(monkeypatch)
                                                                     targets=targets, capabilities={}))
     given = registry.served_targets()
     assert given == targets and given[0] is not targets[0]  # a copy: the job cannot change the registration
+
+
+def test_candidates_the_search_could_not_tell_apart_are_measured_again_and_the_faster_is_handed_over(monkeypatch):
+    """ppocr-cls: the search's 30 calls put OpenVINO bf16 at 1.65x (1.57-1.91) under f32 at 2.01x (1.88-2.35); a
+    longer measurement put bf16 ahead. Candidates whose intervals overlap the confirmed one's are measured again."""
+    from types import SimpleNamespace
+
+    from workers.search import run as search_run
+    from workers.search.run import Final, Search
+
+    def searched() -> Search:
+        state = Search(run=None, workdir=None, original=None, intake=None, input_shapes=None,  # type: ignore[arg-type]
+                       spec={"goal": {"time_budget_s": 300, "objective": "latency", "batch_size": 1}})
+        for tried in (measured("openvino-f32", 1.88, 2.35), measured("openvino-bf16", 1.57, 1.91),
+                      measured("int8_static", 1.1, 1.3)):
+            state.tried[tried.plan.name] = tried
+        return state
+
+    speeds: dict[str, float] = {}
+    calls: list[str] = []
+
+    def final(state_, tried, budget):
+        calls.append(tried.plan.name)
+        verdict = SimpleNamespace(verdict="beneficial", reason="measured here", improvement={})
+        return Final(tried=tried, measurement={}, rows=[], samples={}, summary=SimpleNamespace(
+            speedup={"1": speeds[tried.plan.name]}), verdict=verdict, seconds=1.0)
+
+    monkeypatch.setattr(search_run, "_measure_final", final)
+    speeds.update({"openvino-f32": 1.96, "openvino-bf16": 2.26})
+    state = searched()
+    confirmed, contradicted = search_run._confirm(state, None)
+    assert calls == ["openvino-f32", "openvino-bf16"]  # int8_static's interval (1.1-1.3) is apart: not measured
+    assert confirmed.tried.plan.name == "openvino-bf16" and not contradicted
+    assert any("could not tell openvino-bf16 apart from openvino-f32" in n and "openvino-bf16 is handed over" in n
+               for n in state.notes)
+
+    speeds.update({"openvino-bf16": 1.80})  # measured again, the challenger is slower: the confirmed one stays
+    calls.clear()
+    state = searched()
+    confirmed, _ = search_run._confirm(state, None)
+    assert calls == ["openvino-f32", "openvino-bf16"] and confirmed.tried.plan.name == "openvino-f32"
+
+    state = searched()  # the size objective ranks by bytes, which a second measurement does not change
+    state.spec["goal"]["objective"] = "size"
+    calls.clear()
+    search_run._confirm(state, None)
+    assert calls == ["openvino-f32"]
