@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import os
 import shutil
 import sys
@@ -109,7 +108,7 @@ def goal_jobs(todo: list[rt.Subject], folder: Path, *, quick: bool, at: str | No
             for job in jobs.values():
                 job.message = deployment
             return jobs, deployment + ": no ModelPress results"
-        queued: list[tuple[rt.Subject, GoalJob, str, Any]] = []
+        queued: list[tuple[rt.Subject, GoalJob, str, str, dict[str, Any], dict[str, Any], str | None]] = []
         for subject in todo:
             job = jobs[subject.key]
             try:
@@ -124,53 +123,50 @@ def goal_jobs(todo: list[rt.Subject], folder: Path, *, quick: bool, at: str | No
                 job.status, job.code, job.message = "refused", exc.code, f"{exc.status}: {exc.message}"
                 continue
             # The worker runs one job at a time, in order: the plain job runs after the goal job, alone.
-            plain = functools.partial(plain_job, mp, subject, job, model["id"], ids, evaluate)
-            queued.append((subject, job, sent["id"], plain(submit=True)))
-        for subject, job, job_id, plain_id in queued:
+            plain = submit_plain(mp, subject, model["id"], PLAIN_JOBS[0], ids, evaluate)
+            queued.append((subject, job, sent["id"], model["id"], ids, evaluate, plain))
+        for subject, job, job_id, model_id, ids, evaluate, plain in queued:
             collect(mp, subject, job, job_id, folder / "results" / subject.key)
-            plain_job(mp, subject, job, None, {}, {}, waiting=plain_id)
+            time_plain(mp, subject, job, plain, model_id, ids, evaluate)
     return jobs, deployment
 
 
-def plain_job(mp: Client, subject: rt.Subject, job: GoalJob, model_id: str | None, ids: dict[str, Any],
-              evaluate: dict[str, Any], *, submit: bool = False, waiting: Any = None) -> Any:
-    """One plain quantization plus its measurement as a user of the service gets it: a steps job, quantize.int8_static
-    calibrated on the model's calibration samples (int8_dynamic where static fails), the goal job's evaluate
-    settings. submit=True queues it and returns what to wait for; waiting=that: waits and records its seconds."""
-    if submit:
+# One plain quantization plus its measurement as a user of the service gets it: a steps job with the goal job's
+# evaluate settings, int8_static calibrated on the model's calibration samples, int8_dynamic where that fails.
+PLAIN_JOBS = ("quantize.int8_static", "quantize.int8_dynamic")
+
+
+def submit_plain(mp: Client, subject: rt.Subject, model_id: str, method: str, ids: dict[str, Any],
+                 evaluate: dict[str, Any]) -> str:
+    """The plain job's id, or why it was refused (a string that is not an id: 'refused: <code>')."""
+    params: dict[str, Any] = {}
+    if method == "quantize.int8_static":
         calibration = ids.get("calibration") or ids.get("eval")
-        static = {"calibration_dataset_id": calibration} if calibration else {"allow_random_calibration": True}
+        params = {"calibration_dataset_id": calibration} if calibration else {"allow_random_calibration": True}
+    try:
+        return mp.submit_job(model_id, steps=[{"method": method, "params": params}], evaluate=evaluate,
+                             name=f"plain {method} {subject.key}")["id"]
+    except ModelPressError as exc:
+        return f"refused: {exc.code}"
 
-        def send(method: str, params: dict[str, Any]) -> str:
-            return mp.submit_job(model_id, steps=[{"method": method, "params": params}], evaluate=evaluate,
-                                 name=f"plain {method} {subject.key}")["id"]
 
-        try:
-            return (send("quantize.int8_static", static), lambda: send("quantize.int8_dynamic", {}))
-        except ModelPressError as exc:
-            job.plain_job = f"int8_static refused: {exc.code}"
-            return None
-    if waiting is None:
-        return None
-    job_id, fallback = waiting
+def time_plain(mp: Client, subject: rt.Subject, job: GoalJob, first: str, model_id: str, ids: dict[str, Any],
+               evaluate: dict[str, Any]) -> None:
+    """Waits for the plain job queued beside the goal job (`first`) and records its seconds; where it fails, the
+    next of PLAIN_JOBS is run and timed."""
     tried = []
-    for method in ("int8_static", "int8_dynamic"):
+    for method in PLAIN_JOBS:
+        job_id = first if method == PLAIN_JOBS[0] else submit_plain(mp, subject, model_id, method, ids, evaluate)
+        if job_id.startswith("refused: "):
+            tried.append(f"{method} {job_id}")
+            continue
         done = mp.wait(job_id, poll_s=0.5, timeout_s=3600)
         if done["status"] == "succeeded":
             job.plain_job_s = rt.job_seconds(done)
-            job.plain_job = f"a quantize.{method} job, {job.plain_job_s:.1f} s" + (
-                f" ({'; '.join(tried)})" if tried else "")
-            return None
-        tried.append(f"quantize.{method} {done['status']}: {(done.get('error') or {}).get('code')}")
-        if method == "int8_dynamic":
-            break
-        try:
-            job_id = fallback()
-        except ModelPressError as exc:
-            tried.append(f"int8_dynamic refused: {exc.code}")
-            break
+            job.plain_job = f"a {method} job, {job.plain_job_s:.1f} s" + (f" ({'; '.join(tried)})" if tried else "")
+            return
+        tried.append(f"{method} {done['status']}: {(done.get('error') or {}).get('code')}")
     job.plain_job = "no plain job succeeded: " + "; ".join(tried)
-    return None
 
 
 def collect(mp: Client, subject: rt.Subject, job: GoalJob, job_id: str, out: Path) -> None:

@@ -500,9 +500,10 @@ def time_side_by_side(candidates: list[Candidate], feed: dict[str, np.ndarray], 
     (OpenVINO's threads go on spinning after its last call: the reference after an OpenVINO block ran 20-30%
     slower on opt-mnist, and every candidate's ratio to it looked that much better).
     Returns the session set of each round (the strata of speedup_interval) and the calls per block."""
-    from workers.measure.latency import settle
+    from workers.measure.latency import Turns
 
     live = [c for c in candidates if c.call is not None]
+    turns = Turns({c.name: c.runtime for c in live})
 
     def warm() -> list[float]:  # the first calls of a session allocate and pick kernels
         typical = []
@@ -519,7 +520,7 @@ def time_side_by_side(candidates: list[Candidate], feed: dict[str, np.ndarray], 
     calls = int(np.clip(BLOCK_S / max(float(np.median(pilot)), 1e-6), 1, 30))
     rounds = int(np.clip(budget_s / (sum(pilot) * calls), 10 * sets, max_rounds))
     strata: list[int] = []
-    last = live[-1].runtime if live else None  # the runtime of the block that ran last
+    turns.last = live[-1].name if live else None  # warm() ran them in order
     for index in range(sets):
         if index:
             for c in (live if index % 2 == 0 else live[::-1]):
@@ -527,16 +528,14 @@ def time_side_by_side(candidates: list[Candidate], feed: dict[str, np.ndarray], 
                 gc.collect()
                 c.call = c.renew()  # type: ignore[misc]
             warm()
-            last = live[-1].runtime
+            turns.last = live[-1].name
         gc.collect()
         gc.disable()
         try:
             for r in range(len(strata), rounds * (index + 1) // sets):
                 shift = r % len(live)
                 for c in live[shift:] + live[:shift]:
-                    if last is not None and last != c.runtime:
-                        settle(lambda c=c: c.call(feed))  # type: ignore[misc]
-                    last = c.runtime
+                    turns.take(c.name, lambda c=c: c.call(feed))  # type: ignore[misc]
                     block = []
                     for _ in range(calls):
                         started = time.perf_counter_ns()

@@ -113,14 +113,7 @@ def _short(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def leave(code: int) -> None:
-    """Exit without the interpreter's teardown: the result is written and the channel closed, and the worker waits
-    for this process to end before it stores the job; unloading ONNX Runtime, OpenVINO and torch and collecting
-    every module only delays that."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
+    from workers.sandbox import leave
+
     leave(main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))

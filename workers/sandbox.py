@@ -23,6 +23,7 @@ import errno
 import os
 import resource
 import signal
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -112,6 +113,15 @@ def _isolate_network(libc) -> str:
 
 def looks_out_of_memory(text: str) -> bool:
     return any(marker in text for marker in OUT_OF_MEMORY_MARKERS)
+
+
+def leave(code: int) -> None:
+    """Exit a child (a job's process, a measuring process) without the interpreter's teardown, once its result is
+    written and its channel closed: its parent waits for it to end, and unloading ONNX Runtime, OpenVINO and torch
+    and collecting every module only delays that (0.74 s per job)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def how_it_ended(returncode: int) -> str:

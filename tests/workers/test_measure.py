@@ -407,8 +407,7 @@ def test_sessions_are_told_apart_by_runtime(mlp):
 
     assert runtime_of(open_session(mlp, role="baseline", providers=["CPUExecutionProvider"], threads=1)) == \
         "onnxruntime"
-    ov = pytest.importorskip("openvino")
-    assert ov is not None
+    pytest.importorskip("openvino")
     from workers.openvino.session import OpenVINOSession
 
     assert runtime_of(OpenVINOSession(mlp, precision="f32", threads=1)) == "openvino"

@@ -148,7 +148,7 @@ def measure_pair(baseline: Path, result: Path, spec: MeasureSpec | None = None, 
         entry.pop("sessions")  # this provider's sessions close before the next provider's are timed
     first = next(r for r in provider_reports if r.get("primary"))
     memory = _memory(run, plan, working[-1], first["provider"], first_entry=started[0]) if run.spec.memory else {
-        "batch_size": working[-1], "unit": "bytes", "baseline": None, "result": None, "ratio": None,
+        "batch_size": working[-1], "unit": "bytes", "baseline": None, "result": None, "ratio": None, "asked": False,
         "reason": "not asked for (a goal search's candidate: its memory is measured if it is handed over)"}
     return _assemble(run, plan, working, size, provider_reports, first, fidelity, on_dataset, memory, samples)
 
@@ -586,7 +586,7 @@ def _findings(size: dict, latency: dict, fidelity: dict, memory: dict, on_datase
         if "nonfinite_values" in output:
             found.append(f"output '{output['name']}' holds NaN or infinite values ({output['nonfinite_values']}); "
                          "they are left out of the differences")
-    if memory.get("reason") and not memory["reason"].startswith("not asked for"):
+    if memory.get("reason") and memory.get("asked", True):
         found.append(f"memory was not measured: {memory['reason']}")
     return found
 

@@ -85,7 +85,7 @@ def measure(folder: Path, pinned: list[int]) -> int:
     report["environment"]["pinned_cores"] = pinned or None
     report["environment"]["process"] = {
         "isolated": True, "pid": os.getpid(),
-        "how": "a fresh Python process per measurement" + (
+        "how": request["how"] + (
             f", pinned to logical CPUs {pinned}" if pinned else ", not pinned (the OS did not allow it)"),
     }
     (folder / RESULT).write_text(json.dumps(report, default=str))
@@ -93,7 +93,7 @@ def measure(folder: Path, pinned: list[int]) -> int:
 
 
 if __name__ == "__main__":
-    from workers.job_child import leave  # the result is written: the parent waits only for the process to end
+    from workers.sandbox import leave  # the result is written: the parent waits only for the process to end
 
     if sys.argv[1] == "--serve":
         leave(serve(json.loads(sys.argv[2]), int(sys.argv[3])))

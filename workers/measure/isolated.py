@@ -109,7 +109,8 @@ class MeasuringProcess:
         folder = Path(self.home.name) / f"measurement-{self.served}"
         folder.mkdir()
         try:
-            _write_request(folder, baseline, result, spec, self.cores)
+            _write_request(folder, baseline, result, spec, self.cores, how=(
+                f"one Python process for this job's candidates (measurement {self.served}, process {self.started})"))
             try:
                 self.child.stdin.write(f"{folder}\n".encode())
                 self.child.stdin.flush()
@@ -131,15 +132,9 @@ class MeasuringProcess:
                 raise MeasurementFailed("the measuring process ended without answering", code="measurement_crashed")
             return _outcome(returncode, folder, self.errors)
         try:
-            report = _outcome(code, folder, self.errors)
+            return _outcome(code, folder, self.errors)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        process = report.get("environment", {}).get("process")
-        if isinstance(process, dict):
-            process["how"] = process["how"].replace(
-                "a fresh Python process per measurement",
-                f"one Python process for this job's candidates (measurement {self.served}, process {self.started})")
-        return report
 
     def close(self) -> None:
         self._stop()
@@ -171,10 +166,12 @@ class MeasuringProcess:
         child.wait()
 
 
-def _write_request(folder: Path, baseline: Path, result: Path, spec: MeasureSpec, cores: list[int]) -> None:
+def _write_request(folder: Path, baseline: Path, result: Path, spec: MeasureSpec, cores: list[int],
+                   how: str = "a fresh Python process per measurement") -> None:
+    """request.json (and the dataset beside it) for the child; `how`: the process it runs in, for the report."""
     dataset = spec.dataset
     request = {"baseline": str(Path(baseline).resolve()), "result": str(Path(result).resolve()),
-               "cores": cores, "spec": spec.to_json(), "dataset": None}
+               "cores": cores, "spec": spec.to_json(), "dataset": None, "how": how}
     if dataset is not None:
         arrays = {f"input:{name}": value for name, value in dataset.inputs.items()}
         if dataset.labels is not None:

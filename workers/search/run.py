@@ -784,7 +784,7 @@ def _openvino_floor(state: Search) -> dict[str, Any]:
     from onnx import helper
 
     from workers.measure.environment import default_threads
-    from workers.measure.latency import round_order, settle, time_calls
+    from workers.measure.latency import Turns, round_order, time_calls
     from workers.measure.runtime import open_session
     from workers.openvino.session import OpenVINOSession
 
@@ -806,14 +806,15 @@ def _openvino_floor(state: Search) -> dict[str, Any]:
              "original": functools.partial(original.run, None, feed)}
     for call in calls.values():
         time_calls(call, 5)
-    # Blocks of FLOOR_BLOCK calls taking turns, each after settle(): OpenVINO's threads spin on after its last call
-    # and, timed call by call in turns, charged the original 30-40 us of OpenVINO's own cost.
+    # Blocks of FLOOR_BLOCK calls taking turns, each settled first (Turns): OpenVINO's threads spin on after its last
+    # call and, timed call by call in turns, charged the original 30-40 us of OpenVINO's own cost.
     timed: dict[str, list[int]] = {"floor": [], "original": []}
+    turns = Turns({"floor": "openvino", "original": "onnxruntime"})
     stop = time.perf_counter() + FLOOR_SECONDS
     index = 0
     while len(timed["floor"]) < FLOOR_ROUNDS and time.perf_counter() < stop:
         for role in round_order(index, ("floor", "original")):
-            settle(calls[role])
+            turns.take(role, calls[role])
             time_calls(calls[role], FLOOR_BLOCK, timed[role])
         index += 1
     return {"floor_us": float(np.median(timed["floor"])) / 1e3, "original_us": float(np.median(timed["original"])) / 1e3,
@@ -917,7 +918,7 @@ def _confirm(state: Search, budget: Any) -> tuple[Final | None, list[Final]]:
     last = 0.0
     for candidate in ranked:
         for attempt in (1, 2):
-            if tries and (tries >= FINAL_TRIES or time.monotonic() + last > state.deadline):
+            if tries and _finals_spent(state, tries, last):
                 state.notes.append(f"{candidate.plan.name} was not measured again"
                                    f"{' a second time' if attempt == 2 else ''}: the time budget "
                                    f"({state.goal['time_budget_s']} s) or the limit of {FINAL_TRIES} final "
@@ -935,6 +936,12 @@ def _confirm(state: Search, budget: Any) -> tuple[Final | None, list[Final]]:
     return None, contradicted
 
 
+def _finals_spent(state: Search, tries: int, last: float) -> bool:
+    """Whether no other final measurement may start: FINAL_TRIES taken, or one more as long as the last would end
+    past the time budget."""
+    return tries >= FINAL_TRIES or time.monotonic() + last > state.deadline
+
+
 def _challenged(state: Search, budget: Any, held: Final, ranked: list[Tried], tries: int, last: float,
                 contradicted: list[Final]) -> Final:
     """The confirmed candidate against those ranked below it that the search could not tell apart from it (latency:
@@ -950,11 +957,13 @@ def _challenged(state: Search, budget: Any, held: Final, ranked: list[Tried], tr
         return float(((getattr(final.summary, "speedup", None) or {}).get(batch)) or 0.0)
 
     low, best, heard = _bound(held.tried, "low"), held, []
+    if low is None:
+        return held
     for other in ranked[ranked.index(held.tried) + 1:]:
         high = _bound(other, "high")
-        if low is None or high is None or high < low:
+        if high is None or high < low:
             continue
-        if tries >= FINAL_TRIES or time.monotonic() + last > state.deadline:
+        if _finals_spent(state, tries, last):
             state.notes.append(f"{other.plan.name}'s search interval reached {held.tried.plan.name}'s, but it was not "
                                f"measured again: the time budget ({state.goal['time_budget_s']} s) or the limit of "
                                f"{FINAL_TRIES} final measurements was reached")
