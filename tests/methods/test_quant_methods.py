@@ -313,6 +313,37 @@ def test_int8_static_never_swaps_a_named_dataset_for_random_data(digits, tmp_pat
     assert info.value.code == "calibration_failed"
 
 
+def test_int8_static_calibrates_once_per_model_and_data(digits, tmp_path, monkeypatch):
+    """A search's mixed-precision ladder quantizes one model again with more nodes left float: the ranges of the
+    first calibration serve the others (the same bytes a fresh calibration gives), and other data calibrates anew."""
+    from workers.quantize import int8_static
+
+    monkeypatch.setattr(int8_static, "_RANGES", type(int8_static._RANGES)())
+    calls = []
+    real = int8_static._calibrate
+    monkeypatch.setattr(int8_static, "_calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    common = dict(calibration_dataset_id="ds_digits", calibration_samples=60)
+    first = run_method(STATIC, digits["path"], tmp_path / "a", digits["calibration"], **common)
+    node = next(n.name for n in onnx.load(str(first.model_path)).graph.node if n.op_type == "Conv")
+    again = run_method(STATIC, digits["path"], tmp_path / "b", digits["calibration"], nodes_to_exclude=[node],
+                       **common)
+    assert len(calls) == 1 and not first.details["calibration_reused"] and again.details["calibration_reused"]
+    assert again.details["quantized_ops"]["Conv"]["quantized"] == first.details["quantized_ops"]["Conv"]["quantized"] - 1
+
+    monkeypatch.setattr(int8_static, "_RANGES", type(int8_static._RANGES)())
+    fresh = run_method(STATIC, digits["path"], tmp_path / "c", digits["calibration"], nodes_to_exclude=[node],
+                       **common)
+    assert fresh.model_path.read_bytes() == again.model_path.read_bytes()
+
+    # Other samples under the same id, another method, or random data: calibrated, not reused.
+    other = Dataset(inputs={"pixels": digits["calibration"].inputs["pixels"][::-1].copy()}, name="reversed")
+    for data, extra in ((other, {}), (digits["calibration"], {"calibrate_method": "percentile"}),
+                        (None, {"allow_random_calibration": True, "calibration_dataset_id": None})):
+        output = run_method(STATIC, digits["path"], tmp_path / "d", data, **{**common, **extra})
+        assert not output.details["calibration_reused"]
+    assert len(calls) == 5
+
+
 # --- quantize.int4_weight_only ---------------------------------------------------------------------
 
 def test_int4_rewrites_gemm_so_linear_layers_are_quantized(mlp_path, tmp_path):

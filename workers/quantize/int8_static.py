@@ -13,9 +13,10 @@ methods that need calibration data (quantize.int4_weight_only's GPTQ).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import shutil
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -252,7 +253,17 @@ def quantize(input_path: Path, params: Int8StaticParams, out_dir: Path, ctx: Ste
                 "data and accuracy on it may be much lower; give a calibration_dataset_id"
             )
         cache = prep_dir / "calibration.json"
-        chunking = _calibrate(prepared.path, requested, method, params, data, prep_dir, cache, ctx)
+        key = _ranges_key(prepared.path, requested, params, data, ctx)
+        reused = key in _RANGES
+        if reused:
+            ctx.report(0.1, "reusing the activation ranges this process calibrated for the same model and data")
+            cache.write_bytes(_RANGES[key][0])
+            chunking = _RANGES[key][1]
+        else:
+            chunking = _calibrate(prepared.path, requested, method, params, data, prep_dir, cache, ctx)
+            _RANGES[key] = (cache.read_bytes(), chunking)
+            while len(_RANGES) > RANGES_KEPT:
+                _RANGES.popitem(last=False)
 
         ctx.report(0.85, "quantizing weights and inserting QuantizeLinear/DequantizeLinear")
         try:
@@ -302,6 +313,7 @@ def quantize(input_path: Path, params: Int8StaticParams, out_dir: Path, ctx: Ste
         "calibrate_method": params.calibrate_method,
         **({"percentile": params.percentile} if params.calibrate_method == "percentile" else {}),
         "calibration_chunk_samples": chunking,
+        "calibration_reused": reused,
         "calibration_notes": data.notes,
         "quantized_ops": quantized_ops,
         "weights_quantized": len(weights),
@@ -316,6 +328,29 @@ def quantize(input_path: Path, params: Int8StaticParams, out_dir: Path, ctx: Ste
         "warnings": warnings,
     }
     return StepOutput(model_path=output, details=details)
+
+
+# Activation ranges this process computed, by what they depend on (_ranges_key): a search that quantizes one model
+# several times with different nodes left float (its mixed-precision ladder) calibrates once, since ORT's ranges
+# cover every tensor whatever nodes_to_exclude says. ppocr-det: 6.0 s per calibration (bench/RESULTS.md).
+_RANGES: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
+RANGES_KEPT = 4
+
+
+def _ranges_key(prepared: Path, requested: list[str], params: Int8StaticParams, data: CalibrationSource,
+                ctx: StepContext) -> str:
+    """What the ranges depend on: the prepared model's bytes, the op types, the calibration method and its
+    settings, and the feeds (the dataset samples' bytes, or the random plan's seed and shapes)."""
+    import numpy as np
+
+    digest = hashlib.sha256(prepared.read_bytes())
+    digest.update(repr((sorted(requested), params.calibrate_method, params.percentile, data.count, data.batch,
+                        data.seed if data.arrays is None else None, repr(ctx.input_shapes))).encode())
+    for name in data.names if data.arrays is not None else ():
+        used = np.ascontiguousarray(data.arrays[name][:data.samples], dtype=data.dtypes[name])
+        digest.update(f"{name}{used.shape}{used.dtype}".encode())
+        digest.update(memoryview(used).cast("B"))
+    return digest.hexdigest()
 
 
 def _calibrate(model_path: Path, op_types: list[str], method, params: Int8StaticParams, data: CalibrationSource,
