@@ -64,6 +64,14 @@ from workers.onnx_tools.inputs import ROLES, InputPlan, plan_inputs
 __all__ = ["MeasureSpec", "Stopped", "measure_pair"]
 
 FIDELITY_SAMPLES = 16
+# The worst sample of 16 random draws is a loose bound on the worst case: on Silero VAD, 16 draws said worst cosine
+# 0.9951 for a candidate whose next 16 draws gave 0.9732 (bench/RESULTS.md). Where the model is cheap, fidelity on
+# random inputs draws more, up to FIDELITY_MAX_SAMPLES, as many as the first run's pace says fit in FIDELITY_SECONDS.
+FIDELITY_MAX_SAMPLES = 256
+FIDELITY_SECONDS = 0.5
+# Timed calls per model and batch size (and warm-up calls) of a candidate whose outputs broke the search's budget
+# (MeasureSpec.brief_below), on one session set: ppocr-det's mixed-precision rungs spent 3.2 s of 5.0 s timing.
+BRIEF_ITERATIONS, BRIEF_WARMUP = 10, 1
 # Models up to this size (both files) are loaded again during the rounds (see _latency).
 REBALANCE_MAX_BYTES = 2 * 1024**3
 SESSION_SETS = 6
@@ -135,7 +143,8 @@ def measure_pair(baseline: Path, result: Path, spec: MeasureSpec | None = None, 
     del structures  # the parsed protobufs can be as large as the weights
     working = _check_all(run, running, plan)
     fidelity, on_dataset = _outputs(run, primary["sessions"], plan, output_pairs, working)
-    rebalance = size["baseline"]["file_bytes"] + size["result"]["file_bytes"] <= REBALANCE_MAX_BYTES
+    brief = _brief(run.spec, fidelity, on_dataset)
+    rebalance = size["baseline"]["file_bytes"] + size["result"]["file_bytes"] <= REBALANCE_MAX_BYTES and not brief
     samples: dict[str, Any] = {"unit": "ns", "what": "per-call times, per provider, batch size, model and "
                                "round (the rounds alternate which model goes first)", "providers": {}}
     provider_reports = []
@@ -143,7 +152,7 @@ def measure_pair(baseline: Path, result: Path, spec: MeasureSpec | None = None, 
         if not entry["available"]:
             provider_reports.append({"provider": entry["provider"], "available": False, "reason": entry["reason"]})
             continue
-        measured, samples["providers"][entry["provider"]] = _measure_provider(run, entry, plan, rebalance)
+        measured, samples["providers"][entry["provider"]] = _measure_provider(run, entry, plan, rebalance, brief)
         provider_reports.append(measured | {"primary": entry is primary})
         entry.pop("sessions")  # this provider's sessions close before the next provider's are timed
     first = next(r for r in provider_reports if r.get("primary"))
@@ -241,19 +250,42 @@ def _outputs(run: _Measuring, sessions: dict[str, Any], plan: InputPlan, output_
     return fidelity, on_dataset
 
 
+def _brief(spec: MeasureSpec, fidelity: dict[str, Any], on_dataset: dict[str, Any] | None) -> str | None:
+    """Why the latency is timed in brief (MeasureSpec.brief_below), or None. The figure is the one the verdict
+    (workers.verdict._fidelity) reads: on the dataset where there is one, else on random inputs; the worst
+    sample's cosine, else the mean cosine."""
+    if on_dataset:
+        worst, mean = on_dataset["fidelity"].get("worst_cosine"), on_dataset["fidelity"].get("mean_cosine")
+    else:
+        worst, mean = fidelity.get("worst_sample_cosine"), fidelity.get("cosine_similarity")
+    worst = mean if worst is None else worst
+    if spec.brief_below is None or worst is None or worst >= spec.brief_below:
+        return None
+    return (f"timed in brief ({min(spec.iterations, BRIEF_ITERATIONS)} calls per model, one session set): the "
+            f"outputs' cosine {worst:.4f} is below the search's budget {spec.brief_below:g}, so this candidate "
+            "cannot be handed over and its interval is evidence only")
+
+
 def _measure_provider(run: _Measuring, entry: dict[str, Any], plan: InputPlan,
-                      rebalance: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(latency, energy and cold start on one provider; its raw per-call samples)."""
+                      rebalance: bool, brief: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(latency, energy and cold start on one provider; its raw per-call samples). `brief`: why the latency is
+    timed in brief (BRIEF_ITERATIONS), or None."""
     spec, provider = run.spec, entry["provider"]
     # A CPU target runtime takes host arrays like ONNX Runtime's CPU provider: nothing to bind on a device; a GPU
     # target's entry says on_device.
     on_device = provider != "CPUExecutionProvider" and ("target" not in entry or bool(entry.get("on_device")))
-    latency, kept = _latency(entry, plan, spec.warmup, spec.iterations, spec.seed, run.progress, run.checkpoint,
+    warmup, iterations = spec.warmup, spec.iterations
+    if brief:
+        warmup, iterations = min(warmup, BRIEF_WARMUP), min(iterations, BRIEF_ITERATIONS)
+        # The calls left out still count toward the progress bar's total.
+        run.progress.advance(sum(2 * b * (spec.warmup + spec.iterations - warmup - iterations)
+                                 for b in entry["working"]), "timing in brief: the outputs broke the budget")
+    latency, kept = _latency(entry, plan, warmup, iterations, spec.seed, run.progress, run.checkpoint,
                              bound=on_device and not spec.include_io,
                              reopen=(entry["reopen"] if "reopen" in entry else
                                      _reopener(run.paths, provider, run.threads)) if rebalance else None)
     latency.update(provider=provider, threads=run.threads, skipped=entry["skipped"],
-                   include_io=spec.include_io if on_device else True)
+                   include_io=spec.include_io if on_device else True, **({"brief": brief} if brief else {}))
     measured = {"provider": provider, "available": True, "primary": False,
                 "cold_start": _cold_start(entry), "latency": latency,
                 "energy": _energy(run, entry, plan, latency, bound=on_device and not spec.include_io)}
@@ -424,15 +456,23 @@ def _run(session: Any, feed: dict[str, np.ndarray], role: str, batch: int) -> li
 
 def _fidelity(sessions, plan: InputPlan, output_pairs, batch: int, runs: int, seed: int, progress: _Progress,
               checkpoint: Callable[[], None]) -> dict[str, Any]:
+    """Outputs compared on `runs` random batches at least; more (FIDELITY_MAX_SAMPLES at most) where the first
+    run's pace says they fit in FIDELITY_SECONDS. The progress advances by the planned runs' share either way."""
     comparisons = [OutputComparison(name, result_name, dtype) for _, _, name, result_name, dtype in output_pairs]
     rng = np.random.default_rng([seed, 2])
-    for run in range(runs):
+    planned, run = runs, 0
+    while run < runs:
         checkpoint()
+        started = time.perf_counter()
         feeds = plan.feeds(batch, rng)
         outputs = {role: _run(sessions[role], feeds[role], role, batch) for role in ROLES}
         for comparison, (i, j, *_rest) in zip(comparisons, output_pairs):
             comparison.add(outputs["baseline"][i], outputs["result"][j], batch)
-        progress.advance(2 * batch, f"comparing outputs: run {run + 1}/{runs}")
+        if run == 0:
+            affordable = int(FIDELITY_SECONDS / max(time.perf_counter() - started, 1e-6))
+            runs = max(runs, min(affordable, FIDELITY_MAX_SAMPLES // batch))
+        run += 1
+        progress.advance(2 * batch * planned / runs, f"comparing outputs: run {run}/{runs}")
     return summarize_outputs(comparisons, batch_size=batch, runs=runs)
 
 

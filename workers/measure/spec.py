@@ -42,6 +42,10 @@ class MeasureSpec:
     # Peak memory, each model in a probe process of its own (0.2 s or more each): off for a goal search's
     # candidates, which are ranked by latency, size, fidelity and energy; the one handed over is measured with it.
     memory: bool = True
+    # A goal search's candidate: where the outputs' worst-sample cosine (on the dataset where one is given, else on
+    # random inputs) is below this, the candidate cannot be handed over, and its latency is timed in brief
+    # (workers.measure.BRIEF_ITERATIONS calls, one session set): an interval as evidence, at a fraction of the cost.
+    brief_below: float | None = None
     on_progress: Callable[[float, str], None] | None = field(default=None, compare=False, repr=False)
     should_stop: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 

@@ -346,10 +346,10 @@ def _ranges_key(prepared: Path, requested: list[str], params: Int8StaticParams, 
     digest = hashlib.sha256(prepared.read_bytes())
     digest.update(repr((sorted(requested), params.calibrate_method, params.percentile, data.count, data.batch,
                         data.seed if data.arrays is None else None, repr(ctx.input_shapes))).encode())
-    for name in data.names if data.arrays is not None else ():
-        used = np.ascontiguousarray(data.arrays[name][:data.samples], dtype=data.dtypes[name])
+    for name, array in (data.arrays or {}).items():
+        used = np.ascontiguousarray(array[:data.samples], dtype=data.dtypes[name])
         digest.update(f"{name}{used.shape}{used.dtype}".encode())
-        digest.update(memoryview(used).cast("B"))
+        digest.update(used.data)
     return digest.hexdigest()
 
 

@@ -47,6 +47,10 @@ MIXED_COUNTS = (1, 2, 4, 8, 16)
 # of ppocr-det's 190 s search, the deadline reached; the nodes are measured most costly first, so a shorter table
 # keeps those that matter for speed.
 SENSITIVITY_FEEDS, SENSITIVITY_SHARE = 8, 0.12
+# ... and at most this many times the quantized candidate's own time (quantization and measurement), or
+# SENSITIVITY_FLOOR_S where that is longer: a search takes at most 10x one plain quantization plus measurement, and
+# on ppocr-rec the 12% share alone was 36 s, 3.7x the plain job.
+SENSITIVITY_ROUNDS, SENSITIVITY_FLOOR_S = 4, 5.0
 PRUNE_RATIOS = (0.25, 0.5)
 RECORD_KIND, MODEL_KIND = "candidate-record", "candidate"
 
@@ -577,14 +581,23 @@ def _compute_sensitivity(state: Search, scheme: str) -> dict[str, Any]:
     from workers.measure.environment import default_threads
     from workers.search.sensitivity import node_sensitivity
 
+    started = time.monotonic()
     feeds, source = _sample_feeds(state, SENSITIVITY_FEEDS)
     calibration, _ = _sample_feeds(state, 32, calibration=True)
+    share = min(SENSITIVITY_SHARE * state.goal["time_budget_s"],
+                max(SENSITIVITY_FLOOR_S, SENSITIVITY_ROUNDS * state.tried[scheme].seconds))
     # fp16 where it applies: where the candidates' provider runs the model's compute ops in float16.
     table = node_sensitivity(state.intake.path, feeds=feeds, calibration=calibration,
                              quantized_path=state.tried[scheme].path, fp16=not _no_float16_kernels(state.intake.path),
-                             deadline=min(state.deadline, time.monotonic() + SENSITIVITY_SHARE * state.goal["time_budget_s"]),
+                             deadline=min(state.deadline, started + share),
                              threads=get_settings().measure_threads or default_threads(), source=source)
     data = table.to_json()
+    if table.skipped and any(row.reason.startswith("the deadline") for row in table.skipped):
+        state.notes.append(
+            f"the sensitivity table measured {len(table.rows)} of {len(table.rows) + len(table.skipped)} nodes, the "
+            f"costliest in float first, in its share of the search ({share:.0f} s: at most {SENSITIVITY_SHARE:.0%} "
+            f"of the time budget, and {SENSITIVITY_ROUNDS}x the {scheme} candidate's {state.tried[scheme].seconds:.1f} "
+            f"s or {SENSITIVITY_FLOOR_S:g} s); the mixed-precision rungs rank those measured")
     ranking = [{"node": row["node"]} for row in data["rows"] if row.get("int8") and row["int8"]["worst_cosine"] < 0.99999]
     return {"ranking": ranking, "table": data, "source": source}
 
@@ -612,7 +625,8 @@ def _measure_candidate(state: Search, path: Path, target: dict[str, Any] | None)
                                          CANDIDATE_EVAL_SAMPLES), providers=[CANDIDATE_PROVIDER])
     here = _fraction(state)
     measured = _measure(state.run, get_settings(), evaluate, state.original, path, (0.0, 0.0), state.input_shapes,
-                        target=target, at=(here, here), stage="searching", measurer=state.measurer, memory=False)
+                        target=target, at=(here, here), stage="searching", measurer=state.measurer, memory=False,
+                        brief_below=state.goal.get("min_cosine"))
     measured.pop("samples", None)
     measured.pop("measurements", None)
     return measured

@@ -283,6 +283,9 @@ def _session(model: bytes | str, threads: int, *, optimize: bool = False, profil
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Between runs the outputs are compared in numpy: threads left spinning for the next run would take its cores
+    # (ppocr-rec: the comparisons took 5.7 s of 20 s with spinning on; the measurement turns it off too).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # Variants and their reference run the graph as written: Q/DQ and Casts stay in place (a fused kernel would
     # differ in nothing but speed) and no constant folding reads a shared weight's placeholder (_SharedWeights).
     # The profiled models run at the level the measurement runs them at.
