@@ -50,7 +50,7 @@ SENSITIVITY_FEEDS, SENSITIVITY_SHARE = 8, 0.12
 # ... and at most this many times the quantized candidate's own time (quantization and measurement), or
 # SENSITIVITY_FLOOR_S where that is longer: a search takes at most 10x one plain quantization plus measurement, and
 # on ppocr-rec the 12% share alone was 36 s, 3.7x the plain job.
-SENSITIVITY_ROUNDS, SENSITIVITY_FLOOR_S = 4, 5.0
+SENSITIVITY_ROUNDS, SENSITIVITY_FLOOR_S = 3, 5.0
 PRUNE_RATIOS = (0.25, 0.5)
 RECORD_KIND, MODEL_KIND = "candidate-record", "candidate"
 
