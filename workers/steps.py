@@ -313,11 +313,12 @@ def _input_shapes(run: JobRun, spec: dict):
 
 def _measure(run: JobRun, settings, evaluate: dict, original: Path, candidate: Path, share: tuple[float, float],
              input_shapes=None, target: dict | None = None, *, at: tuple[float, float] | None = None,
-             stage: str = "measuring", measurer=None, memory: bool = True, brief_below: float | None = None) -> dict:
+             stage: str = "measuring", measurer=None, memory: bool = True, brief_below: float | None = None,
+             session_sets: int | None = None) -> dict:
     """`share`: the part of the measuring phase this measurement is; `at`: instead, the part of the whole progress
     bar (a goal search's candidates). `measurer`: a workers.measure.isolated.MeasuringProcess to measure in (a goal
     search's, kept for all its candidates) instead of a process of its own; `memory`: whether peak memory is
-    measured; `brief_below`: MeasureSpec.brief_below (a search's candidate)."""
+    measured; `brief_below`, `session_sets`: MeasureSpec's (a search's candidate)."""
     from workers.measure import MeasureSpec, Stopped, measure_pair
     from workers.measure.isolated import measure_isolated
 
@@ -334,6 +335,7 @@ def _measure(run: JobRun, settings, evaluate: dict, original: Path, candidate: P
         dataset_max_samples=evaluate.get("eval_max_samples"), include_io=bool(evaluate.get("include_io")),
         energy_estimate_tdp_watts=evaluate.get("tdp_watts") if evaluate.get("energy_estimate") else None,
         input_shapes=input_shapes, target=target, memory=memory, brief_below=brief_below,
+        session_sets=session_sets,
     )
     try:
         if measurer is not None:

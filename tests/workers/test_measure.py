@@ -152,6 +152,17 @@ def test_a_candidate_whose_outputs_broke_the_budget_is_timed_in_brief(mlp, mlp_p
     assert held["latency"]["iterations"] == 40 and "brief" not in held["latency"]
 
 
+def test_a_search_candidate_is_timed_on_fewer_session_sets(mlp, mlp_perturbed):
+    """session_sets caps the sets per batch size (a target runtime compiles both models again for each)."""
+    spec = {"batch_sizes": [1], "warmup": 1, "iterations": 40}
+    few = measure_pair(mlp, mlp_perturbed, session_sets=3, **spec)["latency"]
+    usual = measure_pair(mlp, mlp_perturbed, **spec)["latency"]
+    assert few["rounds"] == usual["rounds"] == 10
+    assert "every 4 rounds" in few["session_sets"] and "every 2 rounds" in usual["session_sets"]
+    with pytest.raises(ValueError, match="session_sets >= 2"):
+        measure_pair(mlp, mlp_perturbed, session_sets=1, **spec)
+
+
 def test_fixed_batch_model_is_measured_at_its_size_and_skips_the_others(tmp_path):
     path = save(linear_model(batch=2, input_name="images"), tmp_path / "fixed.onnx")
     measured = measure_pair(path, path, batch_sizes=[1, 2, 8], **FAST)

@@ -281,6 +281,7 @@ def _measure_provider(run: _Measuring, entry: dict[str, Any], plan: InputPlan,
         run.progress.advance(sum(2 * b * (spec.warmup + spec.iterations - warmup - iterations)
                                  for b in entry["working"]), "timing in brief: the outputs broke the budget")
     latency, kept = _latency(entry, plan, warmup, iterations, spec.seed, run.progress, run.checkpoint,
+                             sets=spec.session_sets or SESSION_SETS,
                              bound=on_device and not spec.include_io,
                              reopen=(entry["reopen"] if "reopen" in entry else
                                      _reopener(run.paths, provider, run.threads)) if rebalance else None)
@@ -494,7 +495,8 @@ def _caller(session: Any, feed: dict[str, np.ndarray], bound: bool) -> Callable[
 
 def _latency(entry: dict[str, Any], plan: InputPlan, warmup: int, iterations: int, seed: int,
              progress: _Progress, checkpoint: Callable[[], None], *, bound: bool,
-             reopen: Callable[[tuple[str, ...]], dict[str, Any]] | None) -> tuple[dict, dict]:
+             reopen: Callable[[tuple[str, ...]], dict[str, Any]] | None,
+             sets: int = SESSION_SETS) -> tuple[dict, dict]:
     """(latency report, raw samples): per batch size, warm-up rounds then timed rounds, ABBA.
 
     Two sessions of the very same model can differ by a percent or two for as long as they live: where ONNX
@@ -504,8 +506,8 @@ def _latency(entry: dict[str, Any], plan: InputPlan, warmup: int, iterations: in
     over sets as well as rounds (workers.measure.stats.speedup_interval)."""
     blocks = split(iterations, choose_rounds(iterations))
     warmup_blocks = split(warmup, choose_rounds(warmup)) if warmup else []
-    # A new session set every `every` rounds (at least two sets, at most SESSION_SETS).
-    every = max(2, math.ceil(len(blocks) / SESSION_SETS)) if reopen is not None and len(blocks) >= 4 else None
+    # A new session set every `every` rounds (at least two sets, at most `sets`).
+    every = max(2, math.ceil(len(blocks) / sets)) if reopen is not None and len(blocks) >= 4 else None
     per_batch, kept = [], {}
     order = tuple(entry["sessions"])
     turns = Turns({role: runtime_of(session) for role, session in entry["sessions"].items()})

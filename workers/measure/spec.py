@@ -46,6 +46,10 @@ class MeasureSpec:
     # random inputs) is below this, the candidate cannot be handed over, and its latency is timed in brief
     # (workers.measure.BRIEF_ITERATIONS calls, one session set): an interval as evidence, at a fraction of the cost.
     brief_below: float | None = None
+    # At most this many session sets per batch size (workers.measure.SESSION_SETS when None): a goal search's
+    # candidates take fewer, since on a target runtime each new set compiles both models again (OpenVINO: about
+    # 70% of a candidate's timing on ddddocr-det); fewer sets widen the interval, they never narrow it.
+    session_sets: int | None = None
     on_progress: Callable[[float, str], None] | None = field(default=None, compare=False, repr=False)
     should_stop: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
@@ -58,6 +62,8 @@ class MeasureSpec:
             raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes}")
         if self.iterations < 1 or self.warmup < 0:
             raise ValueError(f"need iterations >= 1 and warmup >= 0, got {self.iterations} and {self.warmup}")
+        if self.session_sets is not None and self.session_sets < 2:
+            raise ValueError(f"need session_sets >= 2 (the interval is drawn over sets), got {self.session_sets}")
         threads = int(self.threads) if self.threads else default_threads()
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")

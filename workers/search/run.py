@@ -41,6 +41,8 @@ from app.settings import get_settings
 SEARCH, FINAL = 0.80, 0.15
 # A candidate's measurement: short (the final one is the job's evaluate settings).
 CANDIDATE_WARMUP, CANDIDATE_ITERATIONS, CANDIDATE_EVAL_SAMPLES = 3, 30, 64
+# ... on at most this many session sets (MeasureSpec.session_sets; the final measurement takes the usual 6).
+CANDIDATE_SESSION_SETS = 3
 CANDIDATE_PROVIDER = "CPUExecutionProvider"
 MIXED_COUNTS = (1, 2, 4, 8, 16)
 # The per-node sensitivity: its samples and its share of the time budget. A quarter of 300 s on 16 samples was 83 s
@@ -626,7 +628,7 @@ def _measure_candidate(state: Search, path: Path, target: dict[str, Any] | None)
     here = _fraction(state)
     measured = _measure(state.run, get_settings(), evaluate, state.original, path, (0.0, 0.0), state.input_shapes,
                         target=target, at=(here, here), stage="searching", measurer=state.measurer, memory=False,
-                        brief_below=state.goal.get("min_cosine"))
+                        brief_below=state.goal.get("min_cosine"), session_sets=CANDIDATE_SESSION_SETS)
     measured.pop("samples", None)
     measured.pop("measurements", None)
     return measured
