@@ -54,12 +54,12 @@ docker-check: install services
 	else echo "docker-check: neither docker-compose nor docker compose is installed: docker-compose.yml not validated"; fi
 	$(BIN)/hadolint Dockerfile Dockerfile.gpu
 
+# pytest on two processes: most of the suite waits on real services, workers and jobs, so two at once took 9:54
+# where one took 16:40 on a 2-core machine. Each process has its own session fixtures (one `modelpress run`, its
+# own PostgreSQL template), and every test starts what it stops on free ports of its own.
 test: install lint services docker-check
 	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory kernels; \
 	else echo "nvcc not found: not building the CUDA kernels (kernels/ uses its PyTorch references)"; fi
-	# Two test processes: most of the suite waits on real services, workers and jobs, so two at once took 9:54
-	# where one took 16:40 on a 2-core machine. Each process has its own session fixtures (one `modelpress run`,
-	# its own PostgreSQL template), and every test starts what it stops on free ports of its own.
 	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 # The benchmarks (they append to bench/RESULTS.md); they need the bench extra and ../shared/models (the

@@ -267,7 +267,7 @@ def _brief(spec: MeasureSpec, fidelity: dict[str, Any], on_dataset: dict[str, An
 
 
 def _measure_provider(run: _Measuring, entry: dict[str, Any], plan: InputPlan,
-                      rebalance: bool, brief: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                      rebalance: bool, brief: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(latency, energy and cold start on one provider; its raw per-call samples). `brief`: why the latency is
     timed in brief (BRIEF_ITERATIONS), or None."""
     spec, provider = run.spec, entry["provider"]

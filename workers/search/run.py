@@ -581,7 +581,7 @@ def _compute_sensitivity(state: Search, scheme: str) -> dict[str, Any]:
     budget (the nodes that cost the most time are measured first), the mixed candidates need the rest. The ranking
     keeps the nodes int8 moves at all, worst first."""
     from workers.measure.environment import default_threads
-    from workers.search.sensitivity import node_sensitivity
+    from workers.search.sensitivity import DEADLINE_REASON, node_sensitivity
 
     started = time.monotonic()
     feeds, source = _sample_feeds(state, SENSITIVITY_FEEDS)
@@ -594,7 +594,7 @@ def _compute_sensitivity(state: Search, scheme: str) -> dict[str, Any]:
                              deadline=min(state.deadline, started + share),
                              threads=get_settings().measure_threads or default_threads(), source=source)
     data = table.to_json()
-    if table.skipped and any(row.reason.startswith("the deadline") for row in table.skipped):
+    if any(row.reason == DEADLINE_REASON for row in table.skipped):
         state.notes.append(
             f"the sensitivity table measured {len(table.rows)} of {len(table.rows) + len(table.skipped)} nodes, the "
             f"costliest in float first, in its share of the search ({share:.0f} s: at most {SENSITIVITY_SHARE:.0%} "

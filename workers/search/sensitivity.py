@@ -55,6 +55,8 @@ DATA_INPUT_ONLY = frozenset({"Resize", "MaxPool", "AveragePool", "GlobalAverageP
 PROFILE_WARMUP, PROFILE_RUNS = 3, 10
 FLOAT = 1  # onnx.TensorProto.FLOAT
 UNMAPPED: Literal["unmapped"] = "unmapped"
+# A node left out of the table because the deadline came first (SkippedNode.reason).
+DEADLINE_REASON = "the deadline passed before it was measured"
 # A profiled node's name is an original name plus one of these separators and a suffix ORT added.
 SUFFIX_SEPARATORS = ("_", "/", ":", ".")
 # The quantizer's names for what it made of a float weight `w`: w_quantized, w_scale, w_zero_point, ...
@@ -187,7 +189,6 @@ def node_sensitivity(model_path: Path, *, feeds: list[dict[str, np.ndarray]], ca
         table.seconds = time.monotonic() - started
         return table
 
-    deadline_reason = "the deadline passed before it was measured"
     if candidates and not expired():
         ranges, reference = _ranges_and_reference(model, candidates, initializers, feeds, calibration, threads)
         # Shape arithmetic (a Concat or Mul of int64 sizes) has nothing to quantize.
@@ -198,7 +199,7 @@ def node_sensitivity(model_path: Path, *, feeds: list[dict[str, np.ndarray]], ca
                      "that reads a float tensor")
         return finish([], "")
     if expired():
-        return finish(candidates, deadline_reason)
+        return finish(candidates, DEADLINE_REASON)
 
     with tempfile.TemporaryDirectory(prefix="sensitivity-") as scratch:
         folder = Path(scratch)
@@ -226,7 +227,7 @@ def node_sensitivity(model_path: Path, *, feeds: list[dict[str, np.ndarray]], ca
         variants = _Variants(model, initializers, ranges, per_channel=opset >= 13, threads=threads, folder=folder)
         for index, node in enumerate(measured):
             if expired():
-                return finish(measured[index:] + beyond, deadline_reason)
+                return finish(measured[index:] + beyond, DEADLINE_REASON)
             try:
                 int8 = None if opset < 10 else _judge(variants.int8(node), outputs, feeds, reference)
                 half = _judge(variants.fp16(node), outputs, feeds, reference) if fp16 else None
